@@ -1,0 +1,104 @@
+"""Embed-stage throughput: the Ray actor pipeline against a bare single-process torch loop.
+
+Same teacher, same data, same views, one core each (the actor reserves 1 CPU and runs torch
+on 1 thread; the bare loop runs on 1 thread). Reports rows/s of both and their ratio, both
+end to end (actor start, dataset load, shard write included) and in steady state (from the
+actor's first finished batch to its last). Target: ratio >= 0.8 per core used.
+
+    python bench/embed_throughput.py                  # mnist-5k train, cnn_medium, 8 views (32k rows)
+    python bench/embed_throughput.py --views 2 --arch cnn_small
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ensemble_kd.config import from_dict, to_dict  # noqa: E402
+from ensemble_kd.embed import TeacherEmbedder, embed_rows, plan_shards  # noqa: E402
+from ensemble_kd.raycluster import ray_session  # noqa: E402
+from ensemble_kd.teachers import load_teacher, save_teacher  # noqa: E402
+from modalities import build_dataset, build_encoder  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="mnist-5k")
+    ap.add_argument("--modality", default="image")
+    ap.add_argument("--arch", default="cnn_medium")
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N for each side")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="ekd-bench-") as tmp:
+        out = Path(tmp)
+        cfg = from_dict({
+            "output_dir": str(out), "device": "cpu",
+            "data": {"name": args.dataset},
+            "teachers": [{"name": "t", "arch": args.arch, "modality": args.modality}],
+            "embed": {"splits": ["train"], "batch_size": args.batch_size, "num_cpus_per_actor": 1,
+                      "views": {"num_views": args.views, "crop_padding": 2, "flip": True}},
+            "ray": {"num_cpus": 1},
+        })
+        ds = build_dataset(args.dataset, "train")
+        spec = ds.spec(args.modality)
+        model = build_encoder(args.arch, spec, ds.num_classes)  # untrained weights: the cost is the same
+        ck = out / "t.pt"
+        save_teacher(ck, model, cfg.teachers[0], cfg.data, spec, ds.num_classes, {"test_top1": None})
+        rows = len(ds) * args.views
+
+        # bare loop: the same per-batch work (get_batch, view replay, forward), no Ray, no files
+        teacher = load_teacher(ck)
+        per = max(1, args.batch_size // args.views)
+        bare = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for s in range(0, len(ds), per):
+                embed_rows(teacher, ds, np.arange(s, min(s + per, len(ds))), cfg.embed.views, torch.device("cpu"), False)
+            bare.append(rows / (time.perf_counter() - t0))
+
+        import ray
+
+        e2e, steady = [], []
+        with ray_session(cfg.ray):
+            actor_cls = ray.remote(TeacherEmbedder)
+            (_, _, key), = plan_shards(cfg, {"t": ck})
+            for r in range(args.repeats):
+                root = out / f"shards{r}"
+                t0 = time.perf_counter()
+                a = actor_cls.options(num_cpus=1).remote(str(ck), "t", to_dict(cfg.data), "cpu", False, 1)
+                first = None
+                first_rows = 0
+                for ref in a.embed.remote("train", key.to_dict(), str(root), to_dict(cfg.embed)):
+                    item = ray.get(ref)
+                    if first is None and not isinstance(item, dict):
+                        first, first_rows = time.perf_counter(), item
+                t1 = time.perf_counter()
+                ray.kill(a)
+                e2e.append(rows / (t1 - t0))
+                steady.append((rows - first_rows) / (t1 - first))
+
+    res = {
+        "dataset": args.dataset, "arch": args.arch, "views": args.views, "rows": rows, "torch": torch.__version__,
+        "bare_rows_per_s": round(max(bare), 1),
+        "actor_rows_per_s_end_to_end": round(max(e2e), 1),
+        "actor_rows_per_s_steady": round(max(steady), 1),
+        "ratio_end_to_end": round(max(e2e) / max(bare), 3),
+        "ratio_steady": round(max(steady) / max(bare), 3),
+        "target_ratio": 0.8,
+    }
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""``ensemble-kd`` command line.
+
+    ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards)
+    ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
+    ensemble-kd embed [--config FILE]                 teachers -> Arrow shards through Ray actors
+    ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
+    ensemble-kd list datasets|encoders                registered names
+    ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
+
+Every command that takes ``--config`` uses the embedded default (uci-mfeat) without one, and
+takes ``--set key=value`` overrides with dotted keys (``--set teachers.0.epochs=5``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, load_config, to_yaml
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"--set needs key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    over = _overrides(args.set or [])
+    if getattr(args, "out", None):
+        over["output_dir"] = args.out
+    return load_config(args.config, over)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded uci-mfeat default)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key), repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_teachers_train(args: argparse.Namespace) -> int:
+    from ensemble_kd.teachers import ensure_teachers, teacher_summary
+
+    cfg = _config(args)
+    paths = ensure_teachers(cfg, progress=not args.no_progress, retrain=args.retrain, log=_log)
+    print(json.dumps(teacher_summary(paths), indent=2))
+    return 0
+
+
+def _embed(cfg: ExperimentConfig, paths: dict[str, Path], progress: bool) -> list:
+    from ensemble_kd.embed import run_embed
+    from ensemble_kd.raycluster import ray_session
+
+    with ray_session(cfg.ray):
+        return run_embed(cfg, paths, progress=progress, log=_log)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ensemble_kd.teachers import checkpoint_path, read_checkpoint
+
+    cfg = _config(args)
+    paths = {}
+    for t in cfg.teachers:
+        p = checkpoint_path(cfg, t)
+        if not p.exists():
+            raise ConfigError(f"teacher {t.name!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first")
+        read_checkpoint(p)
+        paths[t.name] = p
+    results = _embed(cfg, paths, not args.no_progress)
+    _log(f"shards under {cfg.shard_dir}: {len(results)} ({sum(r.reused for r in results)} reused)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ensemble_kd.teachers import ensure_teachers, teacher_summary
+
+    t0 = time.perf_counter()
+    cfg = _config(args)
+    _log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {Path(cfg.output_dir).resolve()}")
+    paths = ensure_teachers(cfg, progress=not args.no_progress, log=_log)
+    results = _embed(cfg, paths, not args.no_progress)
+    summary = teacher_summary(paths)
+    _log("\nteacher          arch        modality  test top-1")
+    for name, s in summary.items():
+        _log(f"{name:<16} {s['arch']:<11} {s['modality']:<9} {s['test_top1']:.4f}")
+    _log(f"\n{len(results)} shards under {cfg.shard_dir.resolve()} ({sum(r.reused for r in results)} reused); "
+         f"inspect them with: ensemble-kd shards inspect {cfg.shard_dir}")
+    _log(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_shards_inspect(args: argparse.Namespace) -> int:
+    from ensemble_kd.shards import inspect
+
+    print(json.dumps(inspect(args.dir, verify=args.verify), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from modalities import DATASETS, ENCODERS
+
+    reg = {"datasets": DATASETS, "encoders": ENCODERS}[args.what]
+    for name in reg.names():
+        meta = {k: v for k, v in reg.meta(name).items() if k != "test_shape"}
+        print(f"{name:<16} {json.dumps(meta, default=str)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        print(to_yaml(_config(args)), end="")
+        return 0
+    from ensemble_kd import config as c
+
+    for cls in (c.ExperimentConfig, c.DataConfig, c.TeacherConfig, c.EmbedConfig, c.ViewsConfig, c.RayConfig):
+        print(f"{cls.__name__}:")
+        for f in dataclasses.fields(cls):
+            print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ensemble-kd", description="Ensemble and cross-modal knowledge distillation on Ray.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the main job on a config (default: embedded uci-mfeat): teachers -> shards")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("teachers", help="teacher checkpoints").add_subparsers(dest="action", required=True)
+    p = t.add_parser("train", help="train (or reuse) every teacher of the config")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.add_argument("--retrain", action="store_true", help="train even where an up-to-date checkpoint exists")
+    p.set_defaults(func=cmd_teachers_train)
+
+    p = sub.add_parser("embed", help="write teacher embeddings and logits to Arrow shards (Ray actors)")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
+    p = s.add_parser("inspect", help="print a JSON summary of the shards under DIR")
+    p.add_argument("dir")
+    p.add_argument("--verify", action="store_true", help="also check every part's sha256")
+    p.set_defaults(func=cmd_shards_inspect)
+
+    p = sub.add_parser("list", help="registered datasets or encoders")
+    p.add_argument("what", choices=["datasets", "encoders"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("config", help="show the resolved config, or every field's documentation")
+    p.add_argument("action", choices=["show", "docs"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ensemble_kd.registry import UnknownNameError
+    from ensemble_kd.shards import ShardError
+    from ensemble_kd.teachers import CheckpointError
+    from modalities.datasets.base import DatasetError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError) as e:
+        print(f"ensemble-kd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

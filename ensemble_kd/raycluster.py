@@ -1,0 +1,59 @@
+"""Starting and stopping Ray the same way everywhere (CLI, jobs, tests)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from ensemble_kd.config import RayConfig
+
+# Quiet, quick local clusters: no usage reports, no token auth on a private local cluster, and
+# no ~2 s health-check stall on every ray.train.report on small machines.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def set_ray_env() -> None:
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def short_temp_dir() -> str:
+    """Ray's socket paths must stay under ~107 bytes: keep its temp dir short."""
+    base = os.environ.get("EKD_RAY_TMPDIR", "/tmp")
+    return tempfile.mkdtemp(prefix="ekd-ray-", dir=base)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
+    """Connect to Ray, or start a local one if none is running; shut down only what it started.
+
+    Yields True when this call started Ray. Inside ``ray job submit`` (RAY_ADDRESS set) it joins
+    the cluster.
+    """
+    import ray
+
+    set_ray_env()
+    if ray.is_initialized():
+        yield False
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        kwargs = {"include_dashboard": False, "_temp_dir": short_temp_dir(), "log_to_driver": True}
+        if cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
+        if cfg.object_store_memory is not None:
+            kwargs["object_store_memory"] = cfg.object_store_memory
+        ray.init(**kwargs)
+    try:
+        yield True
+    finally:
+        ray.shutdown()

@@ -1,0 +1,435 @@
+"""Arrow shards of teacher outputs: schema, atomic writer, memory-mapped reader, manifest.
+
+Layout: one directory per (teacher, split), named ``<teacher>__<split>__<shard_id>``::
+
+    manifest.json          what the shard is (key, dims, views, parts with sizes and sha256)
+    part-00000.arrow       Arrow IPC *file* format, uncompressed, so it memory-maps zero-copy
+
+A row is one (sample, view): ``sample_id:int64, label:int64, view:int32, aug_top:int16,
+aug_left:int16, aug_flip:bool, <teacher>.embedding: fixed_size_list<float32|float16>[d],
+<teacher>.logits: fixed_size_list<float32>[C]``. Rows are sample-major in dataset order, so
+two teachers' shards of the same split and view recipe are row-aligned and join without a
+hash join (:class:`ShardSet` checks that they are).
+
+``shard_id`` = sha256 of the :class:`ShardKey` (teacher name + checkpoint content hash +
+dataset fingerprint + split + view recipe + dtype): the same inputs give the same id, so a
+rerun finds and reuses the shard. A shard is written into a hidden temp directory and renamed
+to its final name only once every part and the manifest are on disk, so a crash never leaves
+something that looks whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ensemble_kd import __version__
+from ensemble_kd.checkpoint import atomic_write, file_sha256
+
+FORMAT = "ensemble-kd/shard"
+VERSION = 1
+MANIFEST = "manifest.json"
+_ROW_FIELDS = ("sample_id", "label", "view", "aug_top", "aug_left", "aug_flip", "embedding", "logits")
+
+
+class ShardError(ValueError):
+    """Base of shard errors; the message names the file or directory."""
+
+
+class ShardMismatchError(ShardError):
+    """A shard whose manifest does not match what the run expects (names both sides)."""
+
+
+class ShardCorruptError(ShardError):
+    """A shard whose files are missing, truncated or unreadable."""
+
+
+@dataclass(frozen=True)
+class ShardKey:
+    """Everything that decides a shard's content; its hash is the shard id."""
+
+    teacher: str
+    checkpoint_sha256: str
+    dataset: str
+    split: str
+    dataset_fingerprint: str
+    views: dict[str, Any]
+    embedding_dtype: str
+
+    @property
+    def shard_id(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.teacher}__{self.split}__{self.shard_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def emb_col(teacher: str) -> str:
+    return f"{teacher}.embedding"
+
+
+def logit_col(teacher: str) -> str:
+    return f"{teacher}.logits"
+
+
+def make_schema(teacher: str, embed_dim: int, num_classes: int, embedding_dtype: str) -> pa.Schema:
+    et = pa.float16() if embedding_dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.int64(), nullable=False),
+            pa.field("label", pa.int64(), nullable=False),
+            pa.field("view", pa.int32(), nullable=False),
+            pa.field("aug_top", pa.int16(), nullable=False),
+            pa.field("aug_left", pa.int16(), nullable=False),
+            pa.field("aug_flip", pa.bool_(), nullable=False),
+            pa.field(emb_col(teacher), pa.list_(et, embed_dim), nullable=False),
+            pa.field(logit_col(teacher), pa.list_(pa.float32(), num_classes), nullable=False),
+        ]
+    )
+
+
+def _fixed_list(x: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x)  # (R, d)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=dtype), x.shape[1])
+
+
+class ShardWriter:
+    """Writes one shard into a temp directory and publishes it atomically on :meth:`close`.
+
+    Rows are buffered until ``rows_per_part`` and each part file holds exactly one record batch,
+    so every column of a part is one contiguous buffer in the file and reads back zero-copy
+    (memory bounded by one part: about 2 x rows_per_part x row bytes while a part is flushed).
+    Use as a context manager: an exception inside the ``with`` removes the temp directory.
+    """
+
+    def __init__(self, root: str | Path, key: ShardKey, embed_dim: int, num_classes: int,
+                 rows_per_part: int = 65536, extra: dict[str, Any] | None = None) -> None:
+        self.root, self.key = Path(root), key
+        self.final = self.root / key.dirname
+        self.tmp = self.root / f".{key.dirname}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+        self.schema = make_schema(key.teacher, embed_dim, num_classes, key.embedding_dtype)
+        self.embed_dim, self.num_classes, self.rows_per_part = embed_dim, num_classes, rows_per_part
+        self.extra = extra or {}
+        self._emb_type = self.schema.field(emb_col(key.teacher)).type.value_type
+        self._emb_np = np.float16 if key.embedding_dtype == "float16" else np.float32
+        self._parts: list[dict[str, Any]] = []
+        self._buf: list[dict[str, np.ndarray]] = []
+        self._buf_rows = 0
+        self.num_rows = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _flush_part(self, rows: int) -> None:
+        """Write the first ``rows`` buffered rows as one part file (one record batch)."""
+        cat = {k: np.concatenate([b[k] for b in self._buf]) if self._buf else np.zeros((0,)) for k in _ROW_FIELDS}
+        if not self._buf:  # an empty shard still gets one part carrying the schema
+            cat = {k: np.zeros((0, self.embed_dim) if k == "embedding" else (0, self.num_classes) if k == "logits" else (0,))
+                   for k in _ROW_FIELDS}
+        head = {k: v[:rows] for k, v in cat.items()}
+        rest = {k: v[rows:] for k, v in cat.items()}
+        self._buf = [rest] if len(rest["sample_id"]) else []
+        self._buf_rows = len(rest["sample_id"])
+        cols = [
+            pa.array(head["sample_id"].astype(np.int64)), pa.array(head["label"].astype(np.int64)),
+            pa.array(head["view"].astype(np.int32)), pa.array(head["aug_top"].astype(np.int16)),
+            pa.array(head["aug_left"].astype(np.int16)), pa.array(head["aug_flip"].astype(bool)),
+            _fixed_list(head["embedding"].astype(self._emb_np).reshape(-1, self.embed_dim), self._emb_type),
+            _fixed_list(head["logits"].astype(np.float32).reshape(-1, self.num_classes), pa.float32()),
+        ]
+        batch = pa.RecordBatch.from_arrays(cols, schema=self.schema)
+        name = f"part-{len(self._parts):05d}.arrow"
+        path = self.tmp / name
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.schema) as w:
+            w.write_batch(batch)
+        self._parts.append({"file": name, "rows": batch.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+
+    def write(self, sample_id: np.ndarray, label: np.ndarray, view: np.ndarray, aug_top: np.ndarray,
+              aug_left: np.ndarray, aug_flip: np.ndarray, embedding: np.ndarray, logits: np.ndarray) -> None:
+        """Append R rows: ids/labels/view params (R,), embedding (R, d), logits (R, C)."""
+        R = len(sample_id)
+        if embedding.shape != (R, self.embed_dim) or logits.shape != (R, self.num_classes):
+            raise ValueError(f"shard {self.key.dirname}: got embedding {embedding.shape} and logits {logits.shape} for {R} rows, "
+                             f"expected (R, {self.embed_dim}) and (R, {self.num_classes})")
+        self._buf.append({
+            "sample_id": np.asarray(sample_id), "label": np.asarray(label), "view": np.asarray(view),
+            "aug_top": np.asarray(aug_top), "aug_left": np.asarray(aug_left), "aug_flip": np.asarray(aug_flip),
+            "embedding": np.asarray(embedding), "logits": np.asarray(logits),
+        })
+        self._buf_rows += R
+        self.num_rows += R
+        while self._buf_rows >= self.rows_per_part:
+            self._flush_part(self.rows_per_part)
+
+    def close(self, num_samples: int, dataset_name: str) -> dict[str, Any]:
+        """Finish the parts, write the manifest, and rename the temp dir to the final name."""
+        if self._buf_rows or not self._parts:
+            self._flush_part(self._buf_rows)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "shard_id": self.key.shard_id,
+            "key": self.key.to_dict(),
+            "teacher": {"name": self.key.teacher, "embed_dim": self.embed_dim, "num_classes": self.num_classes, **self.extra},
+            "dataset": {"name": dataset_name, "split": self.key.split, "fingerprint": self.key.dataset_fingerprint, "num_samples": num_samples},
+            "views": self.key.views,
+            "embedding_dtype": self.key.embedding_dtype,
+            "num_rows": self.num_rows,
+            "columns": {"embedding": emb_col(self.key.teacher), "logits": logit_col(self.key.teacher)},
+            "parts": self._parts,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ensemble_kd_version": __version__,
+        }
+        atomic_write(self.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        try:
+            os.rename(self.tmp, self.final)  # atomic; fails if another writer published first
+        except OSError:
+            if (self.final / MANIFEST).exists():  # a concurrent identical shard won the race: keep it
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                raise
+        return manifest
+
+    def abort(self) -> None:
+        self._buf = []
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    d = Path(shard_dir)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise ShardCorruptError(f"shard directory not found: {d}")
+    if not path.is_file():
+        raise ShardCorruptError(f"shard {d} has no {MANIFEST} (an unfinished or foreign directory)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardCorruptError(f"shard manifest {path} is unreadable: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ShardCorruptError(f"{path} is not an ensemble-kd shard manifest")
+    if m.get("version") != VERSION:
+        raise ShardCorruptError(f"{path}: shard version {m.get('version')} is not supported (this is {VERSION})")
+    return m
+
+
+def check_manifest(shard_dir: str | Path, expected: ShardKey) -> dict[str, Any]:
+    """The shard's manifest, refused with both sides named if it does not match ``expected``."""
+    m = read_manifest(shard_dir)
+    got = m.get("key", {})
+    diffs = [
+        f"{k}: manifest has {got.get(k)!r}, this run expects {v!r}"
+        for k, v in expected.to_dict().items()
+        if got.get(k) != v
+    ]
+    if m.get("shard_id") != expected.shard_id:
+        diffs.append(f"shard_id: manifest has {m.get('shard_id')!r}, this run expects {expected.shard_id!r}")
+    if diffs:
+        raise ShardMismatchError(f"shard {shard_dir} does not match this run:\n  " + "\n  ".join(diffs))
+    return m
+
+
+def _as_torch(arr: np.ndarray) -> torch.Tensor:
+    # Arrow buffers are read-only; torch warns about that on every from_numpy. The tensors are
+    # documented as read-only views of the memory map: writing to them is a bug.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _column_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy: zero-copy for one chunk, concatenated (a copy) for several."""
+    chunks = [c for c in col.chunks if len(c)] or col.chunks[:1]
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+        parts = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, width) for c in chunks] if chunks else [np.zeros((0, width))]
+    else:
+        parts = [c.to_numpy(zero_copy_only=c.type != pa.bool_()) for c in chunks] if chunks else [np.zeros(0)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class Shard:
+    """One teacher's shard, memory-mapped. For a one-part shard (up to ``rows_per_part`` rows) the
+    tensors are zero-copy, read-only views of the file, shared by every process through the page
+    cache; for several parts the column accessors concatenate the parts (a copy).
+
+    Opening checks the manifest, that every part exists with the recorded size (a truncated
+    file is reported with its path), that Arrow can read it, and its schema and row counts.
+    ``verify=True`` also recomputes every part's sha256.
+    """
+
+    def __init__(self, shard_dir: str | Path, verify: bool = False) -> None:
+        self.dir = Path(shard_dir)
+        self.manifest = m = read_manifest(self.dir)
+        self.teacher: str = m["teacher"]["name"]
+        self.embed_dim: int = m["teacher"]["embed_dim"]
+        self.num_classes: int = m["teacher"]["num_classes"]
+        expected_schema = make_schema(self.teacher, self.embed_dim, self.num_classes, m["embedding_dtype"])
+        batches: list[pa.RecordBatch] = []
+        for part in m["parts"]:
+            path = self.dir / part["file"]
+            if not path.is_file():
+                raise ShardCorruptError(f"shard part missing: {path}")
+            size = path.stat().st_size
+            if size != part["bytes"]:
+                raise ShardCorruptError(f"shard part {path} is {size} bytes, its manifest says {part['bytes']}: truncated or overwritten")
+            if verify and file_sha256(path) != part["sha256"]:
+                raise ShardCorruptError(f"shard part {path}: sha256 differs from its manifest (corrupt)")
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+                if not reader.schema.equals(expected_schema):
+                    raise ShardCorruptError(f"shard part {path}: schema {reader.schema} differs from the manifest's")
+                part_batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+                raise ShardCorruptError(f"shard part {path} is unreadable: {e}") from None
+            rows = sum(b.num_rows for b in part_batches)
+            if rows != part["rows"]:
+                raise ShardCorruptError(f"shard part {path} has {rows} rows, its manifest says {part['rows']}")
+            batches.extend(part_batches)
+        self.table = pa.Table.from_batches(batches, schema=expected_schema)
+        if self.table.num_rows != m["num_rows"]:
+            raise ShardCorruptError(f"shard {self.dir} has {self.table.num_rows} rows, its manifest says {m['num_rows']}")
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return self.manifest["key"]
+
+    def column(self, name: str) -> torch.Tensor:
+        return _as_torch(_column_numpy(self.table.column(name)))
+
+    @property
+    def sample_ids(self) -> torch.Tensor:  # (R,) int64
+        return self.column("sample_id")
+
+    @property
+    def labels(self) -> torch.Tensor:  # (R,) int64
+        return self.column("label")
+
+    @property
+    def views(self) -> dict[str, torch.Tensor]:
+        """View parameters per row: view (R,), top (R,), left (R,), flip (R,) bool."""
+        return {"view": self.column("view"), "top": self.column("aug_top"), "left": self.column("aug_left"), "flip": self.column("aug_flip")}
+
+    @property
+    def embeddings(self) -> torch.Tensor:  # (R, d) float32|float16
+        return self.column(emb_col(self.teacher))
+
+    @property
+    def logits(self) -> torch.Tensor:  # (R, C) float32
+        return self.column(logit_col(self.teacher))
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        ids = self.table.column("sample_id")
+        views = self.table.column("view")
+        return {
+            "dir": str(self.dir),
+            "shard_id": m["shard_id"],
+            "teacher": m["teacher"],
+            "dataset": m["dataset"],
+            "views": {**m["views"], "distinct": sorted(set(views.to_pylist())) if self.num_rows else []},
+            "embedding_dtype": m["embedding_dtype"],
+            "rows": self.num_rows,
+            "samples": len(set(ids.to_pylist())),
+            "sample_id_min": min(ids.to_pylist()) if self.num_rows else None,
+            "sample_id_max": max(ids.to_pylist()) if self.num_rows else None,
+            "bytes": sum(p["bytes"] for p in m["parts"]),
+            "parts": len(m["parts"]),
+        }
+
+
+class ShardSet:
+    """Several teachers' shards of one split, joined row by row on (sample_id, view)."""
+
+    def __init__(self, shards: Iterable[Shard]) -> None:
+        self.shards = {s.teacher: s for s in shards}
+        if not self.shards:
+            raise ShardError("a ShardSet needs at least one shard")
+        first = next(iter(self.shards.values()))
+        for s in self.shards.values():
+            if s.manifest["dataset"]["fingerprint"] != first.manifest["dataset"]["fingerprint"]:
+                raise ShardMismatchError(f"shards {first.dir} and {s.dir} come from different datasets or splits "
+                                         f"({first.manifest['dataset']} vs {s.manifest['dataset']})")
+            if s.manifest["views"] != first.manifest["views"]:
+                raise ShardMismatchError(f"shards {first.dir} and {s.dir} have different view recipes: "
+                                         f"{first.manifest['views']} vs {s.manifest['views']}")
+            if not (torch.equal(s.sample_ids, first.sample_ids) and torch.equal(s.column("view"), first.column("view"))):
+                raise ShardMismatchError(f"shards {first.dir} and {s.dir} are not row-aligned on (sample_id, view)")
+        self.first = first
+
+    @classmethod
+    def open(cls, dirs: Iterable[str | Path], verify: bool = False) -> ShardSet:
+        return cls(Shard(d, verify=verify) for d in dirs)
+
+    @property
+    def teachers(self) -> list[str]:
+        return list(self.shards)
+
+    @property
+    def sample_ids(self) -> torch.Tensor:
+        return self.first.sample_ids
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.first.labels
+
+    @property
+    def views(self) -> dict[str, torch.Tensor]:
+        return self.first.views
+
+    def embeddings(self, teacher: str) -> torch.Tensor:
+        return self.shards[teacher].embeddings
+
+    def logits(self, teacher: str) -> torch.Tensor:
+        return self.shards[teacher].logits
+
+    def __len__(self) -> int:
+        return self.first.num_rows
+
+
+def find_shards(root: str | Path) -> list[Path]:
+    """Published shard directories under ``root`` (or ``root`` itself if it is one)."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return [root]
+    if not root.is_dir():
+        raise ShardError(f"no shard directory at {root}")
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+
+
+def inspect(root: str | Path, verify: bool = False) -> dict[str, Any]:
+    """JSON-able summary of every shard under ``root``: teachers, dims, rows, views, ids."""
+    shards = [Shard(d, verify=verify).summary() for d in find_shards(root)]
+    return {
+        "root": str(root),
+        "num_shards": len(shards),
+        "teachers": sorted({s["teacher"]["name"] for s in shards}),
+        "shards": shards,
+    }

@@ -1,0 +1,59 @@
+"""Multi-layer perceptrons for vector views (Rumelhart et al. 1986), with BatchNorm (Ioffe & Szegedy
+2015) and optional dropout (Srivastava et al. 2014): ``[Linear - BatchNorm1d - ReLU - Dropout] * k``
+then a linear classifier. Any input is flattened, so image views work too.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from modalities.encoders.base import ENCODERS, Encoder
+from modalities.spec import ModalitySpec
+
+
+class MLP(Encoder):
+    """Flatten, then hidden layers of widths ``hidden``; the embedding is the last hidden layer's output
+    (or the flattened input when ``hidden`` is empty, i.e. a linear classifier)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        layers: list[nn.Module] = []
+        d = in_features
+        for h in hidden:
+            layers += [nn.Linear(d, int(h), bias=False), nn.BatchNorm1d(int(h)), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = int(h)
+        self.body = nn.Sequential(*layers)
+        self.embed_dim = d
+        self.num_classes = num_classes
+        self.fc = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.flatten(x, 1)  # (B, D)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"MLP expects {self.in_features} input features per sample, got {x.shape[1]}")
+        emb = self.body(x)  # (B, embed_dim)
+        return emb, self.fc(emb)  # (B, embed_dim), (B, num_classes)
+
+
+@ENCODERS.register("mlp", input_kinds=("vector", "image"), test_shape=(20,), family="mlp")
+def mlp(
+    spec: ModalitySpec, num_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0, **kwargs: Any
+) -> MLP:
+    """MLP with hidden widths ``hidden`` (256, 128) and ``dropout`` (0.0) on the flattened input."""
+    return MLP(spec.numel, num_classes, hidden=tuple(hidden), dropout=dropout, **kwargs)
+
+
+@ENCODERS.register("mlp_wide", input_kinds=("vector", "image"), test_shape=(20,), family="mlp")
+def mlp_wide(
+    spec: ModalitySpec, num_classes: int, hidden: Sequence[int] = (1024, 512), dropout: float = 0.1, **kwargs: Any
+) -> MLP:
+    """Wider MLP: hidden (1024, 512), dropout 0.1 by default."""
+    return MLP(spec.numel, num_classes, hidden=tuple(hidden), dropout=dropout, **kwargs)

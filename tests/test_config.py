@@ -1,0 +1,83 @@
+import pytest
+
+from ensemble_kd.config import (
+    ConfigError,
+    EmbedConfig,
+    ExperimentConfig,
+    TeacherConfig,
+    config_hash,
+    field_docs,
+    flatten,
+    from_dict,
+    load_config,
+    to_yaml,
+)
+
+
+def test_embedded_default_loads_and_round_trips(tmp_path):
+    cfg = load_config(None)
+    assert cfg.data.name == "uci-mfeat" and len(cfg.teachers) >= 2
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    again = load_config(p)
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+
+
+def test_flatten_has_dotted_scalars():
+    flat = flatten(load_config(None))
+    assert flat["teachers.0.arch"] == "cnn_small"
+    assert flat["embed.views.num_views"] == 1
+    assert all(not isinstance(v, (dict, list)) for v in flat.values())
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("teachers:\n  - {name: a, arch: mlp, modality: kar, epoch: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "teachers.0.epoch: unknown key" in str(e.value) and str(p) in str(e.value)
+
+
+def test_bad_value_and_missing_field_are_named():
+    with pytest.raises(ConfigError, match=r"embed.batch_size"):
+        from_dict({"embed": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"teachers.0.name: required"):
+        from_dict({"teachers": [{"arch": "mlp"}]})
+
+
+def test_registry_names_are_checked():
+    with pytest.raises(ConfigError, match=r"teachers.0.arch: unknown encoder 'resnet_8x4'.*resnet8x4"):
+        from_dict({"teachers": [{"name": "a", "arch": "resnet_8x4", "modality": "pix"}]})
+    with pytest.raises(ConfigError, match=r"teachers.0.modality: .*has no modality 'rgb'.*fou"):
+        from_dict({"teachers": [{"name": "a", "arch": "mlp", "modality": "rgb"}]})
+    with pytest.raises(ConfigError, match=r"data.name: unknown dataset"):
+        from_dict({"data": {"name": "imagenet"}})
+
+
+def test_duplicate_teacher_names_rejected():
+    with pytest.raises(ConfigError, match="unique"):
+        from_dict({"teachers": [{"name": "a", "modality": "kar"}, {"name": "a", "modality": "fac"}]})
+
+
+def test_configs_are_frozen():
+    cfg = ExperimentConfig()
+    with pytest.raises(Exception):
+        cfg.name = "x"  # type: ignore[misc]
+
+
+def test_overrides_and_missing_file(tmp_path):
+    cfg = load_config(None, {"teachers.0.epochs": 3, "output_dir": str(tmp_path)})
+    assert cfg.output_dir == str(tmp_path) and cfg.teachers[0].epochs == 3
+    with pytest.raises(ConfigError, match="has no item 9"):
+        load_config(None, {"teachers.9.epochs": 3})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("cls", [ExperimentConfig, TeacherConfig, EmbedConfig])
+def test_every_field_has_a_doc(cls):
+    docs = field_docs(cls)
+    assert docs and all(docs.values()), [k for k, v in docs.items() if not v]

@@ -1,0 +1,77 @@
+"""Teacher checkpoints: training records accuracy, content hashes are checked, reuse works."""
+import shutil
+
+import pytest
+import torch
+
+from ensemble_kd.teachers import CheckpointError, ensure_teachers, load_teacher, read_checkpoint
+from tests.conftest import tiny_config
+
+
+def test_checkpoint_carries_what_it_needs(trained):
+    cfg, paths = trained
+    ck = read_checkpoint(paths["pix_cnn"])
+    for k in ("arch", "modality", "dataset", "config", "content_hash", "state_dict", "test_top1", "num_classes"):
+        assert k in ck
+    assert ck["arch"] == "cnn_small" and ck["modality"] == "pix" and ck["dataset"]["name"] == "uci-mfeat"
+    assert 0.3 < ck["test_top1"] <= 1.0  # a few epochs already far above chance (0.1)
+
+
+def test_loaded_teacher_is_frozen(trained):
+    _, paths = trained
+    t = load_teacher(paths["kar_mlp"])
+    assert not t.model.training
+    assert all(not p.requires_grad for p in t.model.parameters())
+    emb, logits = t.model(torch.randn(4, 64))
+    assert emb.shape == (4, t.embed_dim) and logits.shape == (4, 10) and not logits.requires_grad
+
+
+def test_rerun_reuses_and_changed_config_retrains(trained, tmp_path):
+    cfg, paths = trained
+    logs = []
+    again = ensure_teachers(cfg, progress=False, log=logs.append)
+    assert again == paths and all("reused" in m for m in logs), logs
+    cfg2 = tiny_config(cfg.output_dir, **{"teachers": [dict(name="kar_mlp", arch="mlp", modality="kar", epochs=1, arch_kwargs={"hidden": [32]})]})
+    out = tmp_path / "copy"
+    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    cfg2 = tiny_config(out, teachers=[dict(name="kar_mlp", arch="mlp", modality="kar", epochs=1, arch_kwargs={"hidden": [32]})])
+    logs = []
+    ensure_teachers(cfg2, progress=False, log=logs.append)
+    assert any("another config" in m for m in logs), logs
+
+
+def test_user_checkpoint_by_path(trained, tmp_path):
+    _, paths = trained
+    mine = tmp_path / "my_teacher.pt"
+    shutil.copy(paths["pix_cnn"], mine)
+    cfg = tiny_config(tmp_path / "o", teachers=[{"name": "mine", "checkpoint": str(mine), "modality": "pix"}])
+    logs = []
+    got = ensure_teachers(cfg, progress=False, log=logs.append)
+    assert got == {"mine": mine} and "using checkpoint" in logs[0]
+    assert not (tmp_path / "o" / "teachers").exists()  # nothing trained
+
+
+def test_tampered_weights_are_refused(trained, tmp_path):
+    _, paths = trained
+    ck = torch.load(paths["kar_mlp"], weights_only=True)
+    k = next(iter(ck["state_dict"]))
+    ck["state_dict"][k] = ck["state_dict"][k] + 1
+    bad = tmp_path / "bad.pt"
+    torch.save(ck, bad)
+    with pytest.raises(CheckpointError, match=r"bad.pt: content hash mismatch"):
+        load_teacher(bad)
+
+
+def test_truncated_and_foreign_files_are_refused(trained, tmp_path):
+    _, paths = trained
+    data = paths["kar_mlp"].read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut.pt is unreadable"):
+        read_checkpoint(cut)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not an ensemble-kd teacher checkpoint"):
+        read_checkpoint(other)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pt")
