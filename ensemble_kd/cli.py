@@ -1,10 +1,11 @@
 """``ensemble-kd`` command line.
 
-    ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards)
+    ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards -> distilled student)
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
     ensemble-kd embed [--config FILE]                 teachers -> Arrow shards through Ray actors
+    ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
-    ensemble-kd list datasets|encoders                registered names
+    ensemble-kd list datasets|encoders|losses         registered names
     ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
 
 Every command that takes ``--config`` uses the embedded default (uci-mfeat) without one, and
@@ -92,14 +93,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     _log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {Path(cfg.output_dir).resolve()}")
     paths = ensure_teachers(cfg, progress=not args.no_progress, log=_log)
-    results = _embed(cfg, paths, not args.no_progress)
+    from ensemble_kd.embed import run_embed
+    from ensemble_kd.raycluster import ray_session
+    from ensemble_kd.train import run_distill
+
+    with ray_session(cfg.ray):
+        results = run_embed(cfg, paths, progress=not args.no_progress, log=_log)
+        student = run_distill(cfg, log=_log) if cfg.distill.teachers or cfg.distill.losses else None
     summary = teacher_summary(paths)
     _log("\nteacher          arch        modality  test top-1")
     for name, s in summary.items():
         _log(f"{name:<16} {s['arch']:<11} {s['modality']:<9} {s['test_top1']:.4f}")
+    if student is not None:
+        _log(f"{'student':<16} {cfg.distill.student.arch:<11} {cfg.distill.student.modality:<9} {student.final_top1:.4f}"
+             f"  ({'+'.join(t.name for t in cfg.distill.losses)} from {', '.join(cfg.distill.teachers) or 'no teacher'})")
     _log(f"\n{len(results)} shards under {cfg.shard_dir.resolve()} ({sum(r.reused for r in results)} reused); "
          f"inspect them with: ensemble-kd shards inspect {cfg.shard_dir}")
     _log(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ensemble_kd.raycluster import ray_session
+    from ensemble_kd.train import run_distill
+
+    cfg = _config(args)
+    with ray_session(cfg.ray):
+        res = run_distill(cfg, resume=args.resume, log=_log)
+    _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir).resolve() / 'ray_results' / res.run_name}")
     return 0
 
 
@@ -111,9 +132,10 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from ensemble_kd.losses import LOSSES
     from modalities import DATASETS, ENCODERS
 
-    reg = {"datasets": DATASETS, "encoders": ENCODERS}[args.what]
+    reg = {"datasets": DATASETS, "encoders": ENCODERS, "losses": LOSSES}[args.what]
     for name in reg.names():
         meta = {k: v for k, v in reg.meta(name).items() if k != "test_shape"}
         print(f"{name:<16} {json.dumps(meta, default=str)}")
@@ -126,7 +148,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     from ensemble_kd import config as c
 
-    for cls in (c.ExperimentConfig, c.DataConfig, c.TeacherConfig, c.EmbedConfig, c.ViewsConfig, c.RayConfig):
+    for cls in (c.ExperimentConfig, c.DataConfig, c.TeacherConfig, c.EmbedConfig, c.ViewsConfig, c.RayConfig,
+                c.DistillConfig, c.StudentConfig, c.LossTerm, c.OptimConfig):
         print(f"{cls.__name__}:")
         for f in dataclasses.fields(cls):
             print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
@@ -137,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ensemble-kd", description="Ensemble and cross-modal knowledge distillation on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the main job on a config (default: embedded uci-mfeat): teachers -> shards")
+    p = sub.add_parser("run", help="the main job on a config (default: embedded uci-mfeat): teachers -> shards -> student")
     _add_config_args(p)
     p.add_argument("--out", help="output folder (overrides output_dir)")
     p.set_defaults(func=cmd_run)
@@ -154,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (overrides output_dir)")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("distill", help="distil the configured student from the teachers' shards (Ray Train)")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue the last run from its last epoch checkpoint")
+    p.set_defaults(func=cmd_distill)
+
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
     p = s.add_parser("inspect", help="print a JSON summary of the shards under DIR")
     p.add_argument("dir")
@@ -161,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards_inspect)
 
     p = sub.add_parser("list", help="registered datasets or encoders")
-    p.add_argument("what", choices=["datasets", "encoders"])
+    p.add_argument("what", choices=["datasets", "encoders", "losses"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("config", help="show the resolved config, or every field's documentation")

@@ -77,6 +77,49 @@ class RayConfig:
 
 
 @dataclass(config=_FROZEN)
+class LossTerm:
+    name: str = Field(..., description="registered loss (`ensemble-kd list losses`): ce, kd, crd, ...")
+    weight: float = Field(1.0, ge=0, description="weight of this term in the total loss")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="options of the loss (e.g. temperature, num_negatives)")
+
+
+@dataclass(config=_FROZEN)
+class StudentConfig:
+    arch: str = Field("mlp", description="registered encoder of the student")
+    modality: str = Field("fou", description="dataset modality the student reads (may differ from the teachers': cross-modal)")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the encoder builder")
+
+
+@dataclass(config=_FROZEN)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = Field("sgd", description="optimiser")
+    lr: float = Field(0.05, gt=0, description="base learning rate (reference CRD: 0.05)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+    schedule: Literal["step", "cosine", "constant"] = Field("step", description="learning-rate schedule, stepped per epoch")
+    decay_epochs: tuple[int, ...] = Field((150, 180, 210), description="epochs at which 'step' multiplies the lr by decay_rate")
+    decay_rate: float = Field(0.1, gt=0, le=1, description="step decay factor")
+
+
+@dataclass(config=_FROZEN)
+class DistillConfig:
+    teachers: tuple[str, ...] = Field((), description="names of the teachers (from `teachers`) to distil from; empty = student alone")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="the student")
+    losses: tuple[LossTerm, ...] = Field(
+        (LossTerm(name="ce"),), min_length=1, description="loss terms: total = sum(weight * term)")
+    epochs: int = Field(30, ge=1, description="training epochs")
+    batch_size: int = Field(64, ge=2, description="global batch size (split across workers)")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimiser and schedule")
+    seed: int = Field(0, description="seed of initialisation, data order and negative sampling")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    use_gpu: bool = Field(False, description="one GPU per worker (CUDA clusters)")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (restart from the last checkpoint)")
+    eval_every: int = Field(1, ge=1, description="evaluate the student's test top-1 every this many epochs (and at the end)")
+    run_name: str | None = Field(None, description="Ray Train run name; None = a fresh unique name (a reused name resumes that run)")
+
+
+@dataclass(config=_FROZEN)
 class ExperimentConfig:
     name: str = Field("uci-mfeat-default", description="experiment name (MLflow experiment, output sub-folders)")
     output_dir: str = Field("outputs", description="root of checkpoints, shards and results")
@@ -86,6 +129,7 @@ class ExperimentConfig:
     teachers: tuple[TeacherConfig, ...] = Field((), description="teachers to train (or load) and embed")
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (Ray actors -> Arrow shards)")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="student distillation (Ray Train)")
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.teachers]
@@ -145,6 +189,21 @@ def check_names(cfg: ExperimentConfig, source: str = "<config>") -> None:
             errs.append(f"teachers.{i}.arch: {ENCODERS.unknown_message(t.arch)}")
         if mods is not None and t.modality not in mods:
             errs.append(f"teachers.{i}.modality: dataset {cfg.data.name!r} has no modality {t.modality!r}; it has: {', '.join(mods)}")
+    names = [t.name for t in cfg.teachers]
+    for n in cfg.distill.teachers:
+        if n not in names:
+            errs.append(f"distill.teachers: {n!r} is not a configured teacher; teachers: {names}")
+    if cfg.distill.student.arch not in ENCODERS:
+        errs.append(f"distill.student.arch: {ENCODERS.unknown_message(cfg.distill.student.arch)}")
+    if mods is not None and cfg.distill.student.modality not in mods:
+        errs.append(f"distill.student.modality: dataset {cfg.data.name!r} has no modality {cfg.distill.student.modality!r}; it has: {', '.join(mods)}")
+    from ensemble_kd.losses import LOSSES
+
+    for i, term in enumerate(cfg.distill.losses):
+        if term.name not in LOSSES:
+            errs.append(f"distill.losses.{i}.name: {LOSSES.unknown_message(term.name)}")
+        elif LOSSES.meta(term.name).get("needs_teachers", True) and not cfg.distill.teachers:
+            errs.append(f"distill.losses.{i}.name: loss {term.name!r} needs teachers, but distill.teachers is empty")
     if errs:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(errs))
 

@@ -5,15 +5,18 @@ from tests.conftest import tiny_config
 
 
 def test_run_trains_embeds_then_reuses(ray_cluster, tmp_path, capsys):
-    cfg = tiny_config(tmp_path / "out", **{"embed.splits": ["test"]})
+    cfg = tiny_config(tmp_path / "out", **{"embed.splits": ["train", "test"], "distill.epochs": 2,
+                                           "distill.teachers": ["kar_mlp"], "distill.cpus_per_worker": 0.5,
+                                           "distill.losses": [{"name": "ce"}, {"name": "kd"}]})
     p = tmp_path / "tiny.yaml"
     p.write_text(to_yaml(cfg))
     assert main(["run", "--config", str(p), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "2 shards under" in out and "(0 reused)" in out and "pix_cnn" in out
+    assert "4 shards under" in out and "(0 reused)" in out and "pix_cnn" in out
+    assert "student          mlp         fou" in out and "(ce+kd from kar_mlp)" in out
     assert main(["run", "--config", str(p), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "(2 reused)" in out and out.count("reused (") == 2 and "teacher kar_mlp: reused" in out
+    assert "(4 reused)" in out and out.count("reused (") == 4 and "teacher kar_mlp: reused" in out
 
 
 def test_embed_without_checkpoints_says_what_to_run(tmp_path, capsys):

@@ -1,0 +1,27 @@
+"""Cross-entropy of the student's logits with the labels (the supervised term of every recipe)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """logits (B, C), labels (B,) -> scalar mean cross-entropy."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+class CELoss(nn.Module):
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        return ce_loss(x.student_logits, x.labels, self.label_smoothing)
+
+
+@LOSSES.register("ce", needs_teachers=False, paper="cross-entropy with the labels")
+def build_ce(ctx: LossContext, label_smoothing: float = 0.0) -> CELoss:
+    return CELoss(label_smoothing)

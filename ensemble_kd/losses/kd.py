@@ -1,0 +1,65 @@
+"""KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015).
+
+loss = T^2 * KL(p_t || p_s), p = softmax(logits / T), averaged over the batch. The T^2 keeps the
+gradient scale independent of T. For an ensemble of K teachers, ``reduction`` chooses:
+
+- ``mean_probs``: p_t = sum_k w_k softmax(t_k / T) (w uniform by default: the ensemble's
+  averaged prediction, the usual ensemble-KD target);
+- ``per_teacher``: sum_k w_k T^2 KL(softmax(t_k / T) || p_s) (one KD term per teacher).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+Reduction = Literal["mean_probs", "per_teacher"]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], temperature: float = 4.0,
+            weights: Sequence[float] | None = None, reduction: Reduction = "mean_probs") -> torch.Tensor:
+    """student_logits (B, C); teacher_logits: K tensors (B, C); weights: K floats summing to 1.
+
+    Returns the scalar KD loss (batch mean, scaled by T^2).
+    """
+    K = len(teacher_logits)
+    if K == 0:
+        raise ValueError("kd_loss needs at least one teacher")
+    w = torch.as_tensor(list(weights) if weights is not None else [1.0 / K] * K, dtype=torch.float32,
+                        device=student_logits.device)  # (K,)
+    T = float(temperature)
+    log_ps = F.log_softmax(student_logits.float() / T, dim=1)  # (B, C)
+    pt = torch.stack([F.softmax(t.float() / T, dim=1) for t in teacher_logits])  # (K, B, C)
+    if reduction == "mean_probs":
+        target = (w[:, None, None] * pt).sum(0)  # (B, C) the ensemble's prediction
+        return F.kl_div(log_ps, target, reduction="batchmean") * T * T
+    if reduction == "per_teacher":
+        kl = torch.stack([F.kl_div(log_ps, pt[k], reduction="batchmean") for k in range(K)])  # (K,)
+        return (w * kl).sum() * T * T
+    raise ValueError(f"kd reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
+
+
+class KDLoss(nn.Module):
+    def __init__(self, teachers: list[str], temperature: float, weights: dict[str, float], reduction: Reduction) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"kd temperature must be > 0, got {temperature}")
+        if reduction not in ("mean_probs", "per_teacher"):
+            raise ValueError(f"kd reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
+        self.teachers, self.temperature, self.weights, self.reduction = teachers, temperature, weights, reduction
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        return kd_loss(x.student_logits, [x.teacher_logits[n] for n in self.teachers], self.temperature,
+                       [self.weights[n] for n in self.teachers], self.reduction)
+
+
+@LOSSES.register("kd", needs_teachers=True, paper="Hinton et al., 2015")
+def build_kd(ctx: LossContext, temperature: float = 4.0, reduction: Reduction = "mean_probs",
+             teacher_weights: Mapping[str, float] | None = None) -> KDLoss:
+    names = ctx.teachers
+    return KDLoss(names, temperature, normalise_teacher_weights(names, teacher_weights), reduction)

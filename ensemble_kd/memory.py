@@ -1,0 +1,269 @@
+"""CRD memories: the student-side momentum memory and FAISS-backed teacher-side negative sampling.
+
+- :class:`MomentumMemory` holds one L2-normalised vector per train row (the student side of CRD,
+  Tian et al., ICLR 2020, reference ``ContrastMemory``). Updates are all-gathered first and then
+  applied identically on every worker, so the memory stays bit-identical across DDP workers.
+- :class:`NegativeSampler` draws negatives over the rows of the train shards: ``uniform`` (any
+  row but the anchor), ``class-aware`` (rows of other classes only; the CRD paper's choice) or
+  ``hard`` (nearest neighbours of the anchor's teacher embedding in other classes, found with a
+  FAISS ``IndexFlatIP`` on L2-normalised embeddings).
+
+Sampling runs on CPU with a ``torch.Generator`` seeded from ``(seed, step)``: CUDA generators can
+give different streams on different GPU models, CPU ones cannot, so every worker draws the same
+negatives for the same anchors. Results are moved to the anchors' device.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd import dist
+
+SAMPLER_MODES = ("uniform", "class-aware", "hard")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python hash seeds)."""
+    h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class MomentumMemory(nn.Module):
+    """One L2-normalised vector per train row, updated with momentum (student side of CRD).
+
+    ``memory``: (M, D) float32 buffer (saved in ``state_dict``), initialised as in CRD's reference
+    (uniform in [-stdv, stdv], stdv = 1/sqrt(D/3)) from ``seed`` (so identical on every worker),
+    then L2-normalised.
+    """
+
+    def __init__(self, num_rows: int, dim: int, momentum: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"memory momentum must be in [0, 1], got {momentum}")
+        self.num_rows, self.dim, self.momentum = int(num_rows), int(dim), float(momentum)
+        stdv = 1.0 / math.sqrt(dim / 3)
+        g = torch.Generator().manual_seed(int(seed))
+        mem = torch.rand(num_rows, dim, generator=g).mul_(2 * stdv).add_(-stdv)  # (M, D)
+        self.register_buffer("memory", F.normalize(mem, dim=1))
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (...) int64 -> (..., D) rows of the memory (no gradient flows into the memory)."""
+        return self.memory[idx.to(self.memory.device)].detach()
+
+    @torch.no_grad()
+    def update(self, idx: torch.Tensor, values: torch.Tensor) -> None:
+        """``mem[idx] = normalize(momentum * mem[idx] + (1 - momentum) * values)`` on every worker.
+
+        idx (B,) int64, values (B, D). The (idx, values) of all workers are first all-gathered
+        in rank order (``dist.all_gather_cat``), then the same update is applied everywhere.
+        Duplicate rows in one update (within a batch or across workers): the LAST occurrence in
+        the gathered rank order wins (the row gets one momentum step, towards that value);
+        this is deterministic, unlike ``index_copy_`` with duplicates.
+        """
+        idx = idx.reshape(-1).to(self.memory.device, torch.int64)  # (B,)
+        values = values.detach().reshape(idx.shape[0], self.dim).to(self.memory)  # (B, D)
+        idx = dist.all_gather_cat(idx)  # (K,) K = sum of the workers' B
+        values = dist.all_gather_cat(values)  # (K, D)
+        if idx.numel() == 0:
+            return
+        uniq, inv = torch.unique(idx, return_inverse=True)  # (U,), (K,)
+        pos = torch.arange(idx.shape[0], device=idx.device)  # (K,)
+        last = torch.full_like(uniq, -1).scatter_reduce(0, inv, pos, reduce="amax")  # (U,)
+        rows, vals = idx[last], values[last]  # (U,), (U, D)
+        new = self.memory[rows] * self.momentum + vals * (1.0 - self.momentum)  # (U, D)
+        self.memory[rows] = F.normalize(new, dim=1)
+
+    def checksum(self) -> str:
+        """sha256 of the buffer's bytes (equal on every worker when the memories agree)."""
+        return hashlib.sha256(self.memory.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def extra_repr(self) -> str:
+        return f"num_rows={self.num_rows}, dim={self.dim}, momentum={self.momentum}"
+
+
+def _faiss_gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class NegativeSampler:
+    """Negatives over the M rows of the train shards for CRD (teacher side).
+
+    Args:
+        teacher_emb: (M, d) teacher embeddings (tensor or array; used by ``hard`` mode).
+        labels: (M,) int class of each row.
+        mode: ``uniform`` | ``class-aware`` | ``hard``.
+        num_negatives: N per anchor (may exceed the eligible rows: then drawn with replacement).
+        per_sample: True -> (B, N) negatives per anchor; False -> (N,) shared by the batch
+            (much cheaper) drawn from all rows (``hard``: from the union of the anchors' hard
+            pools), with ``valid`` masking what does not count for each anchor.
+        seed: base seed; draws depend only on (seed, step, anchors).
+        hard_pool: ``hard`` mode: how many nearest other-class neighbours per row to keep.
+        use_gpu: put the FAISS index on GPU when faiss has GPUs (CPU otherwise).
+        cheap_limit: per-sample draws are without replacement when N <= the eligible count of
+            every anchor and B * max_eligible <= cheap_limit; otherwise with replacement.
+
+    ``sample(anchor_idx (B,), step) -> (neg_idx (B, N) | (N,), valid (B, N) bool)``: ``valid``
+    always excludes the anchor itself, and in ``class-aware``/``hard`` modes the anchor's class.
+    """
+
+    def __init__(self, teacher_emb, labels, mode: str = "class-aware", num_negatives: int = 16384,
+                 per_sample: bool = True, seed: int = 0, hard_pool: int = 512, use_gpu: bool = False,
+                 cheap_limit: int = 1 << 22) -> None:
+        if mode not in SAMPLER_MODES:
+            raise ValueError(f"unknown negatives mode {mode!r}; known: {', '.join(SAMPLER_MODES)}")
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1).cpu()  # (M,)
+        self.num_rows = M = int(self.labels.shape[0])
+        if M < 2:
+            raise ValueError(f"negative sampling needs at least 2 rows, got {M}")
+        self.mode, self.num_negatives, self.per_sample = mode, int(num_negatives), bool(per_sample)
+        self.seed, self.cheap_limit = int(seed), int(cheap_limit)
+        # per-class index tables: rows sorted by class, each class a contiguous run
+        self.order = torch.argsort(self.labels, stable=True)  # (M,) rows grouped by class
+        self.rank_in_order = torch.empty_like(self.order)
+        self.rank_in_order[self.order] = torch.arange(M)  # (M,) position of each row in `order`
+        classes, counts = torch.unique(self.labels, return_counts=True)  # (C,), (C,)
+        self.class_start = torch.zeros(int(self.labels.max()) + 1 if M else 0, dtype=torch.int64)
+        self.class_count = torch.zeros_like(self.class_start)
+        starts = torch.cumsum(counts, 0) - counts
+        self.class_start[classes], self.class_count[classes] = starts, counts
+        if mode != "uniform" and int(counts.max()) == M:
+            raise ValueError(f"negatives mode {mode!r} needs at least two classes; all {M} rows are one class")
+        self.index = None
+        self.hard_pool = self.hard_len = None
+        if mode == "hard":
+            self._build_hard(teacher_emb, int(hard_pool), use_gpu)
+
+    # -- FAISS -----------------------------------------------------------------------------
+    def _build_hard(self, teacher_emb, hard_pool: int, use_gpu: bool) -> None:
+        import faiss
+
+        x = teacher_emb.detach().cpu().float().numpy() if torch.is_tensor(teacher_emb) else np.asarray(teacher_emb)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] != self.num_rows:
+            raise ValueError(f"teacher_emb has {x.shape[0]} rows, labels {self.num_rows}")
+        faiss.normalize_L2(x)
+        cpu_index = faiss.IndexFlatIP(x.shape[1])
+        cpu_index.add(x)
+        self._cpu_index, self.index, self._gpu_res = cpu_index, cpu_index, None
+        if use_gpu and _faiss_gpu_available():
+            self._gpu_res = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, cpu_index)
+        M = self.num_rows
+        labels = self.labels.numpy()
+        P = max(1, min(hard_pool, M - 1))
+        pool = np.zeros((M, P), dtype=np.int64)
+        plen = np.zeros(M, dtype=np.int64)
+        batch = 1024
+        for start in range(0, M, batch):
+            todo = np.arange(start, min(start + batch, M))  # rows of this query batch
+            k = min(M, 2 * P + 1)
+            while todo.size:
+                # faiss GPU k is limited to 2048: search larger k on the CPU index
+                index = self.index if k <= 2048 else self._cpu_index
+                _, nn_idx = index.search(x[todo], k)  # (b, k) by decreasing similarity
+                ok = (nn_idx >= 0) & (nn_idx != todo[:, None])
+                ok &= labels[np.clip(nn_idx, 0, None)] != labels[todo][:, None]  # other classes only
+                cnt = ok.sum(1)
+                done = (cnt >= P) | (k >= M)
+                if done.any():
+                    sel = np.argsort(~ok[done], axis=1, kind="stable")[:, :P]  # first P eligible, in order
+                    got = np.take_along_axis(nn_idx[done], sel, axis=1)
+                    n = np.minimum(cnt[done], P)
+                    got = np.where(np.arange(P)[None, :] < n[:, None], got, 0)
+                    pool[todo[done]], plen[todo[done]] = got, n
+                todo, k = todo[~done], min(M, 2 * k)
+        self.hard_pool = torch.from_numpy(pool)  # (M, P) nearest other-class rows, nearest first
+        self.hard_len = torch.from_numpy(plen)  # (M,) valid entries per row (< P only for tiny data)
+
+    # -- sampling --------------------------------------------------------------------------
+    def generator(self, step: int, stream: str = "neg") -> torch.Generator:
+        return torch.Generator().manual_seed(stable_seed(self.seed, int(step), stream))
+
+    def eligible(self, anchors: torch.Tensor) -> torch.Tensor:
+        """(B,) how many rows each anchor may draw from in per-sample mode."""
+        if self.mode == "uniform":
+            return torch.full_like(anchors, self.num_rows - 1)
+        if self.mode == "class-aware":
+            return self.num_rows - self.class_count[self.labels[anchors]]
+        return self.hard_len[anchors]
+
+    def _positions(self, elig: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """(B,) eligible counts -> (B, N) positions in [0, elig_i): without replacement when cheap."""
+        B, N = elig.shape[0], self.num_negatives
+        e_max = int(elig.max())
+        if N <= int(elig.min()) and B * e_max <= self.cheap_limit:
+            keys = torch.rand(B, e_max, generator=g)  # (B, E_max)
+            keys.masked_fill_(torch.arange(e_max)[None, :] >= elig[:, None], 2.0)
+            return torch.topk(keys, N, dim=1, largest=False, sorted=False).indices  # (B, N) distinct
+        u = torch.rand(B, N, generator=g, dtype=torch.float64)  # (B, N)
+        return (u * elig[:, None]).long().clamp_max_(elig[:, None] - 1).clamp_min_(0)  # (B, N)
+
+    def _rows(self, anchors: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Map positions (B, N) in each anchor's eligible set to row indices (B, N)."""
+        a = anchors[:, None]  # (B, 1)
+        if self.mode == "uniform":
+            return pos + (pos >= a).long()  # skip the anchor
+        if self.mode == "class-aware":
+            c = self.labels[a]  # (B, 1)
+            start, count = self.class_start[c], self.class_count[c]
+            return self.order[pos + (pos >= start).long() * count]  # skip the anchor's class run
+        return self.hard_pool[a, pos]  # (B, N)
+
+    def valid_mask(self, anchors: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """anchors (B,), neg (B, N) or (N,) -> (B, N) bool: which negatives count for which anchor."""
+        neg = neg if neg.dim() == 2 else neg[None, :].expand(anchors.shape[0], -1)
+        valid = neg != anchors[:, None]
+        if self.mode != "uniform":
+            valid &= self.labels[neg] != self.labels[anchors][:, None]
+        return valid
+
+    def sample(self, anchor_idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """anchor_idx (B,) int64 rows -> (neg_idx (B, N) | (N,) int64, valid (B, N) bool), both
+        on ``anchor_idx``'s device. Deterministic given (seed, step, anchors)."""
+        device = anchor_idx.device
+        anchors = anchor_idx.detach().reshape(-1).to("cpu", torch.int64)  # (B,)
+        g, N, M = self.generator(step), self.num_negatives, self.num_rows
+        if self.per_sample:
+            elig = self.eligible(anchors)  # (B,)
+            if int(elig.min()) < 1:
+                raise ValueError("an anchor has no eligible negatives (its class covers every other row)")
+            neg = self._rows(anchors, self._positions(elig, g))  # (B, N)
+            valid = neg != anchors[:, None] if self.mode == "uniform" else torch.ones_like(neg, dtype=torch.bool)
+        else:
+            if self.mode == "hard":  # the union of the anchors' hard pools
+                P = self.hard_pool.shape[1]
+                cand = self.hard_pool[anchors][torch.arange(P)[None, :] < self.hard_len[anchors][:, None]]
+                cand = torch.unique(cand)  # (U,) sorted, so the draw is deterministic
+            else:
+                cand = None  # all rows
+            n_cand = M if cand is None else int(cand.numel())
+            if N <= n_cand:
+                pick = torch.randperm(n_cand, generator=g)[:N]  # (N,) without replacement
+            else:
+                pick = torch.randint(n_cand, (N,), generator=g)  # (N,) with replacement
+            neg = pick if cand is None else cand[pick]  # (N,)
+            valid = self.valid_mask(anchors, neg)  # (B, N)
+        return neg.to(device), valid.to(device)
+
+    def sample_positives(self, anchor_idx: torch.Tensor, step: int) -> torch.Tensor:
+        """CRD 'relax' mode: (B,) -> (B,) another row of the same class for each anchor (the
+        anchor itself only when its class has one row). Deterministic given (seed, step, anchors)."""
+        device = anchor_idx.device
+        anchors = anchor_idx.detach().reshape(-1).to("cpu", torch.int64)  # (B,)
+        c = self.labels[anchors]
+        start, count = self.class_start[c], self.class_count[c]  # (B,)
+        u = torch.rand(anchors.shape[0], generator=self.generator(step, "pos"), dtype=torch.float64)
+        others = (count - 1).clamp_min(1)
+        p = (u * others).long().clamp_max(others - 1)  # (B,) in [0, count-1)
+        self_pos = self.rank_in_order[anchors] - start  # anchor's own position in its class run
+        p = torch.where(count > 1, p + (p >= self_pos).long(), self_pos)
+        return self.order[start + p].to(device)

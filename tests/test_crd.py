@@ -1,0 +1,261 @@
+"""CRD (Tian et al., ICLR 2020): golden NCE value, Z, masks/weights, and the CRDLoss module."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
+from ensemble_kd.losses.crd import CRDLoss, crd_scores, nce_loss, nce_z
+
+EPS = 1e-7
+
+
+def _golden(pos, neg, M, z, valid=None, weights=None):
+    """The reference ContrastLoss, written out in plain python."""
+    B = len(pos)
+    total = 0.0
+    for i in range(B):
+        vi = [True] * len(neg[i]) if valid is None else valid[i]
+        m = sum(vi)
+        pn = 1.0 / M
+        pp = pos[i] / z
+        term = math.log(pp / (pp + m * pn + EPS))
+        for j, s in enumerate(neg[i]):
+            if vi[j]:
+                term += math.log(m * pn / (s / z + m * pn + EPS))
+        total += (1.0 if weights is None else weights[i]) * term
+    return -total / B
+
+
+# fixed numbers: B=2 anchors, N=3 negatives, D=4
+ANCHOR = [[0.5, -0.5, 0.5, 0.5], [0.1, 0.7, -0.1, 0.7]]
+POSITIVE = [[0.6, -0.4, 0.4, 0.57], [0.0, 0.8, 0.0, 0.6]]
+NEGS = [[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [-0.5, 0.5, 0.5, -0.5]],
+        [[0.0, 0.0, 1.0, 0.0], [0.6, 0.0, 0.8, 0.0], [0.0, 0.0, 0.0, -1.0]]]
+TAU, M = 0.5, 10
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def test_golden_value():
+    pos_s = [math.exp(_dot(ANCHOR[i], POSITIVE[i]) / TAU) for i in range(2)]
+    neg_s = [[math.exp(_dot(ANCHOR[i], n) / TAU) for n in NEGS[i]] for i in range(2)]
+    z = 3.0
+    expected = _golden(pos_s, neg_s, M, z)
+    a, p, n = (torch.tensor(v, dtype=torch.float64) for v in (ANCHOR, POSITIVE, NEGS))
+    pos, neg = crd_scores(a, p, n, TAU)
+    assert pos.shape == (2,) and neg.shape == (2, 3)
+    assert torch.allclose(pos, torch.tensor(pos_s, dtype=torch.float64))
+    assert torch.allclose(neg, torch.tensor(neg_s, dtype=torch.float64))
+    got = nce_loss(pos, neg, M, z=z)
+    assert got.shape == ()
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(1.9649, abs=1e-4)  # pinned, checked by hand
+    # float32 too
+    got32 = nce_loss(pos.float(), neg.float(), M, z=z)
+    assert got32.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_scores_shared_and_indexed_negatives_agree():
+    a, p, n = (torch.tensor(v, dtype=torch.float64) for v in (ANCHOR, POSITIVE, NEGS))
+    shared = n[0]  # (N, D) for both anchors
+    pos1, neg1 = crd_scores(a, p, shared, TAU)
+    pos2, neg2 = crd_scores(a, p, shared[None].expand(2, -1, -1), TAU)
+    assert torch.allclose(neg1, neg2) and torch.allclose(pos1, pos2)
+    table = torch.cat([n[0], n[1]])  # (6, D)
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    _, neg3 = crd_scores(a, p, table, TAU, neg_index=idx)
+    _, neg4 = crd_scores(a, p, n, TAU)
+    assert torch.allclose(neg3, neg4)
+    _, neg5 = crd_scores(a, p, table, TAU, neg_index=torch.tensor([0, 1, 2]))
+    assert torch.allclose(neg5, neg1)
+
+
+def test_z_from_first_batch():
+    pos = torch.tensor([1.0, 3.0])
+    neg = torch.tensor([[2.0, 4.0, 6.0], [1.0, 1.0, 2.0]])
+    z = nce_z(pos, neg, 100)
+    assert z.item() == pytest.approx((1 + 3 + 2 + 4 + 6 + 1 + 1 + 2) / 8 * 100)
+    # Z scales P: nce_loss(score, z) == nce_loss(score / z, 1)
+    assert nce_loss(pos, neg, 100, z=z).item() == pytest.approx(nce_loss(pos / z, neg / z, 100).item(), rel=1e-6)
+
+
+def test_valid_mask_and_weights():
+    pos = [2.0, 0.5, 1.5]
+    neg = [[1.0, 3.0, 0.2, 0.7], [0.1, 0.4, 2.5, 1.1], [0.9, 0.9, 0.3, 5.0]]
+    valid = [[True, False, True, True], [True, True, True, True], [False, False, True, False]]
+    w = [0.5, 2.0, 1.0]
+    pt, nt = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
+    vt, wt = torch.tensor(valid), torch.tensor(w, dtype=torch.float64)
+    got = nce_loss(pt, nt, 50, valid=vt, weights=wt, z=2.0)
+    assert got.item() == pytest.approx(_golden(pos, neg, 50, 2.0, valid, w), rel=1e-9)
+    # an invalid negative is as if it were not there
+    per_anchor = [nce_loss(pt[i:i + 1], nt[i:i + 1, vt[i]], 50, z=2.0).item() for i in range(3)]
+    assert nce_loss(pt, nt, 50, valid=vt, z=2.0).item() == pytest.approx(sum(per_anchor) / 3, rel=1e-9)
+    # changing an invalid score changes nothing; weights of 1 are the unweighted loss
+    nt2 = nt.clone()
+    nt2[0, 1] = 1e6
+    assert nce_loss(pt, nt2, 50, valid=vt, z=2.0).item() == pytest.approx(nce_loss(pt, nt, 50, valid=vt, z=2.0).item())
+    assert nce_loss(pt, nt, 50, weights=torch.ones(3)).item() == pytest.approx(nce_loss(pt, nt, 50).item())
+    # an anchor with no valid negative: finite loss and gradients
+    ptg = pt.clone().requires_grad_(True)
+    ntg = nt.clone().requires_grad_(True)
+    v0 = vt.clone()
+    v0[2] = False
+    loss = nce_loss(ptg, ntg, 50, valid=v0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(ptg.grad).all() and torch.isfinite(ntg.grad).all()
+    assert (ntg.grad[~v0] == 0).all()
+
+
+# -- the module ------------------------------------------------------------------------------
+def make_ctx(num_teachers=1, M=60, C=4, d_s=12, seed=0, teacher_emb=None):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(M) % C
+    dims = {f"t{k}": 6 + 2 * k for k in range(num_teachers)}
+    emb = teacher_emb or {n: torch.randn(M, d, generator=g) for n, d in dims.items()}
+    dims = {n: e.shape[1] for n, e in emb.items()}
+    bank = TeacherBank(embeddings=emb, logits={n: torch.randn(M, C, generator=g) for n in emb},
+                       labels=labels, sample_ids=torch.arange(M))
+    return LossContext(student_dim=d_s, num_classes=C, teacher_dims=dims, bank=bank, seed=seed)
+
+
+def make_inputs(ctx, index, student_emb=None, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    B = index.shape[0]
+    s = student_emb if student_emb is not None else torch.randn(B, ctx.student_dim, generator=g)
+    return DistillInputs(student_emb=s, student_logits=torch.randn(B, ctx.num_classes, generator=g),
+                         labels=ctx.bank.labels[index], index=index,
+                         teacher_emb={n: e[index] for n, e in ctx.bank.embeddings.items()},
+                         teacher_logits={n: lg[index] for n, lg in ctx.bank.logits.items()})
+
+
+@pytest.mark.parametrize("num_teachers", [1, 3])
+def test_forward_backward_grads_reach_every_head(num_teachers):
+    ctx = make_ctx(num_teachers)
+    loss_mod = build_loss("crd", ctx, feat_dim=8, num_negatives=32)
+    assert isinstance(loss_mod, CRDLoss) and LOSSES.meta("crd")["needs_teachers"]
+    x = make_inputs(ctx, torch.tensor([0, 5, 9, 17, 22, 40]))
+    x.student_emb.requires_grad_(True)
+    loss = loss_mod(x)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    heads = [n for n, p in loss_mod.named_parameters()]
+    assert len(heads) == 4 * num_teachers  # 2 Linear (weight, bias) per teacher
+    for n, p in loss_mod.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+    assert x.student_emb.grad is not None and torch.isfinite(x.student_emb.grad).all()
+    assert set(loss_mod.terms.keys()) == set(ctx.teacher_dims)
+    metrics = loss_mod.extra_metrics()
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics["crd/t0/z_a"] > 0
+
+
+def test_memory_updated_at_batch_rows_only_and_state_dict():
+    ctx = make_ctx(2)
+    loss_mod = CRDLoss(ctx, feat_dim=8, num_negatives=16)
+    before = {n: t.memory.memory.clone() for n, t in loss_mod.terms.items()}
+    index = torch.tensor([3, 7, 11, 30])
+    loss_mod(make_inputs(ctx, index))
+    for n, t in loss_mod.terms.items():
+        changed = (t.memory.memory != before[n]).any(1)
+        assert changed[index].all() and changed.sum() == len(index), n
+    sd = loss_mod.state_dict()
+    assert int(sd["step"]) == 1
+    for n in ctx.teacher_dims:
+        assert f"terms.{n}.memory.memory" in sd and f"terms.{n}.z" in sd
+        assert (sd[f"terms.{n}.z"] > 0).all()  # set from the first batch
+    # Z stays fixed afterwards, and everything round-trips through state_dict
+    z0 = sd["terms.t0.z"].clone()
+    loss_mod(make_inputs(ctx, torch.tensor([1, 2]), seed=5))
+    assert torch.equal(loss_mod.terms["t0"].z, z0) and int(loss_mod.step) == 2
+    fresh = CRDLoss(ctx, feat_dim=8, num_negatives=16)
+    fresh.load_state_dict(loss_mod.state_dict())
+    assert fresh.terms["t1"].memory.checksum() == loss_mod.terms["t1"].memory.checksum()
+    # eval mode: no memory update, no step
+    fresh.eval()
+    c = fresh.terms["t0"].memory.checksum()
+    fresh(make_inputs(ctx, index))
+    assert fresh.terms["t0"].memory.checksum() == c and int(fresh.step) == 2
+
+
+@pytest.mark.parametrize("mode", ["exact", "relax"])
+@pytest.mark.parametrize("negatives,per_sample", [("class-aware", True), ("uniform", False), ("hard", True)])
+def test_modes_run(mode, negatives, per_sample):
+    ctx = make_ctx(1)
+    loss_mod = build_loss("crd", ctx, feat_dim=8, num_negatives=24, mode=mode, negatives=negatives,
+                          per_sample=per_sample, hard_pool=8)
+    x = make_inputs(ctx, torch.tensor([0, 1, 2, 3, 4]))
+    x.student_emb.requires_grad_(True)
+    loss = loss_mod(x)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.student_emb.grad).all()
+
+
+def test_many_negatives_with_replacement():
+    ctx = make_ctx(1, M=300, C=10)
+    loss_mod = CRDLoss(ctx, feat_dim=16, num_negatives=16384)
+    loss = loss_mod(make_inputs(ctx, torch.arange(8)))
+    assert torch.isfinite(loss)
+
+
+def test_bad_options():
+    ctx = make_ctx(1)
+    with pytest.raises(ValueError):
+        build_loss("crd", ctx, mode="nope")
+    with pytest.raises(ValueError):
+        build_loss("crd", ctx, negatives="nope")
+    with pytest.raises(ValueError):
+        build_loss("crd", ctx, teacher_weights={"ghost": 1.0})
+
+
+def _epoch_losses(aligned: bool) -> float:
+    """Heads set so that head_s(A t) == head_t(t); memory filled over 3 passes; then one pass."""
+    torch.manual_seed(0)
+    M, d = 120, 8
+    g = torch.Generator().manual_seed(1)
+    T = torch.randn(M, d, generator=g)
+    A = torch.linalg.qr(torch.randn(d, d, generator=g))[0]  # (d, d) orthogonal: s = t @ A
+    ctx = make_ctx(1, M=M, C=6, d_s=d, teacher_emb={"t0": T})
+    loss_mod = CRDLoss(ctx, feat_dim=8, num_negatives=64, tau=0.1)
+    term = loss_mod.terms["t0"]
+    with torch.no_grad():  # s W_s^T = t A A^T W_t^T = t W_t^T with W_s = W_t A
+        term.embed_s.linear.weight.copy_(term.embed_t.linear.weight @ A)
+        term.embed_s.linear.bias.copy_(term.embed_t.linear.bias)
+    S = T @ A  # (M, d)
+    if not aligned:
+        S = S[torch.randperm(M, generator=torch.Generator().manual_seed(2))]
+    batches = torch.arange(M).split(20)
+    with torch.no_grad():
+        for _ in range(3):
+            for b in batches:
+                loss_mod(make_inputs(ctx, b, student_emb=S[b]))
+        return sum(loss_mod(make_inputs(ctx, b, student_emb=S[b])).item() for b in batches) / len(batches)
+
+
+def test_aligned_pairs_lower_loss_than_shuffled():
+    aligned, shuffled = _epoch_losses(True), _epoch_losses(False)
+    assert math.isfinite(aligned) and math.isfinite(shuffled)
+    assert aligned < shuffled - 1.0, (aligned, shuffled)
+
+
+def test_compact_counts_form_equals_expanded_shared_negatives():
+    """Shared negatives with repeats: the (B, U) + counts form is exactly the (B, N) loss and Z."""
+    from ensemble_kd.losses.crd import nce_loss as _nce, nce_z as _z
+
+    g = torch.Generator().manual_seed(3)
+    B, U, M = 4, 6, 50
+    pos = torch.rand(B, generator=g) + 0.5
+    neg_u = torch.rand(B, U, generator=g) + 0.1
+    valid_u = torch.rand(B, U, generator=g) > 0.3
+    counts = torch.tensor([3, 1, 4, 1, 5, 2])
+    idx = torch.repeat_interleave(torch.arange(U), counts)  # (N,) the expanded draws
+    w = torch.rand(B, generator=g)
+    exp_z = _z(pos, neg_u[:, idx], M)
+    assert torch.allclose(_z(pos, neg_u, M, counts.float()), exp_z)
+    want = _nce(pos, neg_u[:, idx], M, valid=valid_u[:, idx], weights=w, z=exp_z)
+    got = _nce(pos, neg_u, M, valid=valid_u, weights=w, z=exp_z, counts=counts.float())
+    assert torch.allclose(got, want, rtol=1e-6)

@@ -1,0 +1,114 @@
+"""Distillation on a real local Ray Train: 1 and 2 workers, memory consistency, resume, accuracy."""
+import pytest
+import torch
+
+from ensemble_kd.config import ConfigError
+from ensemble_kd.embed import run_embed
+from ensemble_kd.train import run_distill
+from tests.conftest import tiny_config
+
+CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 256, "per_sample": False, "feat_dim": 32}}
+
+
+def distill_cfg(out, **over):
+    d = {
+        "distill.teachers": ["pix_cnn", "kar_mlp"],
+        "distill.student": {"arch": "mlp", "modality": "fou", "arch_kwargs": {"hidden": [64]}},
+        "distill.losses": [{"name": "ce"}, {"name": "kd", "kwargs": {"temperature": 4.0}}, CRD],
+        "distill.epochs": 2,
+        "distill.batch_size": 64,
+        "distill.cpus_per_worker": 0.5,
+        "distill.optim": {"lr": 0.05, "schedule": "cosine"},
+        "embed.splits": ["train"],
+    }
+    d.update(over)
+    return tiny_config(out, **d)
+
+
+@pytest.fixture(scope="module")
+def shards(ray_cluster, trained, tmp_path_factory):
+    """An output dir of its own (the session's teachers copied in), with the train shards."""
+    import shutil
+
+    cfg, _ = trained
+    out = tmp_path_factory.mktemp("distill")
+    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    dcfg = distill_cfg(out)
+    run_embed(dcfg, {t.name: out / "teachers" / f"{t.name}.pt" for t in dcfg.teachers}, progress=False, log=lambda m: None)
+    return str(out)
+
+
+def test_one_worker_ce_kd_crd_beats_chance(shards):
+    cfg = distill_cfg(shards, **{"distill.epochs": 6})
+    res = run_distill(cfg, log=lambda m: None)
+    assert len(res.history) == 6 and res.final_top1 > 0.6  # chance is 0.1
+    last = res.history[-1]
+    for k in ("loss/ce", "loss/kd", "loss/crd", "loss/total", "lr", "test_top1"):
+        assert k in last and torch.isfinite(torch.tensor(float(last[k])))
+    assert res.history[-1]["loss/total"] < res.history[0]["loss/total"]
+    st = torch.load(res.student_path, weights_only=False)
+    assert st["arch"] == "mlp" and st["modality"] == "fou" and st["state_dict"]
+
+
+def test_two_workers_keep_memory_identical(shards):
+    cfg = distill_cfg(shards, **{"distill.num_workers": 2, "distill.epochs": 1})
+    res = run_distill(cfg, log=lambda m: None)
+    sums = res.history[-1]["buffer_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_resume_equals_uninterrupted(shards):
+    full = run_distill(distill_cfg(shards, **{"distill.epochs": 2}), log=lambda m: None)
+    name = "resume-test"
+    part = run_distill(distill_cfg(shards, **{"distill.epochs": 1, "distill.run_name": name}), log=lambda m: None)
+    assert len(part.history) == 1
+    logs = []
+    resumed = run_distill(distill_cfg(shards, **{"distill.epochs": 2, "distill.run_name": name}), log=logs.append)
+    assert len(resumed.history) == 2
+    assert resumed.history[0] == part.history[0]  # epoch 1 came from the checkpoint, not a rerun
+    assert resumed.history[1]["lr"] == full.history[1]["lr"]
+    a = torch.load(full.student_path, weights_only=False)["state_dict"]
+    b = torch.load(resumed.student_path, weights_only=False)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert resumed.history[-1]["test_top1"] == full.history[-1]["test_top1"]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path):
+    marker = tmp_path / "killed"
+    cfg = distill_cfg(shards, **{"distill.epochs": 3, "distill.max_failures": 1})
+    res = run_distill(cfg, log=lambda m: None, fault={"kill_at_epoch": 2, "marker": str(marker)})
+    assert marker.exists()  # the worker really died once
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]  # epochs 1-2 came from the checkpoint, 3 after restart
+    full = run_distill(cfg, log=lambda m: None)
+    assert res.history[-1]["test_top1"] == full.history[-1]["test_top1"]
+
+
+def test_ce_only_baseline_needs_no_shards(shards):
+    cfg = distill_cfg(shards, **{"distill.teachers": [], "distill.losses": [{"name": "ce"}], "distill.epochs": 3})
+    res = run_distill(cfg, log=lambda m: None)
+    assert res.final_top1 > 0.5 and "loss/kd" not in res.history[-1]
+
+
+def test_bad_distill_configs_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"distill.losses.0.name: unknown loss 'crdd'.*crd"):
+        distill_cfg(tmp_path, **{"distill.losses": [{"name": "crdd"}]})
+    with pytest.raises(ConfigError, match=r"distill.teachers: 'zzz' is not a configured teacher"):
+        distill_cfg(tmp_path, **{"distill.teachers": ["zzz"]})
+    with pytest.raises(ConfigError, match=r"loss 'kd' needs teachers"):
+        distill_cfg(tmp_path, **{"distill.teachers": [], "distill.losses": [{"name": "kd"}]})
+    with pytest.raises(ConfigError, match=r"distill.student.modality"):
+        distill_cfg(tmp_path, **{"distill.student": {"arch": "mlp", "modality": "rgb"}})
+
+
+def test_missing_checkpoint_or_shard_says_what_to_run(trained, tmp_path):
+    import shutil
+
+    from ensemble_kd.train import train_shard_dirs
+
+    cfg = distill_cfg(tmp_path)
+    with pytest.raises(ConfigError, match="run `ensemble-kd teachers train` first"):
+        train_shard_dirs(cfg)
+    shutil.copytree(trained[0].checkpoint_dir, cfg.checkpoint_dir)
+    with pytest.raises(ConfigError, match="no train shard of teacher 'pix_cnn'.*run `ensemble-kd embed` first"):
+        train_shard_dirs(cfg)

@@ -1,0 +1,231 @@
+"""NegativeSampler (uniform / class-aware / hard with real FAISS) and MomentumMemory, including a
+real 2-process gloo run that checks the memory stays identical on every worker."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ensemble_kd import dist
+from ensemble_kd.memory import MomentumMemory, NegativeSampler
+
+M, D, C = 120, 8, 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(M, D, generator=g)
+    labels = torch.arange(M) % C
+    labels = labels[torch.randperm(M, generator=g)]
+    return emb, labels
+
+
+def anchors_of(n=10, seed=1):
+    return torch.randperm(M, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def test_class_aware_per_sample_never_anchor_class(data):
+    emb, labels = data
+    s = NegativeSampler(emb, labels, mode="class-aware", num_negatives=50, per_sample=True, seed=3)
+    a = anchors_of()
+    neg, valid = s.sample(a, step=0)
+    assert neg.shape == (10, 50) and neg.dtype == torch.int64 and valid.shape == (10, 50)
+    assert (labels[neg] != labels[a][:, None]).all()
+    assert valid.all()
+    assert ((neg >= 0) & (neg < M)).all()
+    # 50 <= 90 eligible and cheap: drawn without replacement
+    assert all(len(set(r.tolist())) == 50 for r in neg)
+
+
+def test_uniform_never_anchor(data):
+    emb, labels = data
+    s = NegativeSampler(emb, labels, mode="uniform", num_negatives=200, per_sample=True, seed=3)
+    a = anchors_of()
+    neg, valid = s.sample(a, step=5)
+    assert neg.shape == (10, 200)  # 200 > 119 eligible: with replacement
+    assert (neg != a[:, None]).all() and valid.all()
+    assert torch.equal(valid, neg != a[:, None])
+    # every other row is reachable (uniform over M-1 rows)
+    big = NegativeSampler(emb, labels, mode="uniform", num_negatives=4000, per_sample=True, seed=3)
+    n0, _ = big.sample(torch.tensor([7]), step=0)
+    assert set(n0[0].tolist()) == set(range(M)) - {7}
+
+
+def _brute_force_pool(emb, labels, P):
+    x = emb.numpy().astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    lab = labels.numpy()
+    sim[lab[:, None] == lab[None, :]] = -np.inf  # other classes only (and never itself)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :P]
+
+
+def test_hard_negatives_are_true_knn_of_other_classes(data):
+    emb, labels = data
+    P = 10
+    s = NegativeSampler(emb, labels, mode="hard", num_negatives=30, per_sample=True, seed=3, hard_pool=P)
+    ref = _brute_force_pool(emb, labels, P)
+    assert s.hard_pool.shape == (M, P) and (s.hard_len == P).all()
+    for r in range(M):
+        assert set(s.hard_pool[r].tolist()) == set(ref[r].tolist()), r
+    a = anchors_of()
+    neg, valid = s.sample(a, step=2)
+    assert neg.shape == (10, 30) and valid.all()  # 30 > 10 pool: with replacement
+    for i, ai in enumerate(a.tolist()):
+        assert set(neg[i].tolist()) <= set(ref[ai].tolist())
+        assert labels[ai] not in labels[neg[i]].tolist()
+
+
+def test_shared_mode_shape_and_mask(data):
+    emb, labels = data
+    a = anchors_of()
+    for mode in ("uniform", "class-aware", "hard"):
+        s = NegativeSampler(emb, labels, mode=mode, num_negatives=40, per_sample=False, seed=3, hard_pool=8)
+        neg, valid = s.sample(a, step=1)
+        assert neg.shape == (40,) and valid.shape == (10, 40)
+        expect = neg[None, :] != a[:, None]
+        if mode != "uniform":
+            expect &= labels[neg][None, :] != labels[a][:, None]
+        assert torch.equal(valid, expect), mode
+        assert len(set(neg.tolist())) == 40  # N <= candidates: without replacement
+        if mode == "hard":
+            union = set(s.hard_pool[a].reshape(-1).tolist())
+            assert set(neg.tolist()) <= union
+    # N larger than the rows: with replacement
+    s = NegativeSampler(emb, labels, mode="class-aware", num_negatives=1000, per_sample=False, seed=3)
+    neg, valid = s.sample(a, step=1)
+    assert neg.shape == (1000,) and valid.shape == (10, 1000)
+
+
+def test_determinism(data):
+    emb, labels = data
+    a = anchors_of()
+    for mode in ("uniform", "class-aware", "hard"):
+        for per_sample in (True, False):
+            kw = dict(mode=mode, num_negatives=20, per_sample=per_sample, hard_pool=8)
+            s1 = NegativeSampler(emb, labels, seed=11, **kw)
+            s2 = NegativeSampler(emb, labels, seed=11, **kw)
+            n1, v1 = s1.sample(a, step=4)
+            n2, v2 = s2.sample(a, step=4)
+            assert torch.equal(n1, n2) and torch.equal(v1, v2)
+            n3, _ = s1.sample(a, step=5)
+            assert not torch.equal(n1, n3), (mode, per_sample)
+            n4, _ = NegativeSampler(emb, labels, seed=12, **kw).sample(a, step=4)
+            assert not torch.equal(n1, n4), (mode, per_sample)
+
+
+def test_n_exceeds_eligible(data):
+    emb, labels = data
+    s = NegativeSampler(emb, labels, mode="class-aware", num_negatives=16384, per_sample=True, seed=0)
+    a = anchors_of(4)
+    neg, valid = s.sample(a, step=0)
+    assert neg.shape == (4, 16384) and valid.all()
+    assert (labels[neg] != labels[a][:, None]).all()
+    # the draws cover every eligible row (uniform over the 90 other-class rows)
+    assert set(neg[0].tolist()) == set(torch.nonzero(labels != labels[a[0]]).flatten().tolist())
+
+
+def test_relax_positives_same_class(data):
+    emb, labels = data
+    s = NegativeSampler(emb, labels, mode="class-aware", num_negatives=5, seed=0)
+    a = anchors_of(20)
+    p = s.sample_positives(a, step=0)
+    assert (labels[p] == labels[a]).all() and (p != a).all()
+    assert torch.equal(p, s.sample_positives(a, step=0))
+
+
+def test_memory_init_and_update_formula():
+    mem = MomentumMemory(10, 4, momentum=0.5, seed=7)
+    assert torch.allclose(mem.memory.norm(dim=1), torch.ones(10), atol=1e-6)
+    again = MomentumMemory(10, 4, momentum=0.5, seed=7)
+    assert mem.checksum() == again.checksum()
+    assert mem.checksum() != MomentumMemory(10, 4, seed=8).checksum()
+    before = mem.memory.clone()
+    idx = torch.tensor([2, 5])
+    vals = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    c0 = mem.checksum()
+    mem.update(idx, vals)
+    assert mem.checksum() != c0
+    for k, r in enumerate([2, 5]):
+        v = [0.5 * before[r, j].item() + 0.5 * vals[k, j].item() for j in range(4)]
+        n = sum(e * e for e in v) ** 0.5
+        assert torch.allclose(mem.memory[r], torch.tensor([e / n for e in v]), atol=1e-6)
+    untouched = [r for r in range(10) if r not in (2, 5)]
+    assert torch.equal(mem.memory[untouched], before[untouched])
+    assert torch.equal(mem.gather(torch.tensor([[2, 5]])), mem.memory[[2, 5]][None])
+    assert "memory" in mem.state_dict()
+
+
+def test_memory_duplicates_last_wins():
+    mem = MomentumMemory(6, 3, momentum=0.5, seed=1)
+    before = mem.memory.clone()
+    idx = torch.tensor([1, 4, 1])
+    vals = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    mem.update(idx, vals)
+    assert torch.allclose(mem.memory[1], F.normalize(0.5 * before[1] + 0.5 * vals[2], dim=0))
+    assert torch.allclose(mem.memory[4], F.normalize(0.5 * before[4] + 0.5 * vals[1], dim=0))
+
+
+def test_dist_noops_single_process():
+    t = torch.arange(6).reshape(3, 2)
+    assert dist.world_size() == 1 and dist.rank() == 0
+    assert dist.all_gather_cat(t) is t
+    assert torch.equal(dist.all_reduce_mean(t.float()), t.float())
+    assert dist.broadcast(t) is t
+
+
+# -- a real 2-process gloo run ---------------------------------------------------------------
+WS, STEPS, MROWS, MDIM = 2, 3, 40, 6
+
+
+def _local_batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    n = 5 + rank  # different sizes per rank (exercises the padded all-gather)
+    idx = torch.randint(0, MROWS, (n,), generator=g)  # duplicates within and across ranks likely
+    return idx, torch.randn(n, MDIM, generator=g)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WS)
+    try:
+        assert dist.world_size() == WS and dist.rank() == rank
+        mem = MomentumMemory(MROWS, MDIM, momentum=0.5, seed=3)
+        for step in range(STEPS):
+            mem.update(*_local_batch(rank, step))
+        z = dist.all_reduce_mean(torch.tensor([float(rank)]))
+        b = dist.broadcast(torch.tensor([rank + 10]), src=1)
+        with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+            f.write(f"{mem.checksum()}\n{z.item()}\n{b.item()}\n")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_process_memory_consistency(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_worker, args=(str(tmp_path / "pg_init"), str(tmp_path)), nprocs=WS, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("2-process gloo test timed out")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    lines = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(WS)]
+    sums = [ln[0] for ln in lines]
+    assert sums[0] == sums[1]
+    assert all(float(ln[1]) == 0.5 for ln in lines)  # mean of ranks 0, 1
+    assert all(int(ln[2]) == 11 for ln in lines)  # rank 1's value
+    ref = MomentumMemory(MROWS, MDIM, momentum=0.5, seed=3)
+    for step in range(STEPS):
+        parts = [_local_batch(r, step) for r in range(WS)]
+        ref.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    assert ref.checksum() == sums[0]
