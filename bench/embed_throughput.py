@@ -72,7 +72,7 @@ def main() -> None:
         e2e, steady = [], []
         with ray_session(cfg.ray):
             actor_cls = ray.remote(TeacherEmbedder)
-            (_, _, key), = plan_shards(cfg, {"t": ck})
+            (_, _, key, _), = plan_shards(cfg, {"t": ck})
             for r in range(args.repeats):
                 root = out / f"shards{r}"
                 t0 = time.perf_counter()

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,7 +77,6 @@ def reference(cfg, teacher_paths, ds, rows, N, steps, feat=128, tau=0.07):
     mem_t = {n: F.normalize(torch.randn(M, feat), dim=1) for n in teachers}
     opt = torch.optim.SGD(list(student.parameters()) + list(heads.parameters()), lr=0.01, momentum=0.9)
     pos = torch.as_tensor(ds.positions_of(data.bank.sample_ids.numpy()))
-    labels = torch.as_tensor(ds.labels)
     g = torch.Generator().manual_seed(0)
 
     def step():

@@ -199,6 +199,9 @@ def check_names(cfg: ExperimentConfig, source: str = "<config>") -> None:
         errs.append(f"distill.student.modality: dataset {cfg.data.name!r} has no modality {cfg.distill.student.modality!r}; it has: {', '.join(mods)}")
     from ensemble_kd.losses import LOSSES
 
+    loss_names = [t.name for t in cfg.distill.losses]
+    if len(set(loss_names)) != len(loss_names):
+        errs.append(f"distill.losses: each loss may appear once (they are keyed by name), got {loss_names}")
     for i, term in enumerate(cfg.distill.losses):
         if term.name not in LOSSES:
             errs.append(f"distill.losses.{i}.name: {LOSSES.unknown_message(term.name)}")

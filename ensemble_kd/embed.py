@@ -116,8 +116,8 @@ class TeacherEmbedder:
         yield from write_shard(self.teacher, ds, k, Path(root), ec, self.device, self.amp)
 
 
-def plan_shards(cfg: ExperimentConfig, checkpoints: dict[str, Path]) -> list[tuple[str, str, ShardKey]]:
-    """(teacher, split, key) for every shard the config asks for."""
+def plan_shards(cfg: ExperimentConfig, checkpoints: dict[str, Path]) -> list[tuple[str, str, ShardKey, int]]:
+    """(teacher, split, key, number of samples) for every shard the config asks for."""
     plan = []
     for split in cfg.embed.splits:
         ds = build_dataset(cfg.data.name, split, cfg.data.root, **cfg.data.kwargs)
@@ -127,7 +127,7 @@ def plan_shards(cfg: ExperimentConfig, checkpoints: dict[str, Path]) -> list[tup
             if ck["modality"] not in ds.modalities:
                 raise ValueError(f"teacher {t.name!r} reads modality {ck['modality']!r}, which dataset {ds.name!r} does not have")
             recipe = view_recipe(cfg.embed.views)
-            plan.append((t.name, split, shard_key(t.name, ck["content_hash"], ds, fp, recipe, cfg.embed.embedding_dtype)))
+            plan.append((t.name, split, shard_key(t.name, ck["content_hash"], ds, fp, recipe, cfg.embed.embedding_dtype), len(ds)))
     return plan
 
 
@@ -139,8 +139,8 @@ def run_embed(cfg: ExperimentConfig, checkpoints: dict[str, Path], progress: boo
     root = cfg.shard_dir
     root.mkdir(parents=True, exist_ok=True)
     results: list[ShardResult] = []
-    todo: dict[str, list[tuple[str, ShardKey]]] = {}
-    for name, split, key in plan_shards(cfg, checkpoints):
+    todo: dict[str, list[tuple[str, ShardKey, int]]] = {}
+    for name, split, key, num_samples in plan_shards(cfg, checkpoints):
         d = root / key.dirname
         if d.exists():
             m = check_manifest(d, key)  # refuses a tampered/mismatched manifest, naming both sides
@@ -148,7 +148,7 @@ def run_embed(cfg: ExperimentConfig, checkpoints: dict[str, Path], progress: boo
             log(f"shard {d.name}: reused ({m['num_rows']} rows)")
             results.append(ShardResult(name, split, d, key.shard_id, m["num_rows"], True, 0.0))
         else:
-            todo.setdefault(name, []).append((split, key))
+            todo.setdefault(name, []).append((split, key, num_samples * cfg.embed.views.num_views))
     if not todo:
         return results
 
@@ -159,12 +159,12 @@ def run_embed(cfg: ExperimentConfig, checkpoints: dict[str, Path], progress: boo
         actors[name] = actor_cls.options(
             num_cpus=cfg.embed.num_cpus_per_actor, num_gpus=cfg.embed.num_gpus_per_actor, name=None
         ).remote(str(checkpoints[name]), name, to_dict(cfg.data), cfg.device, cfg.amp, threads)
-        total = sum(len(build_dataset(cfg.data.name, s, cfg.data.root, **cfg.data.kwargs)) for s, _ in jobs) * cfg.embed.views.num_views
+        total = sum(rows for _, _, rows in jobs)
         bars[name] = tqdm(total=total, desc=f"embed {name}", unit="row", position=i, disable=not progress, leave=True)
     pending = {name: list(jobs) for name, jobs in todo.items()}
 
     def launch(name: str) -> None:
-        split, key = pending[name].pop(0)
+        split, key, _ = pending[name].pop(0)
         g = actors[name].embed.remote(split, key.to_dict(), str(root), to_dict(cfg.embed))
         gens[g] = (name, split, key)
         started[g] = time.perf_counter()

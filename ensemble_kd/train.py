@@ -57,9 +57,6 @@ def build_module(cfg: ExperimentConfig, data: DistillData, num_classes: int, dev
     ctx = LossContext(student_dim=student.embed_dim, num_classes=num_classes,
                       teacher_dims={n: int(e.shape[1]) for n, e in data.bank.embeddings.items()},
                       bank=data.bank, seed=d.seed, device=device)
-    names = [t.name for t in d.losses]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"distill.losses: each loss may appear once, got {names}")
     losses = {t.name: build_loss(t.name, ctx, **t.kwargs) for t in d.losses}
     return DistillModule(student, losses, {t.name: t.weight for t in d.losses})
 
@@ -227,13 +224,13 @@ def train_shard_dirs(cfg: ExperimentConfig) -> dict[str, str]:
     names = list(cfg.distill.teachers)
     if not names:
         return {}
-    sub = dataclass_replace(cfg, teachers=tuple(cfg.teacher(n) for n in names), embed_splits=("train",))
+    sub = _train_split_only(cfg, names)
     ckpts = {n: checkpoint_path(cfg, cfg.teacher(n)) for n in names}
     for n, p in ckpts.items():
         if not p.exists():
             raise ConfigError(f"teacher {n!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first")
     out = {}
-    for name, _split, key in plan_shards(sub, ckpts):
+    for name, _split, key, _n in plan_shards(sub, ckpts):
         dr = cfg.shard_dir / key.dirname
         if not dr.exists():
             raise ConfigError(f"no train shard of teacher {name!r} at {dr}: run `ensemble-kd embed` first")
@@ -241,10 +238,11 @@ def train_shard_dirs(cfg: ExperimentConfig) -> dict[str, str]:
     return out
 
 
-def dataclass_replace(cfg: ExperimentConfig, teachers, embed_splits) -> ExperimentConfig:
+def _train_split_only(cfg: ExperimentConfig, teachers: list[str]) -> ExperimentConfig:
+    """The config narrowed to the given teachers and the train split (to plan their train shards)."""
     d = to_dict(cfg)
-    d["teachers"] = [to_dict(t) for t in teachers]
-    d["embed"]["splits"] = list(embed_splits)
+    d["teachers"] = [to_dict(cfg.teacher(n)) for n in teachers]
+    d["embed"]["splits"] = ["train"]
     return from_dict(d)
 
 
@@ -296,5 +294,3 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
     log(f"distill: run {name} done: test top-1 {top1:.4f}; student at {spath}")
     return DistillResult(name, hist, spath, top1, result.checkpoint.path)
 
-
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

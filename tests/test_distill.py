@@ -97,6 +97,8 @@ def test_bad_distill_configs_name_the_field(tmp_path):
         distill_cfg(tmp_path, **{"distill.teachers": ["zzz"]})
     with pytest.raises(ConfigError, match=r"loss 'kd' needs teachers"):
         distill_cfg(tmp_path, **{"distill.teachers": [], "distill.losses": [{"name": "kd"}]})
+    with pytest.raises(ConfigError, match=r"each loss may appear once"):
+        distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "ce"}]})
     with pytest.raises(ConfigError, match=r"distill.student.modality"):
         distill_cfg(tmp_path, **{"distill.student": {"arch": "mlp", "modality": "rgb"}})
 

@@ -99,6 +99,14 @@ def test_replayed_views_equal_stored_views(ray_cluster, trained, tmp_path):
         emb, logits = t.model(x)
     torch.testing.assert_close(s.embeddings, emb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.logits, logits, rtol=1e-5, atol=1e-5)
+    # the training pipeline (DistillData) hands the student that same replayed view, row by row
+    from ensemble_kd.data import DistillData
+
+    dd = DistillData(ds, "pix", {"pix_cnn": res[("pix_cnn", "test")].dir, "kar_mlp": res[("kar_mlp", "test")].dir})
+    rows = torch.tensor([0, 1, 2, 301, 1499])
+    got = dd.batch(rows, torch.device("cpu"))
+    assert torch.equal(got["x"], x[rows]) and torch.equal(got["index"], rows)
+    torch.testing.assert_close(got["teacher_emb"]["pix_cnn"], s.embeddings[rows])
     clean = Shard(_results(tiny_config(base.output_dir, **{"embed.splits": ["test"]}), paths)[("pix_cnn", "test")].dir)
     assert not torch.allclose(s.embeddings[v["view"] == 1], clean.embeddings)  # augmented views differ from clean
     # the vector teacher of the same ensemble keeps identity views and stays row-aligned
