@@ -4,6 +4,7 @@
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
     ensemble-kd embed [--config FILE]                 teachers -> Arrow shards through Ray actors
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
+    ensemble-kd compare [--experiment NAME] [--json]  ensemble-vs-single table from MLflow
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
     ensemble-kd list datasets|encoders|losses         registered names
     ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
@@ -109,6 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
              f"  ({'+'.join(t.name for t in cfg.distill.losses)} from {', '.join(cfg.distill.teachers) or 'no teacher'})")
     _log(f"\n{len(results)} shards under {cfg.shard_dir.resolve()} ({sum(r.reused for r in results)} reused); "
          f"inspect them with: ensemble-kd shards inspect {cfg.shard_dir}")
+    if student is not None and cfg.tracking.enabled:
+        from ensemble_kd.tracking import experiment_name, tracking_uri
+
+        uri = tracking_uri(cfg)
+        _log(f"MLflow: experiment {experiment_name(cfg)!r} at {uri}; open it with: mlflow ui --backend-store-uri {uri}")
     _log(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -121,6 +127,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     with ray_session(cfg.ray):
         res = run_distill(cfg, resume=args.resume, log=_log)
     _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir).resolve() / 'ray_results' / res.run_name}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ensemble_kd.tracking import compare, experiment_name, tracking_uri
+
+    cfg = _config(args)
+    uri = args.uri or tracking_uri(cfg)
+    res = compare(uri, args.experiment or experiment_name(cfg), args.group_by)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"experiment {res['experiment']} at {uri}, grouped by {args.group_by}")
+    print(f"{args.group_by:<24} {'runs':>4}  {'top-1 mean +- std':<18} best run")
+    for g, r in res["groups"].items():
+        b = r["best_run"]
+        print(f"{g:<24} {r['runs']:>4}  {r['mean_top1']:.4f} +- {r['std_top1']:.4f}  {r['best_top1']:.4f} {b['run_name']} ({b['method']})")
     return 0
 
 
@@ -149,7 +172,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from ensemble_kd import config as c
 
     for cls in (c.ExperimentConfig, c.DataConfig, c.TeacherConfig, c.EmbedConfig, c.ViewsConfig, c.RayConfig,
-                c.DistillConfig, c.StudentConfig, c.LossTerm, c.OptimConfig):
+                c.DistillConfig, c.StudentConfig, c.LossTerm, c.OptimConfig, c.TrackingConfig):
         print(f"{cls.__name__}:")
         for f in dataclasses.fields(cls):
             print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
@@ -183,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the last run from its last epoch checkpoint")
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("compare", help="ensemble-vs-single (or any tag) table of the MLflow runs of an experiment")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder whose MLflow store to read (overrides output_dir)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
+    p.add_argument("--uri", help="MLflow tracking URI (default: the config's store)")
+    p.add_argument("--group-by", default="teacher_set", help="tag to group by (teacher_set, method, teachers, ...)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_compare)
+
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
     p = s.add_parser("inspect", help="print a JSON summary of the shards under DIR")
     p.add_argument("dir")
@@ -205,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     from ensemble_kd.registry import UnknownNameError
     from ensemble_kd.shards import ShardError
     from ensemble_kd.teachers import CheckpointError
+    from ensemble_kd.tracking import TrackingError
     from modalities.datasets.base import DatasetError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError) as e:
+    except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError, TrackingError) as e:
         print(f"ensemble-kd: error: {e}", file=sys.stderr)
         return 2
 

@@ -120,6 +120,13 @@ class DistillConfig:
 
 
 @dataclass(config=_FROZEN)
+class TrackingConfig:
+    enabled: bool = Field(True, description="record every distillation as an MLflow run")
+    uri: str | None = Field(None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment name; None = the config's name")
+
+
+@dataclass(config=_FROZEN)
 class ExperimentConfig:
     name: str = Field("uci-mfeat-default", description="experiment name (MLflow experiment, output sub-folders)")
     output_dir: str = Field("outputs", description="root of checkpoints, shards and results")
@@ -130,6 +137,7 @@ class ExperimentConfig:
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (Ray actors -> Arrow shards)")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="student distillation (Ray Train)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.teachers]

@@ -214,6 +214,7 @@ class DistillResult:
     student_path: Path
     final_top1: float | None
     checkpoint_dir: str
+    mlflow_run_id: str | None = None
 
 
 def train_shard_dirs(cfg: ExperimentConfig) -> dict[str, str]:
@@ -291,6 +292,12 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
                        "config": st["config"]}, spath)
     hist = st["history"]
     top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
+    mlflow_run = None
+    if cfg.tracking.enabled:
+        from ensemble_kd.tracking import log_distill_run, tracking_uri
+
+        mlflow_run = log_distill_run(cfg, hist, spath, name)
+        log(f"distill: MLflow run {mlflow_run} in experiment {cfg.tracking.experiment or cfg.name!r} at {tracking_uri(cfg)}")
     log(f"distill: run {name} done: test top-1 {top1:.4f}; student at {spath}")
-    return DistillResult(name, hist, spath, top1, result.checkpoint.path)
+    return DistillResult(name, hist, spath, top1, result.checkpoint.path, mlflow_run)
 

@@ -14,6 +14,7 @@ def test_run_trains_embeds_then_reuses(ray_cluster, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 shards under" in out and "(0 reused)" in out and "pix_cnn" in out
     assert "student          mlp         fou" in out and "(ce+kd from kar_mlp)" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'out' / 'mlflow.db'}" in out
     assert main(["run", "--config", str(p), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(4 reused)" in out and out.count("reused (") == 4 and "teacher kar_mlp: reused" in out

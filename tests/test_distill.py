@@ -20,6 +20,7 @@ def distill_cfg(out, **over):
         "distill.cpus_per_worker": 0.5,
         "distill.optim": {"lr": 0.05, "schedule": "cosine"},
         "embed.splits": ["train"],
+        "tracking.enabled": False,  # MLflow is exercised in test_tracking.py
     }
     d.update(over)
     return tiny_config(out, **d)

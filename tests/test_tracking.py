@@ -1,0 +1,77 @@
+"""MLflow for real: a SQLite store in a temp folder, runs from real distillations, compare."""
+import json
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ensemble_kd.cli import main
+from ensemble_kd.config import to_yaml
+from ensemble_kd.embed import run_embed
+from ensemble_kd.tracking import TrackingError, compare, tracking_uri
+from ensemble_kd.train import run_distill
+from tests.test_distill import distill_cfg
+
+ARMS = {
+    "ensemble": {"distill.teachers": ["pix_cnn", "kar_mlp"], "distill.losses": [{"name": "ce"}, {"name": "kd"}]},
+    "single": {"distill.teachers": ["kar_mlp"], "distill.losses": [{"name": "ce"}, {"name": "kd"}]},
+    "none": {"distill.teachers": [], "distill.losses": [{"name": "ce"}]},
+}
+
+
+def cfg_for(out, arm, seed=0):
+    return distill_cfg(out, **{**ARMS[arm], "distill.epochs": 2, "distill.seed": seed, "tracking.enabled": True,
+                               "tracking.experiment": "arms"})
+
+
+@pytest.fixture(scope="module")
+def tracked(ray_cluster, trained, tmp_path_factory):
+    """Three arms (two seeds of the ensemble) distilled and logged to one SQLite MLflow store."""
+    cfg, _ = trained
+    out = tmp_path_factory.mktemp("tracked")
+    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    c0 = cfg_for(out, "ensemble")
+    run_embed(c0, {n: out / "teachers" / f"{n}.pt" for n in ("pix_cnn", "kar_mlp")}, progress=False, log=lambda m: None)
+    runs = {}
+    for arm, seed in (("ensemble", 0), ("ensemble", 1), ("single", 0), ("none", 0)):
+        runs[(arm, seed)] = run_distill(cfg_for(out, arm, seed), log=lambda m: None)
+    return out, c0, runs
+
+
+def test_runs_land_with_params_metrics_tags_artifacts(tracked):
+    out, cfg, runs = tracked
+    uri = tracking_uri(cfg)
+    assert uri == f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    r = client.get_run(runs[("ensemble", 0)].mlflow_run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["distill.epochs"] == "2" and r.data.params["distill.teachers.1"] == "kar_mlp"
+    assert r.data.tags["teacher_set"] == "ensemble" and r.data.tags["teachers"] == "pix_cnn,kar_mlp"
+    assert r.data.tags["teacher_modalities"] == "kar,pix" and r.data.tags["student_modality"] == "fou"
+    assert r.data.tags["method"] == "ce+kd" and r.data.tags["dataset"] == "uci-mfeat"
+    hist = client.get_metric_history(r.info.run_id, "test_top1")
+    assert [m.step for m in hist] == [1, 2]
+    assert [m.value for m in hist] == [h["test_top1"] for h in runs[("ensemble", 0)].history]
+    assert len(client.get_metric_history(r.info.run_id, "loss/kd")) == 2 and "lr" in r.data.metrics
+    arts = {a.path for a in client.list_artifacts(r.info.run_id)} | {a.path for a in client.list_artifacts(r.info.run_id, "student")}
+    assert "config.yaml" in arts and "student/student.pt" in arts
+    assert client.get_run(runs[("none", 0)].mlflow_run_id).data.tags["teacher_set"] == "none"
+
+
+def test_compare_groups_by_teacher_set_and_other_tags(tracked, capsys):
+    out, cfg, runs = tracked
+    res = compare(tracking_uri(cfg), "arms")
+    g = res["groups"]
+    assert {k: v["runs"] for k, v in g.items()} == {"ensemble": 2, "none": 1, "single": 1}
+    ens = [runs[("ensemble", s)].final_top1 for s in (0, 1)]
+    assert g["ensemble"]["mean_top1"] == pytest.approx(sum(ens) / 2) and g["ensemble"]["best_top1"] == max(ens)
+    by_method = compare(tracking_uri(cfg), "arms", group_by="method")["groups"]
+    assert {k: v["runs"] for k, v in by_method.items()} == {"ce": 1, "ce+kd": 3}
+    p = out / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    assert main(["compare", "--config", str(p), "--experiment", "arms", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"]["single"]["runs"] == 1
+    assert main(["compare", "--config", str(p), "--experiment", "arms"]) == 0
+    assert "ensemble" in capsys.readouterr().out
+    with pytest.raises(TrackingError, match="no MLflow experiment 'nope'.*arms"):
+        compare(tracking_uri(cfg), "nope")
