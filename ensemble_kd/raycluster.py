@@ -19,6 +19,22 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+class _DropStateApiNoise:
+    """Ray Train V2's placement-group cleaner polls the state API, which lives in the dashboard;
+    a local Ray started without the dashboard (as here) makes it warn on every poll. Only that
+    one message is dropped: every other Ray warning still reaches the driver."""
+
+    def filter(self, record) -> bool:  # noqa: ANN001 - logging.Filter protocol
+        return "Failed to query Ray Train Controller actor state" not in record.getMessage()
+
+
+def quiet_ray_worker() -> None:
+    """``worker_process_setup_hook`` of local clusters (see :class:`_DropStateApiNoise`)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_DropStateApiNoise())
+
+
 def set_ray_env() -> None:
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
@@ -48,7 +64,8 @@ def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        kwargs = {"include_dashboard": False, "_temp_dir": short_temp_dir(), "log_to_driver": True}
+        kwargs = {"include_dashboard": False, "_temp_dir": short_temp_dir(), "log_to_driver": True,
+                  "runtime_env": {"worker_process_setup_hook": "ensemble_kd.raycluster.quiet_ray_worker"}}
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory is not None:
