@@ -100,17 +100,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with ray_session(cfg.ray):
         results = run_embed(cfg, paths, progress=not args.no_progress, log=_log)
-        student = run_distill(cfg, log=_log) if cfg.distill.teachers or cfg.distill.losses else None
+        student = run_distill(cfg, log=_log)
     summary = teacher_summary(paths)
     _log("\nteacher          arch        modality  test top-1")
     for name, s in summary.items():
         _log(f"{name:<16} {s['arch']:<11} {s['modality']:<9} {s['test_top1']:.4f}")
-    if student is not None:
-        _log(f"{'student':<16} {cfg.distill.student.arch:<11} {cfg.distill.student.modality:<9} {student.final_top1:.4f}"
-             f"  ({'+'.join(t.name for t in cfg.distill.losses)} from {', '.join(cfg.distill.teachers) or 'no teacher'})")
+    _log(f"{'student':<16} {cfg.distill.student.arch:<11} {cfg.distill.student.modality:<9} {student.final_top1:.4f}"
+         f"  ({'+'.join(t.name for t in cfg.distill.losses)} from {', '.join(cfg.distill.teachers) or 'no teacher'})")
     _log(f"\n{len(results)} shards under {cfg.shard_dir.resolve()} ({sum(r.reused for r in results)} reused); "
          f"inspect them with: ensemble-kd shards inspect {cfg.shard_dir}")
-    if student is not None and cfg.tracking.enabled:
+    if cfg.tracking.enabled:
         from ensemble_kd.tracking import experiment_name, tracking_uri
 
         uri = tracking_uri(cfg)
