@@ -4,7 +4,8 @@
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
     ensemble-kd embed [--config FILE]                 teachers -> Arrow shards through Ray actors
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
-    ensemble-kd compare [--experiment NAME] [--json]  ensemble-vs-single table from MLflow
+    ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
+    ensemble-kd compare [--experiment NAME] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
     ensemble-kd list datasets|encoders|losses         registered names
     ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
@@ -87,34 +88,58 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from ensemble_kd.teachers import ensure_teachers, teacher_summary
-
-    t0 = time.perf_counter()
-    cfg = _config(args)
-    _log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {Path(cfg.output_dir).resolve()}")
-    paths = ensure_teachers(cfg, progress=not args.no_progress, log=_log)
-    from ensemble_kd.embed import run_embed
+def cmd_select(args: argparse.Namespace) -> int:
+    """DFND: score the pool (`data`) with the teachers, keep the confident rows, write the selection."""
     from ensemble_kd.raycluster import ray_session
-    from ensemble_kd.train import run_distill
+    from ensemble_kd.select import run_select, selection_teachers
+    from ensemble_kd.teachers import checkpoint_path, read_checkpoint
 
+    cfg = _config(args)
+    paths = {}
+    for n in selection_teachers(cfg):
+        p = checkpoint_path(cfg, cfg.teacher(n))
+        if not p.exists():
+            raise ConfigError(f"teacher {n!r} has no checkpoint at {p}: train it (`ensemble-kd teachers train`) or set its checkpoint")
+        read_checkpoint(p)
+        paths[n] = p
     with ray_session(cfg.ray):
-        results = run_embed(cfg, paths, progress=not args.no_progress, log=_log)
-        student = run_distill(cfg, log=_log)
-    summary = teacher_summary(paths)
-    _log("\nteacher          arch        modality  test top-1")
-    for name, s in summary.items():
-        _log(f"{name:<16} {s['arch']:<11} {s['modality']:<9} {s['test_top1']:.4f}")
-    _log(f"{'student':<16} {cfg.distill.student.arch:<11} {cfg.distill.student.modality:<9} {student.final_top1:.4f}"
-         f"  ({'+'.join(t.name for t in cfg.distill.losses)} from {', '.join(cfg.distill.teachers) or 'no teacher'})")
-    _log(f"\n{len(results)} shards under {cfg.shard_dir.resolve()} ({sum(r.reused for r in results)} reused); "
-         f"inspect them with: ensemble-kd shards inspect {cfg.shard_dir}")
-    if cfg.tracking.enabled:
-        from ensemble_kd.tracking import experiment_name, tracking_uri
+        res = run_select(cfg, paths, progress=not args.no_progress, log=_log)
+    m = res.manifest
+    _log(f"kept {m['num_rows']} of {m['pool_rows']} pool rows; per pseudo-class (kept/pool):")
+    _log("  " + "  ".join(f"{c}:{k}/{n}" for c, (k, n) in enumerate(zip(m["counts_per_class"], m["pool_counts_per_class"]))))
+    _log("teacher accuracy a_i on " + f"{m['teacher_data']['name']} test: " + " ".join(f"{a:.3f}" for a in m["class_accuracy"])
+         + f" (top-1 {m['teacher_test_top1']['ensemble']:.4f})")
+    dg = m["diagnostics"]
+    if dg["pseudo_label_accuracy_selected"] is not None:
+        _log(f"pseudo-label accuracy against the pool's own labels (diagnostic only, never used to select): "
+             f"{dg['pseudo_label_accuracy_selected']:.4f} on the kept rows, {dg['pseudo_label_accuracy_pool']:.4f} on the whole pool")
+    _log(f"selection: {res.dir}")
+    _log(f"train on it with: ensemble-kd distill ... --set distill.selection={res.dir}")
+    return 0
 
-        uri = tracking_uri(cfg)
-        _log(f"MLflow: experiment {experiment_name(cfg)!r} at {uri}; open it with: mlflow ui --backend-store-uri {uri}")
-    _log(f"done in {time.perf_counter() - t0:.1f}s")
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ensemble_kd.runjob import run_main
+
+    run_main(_config(args), progress=not args.no_progress, log=_log)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ensemble_kd.raycluster import ray_session
+    from ensemble_kd.tune import tune_sweep
+
+    cfg = _config(args)
+    with ray_session(cfg.ray):
+        res = tune_sweep(cfg, log=_log)
+    _log(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
+         + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
+    if res.best is not None:
+        _log(f"best {cfg.tune.metric} = {res.best.metrics[cfg.tune.metric]:.4f} with "
+             + ", ".join(f"{k}={v}" for k, v in res.best.overrides.items()))
+    if res.tracking_uri:
+        _log(f"MLflow: parent run {res.parent_run_id} in experiment {res.experiment!r} at {res.tracking_uri}; "
+             f"open the UI with: mlflow ui --backend-store-uri {res.tracking_uri}")
     return 0
 
 
@@ -135,6 +160,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     uri = args.uri or tracking_uri(cfg)
     res = compare(uri, args.experiment or experiment_name(cfg), args.group_by)
+    if args.plot:
+        from ensemble_kd.plots import plot_comparison
+
+        groups = {g: {"values": r["values"], "teacher_set": r.get("teacher_set")} for g, r in res["groups"].items()}
+        res["plot"] = str(plot_comparison(groups, res["sweep"], args.plot, title=f"{res['experiment']} by {args.group_by}"))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -170,8 +200,10 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     from ensemble_kd import config as c
 
-    for cls in (c.ExperimentConfig, c.DataConfig, c.TeacherConfig, c.EmbedConfig, c.ViewsConfig, c.RayConfig,
-                c.DistillConfig, c.StudentConfig, c.LossTerm, c.OptimConfig, c.TrackingConfig):
+    import inspect
+
+    classes = [obj for _, obj in inspect.getmembers(c, dataclasses.is_dataclass) if obj.__module__ == c.__name__]
+    for cls in sorted(classes, key=lambda k: (k is not c.ExperimentConfig, k.__name__)):
         print(f"{cls.__name__}:")
         for f in dataclasses.fields(cls):
             print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
@@ -199,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (overrides output_dir)")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("select", help="DFND: keep the pool rows the teachers are most confident on, with their pseudo-labels")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.set_defaults(func=cmd_select)
+
     p = sub.add_parser("distill", help="distil the configured student from the teachers' shards (Ray Train)")
     _add_config_args(p)
     p.add_argument("--out", help="output folder (overrides output_dir)")
@@ -212,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", help="MLflow tracking URI (default: the config's store)")
     p.add_argument("--group-by", default="teacher_set", help="tag to group by (teacher_set, method, teachers, ...)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--plot", metavar="FILE", help="also write a PNG: top-1 by group, and against CRD tau and N where they vary")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
     p = s.add_parser("inspect", help="print a JSON summary of the shards under DIR")

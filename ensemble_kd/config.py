@@ -59,6 +59,17 @@ class ViewsConfig:
 
 
 @dataclass(config=_FROZEN)
+class AdversarialConfig:
+    enabled: bool = Field(False, description="store PGD adversarial views made by each teacher at embed time (GACD); part of the shard id")
+    num_views: int = Field(1, ge=1, description="adversarial views per sample, stored after the normal views (view ids V..V+A-1)")
+    epsilon: float = Field(0.1, gt=0, description="L_inf radius of the perturbation, in the modality's standardised units")
+    steps: int = Field(5, ge=1, description="PGD steps (signed-gradient ascent on the teacher's cross-entropy)")
+    step_size: float = Field(0.05, gt=0, description="PGD step size, in standardised units")
+    seed: int = Field(0, description="seed of the random starts (one per (sample_id, view): replayable, batch-independent)")
+    random_start: bool = Field(True, description="start from a uniform point of the epsilon ball (Madry et al.)")
+
+
+@dataclass(config=_FROZEN)
 class EmbedConfig:
     splits: tuple[Literal["train", "test"], ...] = Field(("train", "test"), min_length=1, description="dataset splits to embed")
     batch_size: int = Field(512, ge=1, description="inference batch size inside each teacher actor")
@@ -67,6 +78,7 @@ class EmbedConfig:
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each teacher actor")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPU fraction of each teacher actor (0 = CPU)")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="augmented views stored per sample")
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="PGD adversarial views stored per sample (GACD)")
 
 
 @dataclass(config=_FROZEN)
@@ -117,6 +129,13 @@ class DistillConfig:
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (restart from the last checkpoint)")
     eval_every: int = Field(1, ge=1, description="evaluate the student's test top-1 every this many epochs (and at the end)")
     run_name: str | None = Field(None, description="Ray Train run name; None = a fresh unique name (a reused name resumes that run)")
+    selection: str | None = Field(None, description="path of a selection (`ensemble-kd select`, DFND): train only on its rows, with its pseudo-labels as labels")
+    eval_data: DataConfig | None = Field(None, description="evaluate the student's test top-1 on this dataset's test split instead of data's (DFND: the teacher's test set)")
+    adv_replay_teacher: str | None = Field(None, description="teacher whose stored PGD deltas the student replays on adversarial rows; None = the one distill teacher of the student's modality")
+
+    def __post_init__(self) -> None:
+        if self.selection is not None:  # absolute: Ray Train workers run in another working directory
+            object.__setattr__(self, "selection", str(Path(self.selection).expanduser().resolve()))
 
 
 @dataclass(config=_FROZEN)
@@ -124,6 +143,54 @@ class TrackingConfig:
     enabled: bool = Field(True, description="record every distillation as an MLflow run")
     uri: str | None = Field(None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db")
     experiment: str | None = Field(None, description="MLflow experiment name; None = the config's name")
+
+
+@dataclass(config=_FROZEN)
+class SelectConfig:
+    teacher_data: DataConfig | None = Field(None, description="the teachers' own labelled dataset: its test split gives their per-class accuracy a_i (required by `ensemble-kd select`)")
+    fraction: float = Field(0.5, gt=0, le=1, description="fraction of the pool's train rows kept, the most confident (lowest-noise) first")
+    per_class: bool = Field(True, description="keep the top fraction within each pseudo-class (class balance), not the top fraction overall")
+    # the teachers that score and label the pool are distill.teachers (every teacher when it is empty)
+
+
+@dataclass(config=_FROZEN)
+class TuneConfig:
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="dotted config key -> {grid|choice: [..]} or {uniform|loguniform|randint: [lo, hi]}; "
+                    "losses by name: distill.losses.crd.kwargs.tau")
+    search: Literal["grid", "random"] = Field("grid", description="grid: every grid point; random: num_samples draws (grid keys still expand)")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid (grid) or random draws (random)")
+    scheduler: Literal["fifo", "asha"] = Field("asha", description="asha stops weak trials early (at grace_period, then every reduction_factor x epochs)")
+    metric: str = Field("test_top1", description="metric the scheduler and 'best trial' use")
+    mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of the trials at each rung")
+    trial_cpus: float = Field(1.0, ge=0, description="CPUs of each trial's driver (it starts the trial's TorchTrainer)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="trials at once (None = as the cluster's CPUs allow)")
+    name: str | None = Field(None, description="Tune run name (folder under <output_dir>/tune); None = <experiment>-<time>")
+
+
+@dataclass(config=_FROZEN)
+class ArmConfig:
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_\-+]+$", description="arm name (MLflow tag `arm`, summary key)")
+    teachers: Literal["none", "best", "all"] | tuple[str, ...] = Field(
+        "all", description="none, best (the single teacher with the best test top-1), all (the ensemble), or a list of names")
+    losses: tuple[LossTerm, ...] | None = Field(None, description="loss terms of this arm; None = distill.losses")
+
+
+@dataclass(config=_FROZEN)
+class SweepConfig:
+    arm: str = Field(..., description="the arm whose config is swept")
+    space: dict[str, dict[str, Any]] = Field(..., description="as tune.space, grid values only (e.g. CRD tau and num_negatives)")
+    seed: int | None = Field(None, description="seed of the sweep's trials; None = the first of run.seeds")
+
+
+@dataclass(config=_FROZEN)
+class RunJobConfig:
+    arms: tuple[ArmConfig, ...] = Field((), description="arms of `ensemble-kd run`, each over every seed; empty = one run of `distill`")
+    seeds: tuple[int, ...] = Field((0,), min_length=1, description="seeds each arm runs with (distill.seed)")
+    sweep: SweepConfig | None = Field(None, description="a small grid sweep on one arm, run with the arms")
 
 
 @dataclass(config=_FROZEN)
@@ -135,9 +202,12 @@ class ExperimentConfig:
     data: DataConfig = Field(default_factory=DataConfig, description="dataset")
     teachers: tuple[TeacherConfig, ...] = Field((), description="teachers to train (or load) and embed")
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (Ray actors -> Arrow shards)")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="DFND: confident rows of an unlabeled pool (`ensemble-kd select`)")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="student distillation (Ray Train)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweep (`ensemble-kd tune`) and trial resources")
+    run: RunJobConfig = Field(default_factory=RunJobConfig, description="the arms, seeds and sweep of `ensemble-kd run`")
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.teachers]
@@ -215,8 +285,90 @@ def check_names(cfg: ExperimentConfig, source: str = "<config>") -> None:
             errs.append(f"distill.losses.{i}.name: {LOSSES.unknown_message(term.name)}")
         elif LOSSES.meta(term.name).get("needs_teachers", True) and not cfg.distill.teachers:
             errs.append(f"distill.losses.{i}.name: loss {term.name!r} needs teachers, but distill.teachers is empty")
+        else:
+            bad = _unknown_kwargs(LOSSES.get(term.name), term.kwargs)
+            if bad:
+                errs.append(f"distill.losses.{i}.kwargs: loss {term.name!r} has no option(s) {bad}; "
+                            f"options: {_options(LOSSES.get(term.name))}")
+    errs += _check_select(cfg, names)
+    errs += _check_run_section(cfg)
     if errs:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(errs))
+
+
+def _check_select(cfg: ExperimentConfig, names: list[str]) -> list[str]:
+    """DFND fields: select.* and distill.selection / distill.eval_data."""
+    from modalities import DATASETS
+
+    errs = []
+
+    def dataset_mods(field: str, data: DataConfig) -> tuple[str, ...] | None:
+        if data.name not in DATASETS:
+            errs.append(f"{field}.name: {DATASETS.unknown_message(data.name)}")
+            return None
+        return tuple(DATASETS.meta(data.name).get("modalities") or ()) or None
+
+    if cfg.select.teacher_data is not None:
+        mods = dataset_mods("select.teacher_data", cfg.select.teacher_data)
+        chosen = cfg.distill.teachers or tuple(names)  # the teachers that score the pool
+        for i, t in enumerate(cfg.teachers):
+            if t.name in chosen and mods is not None and t.modality not in mods:
+                errs.append(f"select.teacher_data: dataset {cfg.select.teacher_data.name!r} has no modality {t.modality!r} "
+                            f"(of teachers.{i}); it has: {', '.join(mods)}")
+    if cfg.distill.eval_data is not None:
+        mods = dataset_mods("distill.eval_data", cfg.distill.eval_data)
+        if mods is not None and cfg.distill.student.modality not in mods:
+            errs.append(f"distill.eval_data: dataset {cfg.distill.eval_data.name!r} has no modality "
+                        f"{cfg.distill.student.modality!r} (the student's); it has: {', '.join(mods)}")
+    if cfg.distill.selection is not None and not cfg.distill.teachers:
+        errs.append("distill.selection: training on a selection needs distill.teachers (its rows are rows of their shards)")
+    return errs
+
+
+def _check_run_section(cfg: ExperimentConfig) -> list[str]:
+    """Each arm must make a valid config (checked with the first teacher standing in for 'best'),
+    and the sweep must name an arm and grid-only keys that exist."""
+    errs = []
+    arms = {a.name: a for a in cfg.run.arms}
+    if len(arms) != len(cfg.run.arms):
+        errs.append(f"run.arms: arm names must be unique, got {[a.name for a in cfg.run.arms]}")
+    first = cfg.teachers[0].name if cfg.teachers else None
+    for i, arm in enumerate(cfg.run.arms):
+        try:
+            arm_config(cfg, arm, first, cfg.run.seeds[0])
+        except ConfigError as e:
+            detail = str(e).split("\n", 1)[-1].strip()
+            errs.append(f"run.arms.{i} ({arm.name}): {detail}")
+    sw = cfg.run.sweep
+    if sw is not None:
+        if sw.arm not in arms:
+            errs.append(f"run.sweep.arm: {sw.arm!r} is not an arm; arms: {list(arms)}")
+        for key, spec in sw.space.items():
+            if set(spec) != {"grid"} or not isinstance(spec["grid"], list) or not spec["grid"]:
+                errs.append(f"run.sweep.space.{key}: must be {{grid: [values]}}, got {spec!r}")
+        if sw.arm in arms and not errs:
+            base = arm_config(cfg, arms[sw.arm], first, cfg.run.seeds[0])
+            try:
+                with_overrides(base, {k: v["grid"][0] for k, v in sw.space.items()})
+            except ConfigError as e:
+                errs.append(f"run.sweep.space: {str(e).splitlines()[-1].strip()}")
+    return errs
+
+
+def _options(builder: Any) -> list[str]:
+    import inspect
+
+    params = list(inspect.signature(builder).parameters.values())
+    return [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # [0] is the LossContext
+
+
+def _unknown_kwargs(builder: Any, kwargs: dict[str, Any]) -> list[str]:
+    """Keyword options a loss builder does not take (none when it takes **kwargs)."""
+    import inspect
+
+    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values()):
+        return []
+    return sorted(set(kwargs) - set(_options(builder)))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -250,12 +402,15 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for i, p in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(cur, list):
-            if not p.isdigit() or int(p) >= len(cur):
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or 'top level'} has no item {p}")
+            j = _list_index(cur, p)
+            if j is None:
+                names = [x.get("name") for x in cur if isinstance(x, dict) and "name" in x]
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or 'top level'} has no item {p!r}"
+                                  + (f"; items by name: {names}" if names else f"; it has {len(cur)} items"))
             if last:
-                cur[int(p)] = value
+                cur[j] = value
             else:
-                cur = cur[int(p)]
+                cur = cur[j]
         elif isinstance(cur, dict):
             if last:
                 cur[p] = value
@@ -263,6 +418,45 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
                 cur = cur.setdefault(p, {})
         else:
             raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def _list_index(items: list, key: str) -> int | None:
+    """A list item by index (``0``) or, for lists of named items (losses, teachers), by name (``crd``)."""
+    if key.isdigit():
+        return int(key) if int(key) < len(items) else None
+    for j, x in enumerate(items):
+        if isinstance(x, dict) and x.get("name") == key:
+            return j
+    return None
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str = "<overrides>") -> ExperimentConfig:
+    """A new config: ``cfg`` with dotted-key overrides (``distill.losses.crd.kwargs.tau``) applied and re-validated."""
+    d = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_dotted(d, key, value)
+    return from_dict(d, source)
+
+
+def arm_config(cfg: ExperimentConfig, arm: ArmConfig, best_teacher: str | None, seed: int) -> ExperimentConfig:
+    """The config of one arm of `ensemble-kd run` at one seed: its teachers and losses, the seed, no arms of its own."""
+    if arm.teachers == "none":
+        teachers: list[str] = []
+    elif arm.teachers == "all":
+        teachers = [t.name for t in cfg.teachers]
+    elif arm.teachers == "best":
+        if best_teacher is None:
+            raise ConfigError(f"arm {arm.name!r}: teachers 'best' needs at least one teacher")
+        teachers = [best_teacher]
+    else:
+        teachers = list(arm.teachers)
+    d = to_dict(cfg)
+    d["distill"]["teachers"] = teachers
+    if arm.losses is not None:
+        d["distill"]["losses"] = [to_dict(t) for t in arm.losses]
+    d["distill"]["seed"] = seed
+    d["run"] = {"arms": [], "seeds": [seed], "sweep": None}
+    return from_dict(d, f"<arm {arm.name}>")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

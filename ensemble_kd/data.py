@@ -4,6 +4,9 @@ Row r of the train shards (one sample, one view) is the unit of training and the
 of CRD-style losses. The student's input for row r is the dataset sample with that
 ``sample_id``, in the student's modality; for an image modality with stored views it is
 replayed with the row's view parameters, so the student sees exactly what the teachers saw.
+Adversarial rows (GACD's PGD views, made at embed time) also get the stored perturbation of the
+teacher that reads the student's modality added, bit for bit the input that teacher embedded
+(see :meth:`DistillData._adv_replay`).
 Without teachers (a CE-only baseline) the rows are the dataset's own samples.
 """
 from __future__ import annotations
@@ -22,9 +25,11 @@ from modalities import PairedDataset
 class DistillData:
     """Row-indexed access to (student input, label, teacher outputs) for the train split."""
 
-    def __init__(self, ds: PairedDataset, modality: str, shard_dirs: Mapping[str, str | Path] | None = None) -> None:
+    def __init__(self, ds: PairedDataset, modality: str, shard_dirs: Mapping[str, str | Path] | None = None,
+                 adv_replay_teacher: str | None = None, selection: str | Path | None = None) -> None:
         self.ds, self.modality = ds, modality
         self.spec = ds.spec(modality)
+        self.adv_delta: torch.Tensor | None = None  # (R, numel) PGD perturbations replayed on adversarial rows
         if shard_dirs:
             ss = ShardSet.open(list(shard_dirs.values()))
             if set(ss.teachers) != set(shard_dirs):
@@ -44,11 +49,64 @@ class DistillData:
             self.top, self.left, self.flip = v["top"], v["left"], v["flip"]
             self.pad = int(ss.first.manifest["views"]["crop_padding"])
             self.replay = self.spec.kind == "image" and int(ss.first.manifest["views"]["num_views"]) > 1
+            self._adv_replay(ss, adv_replay_teacher)
         else:
             self.bank = TeacherBank({}, {}, torch.from_numpy(ds.labels), torch.from_numpy(ds.sample_ids))
             self.positions = torch.arange(len(ds))
             self.replay = False
+        if selection is not None:
+            self._restrict_to_selection(selection, ss if shard_dirs else None)
         self.labels = self.bank.labels
+
+    def _restrict_to_selection(self, path: str | Path, ss: ShardSet | None) -> None:
+        """DFND (``distill.selection``): keep only the selected shard rows, labelled with the
+        teachers' pseudo-labels. Training row r is the r-th selected shard row
+        (``self.shard_rows[r]``) everywhere: the bank (so CRD memories, negatives and Pn = 1/M
+        cover exactly the rows that train, class-aware on the pseudo-labels), the labels every
+        loss sees, the dataset positions and the stored view/PGD parameters; ``index`` is r."""
+        from ensemble_kd.select import check_selection, load_selection, restrict_bank
+
+        if ss is None:
+            raise ValueError(f"distill.selection {path}: training on a selection needs the teachers' train shards")
+        sel = load_selection(path)
+        check_selection(sel, {n: s.manifest for n, s in ss.shards.items()}, ss.sample_ids)
+        keep = sel.rows  # (K,) shard rows, ascending
+        self.bank = restrict_bank(self.bank, sel)  # labels = pseudo-labels
+        self.positions, self.shard_rows = self.positions[keep], keep
+        self.top, self.left, self.flip = self.top[keep], self.left[keep], self.flip[keep]
+        if self.adv_delta is not None:
+            self.adv_delta, self.adv_rows = self.adv_delta[keep], self.adv_rows[keep]
+
+    def _adv_replay(self, ss: ShardSet, teacher: str | None) -> None:
+        """Pick the teacher whose PGD deltas the student replays (``teacher``, or the one distill
+        teacher of the student's modality); refuse when the shards hold adversarial rows and
+        none, or more than one, fits. Shards without adversarial views ignore ``teacher``."""
+        from ensemble_kd.embed import num_adv_views
+
+        recipe = ss.first.manifest["views"]
+        if not num_adv_views(recipe):
+            return
+        mods = {n: s.manifest["teacher"].get("modality") for n, s in ss.shards.items()}
+        if teacher is None:
+            same = [n for n, m in mods.items() if m == self.modality]
+            if len(same) != 1:
+                raise ValueError(
+                    f"the shards hold adversarial views, which the student can only see through a teacher of its "
+                    f"modality {self.modality!r}; teachers' modalities: {mods}. "
+                    + ("Set distill.adv_replay_teacher to one of " + str(same) if same else
+                       "Use a student of a teacher's modality, or embed without embed.adversarial"))
+            teacher = same[0]
+        elif teacher not in mods:
+            raise ValueError(f"distill.adv_replay_teacher: {teacher!r} is not a distill teacher; teachers: {sorted(mods)}")
+        elif mods[teacher] != self.modality:
+            raise ValueError(f"distill.adv_replay_teacher: teacher {teacher!r} reads modality {mods[teacher]!r}, "
+                             f"the student reads {self.modality!r}: its deltas do not apply")
+        delta = ss.adv_delta(teacher)  # (R, numel)
+        if delta is None or delta.shape[1] != self.spec.numel:
+            raise ValueError(f"shard {ss.shards[teacher].dir}: adversarial deltas of shape "
+                             f"{None if delta is None else tuple(delta.shape)}, expected (R, {self.spec.numel})")
+        self.adv_delta = delta
+        self.adv_rows = ss.views["view"] >= int(recipe["num_views"])  # (R,) views V.. are the adversarial ones
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -60,6 +118,9 @@ class DistillData:
         x = b["inputs"][self.modality]
         if self.replay:  # the exact view the teachers embedded
             x = apply_view(x, self.top[rows], self.left[rows], self.flip[rows], self.pad)
+        if self.adv_delta is not None:  # adversarial rows: + the stored delta, the very op the teacher ran
+            adv = self.adv_rows[rows].reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ...)
+            x = torch.where(adv, x + self.adv_delta[rows].reshape(x.shape), x)  # normal rows untouched
         return {
             "x": x.to(device, non_blocking=True),
             "labels": self.labels[rows].to(device),
@@ -67,6 +128,24 @@ class DistillData:
             "teacher_emb": {n: e[rows].float().to(device) for n, e in self.bank.embeddings.items()},
             "teacher_logits": {n: t[rows].float().to(device) for n, t in self.bank.logits.items()},
         }
+
+
+def eval_dataset(cfg, train_ds: PairedDataset | None = None) -> PairedDataset:
+    """The dataset whose test split measures the student: ``distill.eval_data`` (DFND: the
+    teachers' own test set) or ``data``. With ``train_ds``, the student's modality must have the
+    same input shape and the class count must agree (else the error names distill.eval_data)."""
+    from modalities import build_dataset
+
+    e = cfg.distill.eval_data or cfg.data
+    ds = build_dataset(e.name, "test", e.root, **e.kwargs)
+    if train_ds is not None and cfg.distill.eval_data is not None:
+        m = cfg.distill.student.modality
+        a, b = train_ds.spec(m), ds.spec(m)
+        if tuple(a.shape) != tuple(b.shape) or train_ds.num_classes != ds.num_classes:
+            raise ValueError(f"distill.eval_data: {e.name!r} gives the student's modality {m!r} shape {tuple(b.shape)} "
+                             f"and {ds.num_classes} classes; the training data {cfg.data.name!r} gives {tuple(a.shape)} "
+                             f"and {train_ds.num_classes} (set its kwargs, e.g. image_size)")
+    return ds
 
 
 def epoch_rows(num_rows: int, global_batch: int, world: int, rank: int, seed: int, epoch: int) -> list[torch.Tensor]:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ensemble_kd.config import DataConfig, EmbedConfig, ExperimentConfig, ViewsConfig, to_dict
+from ensemble_kd.adversarial import pgd_perturb, row_generators
+from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ExperimentConfig, ViewsConfig, to_dict
 from ensemble_kd.devices import autocast, resolve_device
 from ensemble_kd.shards import Shard, ShardKey, ShardWriter, check_manifest
 from ensemble_kd.teachers import Teacher, load_teacher, read_checkpoint
@@ -42,11 +43,22 @@ class ShardResult:
     seconds: float
 
 
-def view_recipe(views: ViewsConfig) -> dict[str, Any]:
+def view_recipe(views: ViewsConfig, adversarial: AdversarialConfig | None = None) -> dict[str, Any]:
     """The view recipe stored in a shard and hashed into its id. It is the same for every teacher
     of a run: vector modalities are not augmented, their V rows per sample are identity views,
-    which keeps them row-aligned with the image teachers of the same ensemble."""
-    return to_dict(views)
+    which keeps them row-aligned with the image teachers of the same ensemble. Enabled
+    adversarial views add an ``adversarial`` entry (so they change the shard id); disabled ones
+    add nothing, so shards made before adversarial views existed keep their ids."""
+    recipe = to_dict(views)
+    if adversarial is not None and adversarial.enabled:
+        recipe["adversarial"] = to_dict(adversarial)
+    return recipe
+
+
+def num_adv_views(recipe: dict[str, Any]) -> int:
+    """Adversarial views per sample in a shard of this (stored) view recipe; 0 for none."""
+    adv = recipe.get("adversarial") or {}
+    return int(adv.get("num_views", 0)) if adv.get("enabled") else 0
 
 
 def shard_key(teacher: str, checkpoint_sha256: str, ds: PairedDataset, fingerprint: str, recipe: dict[str, Any],
@@ -56,8 +68,14 @@ def shard_key(teacher: str, checkpoint_sha256: str, ds: PairedDataset, fingerpri
 
 @torch.no_grad()
 def embed_rows(teacher: Teacher, ds: PairedDataset, positions: np.ndarray, views: ViewsConfig, device: torch.device,
-               amp: bool) -> dict[str, np.ndarray]:
-    """Teacher outputs for every view of the samples at ``positions``: one shard batch (sample-major)."""
+               amp: bool, adversarial: AdversarialConfig | None = None) -> dict[str, np.ndarray]:
+    """Teacher outputs for every view of the samples at ``positions``: one shard batch (sample-major).
+
+    With ``adversarial`` enabled each sample gets A more rows after its V normal views: view
+    V + a is PGD (against this teacher, on the true label) applied to normal view a % V, with that
+    view's crop/flip parameters; the row's ``adv_delta`` is the perturbation that was added
+    (zeros on normal rows), and the teacher's outputs are on view + delta.
+    """
     b = ds.get_batch(positions, [teacher.modality])
     x = b["inputs"][teacher.modality]  # (B, *shape)
     spec = ds.spec(teacher.modality)
@@ -69,27 +87,57 @@ def embed_rows(teacher: Teacher, ds: PairedDataset, positions: np.ndarray, views
     else:  # no augmentation of vectors: identity views keep rows aligned with image teachers
         x = x.repeat_interleave(V, dim=0)
         vp.top[:], vp.left[:], vp.flip[:] = views.crop_padding, views.crop_padding, False
+    A = adversarial.num_views if adversarial is not None and adversarial.enabled else 0
+    sample_id, label = np.repeat(b["sample_id"].numpy(), V), np.repeat(b["label"].numpy(), V)  # (B*V,)
+    view, top, left, flip = vp.view, vp.top, vp.left, vp.flip
+    if A:
+        x, delta, (sample_id, label, view, top, left, flip) = _with_adversarial_rows(
+            teacher, x, V, A, adversarial, device, sample_id, label, view, top, left, flip)
     with autocast(device, amp):
-        emb, logits = teacher.model(x.to(device, non_blocking=True))  # (B*V, d), (B*V, C)
+        emb, logits = teacher.model(x.to(device, non_blocking=True))  # (B*(V+A), d), (B*(V+A), C)
     return {
-        "sample_id": np.repeat(b["sample_id"].numpy(), V),
-        "label": np.repeat(b["label"].numpy(), V),
-        "view": vp.view, "aug_top": vp.top, "aug_left": vp.left, "aug_flip": vp.flip,
+        "sample_id": sample_id, "label": label,
+        "view": view, "aug_top": top, "aug_left": left, "aug_flip": flip,
         "embedding": emb.float().cpu().numpy(),
         "logits": logits.float().cpu().numpy(),
+        **({"adv_delta": delta.reshape(delta.shape[0], -1).numpy()} if A else {}),
     }
+
+
+def _with_adversarial_rows(teacher: Teacher, x: torch.Tensor, V: int, A: int, adv: AdversarialConfig,
+                           device: torch.device, *cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """Append A PGD rows per sample to the sample-major (B*V, ...) views x and the (B*V,) row
+    columns (sample_id, label, view, top, left, flip); returns x (B*(V+A), ...), the float32
+    deltas (B*(V+A), ...) (zeros on normal rows) and the columns, still sample-major."""
+    B, shape = x.shape[0] // V, x.shape[1:]
+    base = torch.arange(A) % V  # (A,) the normal view each adversarial view perturbs
+    x_base = x.reshape(B, V, *shape)[:, base].reshape(B * A, *shape).float().cpu()  # (B*A, ...)
+    adv_cols = [c.reshape(B, V)[:, base.numpy()].reshape(-1).copy() for c in cols]  # (B*A,) each
+    sid, lab, view = adv_cols[0], adv_cols[1], adv_cols[2]
+    view[:] = V + np.tile(np.arange(A, dtype=view.dtype), B)  # ids continue after the normal views
+    gens = row_generators(adv.seed, sid, view) if adv.random_start else None
+    delta = pgd_perturb(teacher.model, x_base.to(device), torch.from_numpy(lab).to(device), adv.epsilon, adv.steps,
+                        adv.step_size, gens, adv.random_start).float().cpu()  # (B*A, ...)
+    x_adv = x_base + delta  # on the CPU in float32: the very op the student's pipeline replays
+    x_all = torch.cat([x.reshape(B, V, *shape).float().cpu(), x_adv.reshape(B, A, *shape)], 1)  # (B, V+A, ...)
+    d_all = torch.cat([torch.zeros(B, V, *shape), delta.reshape(B, A, *shape)], 1)  # (B, V+A, ...)
+    out = [np.concatenate([c.reshape(B, V), a.reshape(B, A)], 1).reshape(-1) for c, a in zip(cols, adv_cols)]
+    return x_all.reshape(B * (V + A), *shape), d_all.reshape(B * (V + A), *shape), out
 
 
 def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, ecfg: EmbedConfig, device: torch.device,
                 amp: bool):
     """Generator: writes one shard, yields rows done after each batch, then the manifest."""
-    V = ecfg.views.num_views
+    A = ecfg.adversarial.num_views if ecfg.adversarial.enabled else 0
+    V = ecfg.views.num_views + A
     per_batch = max(1, ecfg.batch_size // V)
     extra = {"arch": teacher.arch, "modality": teacher.modality, "checkpoint_sha256": teacher.content_hash,
              "test_top1": teacher.test_top1}
-    with ShardWriter(root, key, teacher.embed_dim, teacher.num_classes, ecfg.rows_per_part, extra) as w:
+    adv_dim = ds.spec(teacher.modality).numel if A else 0
+    with ShardWriter(root, key, teacher.embed_dim, teacher.num_classes, ecfg.rows_per_part, extra, adv_dim=adv_dim) as w:
         for start in range(0, len(ds), per_batch):
-            rows = embed_rows(teacher, ds, np.arange(start, min(start + per_batch, len(ds))), ecfg.views, device, amp)
+            rows = embed_rows(teacher, ds, np.arange(start, min(start + per_batch, len(ds))), ecfg.views, device, amp,
+                              ecfg.adversarial)
             w.write(**rows)
             yield len(rows["sample_id"])
         yield w.close(num_samples=len(ds), dataset_name=ds.name)
@@ -126,7 +174,7 @@ def plan_shards(cfg: ExperimentConfig, checkpoints: dict[str, Path]) -> list[tup
             ck = read_checkpoint(checkpoints[t.name])
             if ck["modality"] not in ds.modalities:
                 raise ValueError(f"teacher {t.name!r} reads modality {ck['modality']!r}, which dataset {ds.name!r} does not have")
-            recipe = view_recipe(cfg.embed.views)
+            recipe = view_recipe(cfg.embed.views, cfg.embed.adversarial)
             plan.append((t.name, split, shard_key(t.name, ck["content_hash"], ds, fp, recipe, cfg.embed.embedding_dtype), len(ds)))
     return plan
 
@@ -148,7 +196,7 @@ def run_embed(cfg: ExperimentConfig, checkpoints: dict[str, Path], progress: boo
             log(f"shard {d.name}: reused ({m['num_rows']} rows)")
             results.append(ShardResult(name, split, d, key.shard_id, m["num_rows"], True, 0.0))
         else:
-            todo.setdefault(name, []).append((split, key, num_samples * cfg.embed.views.num_views))
+            todo.setdefault(name, []).append((split, key, num_samples * (cfg.embed.views.num_views + num_adv_views(key.views))))
     if not todo:
         return results
 

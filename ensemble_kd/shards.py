@@ -7,9 +7,11 @@ Layout: one directory per (teacher, split), named ``<teacher>__<split>__<shard_i
 
 A row is one (sample, view): ``sample_id:int64, label:int64, view:int32, aug_top:int16,
 aug_left:int16, aug_flip:bool, <teacher>.embedding: fixed_size_list<float32|float16>[d],
-<teacher>.logits: fixed_size_list<float32>[C]``. Rows are sample-major in dataset order, so
-two teachers' shards of the same split and view recipe are row-aligned and join without a
-hash join (:class:`ShardSet` checks that they are).
+<teacher>.logits: fixed_size_list<float32>[C]``, and in shards with adversarial views (GACD)
+``<teacher>.adv_delta: fixed_size_list<float32>[prod(input shape)]``: the PGD perturbation the
+teacher added to that row's replayed view (all zeros on normal rows). Rows are sample-major in
+dataset order, so two teachers' shards of the same split and view recipe are row-aligned and
+join without a hash join (:class:`ShardSet` checks that they are).
 
 ``shard_id`` = sha256 of the :class:`ShardKey` (teacher name + checkpoint content hash +
 dataset fingerprint + split + view recipe + dtype): the same inputs give the same id, so a
@@ -90,8 +92,15 @@ def logit_col(teacher: str) -> str:
     return f"{teacher}.logits"
 
 
-def make_schema(teacher: str, embed_dim: int, num_classes: int, embedding_dtype: str) -> pa.Schema:
+def adv_col(teacher: str) -> str:
+    return f"{teacher}.adv_delta"
+
+
+def make_schema(teacher: str, embed_dim: int, num_classes: int, embedding_dtype: str, adv_dim: int = 0) -> pa.Schema:
+    """The shard schema; ``adv_dim`` > 0 adds the adversarial-delta column (shards without
+    adversarial views keep the original schema, so older shards read unchanged)."""
     et = pa.float16() if embedding_dtype == "float16" else pa.float32()
+    adv = [pa.field(adv_col(teacher), pa.list_(pa.float32(), adv_dim), nullable=False)] if adv_dim > 0 else []
     return pa.schema(
         [
             pa.field("sample_id", pa.int64(), nullable=False),
@@ -102,6 +111,7 @@ def make_schema(teacher: str, embed_dim: int, num_classes: int, embedding_dtype:
             pa.field("aug_flip", pa.bool_(), nullable=False),
             pa.field(emb_col(teacher), pa.list_(et, embed_dim), nullable=False),
             pa.field(logit_col(teacher), pa.list_(pa.float32(), num_classes), nullable=False),
+            *adv,
         ]
     )
 
@@ -121,12 +131,14 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | Path, key: ShardKey, embed_dim: int, num_classes: int,
-                 rows_per_part: int = 65536, extra: dict[str, Any] | None = None) -> None:
+                 rows_per_part: int = 65536, extra: dict[str, Any] | None = None, adv_dim: int = 0) -> None:
         self.root, self.key = Path(root), key
         self.final = self.root / key.dirname
         self.tmp = self.root / f".{key.dirname}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True)
-        self.schema = make_schema(key.teacher, embed_dim, num_classes, key.embedding_dtype)
+        self.adv_dim = int(adv_dim)  # > 0: every row carries an adv_delta (PGD perturbation, 0 on normal rows)
+        self.schema = make_schema(key.teacher, embed_dim, num_classes, key.embedding_dtype, self.adv_dim)
+        self._fields = _ROW_FIELDS + (("adv_delta",) if self.adv_dim else ())
         self.embed_dim, self.num_classes, self.rows_per_part = embed_dim, num_classes, rows_per_part
         self.extra = extra or {}
         self._emb_type = self.schema.field(emb_col(key.teacher)).type.value_type
@@ -145,10 +157,10 @@ class ShardWriter:
 
     def _flush_part(self, rows: int) -> None:
         """Write the first ``rows`` buffered rows as one part file (one record batch)."""
-        cat = {k: np.concatenate([b[k] for b in self._buf]) if self._buf else np.zeros((0,)) for k in _ROW_FIELDS}
+        cat = {k: np.concatenate([b[k] for b in self._buf]) if self._buf else np.zeros((0,)) for k in self._fields}
         if not self._buf:  # an empty shard still gets one part carrying the schema
-            cat = {k: np.zeros((0, self.embed_dim) if k == "embedding" else (0, self.num_classes) if k == "logits" else (0,))
-                   for k in _ROW_FIELDS}
+            width = {"embedding": self.embed_dim, "logits": self.num_classes, "adv_delta": self.adv_dim}
+            cat = {k: np.zeros((0, width[k]) if k in width else (0,)) for k in self._fields}
         head = {k: v[:rows] for k, v in cat.items()}
         rest = {k: v[rows:] for k, v in cat.items()}
         self._buf = [rest] if len(rest["sample_id"]) else []
@@ -160,6 +172,8 @@ class ShardWriter:
             _fixed_list(head["embedding"].astype(self._emb_np).reshape(-1, self.embed_dim), self._emb_type),
             _fixed_list(head["logits"].astype(np.float32).reshape(-1, self.num_classes), pa.float32()),
         ]
+        if self.adv_dim:  # float32: exactly the tensor the teacher added, so the replay is bit-exact
+            cols.append(_fixed_list(head["adv_delta"].astype(np.float32).reshape(-1, self.adv_dim), pa.float32()))
         batch = pa.RecordBatch.from_arrays(cols, schema=self.schema)
         name = f"part-{len(self._parts):05d}.arrow"
         path = self.tmp / name
@@ -168,9 +182,15 @@ class ShardWriter:
         self._parts.append({"file": name, "rows": batch.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 
     def write(self, sample_id: np.ndarray, label: np.ndarray, view: np.ndarray, aug_top: np.ndarray,
-              aug_left: np.ndarray, aug_flip: np.ndarray, embedding: np.ndarray, logits: np.ndarray) -> None:
-        """Append R rows: ids/labels/view params (R,), embedding (R, d), logits (R, C)."""
+              aug_left: np.ndarray, aug_flip: np.ndarray, embedding: np.ndarray, logits: np.ndarray,
+              adv_delta: np.ndarray | None = None) -> None:
+        """Append R rows: ids/labels/view params (R,), embedding (R, d), logits (R, C); adv_delta
+        (R, adv_dim), required exactly when the writer has ``adv_dim`` > 0."""
         R = len(sample_id)
+        if (adv_delta is not None) != bool(self.adv_dim) or (adv_delta is not None and adv_delta.shape != (R, self.adv_dim)):
+            got = None if adv_delta is None else adv_delta.shape
+            raise ValueError(f"shard {self.key.dirname}: got adv_delta {got} for {R} rows, expected "
+                             f"{(R, self.adv_dim) if self.adv_dim else None} (writer adv_dim={self.adv_dim})")
         if embedding.shape != (R, self.embed_dim) or logits.shape != (R, self.num_classes):
             raise ValueError(f"shard {self.key.dirname}: got embedding {embedding.shape} and logits {logits.shape} for {R} rows, "
                              f"expected (R, {self.embed_dim}) and (R, {self.num_classes})")
@@ -178,6 +198,7 @@ class ShardWriter:
             "sample_id": np.asarray(sample_id), "label": np.asarray(label), "view": np.asarray(view),
             "aug_top": np.asarray(aug_top), "aug_left": np.asarray(aug_left), "aug_flip": np.asarray(aug_flip),
             "embedding": np.asarray(embedding), "logits": np.asarray(logits),
+            **({"adv_delta": np.asarray(adv_delta)} if self.adv_dim else {}),
         })
         self._buf_rows += R
         self.num_rows += R
@@ -193,12 +214,14 @@ class ShardWriter:
             "version": VERSION,
             "shard_id": self.key.shard_id,
             "key": self.key.to_dict(),
-            "teacher": {"name": self.key.teacher, "embed_dim": self.embed_dim, "num_classes": self.num_classes, **self.extra},
+            "teacher": {"name": self.key.teacher, "embed_dim": self.embed_dim, "num_classes": self.num_classes, **self.extra,
+                        **({"adv_dim": self.adv_dim} if self.adv_dim else {})},
             "dataset": {"name": dataset_name, "split": self.key.split, "fingerprint": self.key.dataset_fingerprint, "num_samples": num_samples},
             "views": self.key.views,
             "embedding_dtype": self.key.embedding_dtype,
             "num_rows": self.num_rows,
-            "columns": {"embedding": emb_col(self.key.teacher), "logits": logit_col(self.key.teacher)},
+            "columns": {"embedding": emb_col(self.key.teacher), "logits": logit_col(self.key.teacher),
+                        **({"adv_delta": adv_col(self.key.teacher)} if self.adv_dim else {})},
             "parts": self._parts,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ensemble_kd_version": __version__,
@@ -287,7 +310,8 @@ class Shard:
         self.teacher: str = m["teacher"]["name"]
         self.embed_dim: int = m["teacher"]["embed_dim"]
         self.num_classes: int = m["teacher"]["num_classes"]
-        expected_schema = make_schema(self.teacher, self.embed_dim, self.num_classes, m["embedding_dtype"])
+        self.adv_dim: int = int(m["teacher"].get("adv_dim", 0))  # 0: no adversarial views (and older shards)
+        expected_schema = make_schema(self.teacher, self.embed_dim, self.num_classes, m["embedding_dtype"], self.adv_dim)
         batches: list[pa.RecordBatch] = []
         for part in m["parts"]:
             path = self.dir / part["file"]
@@ -344,6 +368,11 @@ class Shard:
     @property
     def logits(self) -> torch.Tensor:  # (R, C) float32
         return self.column(logit_col(self.teacher))
+
+    @property
+    def adv_delta(self) -> torch.Tensor | None:
+        """(R, prod(input shape)) float32 PGD perturbations (0 on normal rows), or None without adversarial views."""
+        return self.column(adv_col(self.teacher)) if self.adv_dim else None
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
@@ -409,6 +438,9 @@ class ShardSet:
 
     def logits(self, teacher: str) -> torch.Tensor:
         return self.shards[teacher].logits
+
+    def adv_delta(self, teacher: str) -> torch.Tensor | None:
+        return self.shards[teacher].adv_delta
 
     def __len__(self) -> int:
         return self.first.num_rows

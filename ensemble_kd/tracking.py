@@ -75,51 +75,130 @@ def _params(cfg: ExperimentConfig) -> dict[str, str]:
     return {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(cfg).items()}
 
 
-def log_distill_run(cfg: ExperimentConfig, history: list[dict[str, Any]], student_path: Path | None,
-                    run_name: str, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    """Record one finished distillation in MLflow; returns the MLflow run id."""
+RUN_NAME_TAG = "ekd.run_name"  # the Ray Train run name: a resumed run continues its MLflow run
+
+
+def _numeric_metrics(h: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in h.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "epoch"}
+
+
+def start_distill_run(cfg: ExperimentConfig, run_name: str, extra_tags: dict[str, str] | None = None,
+                      parent_run_id: str | None = None) -> str:
+    """Create (or, for a resumed Ray Train run of the same name, reopen) the MLflow run of one
+    distillation, with its params and tags, before training starts; returns the run id.
+
+    Per-epoch metrics are then logged by the training loop (:func:`log_epoch`), so a trial that
+    ASHA stops keeps the epochs it ran; :func:`finish_distill_run` adds the final metric and artifacts."""
+    from mlflow.entities import Param, RunStatus
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
     client = MlflowClient(uri)
-    tags = {**run_tags(cfg), **(extra_tags or {})}
+    tags = {**run_tags(cfg), **(extra_tags or {}), RUN_NAME_TAG: run_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    rid = run.info.run_id
-    try:
-        from mlflow.entities import Metric, Param
-
-        params = [Param(k, v) for k, v in _params(cfg).items()]
-        for i in range(0, len(params), 100):  # log_batch takes at most 100 params a call
-            client.log_batch(rid, params=params[i : i + 100])
-        metrics = []
-        for h in history:
-            step = int(h.get("epoch", 0))
-            for k, v in h.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "epoch":
-                    metrics.append(Metric(k, float(v), 0, step))
-        final = next((h["test_top1"] for h in reversed(history) if "test_top1" in h), None)
-        if final is not None:
-            metrics.append(Metric("final/test_top1", float(final), 0, len(history)))
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(rid, metrics=metrics[i : i + 1000])
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "config.yaml"
-            p.write_text(to_yaml(cfg))
-            client.log_artifact(rid, str(p))
-        if student_path is not None and Path(student_path).exists():
-            client.log_artifact(rid, str(student_path), artifact_path="student")
-        client.set_terminated(rid, "FINISHED")
-    except BaseException:
-        client.set_terminated(rid, "FAILED")
-        raise
+    old = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if old:  # --resume, or a trial restarted by Tune: one MLflow run per distillation
+        rid = old[0].info.run_id
+        client.update_run(rid, status=RunStatus.to_string(RunStatus.RUNNING))
+        for k, v in tags.items():
+            client.set_tag(rid, k, v)
+        return rid
+    rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    params = [Param(k, v) for k, v in _params(cfg).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params a call
+        client.log_batch(rid, params=params[i : i + 100])
     return rid
 
 
+_CLIENTS: dict[str, Any] = {}
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """Log one epoch's numeric metrics (step = epoch). Called by rank 0 of the training loop."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = _CLIENTS.setdefault(uri, MlflowClient(uri))
+    step = int(metrics.get("epoch", 0))
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in _numeric_metrics(metrics).items()])
+
+
+def finish_distill_run(cfg: ExperimentConfig, run_id: str, history: list[dict[str, Any]], student_path: Path | None,
+                       status: str = "FINISHED") -> None:
+    """Final metric, the config YAML and the student checkpoint as artifacts, then the run's end status."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    try:
+        final = next((h["test_top1"] for h in reversed(history) if "test_top1" in h), None)
+        if final is not None:
+            client.log_batch(run_id, metrics=[Metric("final/test_top1", float(final), 0, len(history))])
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "config.yaml"
+            p.write_text(to_yaml(cfg))
+            client.log_artifact(run_id, str(p))
+        if student_path is not None and Path(student_path).exists():
+            client.log_artifact(run_id, str(student_path), artifact_path="student")
+        client.set_terminated(run_id, status)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def fail_distill_run(cfg: ExperimentConfig, run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "FAILED")
+
+
+def log_distill_run(cfg: ExperimentConfig, history: list[dict[str, Any]], student_path: Path | None,
+                    run_name: str, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """Record one finished distillation in MLflow in one go (params, tags, every epoch, artifacts)."""
+    rid = start_distill_run(cfg, run_name, extra_tags, parent_run_id)
+    uri = tracking_uri(cfg)
+    for h in history:
+        log_epoch(uri, rid, h)
+    finish_distill_run(cfg, rid, history, student_path)
+    return rid
+
+
+def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED",
+                            reason: str = "stopped early by the Tune scheduler") -> list[str]:
+    """Children of a sweep left RUNNING (trials that ASHA stopped are killed mid-epoch, before
+    their own code could end the run) get ``status`` and a ``stopped_reason`` tag."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                              "and attributes.status = 'RUNNING'", max_results=10_000)
+    for r in runs:
+        client.set_tag(r.info.run_id, "stopped_reason", reason)
+        client.set_terminated(r.info.run_id, status)
+    return [r.info.run_id for r in runs]
+
+
+def crd_point(params: dict[str, str]) -> dict[str, float] | None:
+    """(tau, num_negatives) of a run's contrastive loss term (crd or gacd) from its flattened params."""
+    import re
+
+    for k, v in params.items():
+        m = re.fullmatch(r"distill\.losses\.(\d+)\.name", k)
+        if m and v in ("crd", "gacd"):
+            i = m.group(1)
+            tau, n = params.get(f"distill.losses.{i}.kwargs.tau"), params.get(f"distill.losses.{i}.kwargs.num_negatives")
+            if tau is not None and n is not None:
+                return {"tau": float(tau), "num_negatives": int(float(n))}
+    return None
+
+
 def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[str, Any]:
-    """Mean +- std of final test top-1 per value of tag ``group_by``, and the best run of each."""
+    """Mean +- std (sample std over the runs, e.g. seeds) of the final test top-1 per value of tag
+    ``group_by``, the best run of each, and ``sweep``: the runs' CRD (tau, N, top-1) points where
+    tau or N vary across the experiment (for the plot)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -128,21 +207,38 @@ def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[st
         known = [e.name for e in client.search_experiments()]
         raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {known}")
     groups: dict[str, list[Any]] = {}
+    points = []
     for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50_000):
         top1 = r.data.metrics.get("final/test_top1")
         if top1 is None:
             continue
         groups.setdefault(r.data.tags.get(group_by, "(untagged)"), []).append((top1, r))
+        pt = crd_point(r.data.params)
+        if pt is not None:
+            points.append({**pt, "top1": top1})
     rows = {}
     for g, runs in sorted(groups.items()):
         vals = [v for v, _ in runs]
         best_v, best = max(runs, key=lambda x: x[0])
+        sets = {r.data.tags.get("teacher_set") for _, r in runs}
         rows[g] = {
             "runs": len(vals),
             "mean_top1": statistics.fmean(vals),
-            "std_top1": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+            "std_top1": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "best_top1": best_v,
+            "values": vals,
+            "teacher_set": sets.pop() if len(sets) == 1 else None,
             "best_run": {"run_id": best.info.run_id, "run_name": best.info.run_name, "method": best.data.tags.get("method"),
                          "teachers": best.data.tags.get("teachers")},
         }
-    return {"tracking_uri": uri, "experiment": experiment, "group_by": group_by, "groups": rows}
+    varied = len({p["tau"] for p in points}) > 1 or len({p["num_negatives"] for p in points}) > 1
+    sweep = _mean_points(points) if varied else []
+    return {"tracking_uri": uri, "experiment": experiment, "group_by": group_by, "groups": rows, "sweep": sweep}
+
+
+def _mean_points(points: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Average the top-1 of runs at the same (tau, N)."""
+    acc: dict[tuple[float, int], list[float]] = {}
+    for p in points:
+        acc.setdefault((p["tau"], p["num_negatives"]), []).append(p["top1"])
+    return [{"tau": t, "num_negatives": n, "top1": statistics.fmean(v), "runs": len(v)} for (t, n), v in sorted(acc.items())]

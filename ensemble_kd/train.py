@@ -28,7 +28,7 @@ from torch import nn
 
 from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from ensemble_kd.data import DistillData, epoch_rows
+from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
 from ensemble_kd.devices import autocast, seed_everything
 from ensemble_kd.losses import DistillInputs, LossContext, build_loss
 from ensemble_kd import dist
@@ -145,8 +145,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(d.seed)  # same initial weights on every rank
 
     train_ds = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
-    test_ds = build_dataset(cfg.data.name, "test", cfg.data.root, **cfg.data.kwargs)
-    data = DistillData(train_ds, d.student.modality, config["train_shards"])
+    test_ds = eval_dataset(cfg, train_ds)  # distill.eval_data's test split, else data's
+    data = DistillData(train_ds, d.student.modality, config["train_shards"], adv_replay_teacher=d.adv_replay_teacher,
+                       selection=d.selection)
     module = build_module(cfg, data, train_ds.num_classes, device).to(device)
     opt, sched = build_optim(cfg, [p for p in module.parameters() if p.requires_grad])
 
@@ -169,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # re-broadcast buffers from rank 0 on every forward.
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
     fault = config.get("fault") or {}
+    mlflow_run = config.get("mlflow")
     for epoch in range(start, d.epochs):
         if fault.get("kill_at_epoch") == epoch and rank == fault.get("rank", 0) and not Path(fault["marker"]).exists():
             Path(fault["marker"]).write_text("killed")  # once: the restarted group carries on
@@ -195,9 +197,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update({"epoch": epoch + 1, "lr": lr, "epoch_seconds": time.perf_counter() - t0})
         if (epoch + 1) % d.eval_every == 0 or epoch + 1 == d.epochs:
             metrics["test_top1"] = evaluate(module.student, test_ds, d.student.modality, device)
+        for loss in module.losses.values():  # per-term diagnostics (CRD's per-teacher parts and Z, ...)
+            metrics.update(getattr(loss, "extra_metrics", dict)())
         metrics["buffer_checksums"] = buffer_checksums(module)
         history.append(metrics)
         if rank == 0:
+            if mlflow_run:  # per epoch, from the worker: a trial that ASHA stops keeps the epochs it ran
+                from ensemble_kd.tracking import log_epoch
+
+                log_epoch(mlflow_run["uri"], mlflow_run["run_id"], metrics)
             print("[distill] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(Path(tmp) / STATE_FILE, module, opt, sched, epoch, history, cfg)
@@ -235,7 +243,12 @@ def train_shard_dirs(cfg: ExperimentConfig) -> dict[str, str]:
         dr = cfg.shard_dir / key.dirname
         if not dr.exists():
             raise ConfigError(f"no train shard of teacher {name!r} at {dr}: run `ensemble-kd embed` first")
-        out[name] = str(dr)
+        out[name] = str(dr.resolve())  # absolute: Ray Train workers run in another working directory
+    if cfg.distill.selection:  # DFND: refuse a corrupt or mismatched selection before any worker starts
+        from ensemble_kd.select import check_selection, load_selection
+        from ensemble_kd.shards import read_manifest
+
+        check_selection(load_selection(cfg.distill.selection), {n: read_manifest(p) for n, p in out.items()})
     return out
 
 
@@ -247,11 +260,17 @@ def _train_split_only(cfg: ExperimentConfig, teachers: list[str]) -> ExperimentC
     return from_dict(d)
 
 
-def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: dict | None = None) -> DistillResult:
+def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: dict | None = None,
+                callbacks: list | None = None, extra_tags: dict[str, str] | None = None,
+                parent_run_id: str | None = None) -> DistillResult:
     """Distil the configured student on Ray Train (Ray must be initialised); returns its history.
 
-    ``fault`` is a test hook: ``{"kill_at_epoch": k, "marker": path}`` kills worker 0 once at the
-    start of epoch k, to exercise Ray Train's restart from the last checkpoint."""
+    With tracking on, the MLflow run is opened before training (nested under ``parent_run_id``,
+    with ``extra_tags``), rank 0 logs every epoch into it, and it is closed FINISHED with the
+    artifacts (or FAILED). ``callbacks``: Ray Train user callbacks (a Tune trial passes
+    ``TuneReportCallback``). ``fault`` is a test hook: ``{"kill_at_epoch": k, "marker": path}``
+    kills worker 0 once at the start of epoch k, to exercise Ray Train's restart from the last
+    checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -271,18 +290,28 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
     last.write_text(name)
     log(f"distill: run {name}: student {d.student.arch} on {d.student.modality}, teachers {list(d.teachers) or 'none'}, "
         f"losses {[t.name for t in d.losses]}, {d.num_workers} worker(s)")
+    mlflow_run = None
+    if cfg.tracking.enabled:
+        from ensemble_kd import tracking
+
+        mlflow_run = {"uri": tracking.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, extra_tags, parent_run_id)}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "train_shards": shards, "fault": fault},
+        train_loop_config={"experiment": to_dict(cfg), "train_shards": shards, "fault": fault, "mlflow": mlflow_run},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(out / "ray_results"),
                              failure_config=FailureConfig(max_failures=d.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        if mlflow_run:
+            tracking.fail_distill_run(cfg, mlflow_run["run_id"])
+        raise
     with result.checkpoint.as_directory() as cdir:
         st = torch.load(Path(cdir) / STATE_FILE, map_location="cpu", weights_only=False)
     student = {k[len("student."):]: v for k, v in st["module"].items() if k.startswith("student.")}
@@ -292,12 +321,9 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
                        "config": st["config"]}, spath)
     hist = st["history"]
     top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
-    mlflow_run = None
-    if cfg.tracking.enabled:
-        from ensemble_kd.tracking import log_distill_run, tracking_uri
-
-        mlflow_run = log_distill_run(cfg, hist, spath, name)
-        log(f"distill: MLflow run {mlflow_run} in experiment {cfg.tracking.experiment or cfg.name!r} at {tracking_uri(cfg)}")
+    if mlflow_run:
+        tracking.finish_distill_run(cfg, mlflow_run["run_id"], hist, spath)
+        log(f"distill: MLflow run {mlflow_run['run_id']} in experiment {tracking.experiment_name(cfg)!r} at {mlflow_run['uri']}")
     log(f"distill: run {name} done: test top-1 {top1:.4f}; student at {spath}")
-    return DistillResult(name, hist, spath, top1, result.checkpoint.path, mlflow_run)
+    return DistillResult(name, hist, spath, top1, result.checkpoint.path, mlflow_run and mlflow_run["run_id"])
 

@@ -1,4 +1,6 @@
 """The command line end to end at a tiny size, on the session's local Ray."""
+import json
+
 from ensemble_kd.cli import main
 from ensemble_kd.config import to_yaml
 from tests.conftest import tiny_config
@@ -13,8 +15,13 @@ def test_run_trains_embeds_then_reuses(ray_cluster, tmp_path, capsys):
     assert main(["run", "--config", str(p), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "4 shards under" in out and "(0 reused)" in out and "pix_cnn" in out
-    assert "student          mlp         fou" in out and "(ce+kd from kar_mlp)" in out
+    assert "student mlp on fou, 2 epochs" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("distill "))
+    assert row.split()[1:4] == ["single", "ce+kd", "kar_mlp"]
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'out' / 'mlflow.db'}" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["arms"]["distill"]["teacher_set"] == "single" and summary["arms"]["distill"]["seeds"] == [0]
+    assert 0.0 <= summary["arms"]["distill"]["mean_top1"] <= 1.0 and (tmp_path / "out" / "summary.png").stat().st_size > 0
     assert main(["run", "--config", str(p), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(4 reused)" in out and out.count("reused (") == 4 and "teacher kar_mlp: reused" in out

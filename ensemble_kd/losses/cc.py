@@ -1,0 +1,97 @@
+"""CC: Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang, "Correlation Congruence for Knowledge
+Distillation", ICCV 2019.
+
+The student matches the teacher's correlation between the samples of a batch. Embeddings are
+L2 normalised, and the correlation is a Gaussian RBF kernel k(x, y) = exp(-gamma ||x - y||^2),
+which for unit vectors is exp(-2 gamma) exp(2 gamma x.y), approximated by its P-order Taylor
+expansion (the paper's generalised kernel):
+
+    C_ij = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! * (f_i . f_j)^p          (B, B)
+    loss = ||C_t - C_s||^2 / B^2          (the mean squared difference of the two matrices)
+
+Defaults gamma = 0.4, P = 2 as the reference implementation (Knowledge-Distillation-Zoo ``CC``,
+the one with the P-order Taylor kernel). As RepDistiller's CC setup, each side first goes through
+a trainable linear embedding to ``feat_dim`` = 128 (``embed: both``); ``embed: student`` embeds
+only the student (the teacher's correlation then stays that of its fixed embeddings) and
+``embed: none`` uses the raw embeddings (C is (B, B) whatever the dims). With ``both`` the
+teacher-side head is learned jointly, as in RepDistiller; it could in principle shrink both
+correlations together, which ``student`` rules out. Every teacher has its own heads; an ensemble
+is sum_k w_k * CC_k. (The paper's full objective adds KD and CE: separate loss terms here.)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+Embed = Literal["both", "student", "none"]
+
+
+def cc_correlation(f: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+    """f (B, d) -> (B, B) P-order Taylor approximation of the Gaussian RBF kernel of the unit rows."""
+    f = F.normalize(f, p=2, dim=1)  # (B, d)
+    sim = f @ f.t()  # (B, B) cosine similarities
+    corr = torch.zeros_like(sim)
+    for p in range(order + 1):
+        corr = corr + math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) * sim.pow(p)
+    return corr  # (B, B)
+
+
+def cc_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+    """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar ||C_t - C_s||^2 / B^2."""
+    s = as_float(student_emb)
+    c_s = cc_correlation(s, gamma, order)  # (B, B)
+    c_t = cc_correlation(as_float(teacher_emb).to(s.dtype), gamma, order)  # (B, B)
+    return F.mse_loss(c_s, c_t)
+
+
+class CCLoss(nn.Module):
+    """Per teacher: optional linear heads, then cc_loss; forward(x: DistillInputs) -> scalar."""
+
+    def __init__(self, ctx: LossContext, gamma: float, order: int, feat_dim: int, embed: Embed,
+                 weights: dict[str, float]) -> None:
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError(f"cc: gamma must be > 0, got {gamma}")
+        if order < 0 or int(order) != order:
+            raise ValueError(f"cc: order must be an integer >= 0, got {order}")
+        if embed not in ("both", "student", "none"):
+            raise ValueError(f"cc: embed must be 'both', 'student' or 'none', got {embed!r}")
+        if embed != "none" and feat_dim < 1:
+            raise ValueError(f"cc: feat_dim must be >= 1, got {feat_dim}")
+        self.gamma, self.order, self.embed, self.weights = float(gamma), int(order), embed, weights
+        self.teachers = list(ctx.teacher_dims)
+        self._key = module_keys("cc", self.teachers)
+        self.embed_s = nn.ModuleDict()
+        self.embed_t = nn.ModuleDict()
+        for n in self.teachers:
+            if embed in ("both", "student"):
+                self.embed_s[self._key[n]] = nn.Linear(ctx.student_dim, feat_dim)
+            if embed == "both":
+                self.embed_t[self._key[n]] = nn.Linear(ctx.teacher_dims[n], feat_dim)
+        self.to(ctx.device)
+
+    def teacher_loss(self, name: str, x: DistillInputs) -> torch.Tensor:
+        key = self._key[name]
+        s, t = x.student_emb, x.teacher_emb[name].to(x.student_emb.dtype)  # (B, d_s), (B, d_t)
+        if key in self.embed_s:
+            s = self.embed_s[key](s)  # (B, feat_dim)
+        if key in self.embed_t:
+            t = self.embed_t[key](t)  # (B, feat_dim)
+        return cc_loss(s, t, self.gamma, self.order)
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        return weighted_teacher_sum(self.weights, lambda n: self.teacher_loss(n, x), x.student_emb)
+
+
+@LOSSES.register("cc", needs_teachers=True, paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019")
+def build_cc(ctx: LossContext, gamma: float = 0.4, order: int = 2, feat_dim: int = 128, embed: Embed = "both",
+             teacher_weights: Mapping[str, float] | None = None) -> CCLoss:
+    return CCLoss(ctx, gamma, order, int(feat_dim), embed, normalise_teacher_weights(ctx.teachers, teacher_weights))

@@ -1,0 +1,117 @@
+"""DKD: Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022.
+
+KD splits into a target-class term and a non-target-class term; DKD weights them freely. With
+p = softmax(z / T), y the label, b = [p_y, 1 - p_y] (binary) and p^ = softmax over the classes
+other than y:
+
+    TCKD = KL(b^t || b^s),  NCKD = KL(p^t || p^s)
+    loss = (alpha * TCKD + beta * NCKD) * T^2       (averaged over the batch)
+
+Defaults alpha = 1, beta = 8, T = 4 (the reference mdistiller's CIFAR-100 setting). As the
+reference, NCKD's softmaxes mask the target class by subtracting 1000 from its logit. The
+reference's linear warm-up of the loss weight over the first epochs is not available: losses do
+not see the epoch (use a smaller loss ``weight`` or a learning-rate warm-up instead).
+
+Ensembles (``reduction``):
+- ``mean_probs`` (default): one DKD against the ensemble, whose logits are the log of the
+  weighted average of the teachers' probabilities (at T = 1): z^ens = log sum_k w_k softmax(z_k).
+  For one teacher this is z minus a per-row constant, so it equals plain DKD.
+- ``per_teacher``: sum_k w_k * DKD(student, teacher k).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses._util import as_float
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+Reduction = Literal["mean_probs", "per_teacher"]
+MASK = 1000.0  # the reference's target-class mask for the non-target softmax
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+              temperature: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """student_logits (B, C), teacher_logits (B, C), labels (B,) -> (TCKD, NCKD), each a scalar
+    batch mean, without the T^2 factor."""
+    s = as_float(student_logits)
+    t = as_float(teacher_logits).to(s.dtype)
+    T = float(temperature)
+    gt = F.one_hot(labels.long(), s.shape[1]).to(torch.bool)  # (B, C)
+    p_s, p_t = F.softmax(s / T, dim=1), F.softmax(t / T, dim=1)  # (B, C)
+    b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1)  # (B, 2) [p_y, 1 - p_y]
+    b_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], dim=1)  # (B, 2)
+    # clamp: a saturated softmax (1 - p_y == 0) would give log 0 = -inf and 0 * inf = nan
+    tckd = F.kl_div(torch.log(b_s.clamp_min(torch.finfo(b_s.dtype).tiny)), b_t, reduction="batchmean")
+    # Non-target distributions: the target logit pushed to -1000/T-ish, so its probability is ~0.
+    log_q_s = F.log_softmax(s / T - MASK * gt, dim=1)  # (B, C)
+    q_t = F.softmax(t / T - MASK * gt, dim=1)  # (B, C)
+    nckd = F.kl_div(log_q_s, q_t, reduction="batchmean")
+    return tckd, nckd
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+    """One teacher: (alpha * TCKD + beta * NCKD) * T^2. Shapes as :func:`dkd_terms`; a scalar."""
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
+    return (alpha * tckd + beta * nckd) * temperature ** 2
+
+
+def ensemble_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """K tensors (B, C), K weights summing to 1 -> (B, C) log sum_k w_k softmax(z_k) (stably, by
+    logsumexp over the teachers; zero-weight teachers are left out)."""
+    parts = [math.log(w) + F.log_softmax(as_float(z), dim=1) for z, w in zip(teacher_logits, weights) if w > 0]
+    if not parts:
+        raise ValueError("dkd: every teacher weight is 0")
+    return torch.logsumexp(torch.stack(parts), dim=0)  # (B, C)
+
+
+def dkd_ensemble_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                      weights: Sequence[float] | None = None, alpha: float = 1.0, beta: float = 8.0,
+                      temperature: float = 4.0, reduction: Reduction = "mean_probs") -> torch.Tensor:
+    """student_logits (B, C); teacher_logits: K tensors (B, C); labels (B,); weights: K floats
+    summing to 1 (uniform when None). Returns the scalar DKD loss of the ensemble (see module doc)."""
+    K = len(teacher_logits)
+    if K == 0:
+        raise ValueError("dkd needs at least one teacher")
+    w = list(weights) if weights is not None else [1.0 / K] * K
+    if reduction == "mean_probs":
+        return dkd_loss(student_logits, ensemble_logits(teacher_logits, w), labels, alpha, beta, temperature)
+    if reduction == "per_teacher":
+        total = as_float(student_logits).new_zeros(())
+        for z, wk in zip(teacher_logits, w):
+            if wk > 0:
+                total = total + wk * dkd_loss(student_logits, z, labels, alpha, beta, temperature)
+        return total
+    raise ValueError(f"dkd: reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
+
+
+class DKDLoss(nn.Module):
+    def __init__(self, teachers: list[str], weights: dict[str, float], alpha: float, beta: float,
+                 temperature: float, reduction: Reduction) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"dkd: temperature must be > 0, got {temperature}")
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"dkd: alpha and beta must be >= 0, got {alpha}, {beta}")
+        if reduction not in ("mean_probs", "per_teacher"):
+            raise ValueError(f"dkd: reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
+        self.teachers, self.weights = teachers, weights
+        self.alpha, self.beta, self.temperature, self.reduction = float(alpha), float(beta), float(temperature), reduction
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        return dkd_ensemble_loss(x.student_logits, [x.teacher_logits[n] for n in self.teachers], x.labels,
+                                 [self.weights[n] for n in self.teachers], self.alpha, self.beta,
+                                 self.temperature, self.reduction)
+
+
+@LOSSES.register("dkd", needs_teachers=True, paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
+def build_dkd(ctx: LossContext, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+              reduction: Reduction = "mean_probs", teacher_weights: Mapping[str, float] | None = None) -> DKDLoss:
+    return DKDLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights), alpha, beta,
+                   temperature, reduction)

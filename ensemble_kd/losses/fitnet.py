@@ -1,0 +1,53 @@
+"""FitNets hint: Romero, Ballas, Kahou, Chassang, Gatta, Bengio, "FitNets: Hints for Thin Deep
+Nets", ICLR 2015.
+
+The hint loss makes a trainable regressor r of the student's guided layer predict the teacher's
+hint layer: L_HT = 1/2 || u_h(x) - r(v_g(x)) ||^2. Here the hint and the guided layer are the
+penultimate embeddings (what the shards store), and r = Linear(d_s, d_t), one per teacher.
+As the reference implementation (RepDistiller ``HintLoss`` = ``nn.MSELoss``) the squared error is
+averaged over the batch and the d_t channels (the paper's 1/2 and sum only rescale it; the
+config's loss weight absorbs that). The paper's two-stage schedule (hint pre-training, then KD)
+is a recipe, not a loss: here the hint is one term of the total loss. An ensemble is
+sum_k w_k * MSE(r_k(s), t_k).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+
+def fitnet_loss(regressed: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+    """regressed (B, d_t) = r(s); teacher_emb (B, d_t) -> scalar mean_{b,c} (r(s) - t)^2."""
+    if regressed.shape != teacher_emb.shape:
+        raise ValueError(f"fitnet: regressed {tuple(regressed.shape)} and teacher {tuple(teacher_emb.shape)} differ")
+    r = as_float(regressed)
+    return F.mse_loss(r, as_float(teacher_emb).to(r.dtype))
+
+
+class FitNetLoss(nn.Module):
+    """One Linear regressor per teacher; forward(x: DistillInputs) -> scalar."""
+
+    def __init__(self, ctx: LossContext, weights: dict[str, float]) -> None:
+        super().__init__()
+        self.teachers, self.weights = list(ctx.teacher_dims), weights
+        self._key = module_keys("fitnet", self.teachers)
+        self.regressors = nn.ModuleDict({self._key[n]: nn.Linear(ctx.student_dim, ctx.teacher_dims[n])
+                                         for n in self.teachers})
+        self.to(ctx.device)
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        def term(name: str) -> torch.Tensor:
+            return fitnet_loss(self.regressors[self._key[name]](x.student_emb), x.teacher_emb[name])  # (B, d_t)
+
+        return weighted_teacher_sum(self.weights, term, x.student_emb)
+
+
+@LOSSES.register("fitnet", needs_teachers=True, paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015")
+def build_fitnet(ctx: LossContext, teacher_weights: Mapping[str, float] | None = None) -> FitNetLoss:
+    return FitNetLoss(ctx, normalise_teacher_weights(ctx.teachers, teacher_weights))

@@ -1,0 +1,55 @@
+"""PKT: Passalis, Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
+ECCV 2018.
+
+Each side's embeddings define conditional probabilities between the samples of a batch through
+a cosine-similarity kernel: K_ij = (cos(f_i, f_j) + 1) / 2, p_{j|i} = K_ij / sum_j K_ij. The
+student matches the teacher's distribution: KL(P_t || P_s). As the reference implementation
+(RepDistiller ``PKT.cosine_similarity_loss``, eps = 1e-7):
+
+    loss = mean_{i,j} p^t_{j|i} * log((p^t_{j|i} + eps) / (p^s_{j|i} + eps))
+
+i.e. the per-row KL summed over j and averaged over the B rows, divided once more by B (the
+reference's ``torch.mean`` over the (B, B) matrix); the diagonal (i = j) is kept, as there.
+The kernel works on any embedding sizes: no trainable part. An ensemble is sum_k w_k * PKT_k.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ensemble_kd.losses._util import as_float, weighted_teacher_sum
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+
+def pkt_probabilities(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """f (B, d) -> P (B, B): rows of (cos + 1) / 2, each normalised to sum 1."""
+    f = f / (f.norm(dim=1, keepdim=True) + eps)  # (B, d) unit rows
+    k = (f @ f.t() + 1.0) / 2.0  # (B, B) cosine similarity scaled to [0, 1]
+    return k / k.sum(dim=1, keepdim=True)  # (B, B) p_{j|i}
+
+
+def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar KL(P_t || P_s) as above."""
+    s = as_float(student_emb)
+    p_s = pkt_probabilities(s, eps)  # (B, B)
+    p_t = pkt_probabilities(as_float(teacher_emb).to(s.dtype), eps)  # (B, B)
+    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
+
+
+class PKTLoss(nn.Module):
+    def __init__(self, teachers: list[str], weights: dict[str, float], eps: float) -> None:
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"pkt: eps must be > 0, got {eps}")
+        self.teachers, self.weights, self.eps = teachers, weights, float(eps)
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        return weighted_teacher_sum(self.weights, lambda n: pkt_loss(x.student_emb, x.teacher_emb[n], self.eps),
+                                    x.student_emb)
+
+
+@LOSSES.register("pkt", needs_teachers=True, paper="Passalis & Tefas, Probabilistic Knowledge Transfer, ECCV 2018")
+def build_pkt(ctx: LossContext, eps: float = 1e-7, teacher_weights: Mapping[str, float] | None = None) -> PKTLoss:
+    return PKTLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights), eps)

@@ -1,0 +1,88 @@
+"""RKD: Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019.
+
+The student matches relations between the samples of a batch rather than the samples:
+
+- distance-wise: psi_D(i, j) = ||f_i - f_j|| / mu, mu = the mean distance over the pairs i != j;
+  L_D = mean_{i,j} huber(psi_D^s(i, j) - psi_D^t(i, j));
+- angle-wise: psi_A(i, j, k) = <e_ij, e_kj>, e_ij = (f_i - f_j) / ||f_i - f_j|| (the cosine of
+  the angle at j); L_A = mean_{i,j,k} huber(psi_A^s - psi_A^t);
+
+loss = w_dist * L_D + w_angle * L_A, with the paper's / reference's w_dist = 25, w_angle = 50.
+huber is PyTorch's smooth_l1 (delta 1). As the reference (github.com/lenscloth/RKD, RepDistiller
+``RKDLoss``): the means run over all B^2 pairs / B^3 triplets including the zero diagonal
+terms, the squared distances are clamped at eps = 1e-12 before the square root, and the
+teacher's relations are constants. Relations need no equal dims: no trainable part. An ensemble
+is sum_k w_k * RKD_k.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses._util import as_float, weighted_teacher_sum
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+
+def pairwise_distances(f: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """f (B, d) -> (B, B) Euclidean distances, exactly 0 on the diagonal (no gradient there)."""
+    sq = f.pow(2).sum(1)  # (B,)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * f @ f.t()).clamp(min=eps)  # (B, B)
+    eye = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
+    return d2.sqrt().masked_fill(eye, 0.0)  # (B, B)
+
+
+def rkd_distance_potential(f: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """f (B, d) -> (B, B) distances divided by their mean over the off-diagonal (> 0) pairs."""
+    d = pairwise_distances(f, eps)  # (B, B)
+    return d / d[d > 0].mean()
+
+
+def rkd_angle_potential(f: torch.Tensor) -> torch.Tensor:
+    """f (B, d) -> (B, B, B): [j, i, k] = <e_ij, e_kj>, e_ij the unit vector from f_j to f_i (the
+    reference's layout; zero vectors, i = j, stay 0)."""
+    diff = f[None, :, :] - f[:, None, :]  # (B, B, d): [j, i] = f_i - f_j
+    e = F.normalize(diff, p=2, dim=2)  # (B, B, d)
+    return torch.bmm(e, e.transpose(1, 2))  # (B, B, B)
+
+
+def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float = 25.0, w_angle: float = 50.0,
+             eps: float = 1e-12) -> torch.Tensor:
+    """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar w_dist * L_D + w_angle * L_A."""
+    s = as_float(student_emb)
+    t = as_float(teacher_emb).to(s.dtype)
+    with torch.no_grad():  # the teacher's relations are targets
+        t_d, t_a = rkd_distance_potential(t, eps), rkd_angle_potential(t)  # (B, B), (B, B, B)
+    loss = s.new_zeros(())
+    if w_dist:
+        loss = loss + w_dist * F.smooth_l1_loss(rkd_distance_potential(s, eps), t_d)
+    if w_angle:
+        loss = loss + w_angle * F.smooth_l1_loss(rkd_angle_potential(s), t_a)
+    return loss
+
+
+class RKDLoss(nn.Module):
+    def __init__(self, teachers: list[str], weights: dict[str, float], w_dist: float, w_angle: float,
+                 eps: float) -> None:
+        super().__init__()
+        if w_dist < 0 or w_angle < 0 or w_dist + w_angle == 0:
+            raise ValueError(f"rkd: w_dist and w_angle must be >= 0 and not both 0, got {w_dist}, {w_angle}")
+        if eps <= 0:
+            raise ValueError(f"rkd: eps must be > 0, got {eps}")
+        self.teachers, self.weights = teachers, weights
+        self.w_dist, self.w_angle, self.eps = float(w_dist), float(w_angle), float(eps)
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        if x.student_emb.shape[0] < 2:
+            raise ValueError(f"rkd: relations need a batch of >= 2 samples, got {x.student_emb.shape[0]}")
+        return weighted_teacher_sum(
+            self.weights, lambda n: rkd_loss(x.student_emb, x.teacher_emb[n], self.w_dist, self.w_angle, self.eps),
+            x.student_emb)
+
+
+@LOSSES.register("rkd", needs_teachers=True, paper="Park et al., Relational Knowledge Distillation, CVPR 2019")
+def build_rkd(ctx: LossContext, w_dist: float = 25.0, w_angle: float = 50.0, eps: float = 1e-12,
+              teacher_weights: Mapping[str, float] | None = None) -> RKDLoss:
+    return RKDLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights), w_dist, w_angle, eps)

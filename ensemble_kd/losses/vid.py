@@ -1,0 +1,151 @@
+"""VID: Ahn, Hu, Damianou, Lawrence, Dai, "Variational Information Distillation for Knowledge
+Transfer", CVPR 2019.
+
+VID maximises a variational lower bound on the mutual information I(t; s) between a teacher
+representation t and the student's s, with a Gaussian q(t | s) = N(mu(s), diag(sigma^2)):
+
+    sigma_c = softplus(alpha_c) + eps              (learned, homoscedastic: one per channel)
+    loss    = mean_b sum_c [ log sigma_c + (t_bc - mu_c(s_b))^2 / (2 sigma_c^2) ]
+
+(the negative log-likelihood up to the constant C/2 log 2 pi). mu is a small trainable
+regressor of the student's penultimate embedding: Linear(d_s, d) by default, or
+Linear-ReLU-Linear with ``hidden`` units. alpha is initialised so that sigma starts at
+``init_var`` (alpha = softplus^-1(init_var - eps)), 5.0 as the reference code's init_pred_var.
+
+``target`` picks what is regressed: the teacher's penultimate ``embedding`` (the paper's
+VID-I applied to the last feature layer), its ``logits`` (the paper's VID-LP: teacher logit
+layer from the student's penultimate layer), or ``both`` (two terms, each with its own
+regressor and alphas, summed). Every teacher has its own regressors and alphas; an ensemble is
+sum_k w_k * loss_k.
+
+Differences from the reference code (github.com/ssahn0215/variational-information-distillation),
+on purpose: the reference treats softplus(alpha) + eps as the *variance* and averages
+0.5 * (log var + (t - mu)^2 / var) over every element; this follows the paper's formula (sigma is
+the standard deviation) and sums over channels (``reduction: mean`` divides by the channels).
+The regressor is a Linear (with bias) on the pooled embedding instead of 1x1 convolutions.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+
+Target = Literal["embedding", "logits", "both"]
+Reduction = Literal["sum", "mean"]
+
+
+def vid_sigma(alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    """alpha (C,) -> sigma (C,) = softplus(alpha) + eps (one homoscedastic scale per channel)."""
+    return F.softplus(alpha) + eps
+
+
+def vid_loss(mu: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-5,
+             reduction: Reduction = "sum") -> torch.Tensor:
+    """Gaussian negative log-likelihood of the teacher under q(t | s).
+
+    mu (B, C): the regressor's prediction mu(s); target (B, C): the teacher's t; alpha (C,).
+    Returns mean_b sum_c [log sigma_c + (t - mu)^2 / (2 sigma_c^2)] (``reduction='sum'``), or the
+    same divided by C (``'mean'``). A scalar; it is negative once sigma_c < 1 fits well.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"vid: reduction must be 'sum' or 'mean', got {reduction!r}")
+    mu, target = as_float(mu), as_float(target).to(mu.dtype)
+    sigma = vid_sigma(as_float(alpha), eps).to(mu.dtype)  # (C,)
+    nll = torch.log(sigma)[None, :] + (target - mu) ** 2 / (2.0 * sigma[None, :] ** 2)  # (B, C)
+    per_sample = nll.sum(1) if reduction == "sum" else nll.mean(1)  # (B,)
+    return per_sample.mean()
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y > 0: log(exp(y) - 1), written stably (y + log(1 - exp(-y)))."""
+    return y + math.log(-math.expm1(-y))
+
+
+def make_regressor(d_in: int, d_out: int, hidden: int) -> nn.Module:
+    """mu(s): Linear(d_in, d_out), or Linear-ReLU-Linear when ``hidden`` > 0."""
+    if hidden <= 0:
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+class VIDHead(nn.Module):
+    """One Gaussian q(t | s): a regressor for the mean and one alpha per target channel."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, init_var: float, eps: float) -> None:
+        super().__init__()
+        self.regressor = make_regressor(d_in, d_out, hidden)
+        self.alpha = nn.Parameter(torch.full((d_out,), inverse_softplus(init_var - eps)))  # sigma = init_var
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.regressor(s)  # (B, d_out)
+
+
+class VIDLoss(nn.Module):
+    """sum_k w_k * sum_{targets} vid_loss(head(s), t_k); forward(x: DistillInputs) -> scalar."""
+
+    def __init__(self, ctx: LossContext, hidden: int, init_var: float, eps: float, target: Target,
+                 reduction: Reduction, weights: dict[str, float]) -> None:
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"vid: eps must be > 0, got {eps}")
+        if init_var <= eps:
+            raise ValueError(f"vid: init_var must be > eps ({eps}), got {init_var}")
+        if target not in ("embedding", "logits", "both"):
+            raise ValueError(f"vid: target must be 'embedding', 'logits' or 'both', got {target!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"vid: reduction must be 'sum' or 'mean', got {reduction!r}")
+        if hidden < 0:
+            raise ValueError(f"vid: hidden must be >= 0 (0 = a Linear regressor), got {hidden}")
+        self.eps, self.target, self.reduction, self.weights = float(eps), target, reduction, weights
+        self.teachers = list(ctx.teacher_dims)
+        self._key = module_keys("vid", self.teachers)
+        # Only the heads a target uses exist, so every parameter gets a gradient (DDP-friendly).
+        self.emb_heads = nn.ModuleDict()
+        self.logit_heads = nn.ModuleDict()
+        for name in self.teachers:
+            if target in ("embedding", "both"):
+                self.emb_heads[self._key[name]] = VIDHead(ctx.student_dim, ctx.teacher_dims[name], hidden, init_var, eps)
+            if target in ("logits", "both"):
+                self.logit_heads[self._key[name]] = VIDHead(ctx.student_dim, ctx.num_classes, hidden, init_var, eps)
+        self._last: dict[str, float] = {}
+        self.to(ctx.device)
+
+    def _head_loss(self, head: VIDHead, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return vid_loss(head(s), t, head.alpha, self.eps, self.reduction)
+
+    def teacher_loss(self, name: str, x: DistillInputs) -> torch.Tensor:
+        key, s = self._key[name], x.student_emb  # (B, d_s)
+        total = s.new_zeros((), dtype=torch.float32)
+        if key in self.emb_heads:
+            total = total + self._head_loss(self.emb_heads[key], s, x.teacher_emb[name])  # t (B, d_t)
+        if key in self.logit_heads:
+            total = total + self._head_loss(self.logit_heads[key], s, x.teacher_logits[name])  # t (B, C)
+        self._last[f"vid/{name}/loss"] = float(total.detach())
+        return total
+
+    def forward(self, x: DistillInputs) -> torch.Tensor:
+        return weighted_teacher_sum(self.weights, lambda n: self.teacher_loss(n, x), x.student_emb)
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Per-teacher loss and the mean learned sigma of each head (how well t is predicted)."""
+        out = dict(self._last)
+        for name in self.teachers:
+            for kind, heads in (("emb", self.emb_heads), ("logits", self.logit_heads)):
+                if self._key[name] in heads:
+                    out[f"vid/{name}/sigma_{kind}"] = float(vid_sigma(heads[self._key[name]].alpha.detach(), self.eps).mean())
+        return out
+
+
+@LOSSES.register("vid", needs_teachers=True, paper="Ahn et al., Variational Information Distillation, CVPR 2019")
+def build_vid(ctx: LossContext, hidden: int = 0, init_var: float = 5.0, eps: float = 1e-5,
+              target: Target = "embedding", reduction: Reduction = "sum",
+              teacher_weights: Mapping[str, float] | None = None) -> VIDLoss:
+    return VIDLoss(ctx, int(hidden), float(init_var), float(eps), target, reduction,
+                   normalise_teacher_weights(ctx.teachers, teacher_weights))

@@ -1,0 +1,247 @@
+"""Ray Tune over any config field, each trial one Ray Train distillation, each trial one MLflow run.
+
+Ray 2.60 (Train V2) runs Ray Train inside Tune as a *function trainable* that starts a
+``TorchTrainer`` with ``ray.tune.integration.ray_train.TuneReportCallback`` (``Tuner(TorchTrainer)``
+is gone). :func:`distill_trial` is that function: it applies the trial's overrides to the base
+config and calls the same :func:`~ensemble_kd.train.run_distill` as ``ensemble-kd distill``.
+
+The driver (:func:`run_trials`) creates the MLflow experiment and a parent run before any trial
+starts (two trials migrating a fresh SQLite file at once fail), every trial's run is nested under
+it, and after the sweep the runs of trials that ASHA stopped (killed mid-epoch, so still RUNNING)
+are ended as KILLED.
+
+Search spaces are written in the config as dotted keys (losses by name)::
+
+    tune:
+      space:
+        distill.losses.crd.kwargs.tau: {grid: [0.05, 0.1, 0.2]}
+        distill.losses.crd.kwargs.num_negatives: {choice: [1024, 4096, 16384]}
+        distill.losses.kd.kwargs.temperature: {uniform: [2, 8]}
+        distill.optim.lr: {loguniform: [0.01, 0.1]}
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict, with_overrides
+
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+def domain(key: str, spec: Mapping[str, Any], search: str = "grid") -> Any:
+    """One ``tune.space`` entry -> a Ray Tune domain (grid_search, choice, uniform, ...).
+    With ``search="random"`` a grid list is sampled like a choice instead of expanded."""
+    from ray import tune
+
+    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
+        raise ConfigError(f"tune.space.{key}: expected one of {{{'|'.join(SPEC_KINDS)}: ...}}, got {spec!r}")
+    kind, arg = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"tune.space.{key}.{kind}: expected a non-empty list of values, got {arg!r}")
+        return tune.grid_search(arg) if kind == "grid" and search == "grid" else tune.choice(arg)
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg) and arg[0] < arg[1]):
+        raise ConfigError(f"tune.space.{key}.{kind}: expected [low, high] with low < high, got {arg!r}")
+    if kind == "loguniform" and arg[0] <= 0:
+        raise ConfigError(f"tune.space.{key}.loguniform: bounds must be > 0, got {arg!r}")
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*arg)
+
+
+def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg.tune.space`` as Ray Tune domains, checked against the config: every key must apply."""
+    if not cfg.tune.space:
+        raise ConfigError("tune.space is empty: name at least one field to sweep (see `ensemble-kd config docs`)")
+    space = {k: domain(k, v, cfg.tune.search) for k, v in cfg.tune.space.items()}
+    probe = {k: (v["grid"][0] if "grid" in v else v["choice"][0] if "choice" in v else v[next(iter(v))][0])
+             for k, v in cfg.tune.space.items()}
+    with_overrides(cfg, probe, "<tune.space>")  # a key that does not fit the config fails here, not in a trial
+    return space
+
+
+def trial_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's spec: Tune's config, with the entries of ``config["trial"]`` (one grid point of
+    ``ensemble-kd run``: its own base, overrides, tags and label) taking precedence."""
+    return {**config, **(config.get("trial") or {})}
+
+
+def trial_config(config: Mapping[str, Any]) -> ExperimentConfig:
+    """A trial's config: the base config with the trial's overrides (``config["overrides"]``)."""
+    config = trial_spec(config)
+    base = from_dict(config["base"], "<trial base>")
+    return with_overrides(base, dict(config.get("overrides") or {}), "<trial>")
+
+
+def distill_trial(config: dict[str, Any]) -> None:
+    """The Tune function trainable: one Ray Train distillation reporting every epoch to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ensemble_kd.train import run_distill
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = with_overrides(trial_config(config), {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}, "<trial>")
+    config = trial_spec(config)
+    tags = {**config.get("tags", {}), "tune_trial": trial_id,
+            **{f"sweep.{k}": str(v) for k, v in (config.get("overrides") or {}).items()}}
+    run_distill(cfg, log=lambda m: None, callbacks=[TuneReportCallback()], extra_tags=tags,
+                parent_run_id=config.get("parent_run_id"))
+
+
+@dataclass
+class TrialOutcome:
+    """What the driver knows of one finished (or stopped) trial."""
+
+    trial_id: str
+    overrides: dict[str, Any]
+    tags: dict[str, str]
+    metrics: dict[str, Any]
+    epochs: int
+    status: str  # TERMINATED (ran to the end), STOPPED (by the scheduler), ERROR
+    seed: int = 0
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str | None
+    experiment: str
+    tracking_uri: str | None
+    trials: list[TrialOutcome] = field(default_factory=list)
+    best: TrialOutcome | None = None
+    killed_runs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _ProgressLines:
+    """A Tune callback printing one line per finished trial with the best so far (people read it;
+    Tune's own table is off)."""
+
+    def __init__(self, total: int, metric: str, mode: str, log: Callable[[str], None]) -> None:
+        self.total, self.metric, self.mode, self.log = total, metric, mode, log
+        self.done, self.best = 0, None
+        self.t0 = time.perf_counter()
+
+    def make(self):
+        from ray.tune import Callback
+
+        outer = self
+
+        class Lines(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                outer.finished(trial, "done")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                outer.finished(trial, "ERROR")
+
+        return Lines()
+
+    def finished(self, trial, what: str) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        v = r.get(self.metric)
+        label = trial_spec(trial.config).get("label") or trial.trial_id
+        if v is not None and (self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0])):
+            self.best = (v, label)
+        stopped = " (stopped early)" if what == "done" and r.get("epoch", 0) < trial.config.get("epochs", 0) else ""
+        val = f"{self.metric}={v:.4f}" if isinstance(v, (int, float)) else f"{self.metric}=n/a"
+        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
+        self.log(f"[tune {self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {label}: {what}{stopped} "
+                 f"after {r.get('epoch', 0)} epochs, {val}; {best}")
+
+
+def run_trials(cfg: ExperimentConfig, param_space: dict[str, Any], *, name: str, num_trials: int,
+               scheduler: str = "fifo", num_samples: int = 1, parent_tags: dict[str, str] | None = None,
+               log: Callable[[str], None] = print) -> SweepResult:
+    """Run distillation trials on Ray Tune (Ray must be initialised).
+
+    ``param_space`` is Tune's: ``{"overrides": {dotted key: domain}}`` plus fixed entries (each
+    trial's ``config``); ``num_trials`` is only for the progress lines. The MLflow experiment and
+    the parent run are created here, before any trial."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t0 = time.perf_counter()
+    tc = cfg.tune
+    out = Path(cfg.output_dir).resolve()
+    parent, uri, exp_id = None, None, None
+    if cfg.tracking.enabled:
+        from mlflow.tracking import MlflowClient
+
+        from ensemble_kd.tracking import ensure_experiment, experiment_name, tracking_uri
+
+        uri = tracking_uri(cfg)
+        exp_id = ensure_experiment(uri, experiment_name(cfg), out / "mlartifacts")
+        client = MlflowClient(uri)
+        parent = client.create_run(exp_id, run_name=name, tags={"ekd.kind": "sweep", **(parent_tags or {})}).info.run_id
+    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name, "epochs": cfg.distill.epochs}
+    space = {**fixed, **param_space}
+    if scheduler == "asha":
+        sched = ASHAScheduler(time_attr="epoch", max_t=cfg.distill.epochs, grace_period=min(tc.grace_period, cfg.distill.epochs),
+                              reduction_factor=tc.reduction_factor,
+                              stop_last_trials=False)  # a trial at max_t finishes itself: its run, student and artifacts
+    else:
+        sched = FIFOScheduler()
+    lines = _ProgressLines(num_trials * num_samples, tc.metric, tc.mode, log)
+    trainable = tune.with_resources(distill_trial, {"CPU": tc.trial_cpus})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=sched, num_samples=num_samples,
+                                    max_concurrent_trials=tc.max_concurrent_trials,
+                                    reuse_actors=True,  # a trial driver process serves the next trial: no new start
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0, callbacks=[lines.make()]),
+    )
+    status = "FINISHED"
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        killed: list[str] = []
+        if parent is not None:
+            from ensemble_kd.tracking import end_unfinished_children
+
+            killed = end_unfinished_children(uri, exp_id, parent)
+            client.set_terminated(parent, status)
+    res = SweepResult(parent, cfg.tracking.experiment or cfg.name, uri, killed_runs=killed)
+    for r in grid:
+        m = dict(r.metrics or {})
+        spec = trial_spec(r.config)
+        epochs = int(m.get("epoch", 0))
+        st = "ERROR" if r.error else "TERMINATED" if epochs >= spec["base"]["distill"]["epochs"] else "STOPPED"
+        res.trials.append(TrialOutcome(m.get("trial_id", ""), dict(spec.get("overrides") or {}), dict(spec.get("tags") or {}),
+                                       m, epochs, st, int(spec["base"]["distill"]["seed"])))
+    scored = [t for t in res.trials if isinstance(t.metrics.get(tc.metric), (int, float))]
+    if scored:
+        res.best = (max if tc.mode == "max" else min)(scored, key=lambda t: t.metrics[tc.metric])
+    if parent is not None and res.best is not None:
+        client.log_metric(parent, f"best/{tc.metric}", float(res.best.metrics[tc.metric]))
+        for k, v in res.best.overrides.items():
+            client.set_tag(parent, f"best.{k}", str(v))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def tune_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> SweepResult:
+    """``ensemble-kd tune``: sweep ``cfg.tune.space`` over the ``distill`` config (shards must exist)."""
+    from ensemble_kd.train import train_shard_dirs
+
+    train_shard_dirs(cfg)  # missing checkpoints or shards fail here, once, not in every trial
+    space = search_space(cfg)
+    name = cfg.tune.name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    grid_points = 1
+    for v in cfg.tune.space.values():
+        grid_points *= len(v["grid"]) if "grid" in v and cfg.tune.search == "grid" else 1
+    log(f"tune: {name}: {grid_points * cfg.tune.num_samples} trial(s) over {list(cfg.tune.space)}, "
+        f"scheduler {cfg.tune.scheduler}, {cfg.tune.trial_cpus} CPU per trial driver, "
+        f"{cfg.distill.num_workers} x {cfg.distill.cpus_per_worker} CPU per trial's workers")
+    from ensemble_kd.tracking import run_tags
+
+    return run_trials(cfg, {"overrides": space, "tags": {}}, name=name, num_trials=grid_points,
+                      scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
+                      parent_tags={"method": run_tags(cfg)["method"], "teacher_set": run_tags(cfg)["teacher_set"]}, log=log)

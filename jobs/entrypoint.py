@@ -1,0 +1,23 @@
+"""Ray job entrypoint: ``ensemble-kd run`` on a config, joining the cluster the job runs on.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/entrypoint.py --config jobs/configs/cifar100-resnet32x4-ensemble.yaml \
+        --set data.root=/data/cifar-100-python --out /shared/ekd
+
+Inside ``ray job submit`` Ray sets ``RAY_ADDRESS``, and ``ensemble-kd`` joins that cluster instead
+of starting a local one. Any ``ensemble-kd run`` argument works here (``--set``, ``--out``,
+``--no-progress``). Other commands: ``python jobs/entrypoint.py tune --config ...``.
+"""
+from __future__ import annotations
+
+import sys
+
+from ensemble_kd.cli import main
+
+COMMANDS = {"run", "tune", "distill", "embed", "select", "teachers", "compare"}
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] not in COMMANDS:
+        args = ["run", *args]  # the default: the main job
+    sys.exit(main(args))

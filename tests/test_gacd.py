@@ -1,0 +1,367 @@
+"""GACD (Bai et al., 2020, arXiv:2009.09922): confidence-weighted CRD, PGD views stored at embed
+time and replayed exactly, the shard id of the adversarial recipe, and a short distillation."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ensemble_kd.adversarial import pgd_perturb, row_generators
+from ensemble_kd.config import AdversarialConfig, EmbedConfig, ViewsConfig, to_dict
+from ensemble_kd.data import DistillData
+from ensemble_kd.embed import shard_key, view_recipe, write_shard
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
+from ensemble_kd.losses.crd import CRDLoss, nce_loss
+from ensemble_kd.losses.gacd import GACDLoss, teacher_confidence
+from ensemble_kd.shards import Shard, ShardKey, ShardSet
+from ensemble_kd.teachers import load_teacher
+from ensemble_kd.views import apply_view, draw_views
+from modalities import build_dataset
+from tests.conftest import tiny_config
+
+EPS = 1e-7  # as nce_loss
+
+
+def _softmax_at(logits_row, y, T=1.0):
+    e = [math.exp(v / T) for v in logits_row]
+    return e[y] / sum(e)
+
+
+# -- the loss ------------------------------------------------------------------------------
+
+def test_golden_nce_with_confidence_weights():
+    """The nce_loss docstring formula, written out with w_i = softmax(teacher logits)[y_i]."""
+    pos = [2.0, 0.5, 1.5]
+    neg = [[0.3, 1.2], [2.5, 0.1], [0.7, 0.7]]
+    logits = [[2.0, 0.0, -1.0], [0.0, 0.5, 3.0], [1.0, 1.0, 1.0]]
+    labels = [0, 0, 2]
+    M, z = 20, 1.7
+    w = [_softmax_at(logits[i], labels[i]) for i in range(3)]
+    expected = 0.0
+    for i in range(3):
+        n, pn = len(neg[i]), 1.0 / M
+        term = math.log((pos[i] / z) / (pos[i] / z + n * pn + EPS))
+        term += sum(math.log(n * pn / (s / z + n * pn + EPS)) for s in neg[i])
+        expected += w[i] * term
+    expected = -expected / 3
+    wt = teacher_confidence(torch.tensor(logits), torch.tensor(labels))
+    got = nce_loss(torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64), M, weights=wt, z=z)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    unweighted = nce_loss(torch.tensor(pos), torch.tensor(neg), M, z=z)
+    assert abs(unweighted.item() - got.item()) > 0.1  # the weights matter here
+
+
+def _tiny_ctx(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M, C = 12, 3
+    labels = torch.arange(M) % C  # (M,)
+    emb = {"ta": torch.randn(M, 6, generator=g), "tb": torch.randn(M, 4, generator=g)}
+    logits = {"ta": 3 * torch.randn(M, C, generator=g), "tb": 3 * torch.randn(M, C, generator=g)}
+    bank = TeacherBank(emb, logits, labels, torch.arange(M) + 100)
+    return LossContext(student_dim=5, num_classes=C, teacher_dims={"ta": 6, "tb": 4}, bank=bank, seed=seed), g
+
+
+def _norm(v):
+    n = math.sqrt(sum(a * a for a in v))
+    return [a / n for a in v]
+
+
+def _head(embed, x):
+    W, b = embed.linear.weight.detach().double().tolist(), embed.linear.bias.detach().double().tolist()
+    return _norm([sum(W[k][j] * x[j] for j in range(len(x))) + b[k] for k in range(len(W))])
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def test_golden_gacd_module_value():
+    """GACDLoss.forward on a fixed tiny batch equals CRD's formula with confidence weights,
+    recomputed here in plain python from the module's heads, memory and negative draws."""
+    ctx, g = _tiny_ctx()
+    tau, N = 0.1, 3
+    loss = build_loss("gacd", ctx, num_negatives=N, feat_dim=4, per_sample=True)
+    assert isinstance(loss, GACDLoss) and loss.tau == tau and loss.samplers["ta"].mode == "class-aware"
+    loss.eval()  # no memory update: the expected value reads the same memory
+    index = torch.tensor([0, 4, 7, 10])
+    B, M = len(index), ctx.num_rows
+    x = DistillInputs(student_emb=torch.randn(B, 5, generator=g), student_logits=torch.zeros(B, 3),
+                      labels=ctx.bank.labels[index], index=index,
+                      teacher_emb={n: e[index] for n, e in ctx.bank.embeddings.items()},
+                      teacher_logits={n: t[index] for n, t in ctx.bank.logits.items()})
+    got = loss(x)
+
+    expected = 0.0
+    for name in ("ta", "tb"):
+        term = loss.terms[name]
+        negs, valid = loss.samplers[name].sample(index, 0)  # (B, N): the draws CRD uses at step 0
+        assert valid.all()  # class-aware per-sample draws: all from other classes
+        mem = term.memory.memory.double().tolist()
+        bank = ctx.bank.embeddings[name].double().tolist()
+        logits = ctx.bank.logits[name].tolist()
+        s = [_head(term.embed_s, x.student_emb[i].double().tolist()) for i in range(B)]
+        t = [_head(term.embed_t, bank[int(r)]) for r in index]
+        w = [_softmax_at(logits[int(r)], int(ctx.bank.labels[r])) for r in index]
+        assert all(0.0 <= v <= 1.0 for v in w)
+        parts = []
+        for side in ("a", "b"):
+            pos, neg = [], []
+            for i in range(B):
+                rows = [int(r) for r in negs[i]]
+                if side == "a":  # student anchor vs teacher positive / negatives (current teacher head)
+                    pos.append(math.exp(_dot(s[i], t[i]) / tau))
+                    neg.append([math.exp(_dot(s[i], _head(term.embed_t, bank[r])) / tau) for r in rows])
+                else:  # teacher anchor vs student memory
+                    pos.append(math.exp(_dot(t[i], mem[int(index[i])]) / tau))
+                    neg.append([math.exp(_dot(t[i], mem[r]) / tau) for r in rows])
+            z = (sum(pos) + sum(map(sum, neg))) / (B * (1 + N)) * M  # Z fixed from this first batch
+            total = 0.0
+            for i in range(B):
+                pp, pn = pos[i] / z, 1.0 / M
+                term_i = math.log(pp / (pp + N * pn + EPS))
+                term_i += sum(math.log(N * pn / (q / z + N * pn + EPS)) for q in neg[i])
+                total += w[i] * term_i
+            parts.append(-total / B)
+        expected += 0.5 * (parts[0] + parts[1])  # uniform teacher weights
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_weights_are_the_teachers_softmax_at_the_label():
+    ctx, g = _tiny_ctx(1)
+    loss = build_loss("gacd", ctx, num_negatives=4, feat_dim=4, confidence_temperature=1.0)
+    index = torch.tensor([1, 2, 3, 5, 8])
+    x = DistillInputs(torch.randn(5, 5, generator=g), torch.zeros(5, 3), ctx.bank.labels[index], index,
+                      {}, {n: t[index] for n, t in ctx.bank.logits.items()})
+    for name in ("ta", "tb"):
+        w = loss.anchor_weights(name, x)
+        want = F.softmax(ctx.bank.logits[name][index], 1)[torch.arange(5), ctx.bank.labels[index]]
+        assert w.shape == (5,) and ((w >= 0) & (w <= 1)).all()
+        torch.testing.assert_close(w, want)
+        # without logits in the batch, the teacher bank's row gives the same weight
+        bare = DistillInputs(x.student_emb, x.student_logits, x.labels, index)
+        torch.testing.assert_close(loss.anchor_weights(name, bare), want)
+    assert not torch.allclose(loss.anchor_weights("ta", x), loss.anchor_weights("tb", x))  # per teacher
+    hot = build_loss("gacd", ctx, num_negatives=4, feat_dim=4, confidence_temperature=4.0)
+    l = ctx.bank.logits["ta"][index]
+    torch.testing.assert_close(hot.anchor_weights("ta", x), F.softmax(l / 4, 1)[torch.arange(5), ctx.bank.labels[index]])
+    with pytest.raises(ValueError, match="confidence_temperature must be > 0"):
+        build_loss("gacd", ctx, confidence_temperature=0.0)
+
+
+def test_fully_confident_teacher_gives_plain_crd_and_defaults_are_the_papers():
+    ctx, g = _tiny_ctx(2)
+    index = torch.tensor([0, 1, 2, 3, 4, 5])
+    labels = ctx.bank.labels[index]
+    sure = {n: 50.0 * F.one_hot(labels, 3).float() for n in ctx.teachers}  # p(y|x) = 1
+    x = DistillInputs(torch.randn(6, 5, generator=g), torch.zeros(6, 3), labels, index,
+                      {n: e[index] for n, e in ctx.bank.embeddings.items()}, sure)
+    kw = {"num_negatives": 8, "feat_dim": 4, "tau": 0.1, "per_sample": False}
+    torch.manual_seed(0)  # the heads' init draws from the global RNG
+    gacd = build_loss("gacd", ctx, **kw)
+    torch.manual_seed(0)
+    crd = build_loss("crd", ctx, **kw)
+    torch.testing.assert_close(gacd(x), crd(x))  # same seeds: same heads, memory and draws
+    meta = LOSSES.meta("gacd")
+    assert meta["needs_teachers"] and "2009.09922" in meta["paper"]
+    d = build_loss("gacd", ctx)
+    assert d.num_negatives == 16384 and d.tau == 0.1 and d.samplers["ta"].mode == "class-aware"
+    import inspect
+
+    crd_opts = set(inspect.signature(CRDLoss).parameters)
+    assert crd_opts <= set(inspect.signature(GACDLoss).parameters)  # every CRD option passes through
+    with pytest.raises(ValueError, match="loss 'gacd': bad options"):
+        build_loss("gacd", ctx, nope=1)
+
+
+# -- PGD -------------------------------------------------------------------------------------
+
+def test_pgd_is_projected_frozen_and_deterministic():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    model.train()  # PGD must still run it in eval mode, then restore
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    gens = lambda: row_generators(3, np.arange(32), np.ones(32))  # noqa: E731
+    d1 = pgd_perturb(model, x, y, 0.2, 5, 0.05, gens(), random_start=True)
+    d2 = pgd_perturb(model, x, y, 0.2, 5, 0.05, gens(), random_start=True)
+    assert d1.shape == x.shape and not d1.requires_grad and torch.equal(d1, d2)
+    assert d1.abs().max() <= 0.2 and d1.abs().max() > 0.1
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.eval()
+    with torch.no_grad():
+        ce = lambda z: F.cross_entropy(model(z), y).item()  # noqa: E731
+        assert ce(x + d1) > ce(x)
+    # a row's start depends on (seed, sample_id, view) only, not on its batch
+    part = pgd_perturb(model, x[:4], y[:4], 0.2, 1, 0.05, row_generators(3, np.arange(4), np.ones(4)), True)
+    full = pgd_perturb(model, x, y, 0.2, 1, 0.05, gens(), True)
+    torch.testing.assert_close(part, full[:4])
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        pgd_perturb(model, x, y, 0.0, 1, 0.1)
+
+
+# -- stored adversarial views ------------------------------------------------------------------
+
+VIEWS = ViewsConfig(num_views=2, crop_padding=2, flip=True, seed=3)
+ADV = AdversarialConfig(enabled=True, num_views=2, epsilon=0.3, steps=3, step_size=0.15, seed=5)
+
+
+def _write(teacher, ds, root, views=VIEWS, adv=ADV, batch_size=4000):
+    ecfg = EmbedConfig(batch_size=batch_size, rows_per_part=700, views=views, adversarial=adv)
+    key = shard_key(teacher.name, teacher.content_hash, ds, ds.fingerprint(), view_recipe(views, adv), "float32")
+    *_, manifest = write_shard(teacher, ds, key, root, ecfg, torch.device("cpu"), amp=False)
+    return root / key.dirname, manifest
+
+
+@pytest.fixture(scope="module")
+def adv_shards(trained, tmp_path_factory):
+    """Test-split shards of both tiny teachers with 2 views + 2 PGD views per sample (in-process)."""
+    _, paths = trained
+    root = tmp_path_factory.mktemp("gacd-shards")
+    ds = build_dataset("uci-mfeat", "test")
+    teachers = {n: load_teacher(paths[n], name=n) for n in ("pix_cnn", "kar_mlp")}
+    dirs = {n: _write(t, ds, root)[0] for n, t in teachers.items()}
+    return ds, teachers, dirs, root
+
+
+def _teacher_adv_inputs(teacher, ds, views, adv):
+    """The teacher's perturbed input of every adversarial row, recomputed from scratch: view a % V of
+    each sample (drawn here from the recipe), then PGD with the per-(sample_id, view) seeds."""
+    V, A, n = views.num_views, adv.num_views, len(ds)
+    b = ds.get_batch(np.arange(n), [teacher.modality])
+    x, y, sid = b["inputs"][teacher.modality], b["label"], b["sample_id"].numpy()
+    vp = draw_views(sid, V, views.crop_padding, views.flip, views.include_clean, views.seed)
+    base = np.arange(A) % V
+    pick = (np.arange(n)[:, None] * V + base[None, :]).reshape(-1)  # (n*A,) normal-view row of each adversarial row
+    xs = x.repeat_interleave(A, 0)  # (n*A, ...)
+    if ds.spec(teacher.modality).kind == "image":
+        xs = apply_view(xs, torch.from_numpy(vp.top[pick]), torch.from_numpy(vp.left[pick]), torch.from_numpy(vp.flip[pick]),
+                        views.crop_padding)
+    ids, vids = np.repeat(sid, A), np.tile(V + np.arange(A), n)
+    delta = pgd_perturb(teacher.model, xs, y.repeat_interleave(A), adv.epsilon, adv.steps, adv.step_size,
+                        row_generators(adv.seed, ids, vids), adv.random_start)
+    return xs + delta, xs, y.repeat_interleave(A)
+
+
+@pytest.mark.parametrize("student", ["pix", "kar"])
+def test_adversarial_rows_replay_exactly_and_raise_the_teachers_loss(adv_shards, student):
+    ds, teachers, dirs, _ = adv_shards
+    name = {"pix": "pix_cnn", "kar": "kar_mlp"}[student]
+    t = teachers[name]
+    V, A, n = VIEWS.num_views, ADV.num_views, len(ds)
+    ss = ShardSet.open(list(dirs.values()))  # row-aligned on (sample_id, view) across the two teachers
+    s = ss.shards[name]
+    assert len(ss) == n * (V + A)
+    assert (s.views["view"].reshape(n, V + A) == torch.arange(V + A)).all()  # sample-major, adversarial last
+    delta = s.adv_delta.reshape(n, V + A, -1)
+    assert (delta[:, :V] == 0).all() and (delta[:, V:].abs().amax((1, 2)) > 0).all()
+    assert delta.abs().max() <= ADV.epsilon
+    assert s.manifest["views"]["adversarial"] == to_dict(ADV) and s.manifest["teacher"]["adv_dim"] == ds.spec(student).numel
+
+    dd = DistillData(ds, student, dirs)  # infers the teacher of the student's modality
+    adv_rows = torch.nonzero(ss.views["view"] >= V)[:, 0]  # (n*A,) sample-major like the recomputation
+    got = dd.batch(adv_rows, torch.device("cpu"))["x"]
+    want, clean, y = _teacher_adv_inputs(t, ds, VIEWS, ADV)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit for bit
+    # normal rows are the plain replayed views, untouched by the deltas
+    normal = torch.nonzero(ss.views["view"] < V)[:, 0]  # (n*V,)
+    xn = ds.get_batch(np.arange(n), [student])["inputs"][student].repeat_interleave(V, 0)  # (n*V, ...)
+    if ds.spec(student).kind == "image":
+        vp = draw_views(ds.sample_ids, V, VIEWS.crop_padding, VIEWS.flip, VIEWS.include_clean, VIEWS.seed)
+        xn = apply_view(xn, torch.from_numpy(vp.top), torch.from_numpy(vp.left), torch.from_numpy(vp.flip), VIEWS.crop_padding)
+    assert torch.equal(dd.batch(normal, torch.device("cpu"))["x"].view(torch.int32), xn.view(torch.int32))
+    # the stored teacher outputs are the teacher's on that input, and PGD raised its loss
+    with torch.no_grad():
+        _, logits_adv = t.model(got)
+        _, logits_clean = t.model(clean)
+    torch.testing.assert_close(s.logits[adv_rows], logits_adv, rtol=1e-4, atol=1e-4)
+    assert F.cross_entropy(logits_adv, y).item() > F.cross_entropy(logits_clean, y).item() + 0.1
+
+
+def test_replay_teacher_choice_is_explicit_when_needed(adv_shards):
+    ds, teachers, dirs, root = adv_shards
+    with pytest.raises(ValueError, match=r"modality 'fou'.*embed without embed.adversarial"):
+        DistillData(ds, "fou", dirs)  # cross-modal student: it cannot see the teachers' perturbed inputs
+    with pytest.raises(ValueError, match=r"adv_replay_teacher: teacher 'kar_mlp' reads modality 'kar'"):
+        DistillData(ds, "pix", dirs, adv_replay_teacher="kar_mlp")
+    with pytest.raises(ValueError, match=r"adv_replay_teacher: 'nope' is not a distill teacher"):
+        DistillData(ds, "pix", dirs, adv_replay_teacher="nope")
+    # two teachers of the student's modality: ambiguous until one is named
+    twin = load_teacher(teachers["pix_cnn"].path, name="pix_twin")
+    twin_dir, _ = _write(twin, ds, root)
+    both = {"pix_cnn": dirs["pix_cnn"], "pix_twin": twin_dir}
+    with pytest.raises(ValueError, match=r"Set distill.adv_replay_teacher to one of \['pix_cnn', 'pix_twin'\]"):
+        DistillData(ds, "pix", both)
+    dd = DistillData(ds, "pix", both, adv_replay_teacher="pix_twin")
+    torch.testing.assert_close(dd.adv_delta, Shard(twin_dir).adv_delta)
+
+
+def test_shards_without_adversarial_views_keep_schema_id_and_read(adv_shards):
+    ds, teachers, _, root = adv_shards
+    off = AdversarialConfig(enabled=False, epsilon=0.3)
+    assert view_recipe(VIEWS, off) == view_recipe(VIEWS) == to_dict(VIEWS)  # ids of existing shards unchanged
+    d, m = _write(teachers["kar_mlp"], ds, root, views=ViewsConfig(), adv=off)
+    s = Shard(d, verify=True)
+    assert s.adv_delta is None and "adv_dim" not in m["teacher"] and "kar_mlp.adv_delta" not in s.table.column_names
+    dd = DistillData(ds, "kar", {"kar_mlp": d}, adv_replay_teacher="kar_mlp")  # nothing to replay: ignored
+    assert dd.adv_delta is None and len(dd) == len(ds)
+
+
+def test_shard_id_changes_with_the_adversarial_recipe(trained, tmp_path):
+    def sid(views, adv):
+        return ShardKey("t", "c" * 64, "uci-mfeat", "train", "f" * 64, view_recipe(views, adv), "float32").shard_id
+
+    base = ViewsConfig()
+    ids = {
+        sid(base, None),
+        sid(base, AdversarialConfig(enabled=True)),
+        sid(base, AdversarialConfig(enabled=True, epsilon=0.2)),
+        sid(base, AdversarialConfig(enabled=True, steps=7)),
+        sid(base, AdversarialConfig(enabled=True, seed=1)),
+        sid(base, AdversarialConfig(enabled=True, num_views=2)),
+        sid(base, AdversarialConfig(enabled=True, random_start=False)),
+    }
+    assert len(ids) == 7
+    assert sid(base, AdversarialConfig(enabled=False, epsilon=0.2)) == sid(base, None)
+    from ensemble_kd.embed import plan_shards  # the planner puts the config's adversarial recipe in every key
+
+    _, paths = trained
+
+    def planned(**adv):
+        cfg = tiny_config(tmp_path, **{"embed.splits": ["train"], "embed.adversarial": adv})
+        return {name: key.shard_id for name, _, key, _ in plan_shards(cfg, paths)}
+
+    plain, on, other = planned(), planned(enabled=True), planned(enabled=True, epsilon=0.05)
+    assert planned(enabled=False, steps=9) == plain
+    assert all(len({plain[n], on[n], other[n]}) == 3 for n in plain)
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+def test_distill_ce_kd_gacd_on_adversarial_shards(ray_cluster, trained, tmp_path):
+    from ensemble_kd.embed import run_embed
+    from ensemble_kd.train import run_distill
+
+    cfg0, _ = trained
+    shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
+    cfg = tiny_config(tmp_path, **{
+        "embed.splits": ["train"],
+        "embed.adversarial": {"enabled": True, "num_views": 1, "epsilon": 0.2, "steps": 2, "step_size": 0.1},
+        "distill.teachers": ["pix_cnn", "kar_mlp"],
+        "distill.student": {"arch": "mlp", "modality": "kar", "arch_kwargs": {"hidden": [32]}},
+        "distill.losses": [{"name": "ce"}, {"name": "kd"},
+                           {"name": "gacd", "weight": 0.8, "kwargs": {"num_negatives": 64, "per_sample": False, "feat_dim": 16}}],
+        "distill.epochs": 1, "distill.batch_size": 128, "distill.cpus_per_worker": 0.5, "tracking.enabled": False,
+    })
+    res = run_embed(cfg, {t.name: tmp_path / "teachers" / f"{t.name}.pt" for t in cfg.teachers}, progress=False, log=lambda m: None)
+    assert {r.rows for r in res} == {2 * 1500}  # 1 clean + 1 adversarial view per sample
+    out = run_distill(cfg, log=lambda m: None)
+    last = out.history[-1]
+    for k in ("loss/ce", "loss/kd", "loss/gacd", "loss/total"):
+        assert k in last and math.isfinite(last[k])
+    assert last["loss/gacd"] > 0

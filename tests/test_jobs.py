@@ -1,0 +1,93 @@
+"""`jobs/` for real: every config validates, and a local head started with `ray start --head` runs
+the tiny job submitted with `ray job submit`; its MLflow runs land in the job's output folder."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ensemble_kd.config import load_config
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize("path", sorted((JOBS / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.teachers or cfg.distill.teachers == ()
+
+
+def test_default_job_config_is_the_embedded_default():
+    assert load_config(JOBS / "configs" / "uci-mfeat-default.yaml") == load_config(None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args, env, timeout=120, check=True):
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=check)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
+    tmp = tempfile.mkdtemp(prefix="ekd-h-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={tmp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "out"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job server answers once the dashboard is up
+            r = _ray("job", "list", "--address", address, env=env, check=False)
+            if r.returncode == 0:
+                break
+            assert head.poll() is None, f"ray start --head exited: {head.stdout.read()}"
+            assert time.time() < deadline, f"the job server at {address} did not come up: {r.stderr[-2000:]}"
+            time.sleep(2)
+        sub = _ray("job", "submit", "--address", address, "--submission-id", "ekd-tiny", "--no-wait", "--",
+                   sys.executable, str(JOBS / "entrypoint.py"), "--config", str(JOBS / "configs" / "tiny-uci-mfeat.yaml"),
+                   "--out", str(out), "--no-progress", env=env)
+        assert "ekd-tiny" in sub.stdout + sub.stderr
+        deadline = time.time() + 480
+        status = ""
+        while time.time() < deadline:
+            status = _ray("job", "status", "--address", address, "ekd-tiny", env=env).stdout
+            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(3)
+        logs = _ray("job", "logs", "--address", address, "ekd-tiny", env=env).stdout
+        assert "SUCCEEDED" in status, f"job status: {status}\nlogs:\n{logs[-4000:]}"
+        assert "mlflow ui --backend-store-uri" in logs and "kd-single" in logs
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"kd-single", "crd+kd-ensemble"}
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    exp = client.get_experiment_by_name("tiny-job")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["arm"] for r in runs} == {"kd-single", "crd+kd-ensemble"}
+    assert {r.data.tags["teacher_set"] for r in runs} == {"single", "ensemble"}

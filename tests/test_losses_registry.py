@@ -1,0 +1,275 @@
+"""Every registered loss, through the registry: builds from its defaults, gives a finite scalar,
+sends finite non-zero gradients to every trainable part (its own and the student's), works
+with 1 and 3 teachers (and 0 where it needs none), keeps its buffers identical across 2 real
+gloo processes, has a docs page naming all its options; and one real Ray Train distillation with
+the embedding/logit-level losses. New losses are covered by being registered."""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+M, C, D_IN, D_S, B = 48, 5, 7, 8, 12
+TEACHER_DIMS = {"t0": 6, "t.1": 10, "t2": 3}  # different dims; a '.' in a name (module keys)
+
+# Options for a fast test (the defaults otherwise, e.g. CRD's 16384 negatives, are slow here).
+TEST_KWARGS: dict[str, dict] = {
+    "crd": {"num_negatives": 64, "feat_dim": 16, "hard_pool": 8},
+    "gacd": {"num_negatives": 64, "feat_dim": 16, "hard_pool": 8},
+    "dfnd": {"class_accuracy": [0.8, 0.7, 0.9, 0.6, 0.75]},  # C values; else it reads a selection file
+}
+
+# Parameters that get no gradient by design, with the reason. Checked both ways: a listed
+# parameter must really get none (so the list cannot go stale).
+EMB_ONLY = "an embedding-level loss reads student_emb only: the student's classifier head takes no part"
+NO_GRAD_BY_DESIGN: dict[str, dict[str, str]] = {
+    name: {"student.head.": EMB_ONLY} for name in ("crd", "gacd", "vid", "fitnet", "pkt", "rkd", "sp", "cc")
+}
+
+
+class TinyStudent(nn.Module):
+    """x (B, D_IN) -> (emb (B, D_S), logits (B, C)): the (embedding, logits) pair every encoder gives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(D_IN, D_S)
+        self.head = nn.Linear(D_S, C)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.tanh(self.body(x))  # (B, D_S)
+        return emb, self.head(emb)  # (B, C)
+
+
+def make_ctx(num_teachers: int, seed: int = 0) -> LossContext:
+    g = torch.Generator().manual_seed(seed)
+    dims = dict(list(TEACHER_DIMS.items())[:num_teachers])
+    labels = torch.randint(0, C, (M,), generator=g)
+    labels[:C] = torch.arange(C)  # every class present
+    bank = TeacherBank(embeddings={n: torch.randn(M, d, generator=g) for n, d in dims.items()},
+                       logits={n: 3 * torch.randn(M, C, generator=g) for n in dims},
+                       labels=labels, sample_ids=torch.arange(M))
+    return LossContext(student_dim=D_S, num_classes=C, teacher_dims=dims, bank=bank, seed=seed)
+
+
+def inputs_of(bank: TeacherBank) -> torch.Tensor:
+    """A fixed input per bank row (what the student sees for that sample)."""
+    return torch.randn(bank.num_rows, D_IN, generator=torch.Generator().manual_seed(7))
+
+
+def make_batch(ctx: LossContext, rows: torch.Tensor) -> dict:
+    """The batch dict the training loop's DistillModule takes."""
+    bank = ctx.bank
+    return {"x": inputs_of(bank)[rows], "labels": bank.labels[rows], "index": rows,
+            "teacher_emb": {n: e[rows] for n, e in bank.embeddings.items()},
+            "teacher_logits": {n: t[rows] for n, t in bank.logits.items()}}
+
+
+def default_kwargs(name: str) -> dict:
+    """Every option of the builder at its signature default, overlaid with TEST_KWARGS (passing
+    the defaults explicitly checks that they are valid values, not just absent options)."""
+    params = list(inspect.signature(LOSSES.get(name)).parameters.values())[1:]  # [0] is ctx
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+    assert not missing, f"loss {name!r}: options without a default: {missing}"
+    kw = {p.name: p.default for p in params if p.kind is not p.VAR_KEYWORD}
+    kw.update(TEST_KWARGS.get(name, {}))
+    return kw
+
+
+def teacher_counts(name: str) -> list[int]:
+    return [1, 3] if LOSSES.meta(name).get("needs_teachers", True) else [0, 1, 3]
+
+
+CASES = [(n, k) for n in LOSSES.names() for k in teacher_counts(n)]
+
+
+@pytest.mark.parametrize("name,num_teachers", CASES, ids=[f"{n}-{k}t" for n, k in CASES])
+def test_forward_backward_every_parameter_gets_a_gradient(name, num_teachers):
+    torch.manual_seed(0)
+    ctx = make_ctx(num_teachers)
+    loss_mod = build_loss(name, ctx, **default_kwargs(name))
+    assert isinstance(loss_mod, nn.Module)
+    student = TinyStudent()
+    batch = make_batch(ctx, torch.arange(3, 3 + B))
+    emb, logits = student(batch["x"])
+    x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"])
+    loss = loss_mod(x)
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and torch.isfinite(loss), (name, loss)
+    loss.backward()
+    allowed = NO_GRAD_BY_DESIGN.get(name, {})
+    named = [(f"student.{n}", p) for n, p in student.named_parameters()]
+    named += [(f"loss.{n}", p) for n, p in loss_mod.named_parameters() if p.requires_grad]
+    for pname, p in named:
+        reason = next((r for prefix, r in allowed.items() if pname.startswith(prefix)), None)
+        if reason is not None:
+            assert p.grad is None or not p.grad.any(), f"{name}: {pname} is allow-listed ({reason}) but got a gradient"
+            continue
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
+    metrics = getattr(loss_mod, "extra_metrics", dict)()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES.names() if LOSSES.meta(n).get("needs_teachers", True)])
+def test_needs_teachers_refuses_zero_teachers(name):
+    with pytest.raises(ValueError, match="needs at least one teacher"):
+        build_loss(name, make_ctx(0), **TEST_KWARGS.get(name, {}))
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_registered_with_paper_and_rejects_unknown_option(name):
+    meta = LOSSES.meta(name)
+    assert isinstance(meta.get("needs_teachers"), bool) and meta.get("paper"), meta
+    with pytest.raises(ValueError, match="bad options"):
+        build_loss(name, make_ctx(1), not_an_option_of_any_loss=1)
+
+
+# -- docs stay true to the code ------------------------------------------------------------
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_has_a_docs_page_naming_its_options(name):
+    page = ROOT / "docs" / "methods" / f"{name}.md"
+    assert page.exists(), f"no docs page {page.relative_to(ROOT)} for loss {name!r}"
+    text = page.read_text()
+    options = [p for p in list(inspect.signature(LOSSES.get(name)).parameters)[1:]]
+    undocumented = [o for o in options if f"`{o}`" not in text]
+    assert not undocumented, f"{page.relative_to(ROOT)} does not mention options {undocumented}"
+    assert f"name: {name}" in text, f"{page.relative_to(ROOT)} has no `distill.losses` YAML snippet"
+    index = (ROOT / "docs" / "methods" / "README.md").read_text()
+    assert f"({name}.md)" in index, f"docs/methods/README.md does not link {name}.md"
+
+
+# -- 2 real processes (gloo): identical buffers and parameters across ranks ---------------------
+WS, STEPS, GLOBAL_B = 2, 2, 16
+
+
+def _rank_run(name: str, rank: int) -> dict:
+    """Build loss `name` (+ ce, as a training recipe would) into the loop's DistillModule, wrap it
+    with DDP as Ray Train does, run STEPS steps on this rank's half of each global batch, and
+    compare every buffer and parameter with the other rank's (all-gathered)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ensemble_kd import dist
+    from ensemble_kd.train import DistillModule
+
+    torch.manual_seed(0)  # same initial weights on every rank, as seed_everything in the loop
+    ctx = make_ctx(3 if LOSSES.meta(name).get("needs_teachers", True) else 0)
+    losses = {name: build_loss(name, ctx, **default_kwargs(name))}
+    if name != "ce":
+        losses["ce"] = build_loss("ce", ctx)
+    module = DistillModule(TinyStudent(), losses, {n: 1.0 for n in losses})
+
+    def gathered_equal() -> dict[str, bool]:
+        out = {}
+        for kind, items in (("buffer", module.named_buffers()), ("param", module.named_parameters())):
+            for bname, b in sorted(items):
+                both = dist.all_gather_cat(b.detach().reshape(1, -1))  # (WS, n) in rank order
+                out[f"{kind}:{bname}"] = bool(all(torch.equal(both[0], both[r]) for r in range(WS)))
+        return out
+
+    at_init = gathered_equal()  # before DDP's own broadcast from rank 0
+    with warnings.catch_warnings():  # torch's rename notice; the loop passes the same option to Ray
+        warnings.simplefilter("ignore", FutureWarning)
+        model = DDP(module, broadcast_buffers=False)  # the loop's wrap (prepare_model)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(3))
+    step_losses = []
+    for step in range(STEPS):
+        rows = perm[step * GLOBAL_B: (step + 1) * GLOBAL_B].view(WS, -1)[rank]  # this rank's half
+        parts = model(make_batch(ctx, rows))
+        loss = sum(module.weights[n] * v for n, v in parts.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step_losses.append({n: float(v.detach()) for n, v in parts.items()})
+    return {"losses": step_losses, "at_init": at_init, "after": gathered_equal(),
+            "buffers": sorted(n for n, _ in module.named_buffers())}
+
+
+def _ws2_worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WS)
+    try:
+        results = {name: _rank_run(name, rank) for name in names}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_processes_keep_buffers_and_parameters_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    names = LOSSES.names()
+    ctx = mp.spawn(_ws2_worker, args=(str(tmp_path / "pg_init"), str(tmp_path), names), nprocs=WS, join=False)
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("2-process gloo test timed out")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WS)]
+    for name in names:
+        for r in range(WS):
+            res = per_rank[r][name]
+            assert len(res["losses"]) == STEPS
+            for step in res["losses"]:
+                assert set(step) >= {name} and all(math.isfinite(v) for v in step.values()), (name, r, step)
+            bad_init = [k for k, ok in res["at_init"].items() if not ok]
+            bad_after = [k for k, ok in res["after"].items() if not ok]
+            assert not bad_init, f"{name}: differs across ranks at build time: {bad_init}"
+            assert not bad_after, f"{name}: differs across ranks after {STEPS} steps: {bad_after}"
+        # the ranks saw different rows, so their losses differ: the comparison above is not vacuous
+        assert per_rank[0][name]["losses"][0][name] != per_rank[1][name]["losses"][0][name], name
+    # the memory-keeping losses really have buffers under test
+    for name in ("crd", "gacd"):
+        if name in names:
+            assert any("memory" in b for b in per_rank[0][name]["buffers"]), per_rank[0][name]["buffers"]
+
+
+# -- one real distillation (Ray Train) with the embedding/logit-level losses -------------------
+E2E_LOSSES = ["ce", "vid", "rkd", "sp", "pkt", "cc", "fitnet", "dkd"]
+
+
+@pytest.fixture(scope="module")
+def e2e_shards(ray_cluster, trained, tmp_path_factory):
+    """Like tests/test_distill.py's `shards`: an output dir with the session's teachers and their
+    train shards (module-scoped there, so built again here)."""
+    import shutil
+
+    from ensemble_kd.embed import run_embed
+    from tests.test_distill import distill_cfg
+
+    cfg, _ = trained
+    out = tmp_path_factory.mktemp("distill-registry")
+    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    dcfg = distill_cfg(out)
+    run_embed(dcfg, {t.name: out / "teachers" / f"{t.name}.pt" for t in dcfg.teachers}, progress=False,
+              log=lambda m: None)
+    return str(out)
+
+
+def test_distill_end_to_end_with_the_new_losses(e2e_shards):
+    from ensemble_kd.train import run_distill
+    from tests.test_distill import distill_cfg
+
+    cfg = distill_cfg(e2e_shards, **{"distill.epochs": 1, "distill.losses": [{"name": n} for n in E2E_LOSSES]})
+    res = run_distill(cfg, log=lambda m: None)
+    assert len(res.history) == 1
+    last = res.history[-1]
+    for n in E2E_LOSSES + ["total"]:
+        assert f"loss/{n}" in last and math.isfinite(last[f"loss/{n}"]), (n, last)
+    assert res.final_top1 is not None and math.isfinite(res.final_top1)
