@@ -28,9 +28,10 @@ def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], pat
     for i, name in enumerate(names):
         vals = np.asarray(groups[name]["values"], dtype=float)
         colour = SET_COLOURS.get(str(groups[name].get("teacher_set")), "#55a868")
-        ax.bar(i, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else 0.0, color=colour, alpha=0.85, capsize=4)
+        std = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        ax.bar(i, vals.mean(), yerr=std, color=colour, alpha=0.85, capsize=4)
         ax.scatter(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, color="k", s=10, zorder=3)
-        ax.text(i, vals.mean(), f"{vals.mean():.3f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, max(vals.mean() + std, vals.max()) + 0.004, f"{vals.mean():.3f}", ha="center", va="bottom", fontsize=8)
     lo = min(float(np.min(g["values"])) for g in groups.values()) if groups else 0.0
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
@@ -42,6 +43,9 @@ def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], pat
             pts = sorted((float(p["tau"]), float(p["top1"])) for p in sweep if int(p["num_negatives"]) == n)
             ax2.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=f"N = {n}")
         ax2.set_xscale("log")
+        taus = sorted({float(p["tau"]) for p in sweep})
+        ax2.set_xticks(taus, [f"{t:g}" for t in taus])
+        ax2.minorticks_off()
         ax2.set_xlabel("CRD temperature tau")
         ax2.set_ylabel("student test top-1")
         ax2.set_title("CRD sweep: tau and number of negatives N")

@@ -16,6 +16,12 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "RAY_DEDUP_LOGS": "1",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # Ray Train V2 patches print() on workers into its structured log, which the driver then shows a
+    # second time: every per-epoch line appeared twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Tune's legacy reporter honours verbose=0 (no banner, no status tables): the job prints its
+    # own line per trial.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -33,6 +39,9 @@ def quiet_ray_worker() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_DropStateApiNoise())
+    # Ray Train's INFO lines (every report, every checkpoint, every worker-group start) drown the
+    # job's own progress lines on a local machine; warnings and errors still come through.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def set_ray_env() -> None:

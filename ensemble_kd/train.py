@@ -126,6 +126,12 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 STATE_FILE = "state.pt"
 
 
+def reported(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What goes to Ray Train (and Tune): the scalar metrics. The per-rank buffer checksums stay in
+    the checkpointed history; Tune's loggers take scalars only."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
+
+
 def save_state(path: Path, module: DistillModule, opt, sched, epoch: int, history: list[dict], cfg: ExperimentConfig) -> None:
     atomic_torch_save({"module": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                        "epoch": epoch, "rng": _rng_state(), "history": history, "config": to_dict(cfg)}, path)
@@ -206,13 +212,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 from ensemble_kd.tracking import log_epoch
 
                 log_epoch(mlflow_run["uri"], mlflow_run["run_id"], metrics)
-            print("[distill] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+            if config.get("verbose", True):
+                print("[distill] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(Path(tmp) / STATE_FILE, module, opt, sched, epoch, history, cfg)
                 (Path(tmp) / "history.json").write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report(reported(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
-            ray.train.report(metrics)
+            ray.train.report(reported(metrics))
 
 
 @dataclass
@@ -262,15 +269,15 @@ def _train_split_only(cfg: ExperimentConfig, teachers: list[str]) -> ExperimentC
 
 def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: dict | None = None,
                 callbacks: list | None = None, extra_tags: dict[str, str] | None = None,
-                parent_run_id: str | None = None) -> DistillResult:
+                parent_run_id: str | None = None, verbose: bool = True) -> DistillResult:
     """Distil the configured student on Ray Train (Ray must be initialised); returns its history.
 
     With tracking on, the MLflow run is opened before training (nested under ``parent_run_id``,
     with ``extra_tags``), rank 0 logs every epoch into it, and it is closed FINISHED with the
     artifacts (or FAILED). ``callbacks``: Ray Train user callbacks (a Tune trial passes
-    ``TuneReportCallback``). ``fault`` is a test hook: ``{"kill_at_epoch": k, "marker": path}``
-    kills worker 0 once at the start of epoch k, to exercise Ray Train's restart from the last
-    checkpoint."""
+    ``TuneReportCallback``). ``verbose``: a ``[distill]`` line per epoch from rank 0. ``fault`` is
+    a test hook: ``{"kill_at_epoch": k, "marker": path}`` kills worker 0 once at the start of
+    epoch k, to exercise Ray Train's restart from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -297,7 +304,8 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
         mlflow_run = {"uri": tracking.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, extra_tags, parent_run_id)}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "train_shards": shards, "fault": fault, "mlflow": mlflow_run},
+        train_loop_config={"experiment": to_dict(cfg), "train_shards": shards, "fault": fault, "mlflow": mlflow_run,
+                           "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(out / "ray_results"),

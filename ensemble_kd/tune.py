@@ -88,7 +88,7 @@ def distill_trial(config: dict[str, Any]) -> None:
     tags = {**config.get("tags", {}), "tune_trial": trial_id,
             **{f"sweep.{k}": str(v) for k, v in (config.get("overrides") or {}).items()}}
     run_distill(cfg, log=lambda m: None, callbacks=[TuneReportCallback()], extra_tags=tags,
-                parent_run_id=config.get("parent_run_id"))
+                parent_run_id=config.get("parent_run_id"), verbose=False)  # the driver prints a line per trial
 
 
 @dataclass

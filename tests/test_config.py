@@ -68,7 +68,7 @@ def test_configs_are_frozen():
 def test_overrides_and_missing_file(tmp_path):
     cfg = load_config(None, {"teachers.0.epochs": 3, "output_dir": str(tmp_path)})
     assert cfg.output_dir == str(tmp_path) and cfg.teachers[0].epochs == 3
-    with pytest.raises(ConfigError, match="has no item 9"):
+    with pytest.raises(ConfigError, match="has no item '9'"):
         load_config(None, {"teachers.9.epochs": 3})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
