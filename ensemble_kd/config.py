@@ -271,6 +271,9 @@ def check_names(cfg: ExperimentConfig, source: str = "<config>") -> None:
     for n in cfg.distill.teachers:
         if n not in names:
             errs.append(f"distill.teachers: {n!r} is not a configured teacher; teachers: {names}")
+    if cfg.distill.adv_replay_teacher is not None and cfg.distill.adv_replay_teacher not in cfg.distill.teachers:
+        errs.append(f"distill.adv_replay_teacher: {cfg.distill.adv_replay_teacher!r} is not one of distill.teachers "
+                    f"{list(cfg.distill.teachers)}")
     if cfg.distill.student.arch not in ENCODERS:
         errs.append(f"distill.student.arch: {ENCODERS.unknown_message(cfg.distill.student.arch)}")
     if mods is not None and cfg.distill.student.modality not in mods:

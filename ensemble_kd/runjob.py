@@ -192,6 +192,13 @@ def run_main(cfg: ExperimentConfig, progress: bool = True, log: Callable[[str], 
                                    len(r.history), "TERMINATED", cfg.distill.seed)]
     summary = summarise(cfg, teachers, best, trials, uri, parent, time.perf_counter() - t0)
     path, plot = write_summary(out, summary)
+    if parent is not None:  # the table and the plot belong to the job's parent run too
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        for f in (path, plot):
+            if f is not None:
+                client.log_artifact(parent, str(f))
     log("")
     for line in format_table(summary):
         log(line)

@@ -81,3 +81,11 @@ def test_overrides_and_missing_file(tmp_path):
 def test_every_field_has_a_doc(cls):
     docs = field_docs(cls)
     assert docs and all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+def test_adv_replay_teacher_must_be_a_distill_teacher(tmp_path):
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=r"distill.adv_replay_teacher: 'pix_cnn' is not one of distill.teachers \['kar_mlp'\]"):
+        tiny_config(tmp_path, **{"distill.teachers": ["kar_mlp"], "distill.adv_replay_teacher": "pix_cnn"})
+    assert tiny_config(tmp_path, **{"distill.teachers": ["pix_cnn"], "distill.adv_replay_teacher": "pix_cnn"})

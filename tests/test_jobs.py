@@ -54,27 +54,28 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
     try:
-        deadline = time.time() + 120
-        while True:  # the job server answers once the dashboard is up
-            r = _ray("job", "list", "--address", address, env=env, check=False)
-            if r.returncode == 0:
+        submit = ["job", "submit", "--address", address, "--submission-id", "ekd-tiny", "--no-wait", "--",
+                  sys.executable, str(JOBS / "entrypoint.py"), "--config", str(JOBS / "configs" / "tiny-uci-mfeat.yaml"),
+                  "--out", str(out), "--no-progress"]
+        deadline = time.time() + 180
+        while True:  # the dashboard answers first; the job agent on the node comes up a little later
+            sub = _ray(*submit, env=env, check=False)
+            if sub.returncode == 0:
                 break
             assert head.poll() is None, f"ray start --head exited: {head.stdout.read()}"
-            assert time.time() < deadline, f"the job server at {address} did not come up: {r.stderr[-2000:]}"
-            time.sleep(2)
-        sub = _ray("job", "submit", "--address", address, "--submission-id", "ekd-tiny", "--no-wait", "--",
-                   sys.executable, str(JOBS / "entrypoint.py"), "--config", str(JOBS / "configs" / "tiny-uci-mfeat.yaml"),
-                   "--out", str(out), "--no-progress", env=env)
+            assert time.time() < deadline, f"the job server at {address} took no job: {sub.stderr[-2000:]}"
+            time.sleep(3)
         assert "ekd-tiny" in sub.stdout + sub.stderr
-        deadline = time.time() + 480
+        deadline = time.time() + 300
         status = ""
         while time.time() < deadline:
-            status = _ray("job", "status", "--address", address, "ekd-tiny", env=env).stdout
-            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            r = _ray("job", "status", "--address", address, "--log-color", "false", "ekd-tiny", env=env)
+            status = (r.stdout + r.stderr).lower()  # "Job 'ekd-tiny' succeeded" goes to the log stream
+            if any(f"job 'ekd-tiny' {s}" in status for s in ("succeeded", "failed", "stopped")):
                 break
             time.sleep(3)
         logs = _ray("job", "logs", "--address", address, "ekd-tiny", env=env).stdout
-        assert "SUCCEEDED" in status, f"job status: {status}\nlogs:\n{logs[-4000:]}"
+        assert "job 'ekd-tiny' succeeded" in status, f"job status: {status}\nlogs:\n{logs[-4000:]}"
         assert "mlflow ui --backend-store-uri" in logs and "kd-single" in logs
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM

@@ -68,6 +68,7 @@ def test_run_writes_summary_table_and_plot(ran, capsys):
     assert arms == ["crd+kd-single"] * 2 + ["student-ce"] * 2 + ["sweep:crd+kd-single"] * 2
     by_arm_seed = {(r.data.tags["arm"], r.data.tags["seed"]): r.data.metrics["final/test_top1"] for r in kids}
     assert [by_arm_seed[("student-ce", str(sd))] for sd in (0, 1)] == ce["top1"]
+    assert {a.path for a in client.list_artifacts(s["parent_run_id"])} == {"summary.json", "summary.png"}
 
     # compare reads the same store: grouped by arm, JSON and a plot with the tau points
     png = out / "cmp.png"
