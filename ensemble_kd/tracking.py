@@ -182,16 +182,21 @@ def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, st
 
 
 def crd_point(params: dict[str, str]) -> dict[str, float] | None:
-    """(tau, num_negatives) of a run's contrastive loss term (crd or gacd) from its flattened params."""
+    """(tau, num_negatives) of a run's contrastive loss term (crd or gacd) from its flattened params;
+    an option the config left out takes the loss builder's default (what the run actually used)."""
+    import inspect
     import re
+
+    from ensemble_kd.losses import LOSSES
 
     for k, v in params.items():
         m = re.fullmatch(r"distill\.losses\.(\d+)\.name", k)
         if m and v in ("crd", "gacd"):
             i = m.group(1)
-            tau, n = params.get(f"distill.losses.{i}.kwargs.tau"), params.get(f"distill.losses.{i}.kwargs.num_negatives")
-            if tau is not None and n is not None:
-                return {"tau": float(tau), "num_negatives": int(float(n))}
+            defaults = {p.name: p.default for p in inspect.signature(LOSSES.get(v)).parameters.values()}
+            tau = params.get(f"distill.losses.{i}.kwargs.tau", defaults["tau"])
+            n = params.get(f"distill.losses.{i}.kwargs.num_negatives", defaults["num_negatives"])
+            return {"tau": float(tau), "num_negatives": int(float(n))}
     return None
 
 

@@ -11,8 +11,13 @@ of starting a local one. Any ``ensemble-kd run`` argument works here (``--set``,
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from ensemble_kd.cli import main
+try:
+    from ensemble_kd.cli import main
+except ModuleNotFoundError:  # not pip-installed on the cluster: import it from the checkout this file is in
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ensemble_kd.cli import main
 
 COMMANDS = {"run", "tune", "distill", "embed", "select", "teachers", "compare"}
 

@@ -46,8 +46,13 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
     port, dash = _free_port(), _free_port()
+    # Every fixed default port gets a free one: the suite's own local cluster may still hold the
+    # defaults (a second dashboard agent on 52365 never starts, and the job server then has no agent).
+    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                       "runtime-env-agent-port", "metrics-export-port",
+                                                       "ray-client-server-port")]
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", *ports,
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--temp-dir={tmp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

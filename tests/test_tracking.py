@@ -75,3 +75,14 @@ def test_compare_groups_by_teacher_set_and_other_tags(tracked, capsys):
     assert "ensemble" in capsys.readouterr().out
     with pytest.raises(TrackingError, match="no MLflow experiment 'nope'.*arms"):
         compare(tracking_uri(cfg), "nope")
+
+
+def test_crd_point_reads_params_and_falls_back_to_the_loss_defaults():
+    from ensemble_kd.tracking import crd_point
+
+    assert crd_point({"distill.losses.0.name": "ce"}) is None
+    given = {"distill.losses.0.name": "kd", "distill.losses.1.name": "crd",
+             "distill.losses.1.kwargs.tau": "0.2", "distill.losses.1.kwargs.num_negatives": "4096"}
+    assert crd_point(given) == {"tau": 0.2, "num_negatives": 4096}
+    assert crd_point({"distill.losses.0.name": "crd"}) == {"tau": 0.07, "num_negatives": 16384}
+    assert crd_point({"distill.losses.2.name": "gacd"})["tau"] == 0.1
