@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -55,3 +56,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def read_json_manifest(d: str | Path, name: str, fmt: str, version: int, error: type[Exception], what: str,
+                       hint: str = "") -> dict[str, Any]:
+    """The JSON manifest ``d/name`` of an artifact directory (shard, selection), checked for its
+    format tag and version; any problem raises ``error`` naming the file (``what`` names the kind)."""
+    d = Path(d)
+    path = d / name
+    if not d.is_dir():
+        raise error(f"{what} not found: {d}{hint}")
+    if not path.is_file():
+        raise error(f"{what} {d} has no {name} (an unfinished or foreign directory)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{what} manifest {path} is unreadable: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise error(f"{path} is not an ensemble-kd {what} manifest")
+    if m.get("version") != version:
+        raise error(f"{path}: {what} version {m.get('version')} is not supported (this is {version})")
+    return m

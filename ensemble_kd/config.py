@@ -24,11 +24,22 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the field."""
 
 
+def _absolute(obj: Any, field: str) -> None:
+    """Make a path field absolute (against the working directory where the config is loaded):
+    Ray Train workers and Tune trials run in other working directories."""
+    v = getattr(obj, field)
+    if v is not None:
+        object.__setattr__(obj, field, str(Path(v).expanduser().resolve()))
+
+
 @dataclass(config=_FROZEN)
 class DataConfig:
     name: str = Field("uci-mfeat", description="registered dataset name (`ensemble-kd list datasets`)")
-    root: str | None = Field(None, description="directory of an on-disk dataset (cifar10, cifar100, image-folder); never downloaded")
+    root: str | None = Field(None, description="directory of an on-disk dataset (cifar10, cifar100, image-folder; relative: to the working directory); never downloaded")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the dataset builder (e.g. image_size)")
+
+    def __post_init__(self) -> None:
+        _absolute(self, "root")
 
 
 @dataclass(config=_FROZEN)
@@ -36,7 +47,7 @@ class TeacherConfig:
     name: str = Field(..., pattern=r"^[A-Za-z0-9_\-]+$", description="unique teacher name; prefixes its shard columns (`<name>.embedding`)")
     arch: str = Field("mlp", description="registered encoder (`ensemble-kd list encoders`)")
     modality: str = Field("pix", description="dataset modality the teacher reads (a view of the same samples)")
-    checkpoint: str | None = Field(None, description="use this existing checkpoint file instead of training one")
+    checkpoint: str | None = Field(None, description="use this existing checkpoint file instead of training one (relative: to the working directory)")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the encoder builder")
     seed: int = Field(0, description="seed for initialisation and data order")
     epochs: int = Field(30, ge=1, description="training epochs")
@@ -47,6 +58,9 @@ class TeacherConfig:
     weight_decay: float = Field(5e-4, ge=0, description="weight decay")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     augment: bool = Field(False, description="random crop+flip during training (image modalities only)")
+
+    def __post_init__(self) -> None:
+        _absolute(self, "checkpoint")
 
 
 @dataclass(config=_FROZEN)
@@ -86,6 +100,8 @@ class RayConfig:
     address: str | None = Field(None, description="Ray cluster address ('auto' inside `ray job submit`); None starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None = all)")
     object_store_memory: int | None = Field(None, ge=78643200, description="object store bytes of a local Ray")
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of Ray Train's own console logs (INFO: every report, checkpoint and worker-group start)")
 
 
 @dataclass(config=_FROZEN)
@@ -134,8 +150,7 @@ class DistillConfig:
     adv_replay_teacher: str | None = Field(None, description="teacher whose stored PGD deltas the student replays on adversarial rows; None = the one distill teacher of the student's modality")
 
     def __post_init__(self) -> None:
-        if self.selection is not None:  # absolute: Ray Train workers run in another working directory
-            object.__setattr__(self, "selection", str(Path(self.selection).expanduser().resolve()))
+        _absolute(self, "selection")
 
 
 @dataclass(config=_FROZEN)
@@ -196,7 +211,7 @@ class RunJobConfig:
 @dataclass(config=_FROZEN)
 class ExperimentConfig:
     name: str = Field("uci-mfeat-default", description="experiment name (MLflow experiment, output sub-folders)")
-    output_dir: str = Field("outputs", description="root of checkpoints, shards and results")
+    output_dir: str = Field("outputs", description="root of checkpoints, shards and results (relative: to the working directory)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device for teachers and students; auto = cuda if present")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset")
@@ -210,6 +225,7 @@ class ExperimentConfig:
     run: RunJobConfig = Field(default_factory=RunJobConfig, description="the arms, seeds and sweep of `ensemble-kd run`")
 
     def __post_init__(self) -> None:
+        _absolute(self, "output_dir")
         names = [t.name for t in self.teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -39,9 +41,25 @@ def quiet_ray_worker() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_DropStateApiNoise())
-    # Ray Train's INFO lines (every report, every checkpoint, every worker-group start) drown the
-    # job's own progress lines on a local machine; warnings and errors still come through.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+# Only for a Ray this process starts itself (one machine): Ray Train's preemption watcher (an extra
+# actor process per fit, polling for node drains that a local machine never has) costs about a
+# second of CPU per trial on 2 cores and prints a core-worker error line each time.
+LOCAL_RAY_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def quiet_train_reports(level: str) -> None:
+    """Ray Train V2 logs each ``ray.train.report`` at INFO on a logger named after its source file,
+    outside ``ray.train``, so ``LoggingConfig(log_level=...)`` does not reach it; give it the same
+    level (called on each worker)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(level)
 
 
 def set_ray_env() -> None:
@@ -70,17 +88,28 @@ def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    tmp = None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        kwargs = {"include_dashboard": False, "_temp_dir": short_temp_dir(), "log_to_driver": True,
+        tmp = short_temp_dir()
+        for k, v in LOCAL_RAY_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        kwargs = {"include_dashboard": False, "_temp_dir": tmp, "log_to_driver": True,
                   "runtime_env": {"worker_process_setup_hook": "ensemble_kd.raycluster.quiet_ray_worker"}}
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory is not None:
             kwargs["object_store_memory"] = cfg.object_store_memory
         ray.init(**kwargs)
+    ok = False
     try:
         yield True
+        ok = True
     finally:
         ray.shutdown()
+        if tmp is not None:  # keep /tmp bounded: a local cluster's session files go, but not after a failure
+            if ok and not os.environ.get("EKD_KEEP_RAY_LOGS"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                print(f"Ray's logs of this run: {tmp}/session_latest/logs", file=sys.stderr)

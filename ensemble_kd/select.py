@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble_kd import __version__
-from ensemble_kd.checkpoint import atomic_write, file_sha256
+from ensemble_kd.checkpoint import atomic_write, file_sha256, read_json_manifest
 from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from ensemble_kd.losses.base import TeacherBank
 from ensemble_kd.shards import ShardError, ShardSet
@@ -224,18 +224,8 @@ def load_selection(path: str | Path) -> Selection:
     """Read and verify a selection directory (manifest, file size and sha256, schema, key hash, values)."""
     d = Path(path)
     mpath = d / MANIFEST
-    if not d.is_dir():
-        raise SelectionError(f"selection not found: {d} (make one with `ensemble-kd select`)")
-    try:
-        m = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise SelectionError(f"selection {d} has no {MANIFEST} (an unfinished or foreign directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise SelectionError(f"selection manifest {mpath} is unreadable: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise SelectionError(f"{mpath} is not an ensemble-kd selection manifest")
-    if m.get("version") != VERSION:
-        raise SelectionError(f"{mpath}: selection version {m.get('version')} is not supported (this is {VERSION})")
+    m = read_json_manifest(d, MANIFEST, FORMAT, VERSION, SelectionError, "selection",
+                           hint=" (make one with `ensemble-kd select`)")
     missing = [k for k in ("selection_id", "key", "file", "num_classes", "class_accuracy", "dataset", "source_shards")
                if k not in m]
     if missing:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import torch
 
 from ensemble_kd import __version__
-from ensemble_kd.checkpoint import atomic_write, file_sha256
+from ensemble_kd.checkpoint import atomic_write, file_sha256, read_json_manifest
 
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
@@ -242,21 +242,7 @@ class ShardWriter:
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    d = Path(shard_dir)
-    path = d / MANIFEST
-    if not d.is_dir():
-        raise ShardCorruptError(f"shard directory not found: {d}")
-    if not path.is_file():
-        raise ShardCorruptError(f"shard {d} has no {MANIFEST} (an unfinished or foreign directory)")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardCorruptError(f"shard manifest {path} is unreadable: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ShardCorruptError(f"{path} is not an ensemble-kd shard manifest")
-    if m.get("version") != VERSION:
-        raise ShardCorruptError(f"{path}: shard version {m.get('version')} is not supported (this is {VERSION})")
-    return m
+    return read_json_manifest(shard_dir, MANIFEST, FORMAT, VERSION, ShardCorruptError, "shard")
 
 
 def check_manifest(shard_dir: str | Path, expected: ShardKey) -> dict[str, Any]:

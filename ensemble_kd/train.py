@@ -30,6 +30,7 @@ from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
 from ensemble_kd.devices import autocast, seed_everything
+from ensemble_kd.raycluster import quiet_train_reports
 from ensemble_kd.losses import DistillInputs, LossContext, build_loss
 from ensemble_kd import dist
 from modalities import build_dataset, build_encoder
@@ -144,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = from_dict(config["experiment"])
     d = cfg.distill
+    quiet_train_reports(cfg.ray.train_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -278,7 +280,7 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
     ``TuneReportCallback``). ``verbose``: a ``[distill]`` line per epoch from rank 0. ``fault`` is
     a test hook: ``{"kill_at_epoch": k, "marker": path}`` kills worker 0 once at the start of
     epoch k, to exercise Ray Train's restart from the last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     d = cfg.distill
@@ -310,7 +312,8 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
                                      resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(out / "ray_results"),
                              failure_config=FailureConfig(max_failures=d.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or [],
+                             logging_config=LoggingConfig(log_level=cfg.ray.train_log_level)),
     )
     try:
         result = trainer.fit()

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ensemble_kd.raycluster import set_ray_env
+from ensemble_kd.raycluster import LOCAL_RAY_ENV_DEFAULTS, set_ray_env
 
 set_ray_env()
+for _k, _v in LOCAL_RAY_ENV_DEFAULTS.items():  # the session's Ray is local, like a command's own
+    os.environ.setdefault(_k, _v)
 os.environ.setdefault("TQDM_DISABLE", "1")  # bars are for people; tests read the logs
 
 
@@ -62,3 +64,22 @@ def trained(tmp_path_factory):
     cfg = tiny_config(out)
     paths = ensure_teachers(cfg, progress=False, log=lambda m: None)
     return cfg, paths
+
+
+def spawn_processes(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes (a real gloo group in the tests);
+    fail the test, killing what is left, when they take longer than ``timeout_s``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{nprocs}-process test timed out after {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

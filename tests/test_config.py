@@ -10,6 +10,7 @@ from ensemble_kd.config import (
     flatten,
     from_dict,
     load_config,
+    to_dict,
     to_yaml,
 )
 
@@ -89,3 +90,16 @@ def test_adv_replay_teacher_must_be_a_distill_teacher(tmp_path):
     with pytest.raises(ConfigError, match=r"distill.adv_replay_teacher: 'pix_cnn' is not one of distill.teachers \['kar_mlp'\]"):
         tiny_config(tmp_path, **{"distill.teachers": ["kar_mlp"], "distill.adv_replay_teacher": "pix_cnn"})
     assert tiny_config(tmp_path, **{"distill.teachers": ["pix_cnn"], "distill.adv_replay_teacher": "pix_cnn"})
+
+
+def test_relative_paths_become_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
+    """Tune trials and Ray Train workers run in other working directories: every path field is
+    resolved against the directory the config was loaded in."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"output_dir": "out", "data.root": "data", "teachers.0.checkpoint": "ckpt/t.pt",
+                             "distill.selection": "sel", "run.arms": [], "run.sweep": None})
+    assert cfg.output_dir == str(tmp_path / "out") and cfg.data.root == str(tmp_path / "data")
+    assert cfg.teachers[0].checkpoint == str(tmp_path / "ckpt" / "t.pt")
+    assert cfg.distill.selection == str(tmp_path / "sel")
+    monkeypatch.chdir("/")
+    assert from_dict(to_dict(cfg)) == cfg  # already absolute: loading elsewhere changes nothing

@@ -82,6 +82,9 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         logs = _ray("job", "logs", "--address", address, "ekd-tiny", env=env).stdout
         assert "job 'ekd-tiny' succeeded" in status, f"job status: {status}\nlogs:\n{logs[-4000:]}"
         assert "mlflow ui --backend-store-uri" in logs and "kd-single" in logs
+        assert "[tune 2/2" in logs
+        # ray.train's INFO lines (a report per epoch, a checkpoint line each) stay out of the job's log
+        assert "Reporting training result" not in logs and "Checkpoint successfully created" not in logs
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
+from tests.conftest import spawn_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, D_IN, D_S, B = 48, 5, 7, 8, 12
@@ -208,19 +208,8 @@ def _ws2_worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> No
 
 
 def test_two_processes_keep_buffers_and_parameters_identical(tmp_path):
-    import torch.multiprocessing as mp
-
     names = LOSSES.names()
-    ctx = mp.spawn(_ws2_worker, args=(str(tmp_path / "pg_init"), str(tmp_path), names), nprocs=WS, join=False)
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("2-process gloo test timed out")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_processes(_ws2_worker, (str(tmp_path / "pg_init"), str(tmp_path), names), WS, timeout_s=180)
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WS)]
     for name in names:
         for r in range(WS):

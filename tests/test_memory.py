@@ -2,7 +2,6 @@
 real 2-process gloo run that checks the memory stays identical on every worker."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from ensemble_kd import dist
 from ensemble_kd.memory import MomentumMemory, NegativeSampler
+from tests.conftest import spawn_processes
 
 M, D, C = 120, 8, 4
 
@@ -207,18 +207,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_process_memory_consistency(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_worker, args=(str(tmp_path / "pg_init"), str(tmp_path)), nprocs=WS, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("2-process gloo test timed out")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_processes(_worker, (str(tmp_path / "pg_init"), str(tmp_path)), WS, timeout_s=120)
     lines = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(WS)]
     sums = [ln[0] for ln in lines]
     assert sums[0] == sums[1]
