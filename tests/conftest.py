@@ -83,3 +83,11 @@ def spawn_processes(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+def out_with_teachers(trained, tmp_path_factory, name: str) -> Path:
+    """A fresh output dir holding copies of the session's trained teachers (reused, not retrained)."""
+    cfg, _ = trained
+    out = tmp_path_factory.mktemp(name)
+    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    return out

@@ -5,7 +5,7 @@ import torch
 from ensemble_kd.config import ConfigError
 from ensemble_kd.embed import run_embed
 from ensemble_kd.train import run_distill
-from tests.conftest import tiny_config
+from tests.conftest import out_with_teachers, tiny_config
 
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 256, "per_sample": False, "feat_dim": 32}}
 
@@ -29,11 +29,7 @@ def distill_cfg(out, **over):
 @pytest.fixture(scope="module")
 def shards(ray_cluster, trained, tmp_path_factory):
     """An output dir of its own (the session's teachers copied in), with the train shards."""
-    import shutil
-
-    cfg, _ = trained
-    out = tmp_path_factory.mktemp("distill")
-    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    out = out_with_teachers(trained, tmp_path_factory, "distill")
     dcfg = distill_cfg(out)
     run_embed(dcfg, {t.name: out / "teachers" / f"{t.name}.pt" for t in dcfg.teachers}, progress=False, log=lambda m: None)
     return str(out)

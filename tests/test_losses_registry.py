@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
-from tests.conftest import spawn_processes
+from tests.conftest import out_with_teachers, spawn_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, D_IN, D_S, B = 48, 5, 7, 8, 12
@@ -237,14 +237,10 @@ E2E_LOSSES = ["ce", "vid", "rkd", "sp", "pkt", "cc", "fitnet", "dkd"]
 def e2e_shards(ray_cluster, trained, tmp_path_factory):
     """Like tests/test_distill.py's `shards`: an output dir with the session's teachers and their
     train shards (module-scoped there, so built again here)."""
-    import shutil
-
     from ensemble_kd.embed import run_embed
     from tests.test_distill import distill_cfg
 
-    cfg, _ = trained
-    out = tmp_path_factory.mktemp("distill-registry")
-    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    out = out_with_teachers(trained, tmp_path_factory, "distill-registry")
     dcfg = distill_cfg(out)
     run_embed(dcfg, {t.name: out / "teachers" / f"{t.name}.pt" for t in dcfg.teachers}, progress=False,
               log=lambda m: None)

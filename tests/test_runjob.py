@@ -1,6 +1,5 @@
 """`ensemble-kd run` with arms, seeds and a sweep at a tiny size, then `compare` on its MLflow store."""
 import json
-import shutil
 import statistics
 
 import pytest
@@ -9,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from ensemble_kd.cli import main
 from ensemble_kd.config import ConfigError, to_yaml
 from ensemble_kd.runjob import best_teacher
-from tests.conftest import tiny_config
+from tests.conftest import out_with_teachers, tiny_config
 
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 128, "feat_dim": 16, "per_sample": False}}
 
@@ -29,9 +28,7 @@ def run_cfg(out, **over):
 
 @pytest.fixture(scope="module")
 def ran(ray_cluster, trained, tmp_path_factory):
-    cfg, _ = trained
-    out = tmp_path_factory.mktemp("runjob")
-    shutil.copytree(cfg.checkpoint_dir, out / "teachers")  # the session's teachers: reused, not retrained
+    out = out_with_teachers(trained, tmp_path_factory, "runjob")
     c = run_cfg(out)
     p = out / "run.yaml"
     p.write_text(to_yaml(c))

@@ -1,6 +1,5 @@
 """MLflow for real: a SQLite store in a temp folder, runs from real distillations, compare."""
 import json
-import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,6 +9,7 @@ from ensemble_kd.config import to_yaml
 from ensemble_kd.embed import run_embed
 from ensemble_kd.tracking import TrackingError, compare, tracking_uri
 from ensemble_kd.train import run_distill
+from tests.conftest import out_with_teachers
 from tests.test_distill import distill_cfg
 
 ARMS = {
@@ -27,9 +27,7 @@ def cfg_for(out, arm, seed=0):
 @pytest.fixture(scope="module")
 def tracked(ray_cluster, trained, tmp_path_factory):
     """Three arms (two seeds of the ensemble) distilled and logged to one SQLite MLflow store."""
-    cfg, _ = trained
-    out = tmp_path_factory.mktemp("tracked")
-    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    out = out_with_teachers(trained, tmp_path_factory, "tracked")
     c0 = cfg_for(out, "ensemble")
     run_embed(c0, {n: out / "teachers" / f"{n}.pt" for n in ("pix_cnn", "kar_mlp")}, progress=False, log=lambda m: None)
     runs = {}

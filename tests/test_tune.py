@@ -1,6 +1,5 @@
 """Ray Tune for real: trials are Ray Train distillations on the session's local Ray, each an MLflow
 run (SQLite in a temp folder) nested under the sweep's parent run."""
-import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -9,6 +8,7 @@ from ensemble_kd.config import ConfigError
 from ensemble_kd.embed import run_embed
 from ensemble_kd.tracking import compare, tracking_uri
 from ensemble_kd.tune import domain, search_space, tune_sweep
+from tests.conftest import out_with_teachers
 from tests.test_distill import distill_cfg
 
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 128, "per_sample": False, "feat_dim": 16}}
@@ -25,9 +25,7 @@ def sweep_cfg(out, **over):
 
 @pytest.fixture(scope="module")
 def out(ray_cluster, trained, tmp_path_factory):
-    cfg, _ = trained
-    out = tmp_path_factory.mktemp("tune")
-    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    out = out_with_teachers(trained, tmp_path_factory, "tune")
     c = sweep_cfg(out)
     run_embed(c, {"kar_mlp": out / "teachers" / "kar_mlp.pt", "pix_cnn": out / "teachers" / "pix_cnn.pt"},
               progress=False, log=lambda m: None)
