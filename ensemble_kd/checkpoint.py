@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,6 +57,18 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def publish_dir(tmp: Path, final: Path, marker: str) -> None:
+    """Rename the finished temp directory ``tmp`` to ``final`` (atomic, so no half-written artifact
+    is ever seen at ``final``). When a concurrent writer of the same content-addressed artifact
+    published first (``final/marker`` exists), keep theirs and drop ``tmp``."""
+    try:
+        os.rename(tmp, final)  # fails when final exists
+    except OSError:
+        if not (final / marker).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json_manifest(d: str | Path, name: str, fmt: str, version: int, error: type[Exception], what: str,

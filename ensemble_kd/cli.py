@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +72,10 @@ def _embed(cfg: ExperimentConfig, paths: dict[str, Path], progress: bool) -> lis
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ensemble_kd.teachers import checkpoint_path, read_checkpoint
+    from ensemble_kd.teachers import existing_checkpoints
 
     cfg = _config(args)
-    paths = {}
-    for t in cfg.teachers:
-        p = checkpoint_path(cfg, t)
-        if not p.exists():
-            raise ConfigError(f"teacher {t.name!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first")
-        read_checkpoint(p)
-        paths[t.name] = p
+    paths = existing_checkpoints(cfg, [t.name for t in cfg.teachers])
     results = _embed(cfg, paths, not args.no_progress)
     _log(f"shards under {cfg.shard_dir}: {len(results)} ({sum(r.reused for r in results)} reused)")
     return 0
@@ -92,16 +85,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     """DFND: score the pool (`data`) with the teachers, keep the confident rows, write the selection."""
     from ensemble_kd.raycluster import ray_session
     from ensemble_kd.select import run_select, selection_teachers
-    from ensemble_kd.teachers import checkpoint_path, read_checkpoint
+    from ensemble_kd.teachers import existing_checkpoints
 
     cfg = _config(args)
-    paths = {}
-    for n in selection_teachers(cfg):
-        p = checkpoint_path(cfg, cfg.teacher(n))
-        if not p.exists():
-            raise ConfigError(f"teacher {n!r} has no checkpoint at {p}: train it (`ensemble-kd teachers train`) or set its checkpoint")
-        read_checkpoint(p)
-        paths[n] = p
+    paths = existing_checkpoints(cfg, selection_teachers(cfg))
     with ray_session(cfg.ray):
         res = run_select(cfg, paths, progress=not args.no_progress, log=_log)
     m = res.manifest
@@ -150,7 +137,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with ray_session(cfg.ray):
         res = run_distill(cfg, resume=args.resume, log=_log)
-    _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir).resolve() / 'ray_results' / res.run_name}")
+    _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0
 
 

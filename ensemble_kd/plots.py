@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ensemble_kd.checkpoint import atomic_write
+
 SET_COLOURS = {"none": "#8c8c8c", "single": "#4c72b0", "ensemble": "#dd8452"}
 
 
@@ -20,7 +22,6 @@ def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], pat
     import numpy as np
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ncols = 2 if sweep else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
     ax = axes[0, 0]
@@ -51,8 +52,8 @@ def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], pat
         ax2.set_title("CRD sweep: tau and number of negatives N")
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ensemble_kd.checkpoint import atomic_write
 from ensemble_kd.config import ArmConfig, ExperimentConfig, arm_config, to_dict
 
 SUMMARY = "summary.json"
@@ -61,14 +61,10 @@ def effective_arms(cfg: ExperimentConfig) -> tuple[ArmConfig, ...]:
     return (ArmConfig(name="distill", teachers=tuple(cfg.distill.teachers), losses=cfg.distill.losses),)
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 def summarise(cfg: ExperimentConfig, teachers: dict[str, dict[str, Any]], best: str | None, trials, uri: str | None,
               parent: str | None, seconds: float) -> dict[str, Any]:
     """summary.json: teachers, arms (mean +- std over seeds), sweep points, where MLflow is."""
-    from ensemble_kd.tracking import experiment_name, run_tags
+    from ensemble_kd.tracking import experiment_name, mean_std, run_tags
 
     arms: dict[str, Any] = {}
     by_name = {a.name: a for a in effective_arms(cfg)}
@@ -85,7 +81,7 @@ def summarise(cfg: ExperimentConfig, teachers: dict[str, dict[str, Any]], best: 
             continue
         c = arm_config(cfg, by_name[name], best, arms[name]["seeds"][0])
         tags = run_tags(c)
-        mean, std = _mean_std(arms[name]["values"])
+        mean, std = mean_std(arms[name]["values"])
         order = sorted(range(len(arms[name]["seeds"])), key=lambda i: arms[name]["seeds"][i])
         out_arms[name] = {"teacher_set": tags["teacher_set"], "teachers": list(c.distill.teachers), "method": tags["method"],
                           "mean_top1": mean, "std_top1": std, "seeds": [arms[name]["seeds"][i] for i in order],
@@ -121,10 +117,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> tuple[Path, Path | None
         plot = plot_comparison(groups, pts, out / PLOT, title=f"{summary['dataset']}: student "
                                f"{summary['student']['arch']} on {summary['student']['modality']}")
         summary = {**summary, "plot": str(plot)}
-    path = out / SUMMARY
-    tmp = out / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    path = atomic_write(out / SUMMARY, lambda f: f.write(json.dumps(summary, indent=2).encode()))
     return path, plot
 
 
@@ -156,7 +149,7 @@ def run_main(cfg: ExperimentConfig, progress: bool = True, log: Callable[[str], 
     from ensemble_kd.tracking import tracking_uri
 
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir).resolve()
+    out = Path(cfg.output_dir)
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
     paths = ensure_teachers(cfg, progress=progress, log=log)
     teachers = teacher_summary(paths)
@@ -165,7 +158,7 @@ def run_main(cfg: ExperimentConfig, progress: bool = True, log: Callable[[str], 
     parent, trials = None, []
     with ray_session(cfg.ray):
         shards = run_embed(cfg, paths, progress=progress, log=log)
-        log(f"{len(shards)} shards under {cfg.shard_dir.resolve()} ({sum(r.reused for r in shards)} reused); "
+        log(f"{len(shards)} shards under {cfg.shard_dir} ({sum(r.reused for r in shards)} reused); "
             f"inspect them with: ensemble-kd shards inspect {cfg.shard_dir}")
         if cfg.run.arms:
             from ray import tune

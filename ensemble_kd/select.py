@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 import uuid
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble_kd import __version__
-from ensemble_kd.checkpoint import atomic_write, file_sha256, read_json_manifest
+from ensemble_kd.checkpoint import atomic_write, file_sha256, publish_dir, read_json_manifest
 from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from ensemble_kd.losses.base import TeacherBank
 from ensemble_kd.shards import ShardError, ShardSet
@@ -208,12 +207,7 @@ def write_selection(root: str | Path, key: dict[str, Any], sample_ids: np.ndarra
                 **manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "ensemble_kd_version": __version__}
         atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(full, indent=2).encode()))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MANIFEST).exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent identical selection won the race: keep it
+        publish_dir(tmp, final, MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

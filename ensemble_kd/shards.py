@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 import uuid
@@ -39,7 +38,7 @@ import pyarrow as pa
 import torch
 
 from ensemble_kd import __version__
-from ensemble_kd.checkpoint import atomic_write, file_sha256, read_json_manifest
+from ensemble_kd.checkpoint import atomic_write, file_sha256, publish_dir, read_json_manifest
 
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
@@ -227,13 +226,7 @@ class ShardWriter:
             "ensemble_kd_version": __version__,
         }
         atomic_write(self.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        try:
-            os.rename(self.tmp, self.final)  # atomic; fails if another writer published first
-        except OSError:
-            if (self.final / MANIFEST).exists():  # a concurrent identical shard won the race: keep it
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            else:
-                raise
+        publish_dir(self.tmp, self.final, MANIFEST)
         return manifest
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ensemble_kd.checkpoint import atomic_torch_save, state_dict_hash
-from ensemble_kd.config import DataConfig, ExperimentConfig, TeacherConfig, config_hash, to_dict
+from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, config_hash, to_dict
 from ensemble_kd.devices import autocast, resolve_device, seed_everything
 from ensemble_kd.views import apply_view, draw_views
 from modalities import Encoder, ModalitySpec, PairedDataset, build_dataset, build_encoder
@@ -152,6 +152,21 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu", name: str
 def checkpoint_path(cfg: ExperimentConfig, t: TeacherConfig) -> Path:
     """Where the teacher's checkpoint is: its own file if given, else ``<output_dir>/teachers/<name>.pt``."""
     return Path(t.checkpoint) if t.checkpoint else cfg.checkpoint_dir / f"{t.name}.pt"
+
+
+def existing_checkpoints(cfg: ExperimentConfig, names: list[str], verify: bool = True) -> dict[str, Path]:
+    """name -> checkpoint file of each named teacher, refusing a missing one (and, with ``verify``,
+    an unreadable one) before any Ray work starts."""
+    paths = {}
+    for n in names:
+        p = checkpoint_path(cfg, cfg.teacher(n))
+        if not p.exists():
+            raise ConfigError(f"teacher {n!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first "
+                              "(or set the teacher's checkpoint)")
+        if verify:
+            read_checkpoint(p)
+        paths[n] = p
+    return paths
 
 
 @torch.no_grad()

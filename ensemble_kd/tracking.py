@@ -34,7 +34,7 @@ def tracking_uri(cfg: ExperimentConfig) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(cfg.output_dir).resolve() / 'mlflow.db')}"
+    return f"sqlite:///{Path(cfg.output_dir) / 'mlflow.db'}"
 
 
 def experiment_name(cfg: ExperimentConfig) -> str:
@@ -126,17 +126,17 @@ def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in _numeric_metrics(metrics).items()])
 
 
-def finish_distill_run(cfg: ExperimentConfig, run_id: str, history: list[dict[str, Any]], student_path: Path | None,
-                       status: str = "FINISHED") -> None:
-    """Final metric, the config YAML and the student checkpoint as artifacts, then the run's end status."""
+def finish_distill_run(cfg: ExperimentConfig, run_id: str, final_top1: float | None, epochs: int,
+                       student_path: Path | None, status: str = "FINISHED") -> None:
+    """Final metric (at step ``epochs``), the config YAML and the student checkpoint as artifacts,
+    then the run's end status."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
     try:
-        final = next((h["test_top1"] for h in reversed(history) if "test_top1" in h), None)
-        if final is not None:
-            client.log_batch(run_id, metrics=[Metric("final/test_top1", float(final), 0, len(history))])
+        if final_top1 is not None:
+            client.log_batch(run_id, metrics=[Metric("final/test_top1", float(final_top1), 0, epochs)])
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "config.yaml"
             p.write_text(to_yaml(cfg))
@@ -153,17 +153,6 @@ def fail_distill_run(cfg: ExperimentConfig, run_id: str) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "FAILED")
-
-
-def log_distill_run(cfg: ExperimentConfig, history: list[dict[str, Any]], student_path: Path | None,
-                    run_name: str, extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    """Record one finished distillation in MLflow in one go (params, tags, every epoch, artifacts)."""
-    rid = start_distill_run(cfg, run_name, extra_tags, parent_run_id)
-    uri = tracking_uri(cfg)
-    for h in history:
-        log_epoch(uri, rid, h)
-    finish_distill_run(cfg, rid, history, student_path)
-    return rid
 
 
 def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED",
@@ -200,6 +189,11 @@ def crd_point(params: dict[str, str]) -> dict[str, float] | None:
     return None
 
 
+def mean_std(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of top-1 over runs, e.g. seeds."""
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
 def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[str, Any]:
     """Mean +- std (sample std over the runs, e.g. seeds) of the final test top-1 per value of tag
     ``group_by``, the best run of each, and ``sweep``: the runs' CRD (tau, N, top-1) points where
@@ -226,10 +220,11 @@ def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[st
         vals = [v for v, _ in runs]
         best_v, best = max(runs, key=lambda x: x[0])
         sets = {r.data.tags.get("teacher_set") for _, r in runs}
+        mean, std = mean_std(vals)
         rows[g] = {
             "runs": len(vals),
-            "mean_top1": statistics.fmean(vals),
-            "std_top1": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "mean_top1": mean,
+            "std_top1": std,
             "best_top1": best_v,
             "values": vals,
             "teacher_set": sets.pop() if len(sets) == 1 else None,

@@ -237,22 +237,19 @@ class DistillResult:
 def train_shard_dirs(cfg: ExperimentConfig) -> dict[str, str]:
     """Train-split shard directory of every distill teacher, checked to exist."""
     from ensemble_kd.embed import plan_shards
-    from ensemble_kd.teachers import checkpoint_path
+    from ensemble_kd.teachers import existing_checkpoints
 
     names = list(cfg.distill.teachers)
     if not names:
         return {}
     sub = _train_split_only(cfg, names)
-    ckpts = {n: checkpoint_path(cfg, cfg.teacher(n)) for n in names}
-    for n, p in ckpts.items():
-        if not p.exists():
-            raise ConfigError(f"teacher {n!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first")
+    ckpts = existing_checkpoints(cfg, names, verify=False)  # plan_shards reads (and verifies) each next
     out = {}
     for name, _split, key, _n in plan_shards(sub, ckpts):
         dr = cfg.shard_dir / key.dirname
         if not dr.exists():
             raise ConfigError(f"no train shard of teacher {name!r} at {dr}: run `ensemble-kd embed` first")
-        out[name] = str(dr.resolve())  # absolute: Ray Train workers run in another working directory
+        out[name] = str(dr)  # absolute, as output_dir is: Ray Train workers run in another working directory
     if cfg.distill.selection:  # DFND: refuse a corrupt or mismatched selection before any worker starts
         from ensemble_kd.select import check_selection, load_selection
         from ensemble_kd.shards import read_manifest
@@ -285,7 +282,7 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
 
     d = cfg.distill
     shards = train_shard_dirs(cfg)
-    out = Path(cfg.output_dir).resolve()
+    out = Path(cfg.output_dir)
     last = out / "distill" / "last_run.txt"
     if d.run_name:
         name = d.run_name
@@ -333,7 +330,7 @@ def run_distill(cfg: ExperimentConfig, resume: bool = False, log=print, fault: d
     hist = st["history"]
     top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
     if mlflow_run:
-        tracking.finish_distill_run(cfg, mlflow_run["run_id"], hist, spath)
+        tracking.finish_distill_run(cfg, mlflow_run["run_id"], top1, len(hist), spath)
         log(f"distill: MLflow run {mlflow_run['run_id']} in experiment {tracking.experiment_name(cfg)!r} at {mlflow_run['uri']}")
     log(f"distill: run {name} done: test top-1 {top1:.4f}; student at {spath}")
     return DistillResult(name, hist, spath, top1, result.checkpoint.path, mlflow_run and mlflow_run["run_id"])

@@ -142,10 +142,11 @@ class _ProgressLines:
         self.done += 1
         r = trial.last_result or {}
         v = r.get(self.metric)
-        label = trial_spec(trial.config).get("label") or trial.trial_id
+        spec = trial_spec(trial.config)
+        label = spec.get("label") or trial.trial_id
         if v is not None and (self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0])):
             self.best = (v, label)
-        stopped = " (stopped early)" if what == "done" and r.get("epoch", 0) < trial.config.get("epochs", 0) else ""
+        stopped = " (stopped early)" if what == "done" and r.get("epoch", 0) < spec["base"]["distill"]["epochs"] else ""
         val = f"{self.metric}={v:.4f}" if isinstance(v, (int, float)) else f"{self.metric}=n/a"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
         self.log(f"[tune {self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {label}: {what}{stopped} "
@@ -165,7 +166,7 @@ def run_trials(cfg: ExperimentConfig, param_space: dict[str, Any], *, name: str,
 
     t0 = time.perf_counter()
     tc = cfg.tune
-    out = Path(cfg.output_dir).resolve()
+    out = Path(cfg.output_dir)
     parent, uri, exp_id = None, None, None
     if cfg.tracking.enabled:
         from mlflow.tracking import MlflowClient
@@ -176,7 +177,7 @@ def run_trials(cfg: ExperimentConfig, param_space: dict[str, Any], *, name: str,
         exp_id = ensure_experiment(uri, experiment_name(cfg), out / "mlartifacts")
         client = MlflowClient(uri)
         parent = client.create_run(exp_id, run_name=name, tags={"ekd.kind": "sweep", **(parent_tags or {})}).info.run_id
-    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name, "epochs": cfg.distill.epochs}
+    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name}
     space = {**fixed, **param_space}
     if scheduler == "asha":
         sched = ASHAScheduler(time_attr="epoch", max_t=cfg.distill.epochs, grace_period=min(tc.grace_period, cfg.distill.epochs),
@@ -242,6 +243,7 @@ def tune_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swe
         f"{cfg.distill.num_workers} x {cfg.distill.cpus_per_worker} CPU per trial's workers")
     from ensemble_kd.tracking import run_tags
 
+    tags = run_tags(cfg)
     return run_trials(cfg, {"overrides": space, "tags": {}}, name=name, num_trials=grid_points,
                       scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
-                      parent_tags={"method": run_tags(cfg)["method"], "teacher_set": run_tags(cfg)["teacher_set"]}, log=log)
+                      parent_tags={"method": tags["method"], "teacher_set": tags["teacher_set"]}, log=log)

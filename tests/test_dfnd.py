@@ -12,7 +12,7 @@ from ensemble_kd.config import ConfigError
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.dfnd import DFNDLoss, initial_q, noisy_adaptation_loss
 from ensemble_kd.select import (
-    Selected, SelectionError, check_selection, keep_count, load_selection, run_select, select_confident,
+    SelectionError, check_selection, keep_count, load_selection, run_select, select_confident,
     write_selection,
 )
 from tests.conftest import tiny_config
