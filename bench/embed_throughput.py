@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensemble_kd.config import from_dict, to_dict  # noqa: E402
-from ensemble_kd.embed import TeacherEmbedder, embed_rows, plan_shards  # noqa: E402
 from ensemble_kd.raycluster import ray_session  # noqa: E402
-from ensemble_kd.teachers import load_teacher, save_teacher  # noqa: E402
+from ensemble_kd.stages.embed import TeacherEmbedder, embed_rows, plan_shards  # noqa: E402
+from ensemble_kd.stages.teachers import existing  # noqa: E402
+from ensemble_kd.teacher_checkpoint import load_teacher, save_teacher  # noqa: E402
 from modalities import build_dataset, build_encoder  # noqa: E402
 
 
@@ -46,7 +48,7 @@ def main() -> None:
             "output_dir": str(out), "device": "cpu",
             "data": {"name": args.dataset},
             "teachers": [{"name": "t", "arch": args.arch, "modality": args.modality}],
-            "embed": {"splits": ["train"], "batch_size": args.batch_size, "num_cpus_per_actor": 1,
+            "embed": {"splits": ["train"], "batch_size": args.batch_size, "cpus_per_actor": 1,
                       "views": {"num_views": args.views, "crop_padding": 2, "flip": True}},
             "ray": {"num_cpus": 1},
         })
@@ -67,12 +69,10 @@ def main() -> None:
                 embed_rows(teacher, ds, np.arange(s, min(s + per, len(ds))), cfg.embed.views, torch.device("cpu"), False)
             bare.append(rows / (time.perf_counter() - t0))
 
-        import ray
-
         e2e, steady = [], []
         with ray_session(cfg.ray):
             actor_cls = ray.remote(TeacherEmbedder)
-            (_, _, key, _), = plan_shards(cfg, {"t": ck})
+            (_, _, key, _), = plan_shards(existing(cfg.teachers, out), cfg.data, ["train"], cfg.embed)
             for r in range(args.repeats):
                 root = out / f"shards{r}"
                 t0 = time.perf_counter()

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ensemble_kd import pipeline  # noqa: E402
 from ensemble_kd.config import load_config  # noqa: E402
 from ensemble_kd.data import DistillData  # noqa: E402
-from ensemble_kd.embed import run_embed  # noqa: E402
 from ensemble_kd.losses.kd import kd_loss  # noqa: E402
+from ensemble_kd.loop import build_module  # noqa: E402
 from ensemble_kd.raycluster import ray_session  # noqa: E402
-from ensemble_kd.teachers import ensure_teachers, load_teacher  # noqa: E402
-from ensemble_kd.train import build_module, train_shard_dirs  # noqa: E402
+from ensemble_kd.teacher_checkpoint import load_teacher  # noqa: E402
 from modalities import build_dataset  # noqa: E402
 
 
@@ -48,14 +48,14 @@ STUDENT: dict = {}
 
 def ours(cfg, teachers, losses, ds, rows, steps):
     c = load_config(None, {"output_dir": cfg.output_dir, "distill.teachers": teachers, "distill.losses": losses, **STUDENT})
-    data = DistillData(ds, c.distill.student.modality, train_shard_dirs(c) if teachers else None)
+    data = DistillData(ds, c.distill.student.modality, pipeline.train_shards(c) if teachers else None)
     torch.manual_seed(0)
     m = build_module(c, data, ds.num_classes, torch.device("cpu"))
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
     def step():
         parts = m(data.batch(rows, torch.device("cpu")))
-        loss = sum(m.weights[k] * v for k, v in parts.items())
+        loss = sum(m.weights[k] * out.loss for k, out in parts.items())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,9 +128,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ekd-bench-") as tmp:
         cfg = load_config(None, {"output_dir": tmp, "embed.splits": ["train"],
                                  **{f"teachers.{i}.epochs": 2 for i in range(3)}})
-        paths = ensure_teachers(cfg, progress=False, log=lambda m: None)
+        teachers = pipeline.train_teachers(cfg, progress=False, log=lambda m: None)
+        paths = teachers.paths()
         with ray_session(cfg.ray):
-            run_embed(cfg, paths, progress=False, log=lambda m: None)
+            pipeline.embed(cfg, teachers, progress=False, log=lambda m: None)
         torch.set_num_threads(1)  # one core per step, as a 1-CPU Ray Train worker runs
         ds = build_dataset("uci-mfeat", "train")
         rows = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[: args.batch]

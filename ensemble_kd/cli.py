@@ -3,6 +3,7 @@
     ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards -> distilled student)
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
     ensemble-kd embed [--config FILE]                 teachers -> Arrow shards through Ray actors
+    ensemble-kd select [--config FILE]                DFND: keep the pool rows the teachers are sure of
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
     ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
     ensemble-kd compare [--experiment NAME] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -24,7 +26,14 @@ from typing import Any
 
 import yaml
 
-from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, load_config, to_yaml
+from ensemble_kd import config
+from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, to_yaml
+from ensemble_kd.losses import LOSSES
+from ensemble_kd.shards import ShardError, inspect as inspect_shards
+from ensemble_kd.teacher_checkpoint import CheckpointError
+from modalities import DATASETS, ENCODERS
+from modalities.datasets.base import DatasetError
+from modalities.registry import UnknownNameError
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -41,7 +50,16 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     over = _overrides(args.set or [])
     if getattr(args, "out", None):
         over["output_dir"] = args.out
-    return load_config(args.config, over)
+    return _pipeline().load(args.config, over)
+
+
+def _pipeline():
+    """The pipeline module, imported on first use: it pulls in Ray, Ray Train/Tune, MLflow and
+    torch (about 4 s on 2 cores, measured with `python -X importtime -m ensemble_kd.cli list
+    losses`), which `list`, `config` and `--help` do not need."""
+    from ensemble_kd import pipeline
+
+    return pipeline
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -55,42 +73,28 @@ def _log(msg: str) -> None:
 
 
 def cmd_teachers_train(args: argparse.Namespace) -> int:
-    from ensemble_kd.teachers import ensure_teachers, teacher_summary
-
     cfg = _config(args)
-    paths = ensure_teachers(cfg, progress=not args.no_progress, retrain=args.retrain, log=_log)
-    print(json.dumps(teacher_summary(paths), indent=2))
+    ts = _pipeline().train_teachers(cfg, retrain=args.retrain, progress=not args.no_progress, log=_log)
+    print(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
     return 0
 
 
-def _embed(cfg: ExperimentConfig, paths: dict[str, Path], progress: bool) -> list:
-    from ensemble_kd.embed import run_embed
-    from ensemble_kd.raycluster import ray_session
-
-    with ray_session(cfg.ray):
-        return run_embed(cfg, paths, progress=progress, log=_log)
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ensemble_kd.teachers import existing_checkpoints
-
+    p = _pipeline()
     cfg = _config(args)
-    paths = existing_checkpoints(cfg, [t.name for t in cfg.teachers])
-    results = _embed(cfg, paths, not args.no_progress)
-    _log(f"shards under {cfg.shard_dir}: {len(results)} ({sum(r.reused for r in results)} reused)")
+    teachers = p.existing_teachers(cfg)
+    with p.ray_session(cfg.ray):
+        shards = p.embed(cfg, teachers, progress=not args.no_progress, log=_log)
+    _log(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     """DFND: score the pool (`data`) with the teachers, keep the confident rows, write the selection."""
-    from ensemble_kd.raycluster import ray_session
-    from ensemble_kd.select import run_select, selection_teachers
-    from ensemble_kd.teachers import existing_checkpoints
-
+    p = _pipeline()
     cfg = _config(args)
-    paths = existing_checkpoints(cfg, selection_teachers(cfg))
-    with ray_session(cfg.ray):
-        res = run_select(cfg, paths, progress=not args.no_progress, log=_log)
+    with p.ray_session(cfg.ray):
+        res = p.select(cfg, progress=not args.no_progress, log=_log)
     m = res.manifest
     _log(f"kept {m['num_rows']} of {m['pool_rows']} pool rows; per pseudo-class (kept/pool):")
     _log("  " + "  ".join(f"{c}:{k}/{n}" for c, (k, n) in enumerate(zip(m["counts_per_class"], m["pool_counts_per_class"]))))
@@ -106,19 +110,15 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ensemble_kd.runjob import run_main
-
-    run_main(_config(args), progress=not args.no_progress, log=_log)
+    _pipeline().run(_config(args), progress=not args.no_progress, log=_log)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ensemble_kd.raycluster import ray_session
-    from ensemble_kd.tune import tune_sweep
-
+    p = _pipeline()
     cfg = _config(args)
-    with ray_session(cfg.ray):
-        res = tune_sweep(cfg, log=_log)
+    with p.ray_session(cfg.ray):
+        res = p.sweep(cfg, log=_log)
     _log(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
          + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
     if res.best is not None:
@@ -131,27 +131,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from ensemble_kd.raycluster import ray_session
-    from ensemble_kd.train import run_distill
-
+    p = _pipeline()
     cfg = _config(args)
-    with ray_session(cfg.ray):
-        res = run_distill(cfg, resume=args.resume, log=_log)
+    with p.ray_session(cfg.ray):
+        res = p.distill(cfg, resume=args.resume, log=_log)
     _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    # here, not at the top, for the reason _pipeline() gives (MLflow and matplotlib: about 4 s)
+    from ensemble_kd.plots import plot_comparison
     from ensemble_kd.tracking import compare, experiment_name, tracking_uri
 
     cfg = _config(args)
     uri = args.uri or tracking_uri(cfg)
     res = compare(uri, args.experiment or experiment_name(cfg), args.group_by)
     if args.plot:
-        from ensemble_kd.plots import plot_comparison
-
         groups = {g: {"values": r["values"], "teacher_set": r.get("teacher_set")} for g, r in res["groups"].items()}
-        res["plot"] = str(plot_comparison(groups, res["sweep"], args.plot, title=f"{res['experiment']} by {args.group_by}"))
+        axes = [k for k in res["sweep"][0] if k not in ("top1", "runs")] if res["sweep"] else None
+        res["plot"] = str(plot_comparison(groups, res["sweep"], args.plot, title=f"{res['experiment']} by {args.group_by}",
+                                          axes=axes))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -164,16 +164,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
-    from ensemble_kd.shards import inspect
-
-    print(json.dumps(inspect(args.dir, verify=args.verify), indent=2))
+    print(json.dumps(inspect_shards(args.dir, verify=args.verify), indent=2))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ensemble_kd.losses import LOSSES
-    from modalities import DATASETS, ENCODERS
-
     reg = {"datasets": DATASETS, "encoders": ENCODERS, "losses": LOSSES}[args.what]
     for name in reg.names():
         meta = {k: v for k, v in reg.meta(name).items() if k != "test_shape"}
@@ -185,75 +180,48 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(to_yaml(_config(args)), end="")
         return 0
-    from ensemble_kd import config as c
-
-    import inspect
-
-    classes = [obj for _, obj in inspect.getmembers(c, dataclasses.is_dataclass) if obj.__module__ == c.__name__]
-    for cls in sorted(classes, key=lambda k: (k is not c.ExperimentConfig, k.__name__)):
+    classes = [obj for _, obj in inspect.getmembers(config, dataclasses.is_dataclass) if obj.__module__ == config.__name__]
+    for cls in sorted(classes, key=lambda k: (k is not config.ExperimentConfig, k.__name__)):
         print(f"{cls.__name__}:")
         for f in dataclasses.fields(cls):
             print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
     return 0
 
 
+def _verb(sub, name: str, help: str, func, config: bool = True) -> argparse.ArgumentParser:
+    """One sub-command; with ``config``, the config arguments and ``--out``."""
+    p = sub.add_parser(name, help=help)
+    if config:
+        _add_config_args(p)
+        p.add_argument("--out", help="output folder (overrides output_dir)")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ensemble-kd", description="Ensemble and cross-modal knowledge distillation on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="the main job on a config (default: embedded uci-mfeat): teachers -> shards -> student")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (overrides output_dir)")
-    p.set_defaults(func=cmd_run)
-
+    _verb(sub, "run", "the main job on a config (default: embedded uci-mfeat): teachers -> shards -> student", cmd_run)
     t = sub.add_parser("teachers", help="teacher checkpoints").add_subparsers(dest="action", required=True)
-    p = t.add_parser("train", help="train (or reuse) every teacher of the config")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (overrides output_dir)")
+    p = _verb(t, "train", "train (or reuse) every teacher of the config", cmd_teachers_train)
     p.add_argument("--retrain", action="store_true", help="train even where an up-to-date checkpoint exists")
-    p.set_defaults(func=cmd_teachers_train)
-
-    p = sub.add_parser("embed", help="write teacher embeddings and logits to Arrow shards (Ray actors)")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (overrides output_dir)")
-    p.set_defaults(func=cmd_embed)
-
-    p = sub.add_parser("select", help="DFND: keep the pool rows the teachers are most confident on, with their pseudo-labels")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (overrides output_dir)")
-    p.set_defaults(func=cmd_select)
-
-    p = sub.add_parser("distill", help="distil the configured student from the teachers' shards (Ray Train)")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (overrides output_dir)")
+    _verb(sub, "embed", "write teacher embeddings and logits to Arrow shards (Ray actors)", cmd_embed)
+    _verb(sub, "select", "DFND: keep the pool rows the teachers are most confident on, with their pseudo-labels", cmd_select)
+    p = _verb(sub, "distill", "distil the configured student from the teachers' shards (Ray Train)", cmd_distill)
     p.add_argument("--resume", action="store_true", help="continue the last run from its last epoch checkpoint")
-    p.set_defaults(func=cmd_distill)
-
-    p = sub.add_parser("compare", help="ensemble-vs-single (or any tag) table of the MLflow runs of an experiment")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder whose MLflow store to read (overrides output_dir)")
+    p = _verb(sub, "compare", "ensemble-vs-single (or any tag) table of the MLflow runs of an experiment", cmd_compare)
     p.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
     p.add_argument("--uri", help="MLflow tracking URI (default: the config's store)")
     p.add_argument("--group-by", default="teacher_set", help="tag to group by (teacher_set, method, teachers, ...)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG: top-1 by group, and against CRD tau and N where they vary")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("tune", help="Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (overrides output_dir)")
-    p.set_defaults(func=cmd_tune)
-
+    _verb(sub, "tune", "Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)", cmd_tune)
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
-    p = s.add_parser("inspect", help="print a JSON summary of the shards under DIR")
+    p = _verb(s, "inspect", "print a JSON summary of the shards under DIR", cmd_shards_inspect, config=False)
     p.add_argument("dir")
     p.add_argument("--verify", action="store_true", help="also check every part's sha256")
-    p.set_defaults(func=cmd_shards_inspect)
-
-    p = sub.add_parser("list", help="registered datasets or encoders")
+    p = _verb(sub, "list", "registered datasets, encoders or losses", cmd_list, config=False)
     p.add_argument("what", choices=["datasets", "encoders", "losses"])
-    p.set_defaults(func=cmd_list)
-
     p = sub.add_parser("config", help="show the resolved config, or every field's documentation")
     p.add_argument("action", choices=["show", "docs"])
     _add_config_args(p)
@@ -263,15 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ensemble_kd.registry import UnknownNameError
-    from ensemble_kd.shards import ShardError
-    from ensemble_kd.teachers import CheckpointError
-    from ensemble_kd.tracking import TrackingError
-    from modalities.datasets.base import DatasetError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError, TrackingError) as e:
+    except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError) as e:  # TrackingError is a ConfigError
         print(f"ensemble-kd: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,23 +1,38 @@
-"""Experiment configuration: frozen dataclasses, validated on load, one doc line per field.
+"""Experiment configuration, a schema: frozen dataclasses, validated on load, one doc line per field.
 
 Configs are pydantic dataclasses (frozen, unknown keys rejected), so a bad YAML file gets an
 error naming the field path (``teachers.1.arch``) and the file. ``flatten()`` turns a config
 into dotted keys for MLflow params and Ray Tune search spaces; ``to_yaml``/``load_config``
-round-trip it.
+round-trip it; :func:`apply_overrides` is the one way to change fields by dotted key (``--set``,
+sweeps, arms). Nothing here knows the registries or orchestrates: cross-checks against
+registered names live in :mod:`ensemble_kd.checks`, the expansion of ``run.arms`` in
+:mod:`ensemble_kd.plan`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+_RENAMED: dict[str, str] = {}  # old field name -> new one (a dotted override with an old name is renamed too)
+
+
+def _renamed(name: str, old: str) -> AliasChoices:
+    """A field renamed for one naming scheme (cpus_per_worker / cpus_per_actor / cpus_per_trial):
+    configs written with the old name still load."""
+    _RENAMED[old] = name
+    return AliasChoices(name, old)
 
 
 class ConfigError(ValueError):
@@ -89,8 +104,10 @@ class EmbedConfig:
     batch_size: int = Field(512, ge=1, description="inference batch size inside each teacher actor")
     embedding_dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of embeddings (logits stay float32)")
     rows_per_part: int = Field(65536, ge=1, description="rows per Arrow part file (one record batch each; bounds writer memory)")
-    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each teacher actor")
-    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPU fraction of each teacher actor (0 = CPU)")
+    cpus_per_actor: float = Field(1.0, gt=0, validation_alias=_renamed("cpus_per_actor", "num_cpus_per_actor"),
+                                  description="CPUs reserved by each teacher actor (formerly num_cpus_per_actor)")
+    gpus_per_actor: float = Field(0.0, ge=0, validation_alias=_renamed("gpus_per_actor", "num_gpus_per_actor"),
+                                  description="GPU fraction of each teacher actor, 0 = CPU (formerly num_gpus_per_actor)")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="augmented views stored per sample")
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="PGD adversarial views stored per sample (GACD)")
 
@@ -181,7 +198,8 @@ class TuneConfig:
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of the trials at each rung")
-    trial_cpus: float = Field(1.0, ge=0, description="CPUs of each trial's driver (it starts the trial's TorchTrainer)")
+    cpus_per_trial: float = Field(1.0, ge=0, validation_alias=_renamed("cpus_per_trial", "trial_cpus"),
+                                  description="CPUs of each trial's driver, which starts the trial's TorchTrainer (formerly trial_cpus)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="trials at once (None = as the cluster's CPUs allow)")
     name: str | None = Field(None, description="Tune run name (folder under <output_dir>/tune); None = <experiment>-<time>")
 
@@ -261,140 +279,17 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def from_dict(d: dict[str, Any] | None, source: str = "<dict>") -> ExperimentConfig:
-    """Validate a plain dict (as read from YAML) into an ExperimentConfig."""
+    """Validate a plain dict (as read from YAML) against the schema. Registry names (datasets,
+    encoders, losses) are checked where they are used: :func:`ensemble_kd.checks.check_config`."""
     try:
-        cfg = _ADAPTER.validate_python(d or {})
+        return _ADAPTER.validate_python(d or {})
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
-    check_names(cfg, source)
-    return cfg
-
-
-def check_names(cfg: ExperimentConfig, source: str = "<config>") -> None:
-    """Registry-level checks that pydantic cannot do: registered names, modalities, kinds."""
-    from modalities import DATASETS, ENCODERS
-
-    errs = []
-    if cfg.data.name not in DATASETS:
-        errs.append(f"data.name: {DATASETS.unknown_message(cfg.data.name)}")
-    mods = DATASETS.meta(cfg.data.name).get("modalities") if cfg.data.name in DATASETS else None
-    for i, t in enumerate(cfg.teachers):
-        if t.checkpoint is None and t.arch not in ENCODERS:
-            errs.append(f"teachers.{i}.arch: {ENCODERS.unknown_message(t.arch)}")
-        if mods is not None and t.modality not in mods:
-            errs.append(f"teachers.{i}.modality: dataset {cfg.data.name!r} has no modality {t.modality!r}; it has: {', '.join(mods)}")
-    names = [t.name for t in cfg.teachers]
-    for n in cfg.distill.teachers:
-        if n not in names:
-            errs.append(f"distill.teachers: {n!r} is not a configured teacher; teachers: {names}")
-    if cfg.distill.adv_replay_teacher is not None and cfg.distill.adv_replay_teacher not in cfg.distill.teachers:
-        errs.append(f"distill.adv_replay_teacher: {cfg.distill.adv_replay_teacher!r} is not one of distill.teachers "
-                    f"{list(cfg.distill.teachers)}")
-    if cfg.distill.student.arch not in ENCODERS:
-        errs.append(f"distill.student.arch: {ENCODERS.unknown_message(cfg.distill.student.arch)}")
-    if mods is not None and cfg.distill.student.modality not in mods:
-        errs.append(f"distill.student.modality: dataset {cfg.data.name!r} has no modality {cfg.distill.student.modality!r}; it has: {', '.join(mods)}")
-    from ensemble_kd.losses import LOSSES
-
-    loss_names = [t.name for t in cfg.distill.losses]
-    if len(set(loss_names)) != len(loss_names):
-        errs.append(f"distill.losses: each loss may appear once (they are keyed by name), got {loss_names}")
-    for i, term in enumerate(cfg.distill.losses):
-        if term.name not in LOSSES:
-            errs.append(f"distill.losses.{i}.name: {LOSSES.unknown_message(term.name)}")
-        elif LOSSES.meta(term.name).get("needs_teachers", True) and not cfg.distill.teachers:
-            errs.append(f"distill.losses.{i}.name: loss {term.name!r} needs teachers, but distill.teachers is empty")
-        else:
-            bad = _unknown_kwargs(LOSSES.get(term.name), term.kwargs)
-            if bad:
-                errs.append(f"distill.losses.{i}.kwargs: loss {term.name!r} has no option(s) {bad}; "
-                            f"options: {_options(LOSSES.get(term.name))}")
-    errs += _check_select(cfg, names)
-    errs += _check_run_section(cfg)
-    if errs:
-        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(errs))
-
-
-def _check_select(cfg: ExperimentConfig, names: list[str]) -> list[str]:
-    """DFND fields: select.* and distill.selection / distill.eval_data."""
-    from modalities import DATASETS
-
-    errs = []
-
-    def dataset_mods(field: str, data: DataConfig) -> tuple[str, ...] | None:
-        if data.name not in DATASETS:
-            errs.append(f"{field}.name: {DATASETS.unknown_message(data.name)}")
-            return None
-        return tuple(DATASETS.meta(data.name).get("modalities") or ()) or None
-
-    if cfg.select.teacher_data is not None:
-        mods = dataset_mods("select.teacher_data", cfg.select.teacher_data)
-        chosen = cfg.distill.teachers or tuple(names)  # the teachers that score the pool
-        for i, t in enumerate(cfg.teachers):
-            if t.name in chosen and mods is not None and t.modality not in mods:
-                errs.append(f"select.teacher_data: dataset {cfg.select.teacher_data.name!r} has no modality {t.modality!r} "
-                            f"(of teachers.{i}); it has: {', '.join(mods)}")
-    if cfg.distill.eval_data is not None:
-        mods = dataset_mods("distill.eval_data", cfg.distill.eval_data)
-        if mods is not None and cfg.distill.student.modality not in mods:
-            errs.append(f"distill.eval_data: dataset {cfg.distill.eval_data.name!r} has no modality "
-                        f"{cfg.distill.student.modality!r} (the student's); it has: {', '.join(mods)}")
-    if cfg.distill.selection is not None and not cfg.distill.teachers:
-        errs.append("distill.selection: training on a selection needs distill.teachers (its rows are rows of their shards)")
-    return errs
-
-
-def _check_run_section(cfg: ExperimentConfig) -> list[str]:
-    """Each arm must make a valid config (checked with the first teacher standing in for 'best'),
-    and the sweep must name an arm and grid-only keys that exist."""
-    errs = []
-    arms = {a.name: a for a in cfg.run.arms}
-    if len(arms) != len(cfg.run.arms):
-        errs.append(f"run.arms: arm names must be unique, got {[a.name for a in cfg.run.arms]}")
-    first = cfg.teachers[0].name if cfg.teachers else None
-    for i, arm in enumerate(cfg.run.arms):
-        try:
-            arm_config(cfg, arm, first, cfg.run.seeds[0])
-        except ConfigError as e:
-            detail = str(e).split("\n", 1)[-1].strip()
-            errs.append(f"run.arms.{i} ({arm.name}): {detail}")
-    sw = cfg.run.sweep
-    if sw is not None:
-        if sw.arm not in arms:
-            errs.append(f"run.sweep.arm: {sw.arm!r} is not an arm; arms: {list(arms)}")
-        for key, spec in sw.space.items():
-            if set(spec) != {"grid"} or not isinstance(spec["grid"], list) or not spec["grid"]:
-                errs.append(f"run.sweep.space.{key}: must be {{grid: [values]}}, got {spec!r}")
-        if sw.arm in arms and not errs:
-            base = arm_config(cfg, arms[sw.arm], first, cfg.run.seeds[0])
-            try:
-                with_overrides(base, {k: v["grid"][0] for k, v in sw.space.items()})
-            except ConfigError as e:
-                errs.append(f"run.sweep.space: {str(e).splitlines()[-1].strip()}")
-    return errs
-
-
-def _options(builder: Any) -> list[str]:
-    import inspect
-
-    params = list(inspect.signature(builder).parameters.values())
-    return [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # [0] is the LossContext
-
-
-def _unknown_kwargs(builder: Any, kwargs: dict[str, Any]) -> list[str]:
-    """Keyword options a loss builder does not take (none when it takes **kwargs)."""
-    import inspect
-
-    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values()):
-        return []
-    return sorted(set(kwargs) - set(_options(builder)))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load a YAML config (None = the embedded default), then apply dotted-key overrides."""
     if path is None:
-        from importlib import resources
-
         text = (resources.files("ensemble_kd") / "configs" / "default.yaml").read_text()
         source = "<embedded default>"
     else:
@@ -408,10 +303,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"config {source} is not valid YAML: {e}") from None
     if d is not None and not isinstance(d, dict):
         raise ConfigError(f"config {source}: the top level must be a mapping, got {type(d).__name__}")
-    d = d or {}
-    for key, value in (overrides or {}).items():
-        _set_dotted(d, key, value)
-    return from_dict(d, source)
+    return from_dict(apply_overrides(d or {}, overrides or {}), source)
+
+
+def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The one override mechanism: set each dotted key (``distill.losses.crd.kwargs.tau``) of the
+    plain config dict ``d`` in place (list items by index or by name); returns ``d``."""
+    for key, value in overrides.items():
+        _set_dotted(d, ".".join(_RENAMED.get(p, p) for p in key.split(".")), value)
+    return d
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
@@ -451,31 +351,7 @@ def _list_index(items: list, key: str) -> int | None:
 
 def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str = "<overrides>") -> ExperimentConfig:
     """A new config: ``cfg`` with dotted-key overrides (``distill.losses.crd.kwargs.tau``) applied and re-validated."""
-    d = to_dict(cfg)
-    for key, value in overrides.items():
-        _set_dotted(d, key, value)
-    return from_dict(d, source)
-
-
-def arm_config(cfg: ExperimentConfig, arm: ArmConfig, best_teacher: str | None, seed: int) -> ExperimentConfig:
-    """The config of one arm of `ensemble-kd run` at one seed: its teachers and losses, the seed, no arms of its own."""
-    if arm.teachers == "none":
-        teachers: list[str] = []
-    elif arm.teachers == "all":
-        teachers = [t.name for t in cfg.teachers]
-    elif arm.teachers == "best":
-        if best_teacher is None:
-            raise ConfigError(f"arm {arm.name!r}: teachers 'best' needs at least one teacher")
-        teachers = [best_teacher]
-    else:
-        teachers = list(arm.teachers)
-    d = to_dict(cfg)
-    d["distill"]["teachers"] = teachers
-    if arm.losses is not None:
-        d["distill"]["losses"] = [to_dict(t) for t in arm.losses]
-    d["distill"]["seed"] = seed
-    d["run"] = {"arms": [], "seeds": [seed], "sweep": None}
-    return from_dict(d, f"<arm {arm.name}>")
+    return from_dict(apply_overrides(to_dict(cfg), overrides), source)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ensemble_kd.losses.base import TeacherBank
+from ensemble_kd.bank import TeacherBank
+from ensemble_kd.config import ExperimentConfig
+from ensemble_kd.selection import Selection, check_selection, load_selection, restrict_bank
 from ensemble_kd.shards import ShardSet
-from ensemble_kd.views import apply_view
-from modalities import PairedDataset
+from ensemble_kd.views import apply_view, num_adv_views
+from modalities import PairedDataset, build_dataset
 
 
 class DistillData:
@@ -30,6 +32,7 @@ class DistillData:
         self.ds, self.modality = ds, modality
         self.spec = ds.spec(modality)
         self.adv_delta: torch.Tensor | None = None  # (R, numel) PGD perturbations replayed on adversarial rows
+        self.selection: Selection | None = None
         if shard_dirs:
             ss = ShardSet.open(list(shard_dirs.values()))
             if set(ss.teachers) != set(shard_dirs):
@@ -64,14 +67,13 @@ class DistillData:
         (``self.shard_rows[r]``) everywhere: the bank (so CRD memories, negatives and Pn = 1/M
         cover exactly the rows that train, class-aware on the pseudo-labels), the labels every
         loss sees, the dataset positions and the stored view/PGD parameters; ``index`` is r."""
-        from ensemble_kd.select import check_selection, load_selection, restrict_bank
-
         if ss is None:
             raise ValueError(f"distill.selection {path}: training on a selection needs the teachers' train shards")
         sel = load_selection(path)
         check_selection(sel, {n: s.manifest for n, s in ss.shards.items()}, ss.sample_ids)
         keep = sel.rows  # (K,) shard rows, ascending
         self.bank = restrict_bank(self.bank, sel)  # labels = pseudo-labels
+        self.selection = sel
         self.positions, self.shard_rows = self.positions[keep], keep
         self.top, self.left, self.flip = self.top[keep], self.left[keep], self.flip[keep]
         if self.adv_delta is not None:
@@ -81,8 +83,6 @@ class DistillData:
         """Pick the teacher whose PGD deltas the student replays (``teacher``, or the one distill
         teacher of the student's modality); refuse when the shards hold adversarial rows and
         none, or more than one, fits. Shards without adversarial views ignore ``teacher``."""
-        from ensemble_kd.embed import num_adv_views
-
         recipe = ss.first.manifest["views"]
         if not num_adv_views(recipe):
             return
@@ -130,12 +130,10 @@ class DistillData:
         }
 
 
-def eval_dataset(cfg, train_ds: PairedDataset | None = None) -> PairedDataset:
+def eval_dataset(cfg: ExperimentConfig, train_ds: PairedDataset | None = None) -> PairedDataset:
     """The dataset whose test split measures the student: ``distill.eval_data`` (DFND: the
     teachers' own test set) or ``data``. With ``train_ds``, the student's modality must have the
     same input shape and the class count must agree (else the error names distill.eval_data)."""
-    from modalities import build_dataset
-
     e = cfg.distill.eval_data or cfg.data
     ds = build_dataset(e.name, "test", e.root, **e.kwargs)
     if train_ds is not None and cfg.distill.eval_data is not None:

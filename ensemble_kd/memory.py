@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,9 +87,16 @@ class MomentumMemory(nn.Module):
         return f"num_rows={self.num_rows}, dim={self.dim}, momentum={self.momentum}"
 
 
-def _faiss_gpu_available() -> bool:
+def _faiss() -> Any:
+    """FAISS, imported on first use: only the ``hard`` negatives and the GPU check need it, and
+    importing it costs about 0.6 s and logs its loader's INFO lines in every Ray worker."""
     import faiss
 
+    return faiss
+
+
+def _faiss_gpu_available() -> bool:
+    faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -144,8 +152,7 @@ class NegativeSampler:
 
     # -- FAISS -----------------------------------------------------------------------------
     def _build_hard(self, teacher_emb, hard_pool: int, use_gpu: bool) -> None:
-        import faiss
-
+        faiss = _faiss()
         x = teacher_emb.detach().cpu().float().numpy() if torch.is_tensor(teacher_emb) else np.asarray(teacher_emb)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[0] != self.num_rows:

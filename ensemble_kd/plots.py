@@ -4,23 +4,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ensemble_kd.checkpoint import atomic_write
+import matplotlib
+
+matplotlib.use("Agg")  # headless: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ensemble_kd.checkpoint import atomic_write  # noqa: E402
 
 SET_COLOURS = {"none": "#8c8c8c", "single": "#4c72b0", "ensemble": "#dd8452"}
 
 
-def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
+def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], path: str | Path, title: str = "",
+                    axes: Sequence[str] | None = None) -> Path:
     """Write a PNG: left, mean +- std top-1 per group with each seed's value as a dot (coloured by
-    ``teacher_set`` when a group has one); right (when ``sweep`` has points), top-1 against tau,
-    one line per N. ``groups``: name -> {"values": [top1, ...], "teacher_set"?: str};
-    ``sweep``: [{"tau": float, "num_negatives": int, "top1": float}]. The file is written to a
-    temp name, then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    ``teacher_set`` when a group has one); right (when ``sweep`` has points), top-1 against the
+    first of ``axes`` (log scale), one line per value of the second (default: CRD's tau and N).
+    ``groups``: name -> {"values": [top1, ...], "teacher_set"?: str}; ``sweep``: [{axis: value,
+    ..., "top1": float}]. The file is written to a temp name, then renamed."""
+    x_key, line_key = tuple(axes or ("tau", "num_negatives"))
     path = Path(path)
     ncols = 2 if sweep else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
@@ -40,16 +42,16 @@ def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], pat
     ax.set_title(title or "student top-1 by arm")
     if sweep:
         ax2 = axes[0, 1]
-        for n in sorted({int(p["num_negatives"]) for p in sweep}):
-            pts = sorted((float(p["tau"]), float(p["top1"])) for p in sweep if int(p["num_negatives"]) == n)
-            ax2.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=f"N = {n}")
+        for n in sorted({p[line_key] for p in sweep}):
+            pts = sorted((float(p[x_key]), float(p["top1"])) for p in sweep if p[line_key] == n)
+            ax2.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=f"{line_key} = {n:g}")
         ax2.set_xscale("log")
-        taus = sorted({float(p["tau"]) for p in sweep})
-        ax2.set_xticks(taus, [f"{t:g}" for t in taus])
+        xs = sorted({float(p[x_key]) for p in sweep})
+        ax2.set_xticks(xs, [f"{t:g}" for t in xs])
         ax2.minorticks_off()
-        ax2.set_xlabel("CRD temperature tau")
+        ax2.set_xlabel(x_key)
         ax2.set_ylabel("student test top-1")
-        ax2.set_title("CRD sweep: tau and number of negatives N")
+        ax2.set_title(f"sweep: {x_key} and {line_key}")
         ax2.legend(fontsize=8)
     fig.tight_layout()
     try:

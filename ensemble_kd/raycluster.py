@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+
+import ray
 
 from ensemble_kd.config import RayConfig
 
@@ -38,8 +41,6 @@ class _DropStateApiNoise:
 
 def quiet_ray_worker() -> None:
     """``worker_process_setup_hook`` of local clusters (see :class:`_DropStateApiNoise`)."""
-    import logging
-
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_DropStateApiNoise())
 
 
@@ -52,9 +53,8 @@ LOCAL_RAY_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 def quiet_train_reports(level: str) -> None:
     """Ray Train V2 logs each ``ray.train.report`` at INFO on a logger named after its source file,
     outside ``ray.train``, so ``LoggingConfig(log_level=...)`` does not reach it; give it the same
-    level (called on each worker)."""
-    import logging
-
+    level (called on each worker). The logger lives in a private module, so its import is guarded
+    here, where a Ray without it is handled."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: nothing to quiet
@@ -80,8 +80,6 @@ def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
     Yields True when this call started Ray. Inside ``ray job submit`` (RAY_ADDRESS set) it joins
     the cluster.
     """
-    import ray
-
     set_ray_env()
     if ray.is_initialized():
         yield False

@@ -8,23 +8,36 @@ before any run starts (two processes migrating a fresh SQLite file at once fail)
 Per run: params = the flattened config; metrics = every numeric per-epoch value of the
 history (step = epoch) plus ``final/test_top1``; tags = ``teacher_set`` (none / single /
 ensemble), ``teachers``, ``teacher_modalities``, ``student_modality``, ``student_arch``,
-``dataset``, ``method``; artifacts = the config YAML and the final student checkpoint.
+``dataset``, ``method`` (from the config) and ``arm``, ``ekd.kind``, ``tune_trial``,
+``sweep.<key>`` (from the :class:`RunContext` the run is part of), all written by :func:`run_tags`;
+artifacts = the config YAML and the final student checkpoint. :func:`client` is the one way to get
+an MLflow client.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import statistics
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ensemble_kd.config import ExperimentConfig, flatten, to_yaml
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
 
-class TrackingError(ValueError):
+from ensemble_kd.losses import LOSSES
+from ensemble_kd.losses.base import loss_options
+from ensemble_kd.config import ConfigError, ExperimentConfig, flatten, to_yaml
+
+class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
 
 
+RUN_NAME_TAG = "ekd.run_name"  # the Ray Train run name: a resumed run continues its MLflow run
 MAX_PARAM_LEN = 500  # MLflow caps param values; long lists are cut (the config YAML is an artifact)
 
 
@@ -43,39 +56,88 @@ def experiment_name(cfg: ExperimentConfig) -> str:
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
     """Create (or find) the experiment once; returns its id. Creates the SQLite schema too."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     loc = None
     if uri.startswith("sqlite:///") and artifact_root is not None:
         loc = (artifact_root / name).resolve().as_uri()  # keep artifacts beside the database, not in the CWD
-    return client.create_experiment(name, artifact_location=loc)
+    return c.create_experiment(name, artifact_location=loc)
 
 
-def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
-    """The tags that make comparisons a filter."""
+@functools.lru_cache(maxsize=None)
+def client(uri: str) -> MlflowClient:
+    """The MLflow client of a tracking URI (one per URI and process)."""
+    return MlflowClient(uri)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a distillation is part of (an arm of `ensemble-kd run`, a sweep's trial, a parent run):
+    the typed state that becomes MLflow tags in :func:`run_tags`, and nowhere else."""
+
+    arm: str | None = None  # arm name; "sweep:<arm>" for the points of run.sweep
+    kind: str | None = None  # "arm" | "sweep" | None (a plain `ensemble-kd distill`)
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # a sweep point's dotted overrides
+    method: str | None = None  # overrides the config's method tag (a sweep point keeps its arm's)
+    trial_id: str | None = None  # Ray Tune's trial id
+    parent_run_id: str | None = None  # the MLflow run this one is nested under
+
+    def replace(self, **changes: Any) -> RunContext:
+        return RunContext(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arm": self.arm, "kind": self.kind, "overrides": dict(self.overrides), "method": self.method,
+                "trial_id": self.trial_id, "parent_run_id": self.parent_run_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RunContext:
+        return cls(**dict(d or {}))
+
+
+def method_name(cfg: ExperimentConfig) -> str:
+    """The method tag: the loss terms joined with '+' (``ce+kd+crd``)."""
+    return "+".join(t.name for t in cfg.distill.losses)
+
+
+def teacher_set(cfg: ExperimentConfig) -> str:
+    k = len(cfg.distill.teachers)
+    return "none" if k == 0 else "single" if k == 1 else "ensemble"
+
+
+def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str | None = None) -> dict[str, str]:
+    """Every tag of a distillation's MLflow run: the config's (what makes comparisons a filter),
+    then the context's (arm, kind, trial, sweep point, parent)."""
     d = cfg.distill
-    k = len(d.teachers)
-    return {
-        "teacher_set": "none" if k == 0 else "single" if k == 1 else "ensemble",
+    ctx = ctx or RunContext()
+    tags = {
+        "teacher_set": teacher_set(cfg),
         "teachers": ",".join(d.teachers) or "none",
         "teacher_modalities": ",".join(sorted({cfg.teacher(n).modality for n in d.teachers})) or "none",
         "student_modality": d.student.modality,
         "student_arch": d.student.arch,
         "dataset": cfg.data.name,
-        "method": "+".join(t.name for t in d.losses),
+        "method": ctx.method or method_name(cfg),
         "seed": str(d.seed),
     }
+    if ctx.arm is not None:
+        tags["arm"] = ctx.arm
+    if ctx.kind is not None:
+        tags["ekd.kind"] = ctx.kind
+    if ctx.trial_id is not None:
+        tags["tune_trial"] = ctx.trial_id
+    tags.update({f"sweep.{k}": str(v) for k, v in ctx.overrides.items()})
+    if ctx.parent_run_id:
+        tags["mlflow.parentRunId"] = ctx.parent_run_id
+    if run_name is not None:
+        tags[RUN_NAME_TAG] = run_name
+    return tags
 
 
 def _params(cfg: ExperimentConfig) -> dict[str, str]:
     return {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(cfg).items()}
 
-
-RUN_NAME_TAG = "ekd.run_name"  # the Ray Train run name: a resumed run continues its MLflow run
 
 
 def _numeric_metrics(h: dict[str, Any]) -> dict[str, float]:
@@ -83,109 +145,104 @@ def _numeric_metrics(h: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "epoch"}
 
 
-def start_distill_run(cfg: ExperimentConfig, run_name: str, extra_tags: dict[str, str] | None = None,
-                      parent_run_id: str | None = None) -> str:
+def start_parent_run(cfg: ExperimentConfig, name: str, kind: str, tags: Mapping[str, str] | None = None
+                     ) -> tuple[str, str, str]:
+    """The parent run of a sweep or of `ensemble-kd run` (``ekd.kind`` = ``kind``), created with the
+    experiment before any trial; returns (uri, experiment id, run id)."""
+    uri = tracking_uri(cfg)
+    exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
+    run = client(uri).create_run(exp_id, run_name=name, tags={"ekd.kind": kind, **(tags or {})})
+    return uri, exp_id, run.info.run_id
+
+
+def start_distill_run(cfg: ExperimentConfig, run_name: str, ctx: RunContext | None = None) -> str:
     """Create (or, for a resumed Ray Train run of the same name, reopen) the MLflow run of one
     distillation, with its params and tags, before training starts; returns the run id.
 
     Per-epoch metrics are then logged by the training loop (:func:`log_epoch`), so a trial that
     ASHA stops keeps the epochs it ran; :func:`finish_distill_run` adds the final metric and artifacts."""
-    from mlflow.entities import Param, RunStatus
-    from mlflow.tracking import MlflowClient
-
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
-    client = MlflowClient(uri)
-    tags = {**run_tags(cfg), **(extra_tags or {}), RUN_NAME_TAG: run_name}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    old = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    c = client(uri)
+    tags = run_tags(cfg, ctx, run_name)
+    old = c.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if old:  # --resume, or a trial restarted by Tune: one MLflow run per distillation
         rid = old[0].info.run_id
-        client.update_run(rid, status=RunStatus.to_string(RunStatus.RUNNING))
+        c.update_run(rid, status=RunStatus.to_string(RunStatus.RUNNING))
         for k, v in tags.items():
-            client.set_tag(rid, k, v)
+            c.set_tag(rid, k, v)
         return rid
-    rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    rid = c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     params = [Param(k, v) for k, v in _params(cfg).items()]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params a call
-        client.log_batch(rid, params=params[i : i + 100])
+        c.log_batch(rid, params=params[i : i + 100])
     return rid
-
-
-_CLIENTS: dict[str, Any] = {}
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
     """Log one epoch's numeric metrics (step = epoch). Called by rank 0 of the training loop."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = _CLIENTS.setdefault(uri, MlflowClient(uri))
     step = int(metrics.get("epoch", 0))
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in _numeric_metrics(metrics).items()])
+    client(uri).log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in _numeric_metrics(metrics).items()])
 
 
 def finish_distill_run(cfg: ExperimentConfig, run_id: str, final_top1: float | None, epochs: int,
                        student_path: Path | None, status: str = "FINISHED") -> None:
     """Final metric (at step ``epochs``), the config YAML and the student checkpoint as artifacts,
     then the run's end status."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
+    c = client(tracking_uri(cfg))
     try:
         if final_top1 is not None:
-            client.log_batch(run_id, metrics=[Metric("final/test_top1", float(final_top1), 0, epochs)])
+            c.log_batch(run_id, metrics=[Metric("final/test_top1", float(final_top1), 0, epochs)])
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "config.yaml"
             p.write_text(to_yaml(cfg))
-            client.log_artifact(run_id, str(p))
+            c.log_artifact(run_id, str(p))
         if student_path is not None and Path(student_path).exists():
-            client.log_artifact(run_id, str(student_path), artifact_path="student")
-        client.set_terminated(run_id, status)
+            c.log_artifact(run_id, str(student_path), artifact_path="student")
+        c.set_terminated(run_id, status)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        c.set_terminated(run_id, "FAILED")
         raise
 
 
 def fail_distill_run(cfg: ExperimentConfig, run_id: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, "FAILED")
+    client(tracking_uri(cfg)).set_terminated(run_id, "FAILED")
 
 
 def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED",
                             reason: str = "stopped early by the Tune scheduler") -> list[str]:
     """Children of a sweep left RUNNING (trials that ASHA stopped are killed mid-epoch, before
     their own code could end the run) get ``status`` and a ``stopped_reason`` tag."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+    c = client(uri)
+    runs = c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
                               "and attributes.status = 'RUNNING'", max_results=10_000)
     for r in runs:
-        client.set_tag(r.info.run_id, "stopped_reason", reason)
-        client.set_terminated(r.info.run_id, status)
+        c.set_tag(r.info.run_id, "stopped_reason", reason)
+        c.set_terminated(r.info.run_id, status)
     return [r.info.run_id for r in runs]
 
 
-def crd_point(params: dict[str, str]) -> dict[str, float] | None:
-    """(tau, num_negatives) of a run's contrastive loss term (crd or gacd) from its flattened params;
-    an option the config left out takes the loss builder's default (what the run actually used)."""
-    import inspect
-    import re
+def sweep_axes(losses: list[str] | tuple[str, ...]) -> tuple[str, ...] | None:
+    """The ``sweep_axes`` registry metadata of the first of these losses that declares some
+    (CRD's and GACD's: tau and num_negatives)."""
+    for name in losses:
+        axes = LOSSES.meta(name).get("sweep_axes") if name in LOSSES else None
+        if axes:
+            return tuple(axes)
+    return None
 
-    from ensemble_kd.losses import LOSSES
 
+def sweep_point(params: dict[str, str]) -> dict[str, float] | None:
+    """The values of a run's sweep axes (of its first loss term that declares ``sweep_axes``) from
+    its flattened params; an option the config left out takes the loss's default (what the run
+    actually used), cast to the default's type."""
     for k, v in params.items():
         m = re.fullmatch(r"distill\.losses\.(\d+)\.name", k)
-        if m and v in ("crd", "gacd"):
-            i = m.group(1)
-            defaults = {p.name: p.default for p in inspect.signature(LOSSES.get(v)).parameters.values()}
-            tau = params.get(f"distill.losses.{i}.kwargs.tau", defaults["tau"])
-            n = params.get(f"distill.losses.{i}.kwargs.num_negatives", defaults["num_negatives"])
-            return {"tau": float(tau), "num_negatives": int(float(n))}
+        axes = sweep_axes([v]) if m else None
+        if axes:
+            defaults = loss_options(v)
+            return {a: type(defaults[a])(float(params.get(f"distill.losses.{m.group(1)}.kwargs.{a}", defaults[a])))
+                    for a in axes}
     return None
 
 
@@ -196,23 +253,21 @@ def mean_std(vals: list[float]) -> tuple[float, float]:
 
 def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[str, Any]:
     """Mean +- std (sample std over the runs, e.g. seeds) of the final test top-1 per value of tag
-    ``group_by``, the best run of each, and ``sweep``: the runs' CRD (tau, N, top-1) points where
-    tau or N vary across the experiment (for the plot)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
+    ``group_by``, the best run of each, and ``sweep``: the runs' points on their loss's sweep axes
+    (CRD: tau, N) with top-1, where an axis varies across the experiment (for the plot)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
     if exp is None:
-        known = [e.name for e in client.search_experiments()]
+        known = [e.name for e in c.search_experiments()]
         raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {known}")
     groups: dict[str, list[Any]] = {}
     points = []
-    for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50_000):
+    for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50_000):
         top1 = r.data.metrics.get("final/test_top1")
         if top1 is None:
             continue
         groups.setdefault(r.data.tags.get(group_by, "(untagged)"), []).append((top1, r))
-        pt = crd_point(r.data.params)
+        pt = sweep_point(r.data.params)
         if pt is not None:
             points.append({**pt, "top1": top1})
     rows = {}
@@ -231,14 +286,16 @@ def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[st
             "best_run": {"run_id": best.info.run_id, "run_name": best.info.run_name, "method": best.data.tags.get("method"),
                          "teachers": best.data.tags.get("teachers")},
         }
-    varied = len({p["tau"] for p in points}) > 1 or len({p["num_negatives"] for p in points}) > 1
-    sweep = _mean_points(points) if varied else []
+    axes = [k for k in points[0] if k != "top1"] if points else []
+    varied = any(len({p.get(a) for p in points}) > 1 for a in axes)
+    sweep = _mean_points(points, axes) if varied else []
     return {"tracking_uri": uri, "experiment": experiment, "group_by": group_by, "groups": rows, "sweep": sweep}
 
 
-def _mean_points(points: list[dict[str, float]]) -> list[dict[str, float]]:
-    """Average the top-1 of runs at the same (tau, N)."""
-    acc: dict[tuple[float, int], list[float]] = {}
+def _mean_points(points: list[dict[str, float]], axes: list[str]) -> list[dict[str, float]]:
+    """Average the top-1 of runs at the same point on the axes (runs of another loss's axes are left out)."""
+    acc: dict[tuple, list[float]] = {}
     for p in points:
-        acc.setdefault((p["tau"], p["num_negatives"]), []).append(p["top1"])
-    return [{"tau": t, "num_negatives": n, "top1": statistics.fmean(v), "runs": len(v)} for (t, n), v in sorted(acc.items())]
+        if all(a in p for a in axes):
+            acc.setdefault(tuple(p[a] for a in axes), []).append(p["top1"])
+    return [{**dict(zip(axes, key)), "top1": statistics.fmean(v), "runs": len(v)} for key, v in sorted(acc.items())]

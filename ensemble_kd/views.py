@@ -12,10 +12,13 @@ top = left = pad and flip = False is the identity (the clean view).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ensemble_kd.config import AdversarialConfig, ViewsConfig, to_dict
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,21 @@ def apply_view(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: tor
     b = torch.arange(B, device=dev)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+
+
+def view_recipe(views: ViewsConfig, adversarial: AdversarialConfig | None = None) -> dict[str, Any]:
+    """The view recipe stored in a shard and hashed into its id. It is the same for every teacher
+    of a run: vector modalities are not augmented, their V rows per sample are identity views,
+    which keeps them row-aligned with the image teachers of the same ensemble. Enabled
+    adversarial views add an ``adversarial`` entry (so they change the shard id); disabled ones
+    add nothing, so shards made before adversarial views existed keep their ids."""
+    recipe = to_dict(views)
+    if adversarial is not None and adversarial.enabled:
+        recipe["adversarial"] = to_dict(adversarial)
+    return recipe
+
+
+def num_adv_views(recipe: dict[str, Any]) -> int:
+    """Adversarial views per sample in a shard of this (stored) view recipe; 0 for none."""
+    adv = recipe.get("adversarial") or {}
+    return int(adv.get("num_views", 0)) if adv.get("enabled") else 0

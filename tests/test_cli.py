@@ -3,7 +3,7 @@ import json
 
 from ensemble_kd.cli import main
 from ensemble_kd.config import to_yaml
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_run_trains_embeds_then_reuses(ray_cluster, tmp_path, capsys):
@@ -48,6 +48,6 @@ def test_list_and_config_docs(capsys):
     assert main(["list", "datasets"]) == 0
     assert "uci-mfeat" in capsys.readouterr().out
     assert main(["config", "docs"]) == 0
-    assert "num_gpus_per_actor" in capsys.readouterr().out
+    assert "gpus_per_actor" in capsys.readouterr().out
     assert main(["config", "show", "--set", "teachers.0.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 import pytest
 
+from ensemble_kd.checks import check_config
 from ensemble_kd.config import (
     ConfigError,
     EmbedConfig,
@@ -13,6 +14,7 @@ from ensemble_kd.config import (
     to_dict,
     to_yaml,
 )
+from tests.helpers import tiny_config
 
 
 def test_embedded_default_loads_and_round_trips(tmp_path):
@@ -47,12 +49,18 @@ def test_bad_value_and_missing_field_are_named():
 
 
 def test_registry_names_are_checked():
+    """The schema takes any name; the cross-checks against the registries name the field."""
+    bad = {"teachers": [{"name": "a", "arch": "resnet_8x4", "modality": "pix"}]}
+    assert from_dict(bad).teachers[0].arch == "resnet_8x4"  # the schema alone does not know the registry
     with pytest.raises(ConfigError, match=r"teachers.0.arch: unknown encoder 'resnet_8x4'.*resnet8x4"):
-        from_dict({"teachers": [{"name": "a", "arch": "resnet_8x4", "modality": "pix"}]})
+        check_config(from_dict(bad))
     with pytest.raises(ConfigError, match=r"teachers.0.modality: .*has no modality 'rgb'.*fou"):
-        from_dict({"teachers": [{"name": "a", "arch": "mlp", "modality": "rgb"}]})
+        check_config(from_dict({"teachers": [{"name": "a", "arch": "mlp", "modality": "rgb"}]}))
     with pytest.raises(ConfigError, match=r"data.name: unknown dataset"):
-        from_dict({"data": {"name": "imagenet"}})
+        check_config(from_dict({"data": {"name": "imagenet"}}))
+    with pytest.raises(ConfigError, match=r"distill.losses.1.kwargs: loss 'crd' has no option\(s\) \['tauu'\]"):
+        check_config(from_dict({"teachers": [{"name": "a", "arch": "mlp", "modality": "kar"}],
+                                "distill": {"teachers": ["a"], "losses": [{"name": "ce"}, {"name": "crd", "kwargs": {"tauu": 1}}]}}))
 
 
 def test_duplicate_teacher_names_rejected():
@@ -85,11 +93,10 @@ def test_every_field_has_a_doc(cls):
 
 
 def test_adv_replay_teacher_must_be_a_distill_teacher(tmp_path):
-    from tests.conftest import tiny_config
-
     with pytest.raises(ConfigError, match=r"distill.adv_replay_teacher: 'pix_cnn' is not one of distill.teachers \['kar_mlp'\]"):
         tiny_config(tmp_path, **{"distill.teachers": ["kar_mlp"], "distill.adv_replay_teacher": "pix_cnn"})
-    assert tiny_config(tmp_path, **{"distill.teachers": ["pix_cnn"], "distill.adv_replay_teacher": "pix_cnn"})
+    ok = tiny_config(tmp_path, **{"distill.teachers": ["pix_cnn"], "distill.adv_replay_teacher": "pix_cnn"})
+    assert ok.distill.adv_replay_teacher == "pix_cnn" and ok.distill.teachers == ("pix_cnn",)
 
 
 def test_relative_paths_become_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
@@ -103,3 +110,12 @@ def test_relative_paths_become_absolute_where_the_config_is_loaded(tmp_path, mon
     assert cfg.distill.selection == str(tmp_path / "sel")
     monkeypatch.chdir("/")
     assert from_dict(to_dict(cfg)) == cfg  # already absolute: loading elsewhere changes nothing
+
+
+def test_renamed_resource_fields_still_load():
+    """One naming scheme for CPUs (cpus_per_worker / cpus_per_actor / cpus_per_trial); the old
+    names still load, from a file and from --set."""
+    cfg = from_dict({"embed": {"num_cpus_per_actor": 0.25, "num_gpus_per_actor": 0.5}, "tune": {"trial_cpus": 0.3}})
+    assert (cfg.embed.cpus_per_actor, cfg.embed.gpus_per_actor, cfg.tune.cpus_per_trial) == (0.25, 0.5, 0.3)
+    assert load_config(None, {"embed.num_cpus_per_actor": 2}).embed.cpus_per_actor == 2
+    assert "cpus_per_actor" in to_dict(cfg)["embed"] and "num_cpus_per_actor" not in to_dict(cfg)["embed"]

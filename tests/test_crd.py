@@ -141,7 +141,8 @@ def test_forward_backward_grads_reach_every_head(num_teachers):
     assert isinstance(loss_mod, CRDLoss) and LOSSES.meta("crd")["needs_teachers"]
     x = make_inputs(ctx, torch.tensor([0, 5, 9, 17, 22, 40]))
     x.student_emb.requires_grad_(True)
-    loss = loss_mod(x)
+    out = loss_mod(x)
+    loss = out.loss
     assert loss.shape == () and torch.isfinite(loss)
     loss.backward()
     heads = [n for n, p in loss_mod.named_parameters()]
@@ -150,8 +151,13 @@ def test_forward_backward_grads_reach_every_head(num_teachers):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     assert x.student_emb.grad is not None and torch.isfinite(x.student_emb.grad).all()
     assert set(loss_mod.terms.keys()) == set(ctx.teacher_dims)
-    metrics = loss_mod.extra_metrics()
-    assert all(math.isfinite(v) for v in metrics.values()) and metrics["crd/t0/z_a"] > 0
+    assert set(out.metrics) == {f"crd/{n}/{k}" for n in ctx.teacher_dims for k in ("loss_a", "loss_b", "z_a", "z_b")}
+    for k, v in out.metrics.items():
+        assert v.shape == () and not v.requires_grad and torch.isfinite(v), k
+    # the weighted parts add up to the loss (uniform weights 1/K), and Z was set from this batch
+    parts = sum(out.metrics[f"crd/{n}/loss_a"] + out.metrics[f"crd/{n}/loss_b"] for n in ctx.teacher_dims)
+    assert torch.allclose(parts / num_teachers, loss.detach(), rtol=1e-5)
+    assert all(float(out.metrics[f"crd/{n}/z_{d}"]) > 0 for n in ctx.teacher_dims for d in "ab")
 
 
 def test_memory_updated_at_batch_rows_only_and_state_dict():
@@ -170,8 +176,9 @@ def test_memory_updated_at_batch_rows_only_and_state_dict():
         assert (sd[f"terms.{n}.z"] > 0).all()  # set from the first batch
     # Z stays fixed afterwards, and everything round-trips through state_dict
     z0 = sd["terms.t0.z"].clone()
-    loss_mod(make_inputs(ctx, torch.tensor([1, 2]), seed=5))
+    out = loss_mod(make_inputs(ctx, torch.tensor([1, 2]), seed=5))
     assert torch.equal(loss_mod.terms["t0"].z, z0) and int(loss_mod.step) == 2
+    assert float(out.metrics["crd/t0/z_a"]) == float(z0[0]) and float(out.metrics["crd/t0/z_b"]) == float(z0[1])
     fresh = CRDLoss(ctx, feat_dim=8, num_negatives=16)
     fresh.load_state_dict(loss_mod.state_dict())
     assert fresh.terms["t1"].memory.checksum() == loss_mod.terms["t1"].memory.checksum()
@@ -182,24 +189,78 @@ def test_memory_updated_at_batch_rows_only_and_state_dict():
     assert fresh.terms["t0"].memory.checksum() == c and int(fresh.step) == 2
 
 
+def _expected_crd(loss_mod: CRDLoss, x: DistillInputs, name: str = "t0"):
+    """CRD's value of one teacher on the first batch, recomputed in float64 from the formula in
+    the expanded (B, N) form (every drawn negative a column, repeats included; no unique/gather
+    or counts tricks). It reads only the module's parameters, memory and the sampler's draws.
+    Differentiable w.r.t. ``x.student_emb``. Returns (loss, z_a, z_b)."""
+    term, sampler = loss_mod.terms[name], loss_mod.samplers[name]
+    step, tau, M = int(loss_mod.step), loss_mod.tau, loss_mod.num_rows
+    bank = loss_mod.ctx_bank.embeddings[name].double()  # (M, d_t)
+    index = x.index
+    B = index.shape[0]
+
+    def head(embed, v):  # Embed: Linear, then L2 normalisation
+        y = v.double() @ embed.linear.weight.detach().double().t() + embed.linear.bias.detach().double()
+        return y / y.norm(dim=-1, keepdim=True)
+
+    neg, valid = sampler.sample(index, step)  # (B, N) | (N,), (B, N)
+    neg = neg if neg.dim() == 2 else neg[None, :].expand(B, -1)  # (B, N)
+    pos_rows = sampler.sample_positives(index, step) if loss_mod.mode == "relax" else index  # (B,)
+    mem = term.memory.memory.double()  # (M, F) before this batch's update
+    s = head(term.embed_s, x.student_emb)  # (B, F)
+    t = head(term.embed_t, bank[index])  # (B, F)
+    # (a) student anchor vs the teacher's positive and negatives; (b) teacher anchor vs student memory
+    sides = [(s, head(term.embed_t, bank[pos_rows]), head(term.embed_t, bank[neg])),  # (B, F), (B, N, F)
+             (t, mem[pos_rows], mem[neg])]
+    total, zs = 0.0, []
+    m = valid.sum(1).double()  # (B,) valid negatives per anchor
+    for anchor, positive, negatives in sides:
+        pos = torch.exp((anchor * positive).sum(-1) / tau)  # (B,)
+        negs = torch.exp(torch.einsum("bf,bnf->bn", anchor, negatives) / tau)  # (B, N)
+        z = torch.cat([pos[:, None], negs], 1).detach().mean() * M  # Z over every score of the batch
+        pn = m / M  # (B,) N_i * Pn
+        log_d1 = torch.log((pos / z) / (pos / z + pn + EPS))  # (B,)
+        log_d0 = torch.log(pn[:, None] / (negs / z + pn[:, None] + EPS))  # (B, N)
+        log_d0 = torch.where(valid, log_d0, torch.zeros_like(log_d0))
+        total = total - (log_d1 + log_d0.sum(1)).mean()
+        zs.append(z)
+    return total, zs[0], zs[1]
+
+
+def _check_against_expanded(loss_mod: CRDLoss, x: DistillInputs) -> None:
+    """Value, gradient w.r.t. the student embedding and Z metrics of the module's first call
+    equal the independent expanded computation."""
+    s64 = x.student_emb.detach().double().requires_grad_(True)
+    want, z_a, z_b = _expected_crd(loss_mod, DistillInputs(s64, x.student_logits, x.labels, x.index))
+    want.backward()
+    x.student_emb.requires_grad_(True)
+    out = loss_mod(x)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-4)
+    torch.testing.assert_close(x.student_emb.grad.double(), s64.grad, rtol=1e-3, atol=1e-5)
+    assert float(out.metrics["crd/t0/z_a"]) == pytest.approx(z_a.item(), rel=1e-5)
+    assert float(out.metrics["crd/t0/z_b"]) == pytest.approx(z_b.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["exact", "relax"])
 @pytest.mark.parametrize("negatives,per_sample", [("class-aware", True), ("uniform", False), ("hard", True)])
-def test_modes_run(mode, negatives, per_sample):
+def test_modes_equal_the_expanded_formula(mode, negatives, per_sample):
     ctx = make_ctx(1)
     loss_mod = build_loss("crd", ctx, feat_dim=8, num_negatives=24, mode=mode, negatives=negatives,
                           per_sample=per_sample, hard_pool=8)
-    x = make_inputs(ctx, torch.tensor([0, 1, 2, 3, 4]))
-    x.student_emb.requires_grad_(True)
-    loss = loss_mod(x)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.student_emb.grad).all()
+    _check_against_expanded(loss_mod, make_inputs(ctx, torch.tensor([0, 1, 2, 3, 4])))
 
 
-def test_many_negatives_with_replacement():
+@pytest.mark.parametrize("negatives,per_sample", [("class-aware", True), ("uniform", False)])
+def test_many_negatives_with_replacement(negatives, per_sample):
+    """N = 16384 > M = 300: per-sample draws repeat rows within an anchor's (B, N); shared draws
+    repeat rows and go through the compact (B, U) + counts form. Both equal the expanded loss."""
     ctx = make_ctx(1, M=300, C=10)
-    loss_mod = CRDLoss(ctx, feat_dim=16, num_negatives=16384)
-    loss = loss_mod(make_inputs(ctx, torch.arange(8)))
-    assert torch.isfinite(loss)
+    loss_mod = CRDLoss(ctx, feat_dim=16, num_negatives=16384, negatives=negatives, per_sample=per_sample)
+    neg, _ = loss_mod.samplers["t0"].sample(torch.arange(8), 0)
+    assert torch.unique(neg.reshape(-1, 16384)[0]).numel() <= 300 < 16384  # one anchor's N draws repeat rows
+    _check_against_expanded(loss_mod, make_inputs(ctx, torch.arange(8)))
 
 
 def test_bad_options():
@@ -210,6 +271,10 @@ def test_bad_options():
         build_loss("crd", ctx, negatives="nope")
     with pytest.raises(ValueError):
         build_loss("crd", ctx, teacher_weights={"ghost": 1.0})
+    with pytest.raises(ValueError, match="crd: tau must be > 0"):
+        build_loss("crd", ctx, tau=0.0)
+    with pytest.raises(ValueError, match="crd: feat_dim"):
+        build_loss("crd", ctx, feat_dim=0)
 
 
 def _epoch_losses(aligned: bool) -> float:
@@ -233,7 +298,7 @@ def _epoch_losses(aligned: bool) -> float:
         for _ in range(3):
             for b in batches:
                 loss_mod(make_inputs(ctx, b, student_emb=S[b]))
-        return sum(loss_mod(make_inputs(ctx, b, student_emb=S[b])).item() for b in batches) / len(batches)
+        return sum(loss_mod(make_inputs(ctx, b, student_emb=S[b])).loss.item() for b in batches) / len(batches)
 
 
 def test_aligned_pairs_lower_loss_than_shuffled():

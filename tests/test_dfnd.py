@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kd.config import ConfigError
+from ensemble_kd.config import ConfigError, from_dict
+from ensemble_kd.data import DistillData, eval_dataset
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.dfnd import DFNDLoss, initial_q, noisy_adaptation_loss
-from ensemble_kd.select import (
-    SelectionError, check_selection, keep_count, load_selection, run_select, select_confident,
-    write_selection,
+from ensemble_kd import pipeline
+from ensemble_kd.selection import (
+    SelectionError, check_selection, keep_count, load_selection, select_confident, write_selection,
 )
-from tests.conftest import tiny_config
+from modalities import build_dataset
+from tests.helpers import run_distill, tiny_config
 
 # 8 pool rows, 3 classes, 2 teachers: a fixed input for the golden selection tests
 T1 = torch.tensor([[4.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 3.0, 0.0], [5.0, 0.0, 0.2],
@@ -66,7 +68,7 @@ def test_per_class_and_global_differ_and_balance():
 
 def test_initial_q_diagonal_and_rows():
     a = [0.9, 0.5, 0.7, 0.2]
-    Q = DFNDLoss(initial_q(a, 4)).Q.detach().double()
+    Q = DFNDLoss(_ctx(C=4), class_accuracy=a).Q.detach().double()
     torch.testing.assert_close(Q.diagonal(), torch.tensor(a, dtype=torch.float64), rtol=0, atol=1e-6)
     for i in range(4):
         off = [Q[i, j].item() for j in range(4) if j != i]
@@ -80,14 +82,14 @@ def test_initial_q_diagonal_and_rows():
 
 def test_q_stays_row_stochastic_under_large_steps():
     torch.manual_seed(0)
-    loss = DFNDLoss(initial_q([0.8] * 5, 5))
+    loss = DFNDLoss(_ctx(C=5), class_accuracy=[0.8] * 5)
     q0 = loss.Q.detach().clone()
     opt = torch.optim.SGD(loss.parameters(), lr=500.0)
     for _ in range(25):
         logits, labels = torch.randn(16, 5) * 3, torch.randint(0, 5, (16,))
         x = DistillInputs(torch.zeros(16, 2), logits, labels, torch.arange(16))
         opt.zero_grad()
-        loss(x).backward()
+        loss(x).loss.backward()
         opt.step()
     Q = loss.Q.detach()
     assert not torch.allclose(Q, q0, atol=1e-3)  # it did train
@@ -113,20 +115,41 @@ def test_noisy_adaptation_loss_golden():
     torch.testing.assert_close(noisy_adaptation_loss(s, y, torch.eye(3)), torch.nn.functional.cross_entropy(s, y))
 
 
-def _ctx(C=3, bank=None):
+def _ctx(C=3, bank=None, selection=None):
     bank = bank or TeacherBank({"t": torch.zeros(4, 2)}, {"t": torch.zeros(4, C)}, torch.zeros(4, dtype=torch.int64),
                                torch.arange(4))
-    return LossContext(student_dim=2, num_classes=C, teacher_dims={"t": 2}, bank=bank)
+    return LossContext(student_dim=2, num_classes=C, teacher_dims={"t": 2}, bank=bank, selection=selection)
+
+
+def _diag(m):
+    return m.Q.detach().diagonal()
 
 
 def test_builder_sources_of_class_accuracy(tmp_path):
+    """a_i from the option, else the selection at the path option, else the run's selection
+    (LossContext.selection, its manifest); the first one given wins."""
     m = build_loss("dfnd", _ctx(), class_accuracy=[0.9, 0.6, 0.3])
-    torch.testing.assert_close(m.Q.detach().diagonal(), torch.tensor([0.9, 0.6, 0.3]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_diag(m), torch.tensor([0.9, 0.6, 0.3]), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="dfnd: needs the teachers' per-class accuracy"):
         build_loss("dfnd", _ctx())
     path = _write(tmp_path, acc=[0.5, 0.7, 0.8])
     m = build_loss("dfnd", _ctx(), selection=str(path))
-    torch.testing.assert_close(m.Q.detach().diagonal(), torch.tensor([0.5, 0.7, 0.8]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_diag(m), torch.tensor([0.5, 0.7, 0.8]), rtol=0, atol=1e-6)
+    run = _ctx(selection={"class_accuracy": [0.4, 0.2, 0.6], "num_classes": 3})  # the run's selection manifest
+    torch.testing.assert_close(_diag(build_loss("dfnd", run)), torch.tensor([0.4, 0.2, 0.6]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_diag(build_loss("dfnd", run, selection=str(path))), torch.tensor([0.5, 0.7, 0.8]),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(_diag(build_loss("dfnd", run, selection=str(path), class_accuracy=[0.9, 0.6, 0.3])),
+                               torch.tensor([0.9, 0.6, 0.3]), rtol=0, atol=1e-6)
+
+
+def test_metric_is_the_mean_of_q_diagonal():
+    m = build_loss("dfnd", _ctx(), class_accuracy=[0.9, 0.6, 0.3])
+    x = DistillInputs(torch.zeros(2, 2), torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]), torch.tensor([0, 2]),
+                      torch.arange(2))
+    out = m(x)
+    assert set(out.metrics) == {"dfnd/q_diag_mean"} and not out.metrics["dfnd/q_diag_mean"].requires_grad
+    assert out.metrics["dfnd/q_diag_mean"].item() == pytest.approx((0.9 + 0.6 + 0.3) / 3, abs=1e-6)  # Q0_ii = a_i
 
 
 def _write(root, acc=(0.9, 0.8, 0.7)):
@@ -184,14 +207,10 @@ def test_config_fields_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="distill.selection: training on a selection needs distill.teachers"):
         tiny_config(tmp_path, **{"distill.selection": "x"})
     with pytest.raises(ConfigError, match="select.teacher_data: required"):
-        run_select(tiny_config(tmp_path, **base), {})
+        pipeline.select(tiny_config(tmp_path, **base))
 
 
 def test_eval_dataset_checks_shapes():
-    from ensemble_kd.config import from_dict
-    from ensemble_kd.data import eval_dataset
-    from modalities import build_dataset
-
     d = {"data": {"name": "digits"}, "distill": {"student": {"arch": "cnn_small", "modality": "image"},
                                                   "eval_data": {"name": "mnist-5k"}}}
     cfg = from_dict(d)
@@ -205,10 +224,6 @@ def test_eval_dataset_checks_shapes():
 def test_select_then_distill_end_to_end(ray_cluster, trained, tmp_path):
     """Pool = uci-mfeat's train split scored by the pix teacher; the student (fou view) learns
     only the selected rows with [dfnd, kd, crd] for one epoch."""
-    from ensemble_kd.data import DistillData
-    from ensemble_kd.train import run_distill, train_shard_dirs
-    from modalities import build_dataset
-
     cfg0, _ = trained
     shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
     over = {
@@ -221,24 +236,23 @@ def test_select_then_distill_end_to_end(ray_cluster, trained, tmp_path):
         "select.teacher_data": {"name": "uci-mfeat"}, "select.fraction": 0.4,
     }
     cfg = tiny_config(tmp_path, **over)
-    ck = {"pix_cnn": tmp_path / "teachers" / "pix_cnn.pt"}
-    res = run_select(cfg, ck, progress=False, log=lambda m: None)
+    res = pipeline.select(cfg, progress=False, log=lambda m: None)
     m = res.manifest
     assert not res.reused and m["pool_rows"] == 1500 and m["teachers"] == ["pix_cnn"]
     assert m["num_rows"] == sum(m["counts_per_class"]) == sum(keep_count(n, 0.4) for n in m["pool_counts_per_class"])
     assert len(m["class_accuracy"]) == 10 and all(0 <= a <= 1 for a in m["class_accuracy"])
     assert m["diagnostics"]["pseudo_label_accuracy_selected"] >= m["diagnostics"]["pseudo_label_accuracy_pool"]
-    assert run_select(cfg, ck, progress=False, log=lambda m: None).reused  # content-addressed: reused
+    assert pipeline.select(cfg, progress=False, log=lambda m: None).reused  # content-addressed: reused
 
     dcfg = tiny_config(tmp_path, **over, **{"distill.selection": str(res.dir)})
-    shards = train_shard_dirs(dcfg)
+    shards = pipeline.train_shards(dcfg)
     sel = load_selection(res.dir)
     data = DistillData(build_dataset("uci-mfeat", "train"), "fou", shards, selection=str(res.dir))
     assert len(data) == len(sel) == m["num_rows"] < 1500
     assert torch.equal(data.labels, sel.pseudo_labels) and torch.equal(data.bank.sample_ids, sel.sample_ids)
     assert data.bank.num_rows == len(sel) and data.bank.logits["pix_cnn"].shape == (len(sel), 10)
 
-    out = run_distill(dcfg, log=lambda m: None)
+    out = run_distill(dcfg)
     last = out.history[-1]
     assert len(out.history) == 1 and all(math.isfinite(last[k]) for k in ("loss/dfnd", "loss/kd", "loss/crd", "test_top1"))
     st = torch.load(out.student_path, weights_only=False)
@@ -254,4 +268,4 @@ def test_select_then_distill_end_to_end(ray_cluster, trained, tmp_path):
     shutil.copytree(res.dir, bad)
     (bad / "selection.arrow").write_bytes(b"not arrow")
     with pytest.raises(SelectionError, match=str(bad / "selection.arrow")):
-        train_shard_dirs(tiny_config(tmp_path, **over, **{"distill.selection": str(bad)}))
+        run_distill(tiny_config(tmp_path, **over, **{"distill.selection": str(bad)}))

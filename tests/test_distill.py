@@ -1,37 +1,21 @@
 """Distillation on a real local Ray Train: 1 and 2 workers, memory consistency, resume, accuracy."""
+import os
+import shutil
+
 import pytest
 import torch
 
+from ensemble_kd import pipeline
 from ensemble_kd.config import ConfigError
-from ensemble_kd.embed import run_embed
-from ensemble_kd.train import run_distill
-from tests.conftest import out_with_teachers, tiny_config
-
-CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 256, "per_sample": False, "feat_dim": 32}}
-
-
-def distill_cfg(out, **over):
-    d = {
-        "distill.teachers": ["pix_cnn", "kar_mlp"],
-        "distill.student": {"arch": "mlp", "modality": "fou", "arch_kwargs": {"hidden": [64]}},
-        "distill.losses": [{"name": "ce"}, {"name": "kd", "kwargs": {"temperature": 4.0}}, CRD],
-        "distill.epochs": 2,
-        "distill.batch_size": 64,
-        "distill.cpus_per_worker": 0.5,
-        "distill.optim": {"lr": 0.05, "schedule": "cosine"},
-        "embed.splits": ["train"],
-        "tracking.enabled": False,  # MLflow is exercised in test_tracking.py
-    }
-    d.update(over)
-    return tiny_config(out, **d)
-
+from ensemble_kd.loop import LoopCallback
+from ensemble_kd.shards import ShardMismatchError
+from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 @pytest.fixture(scope="module")
 def shards(ray_cluster, trained, tmp_path_factory):
     """An output dir of its own (the session's teachers copied in), with the train shards."""
     out = out_with_teachers(trained, tmp_path_factory, "distill")
-    dcfg = distill_cfg(out)
-    run_embed(dcfg, {t.name: out / "teachers" / f"{t.name}.pt" for t in dcfg.teachers}, progress=False, log=lambda m: None)
+    embed(distill_cfg(out))
     return str(out)
 
 
@@ -73,8 +57,15 @@ def test_resume_equals_uninterrupted(shards):
 
 def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path):
     marker = tmp_path / "killed"
+
+    class KillOnce(LoopCallback):  # local: pickled by value to the worker
+        def on_epoch_start(self, epoch: int, rank: int) -> None:
+            if epoch == 2 and rank == 0 and not marker.exists():
+                marker.write_text("killed")  # once: the restarted group carries on
+                os._exit(1)  # a hard worker death, as an OOM kill or a lost node would be
+
     cfg = distill_cfg(shards, **{"distill.epochs": 3, "distill.max_failures": 1})
-    res = run_distill(cfg, log=lambda m: None, fault={"kill_at_epoch": 2, "marker": str(marker)})
+    res = run_distill(cfg, loop_callbacks=[KillOnce()])
     assert marker.exists()  # the worker really died once
     assert [h["epoch"] for h in res.history] == [1, 2, 3]  # epochs 1-2 came from the checkpoint, 3 after restart
     full = run_distill(cfg, log=lambda m: None)
@@ -101,13 +92,17 @@ def test_bad_distill_configs_name_the_field(tmp_path):
 
 
 def test_missing_checkpoint_or_shard_says_what_to_run(trained, tmp_path):
-    import shutil
-
-    from ensemble_kd.train import train_shard_dirs
-
     cfg = distill_cfg(tmp_path)
     with pytest.raises(ConfigError, match="run `ensemble-kd teachers train` first"):
-        train_shard_dirs(cfg)
+        pipeline.train_shards(cfg)
     shutil.copytree(trained[0].checkpoint_dir, cfg.checkpoint_dir)
-    with pytest.raises(ConfigError, match="no train shard of teacher 'pix_cnn'.*run `ensemble-kd embed` first"):
-        train_shard_dirs(cfg)
+    with pytest.raises(ConfigError, match=r"no shards index at .*index/shards.json: run `ensemble-kd embed` first"):
+        pipeline.train_shards(cfg)
+
+
+def test_a_stale_shard_index_is_refused_before_any_worker(shards, tmp_path):
+    """The shard index is a pointer: a shard recorded for another view recipe is refused with both
+    sides named, not trained on."""
+    cfg = distill_cfg(shards, **{"embed.views": {"num_views": 2}})
+    with pytest.raises(ShardMismatchError, match=r"views: manifest has .*num_views': 1.*this run expects .*num_views': 2"):
+        pipeline.train_shards(cfg)

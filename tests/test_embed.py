@@ -1,21 +1,24 @@
 """The embed stage on a real local Ray: actors write shards equal to a direct forward."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ensemble_kd.artifacts import ShardIndex, read_index
 from ensemble_kd.cli import main
-from ensemble_kd.embed import run_embed
+from ensemble_kd.data import DistillData
 from ensemble_kd.shards import Shard, ShardCorruptError, ShardMismatchError, ShardSet
-from ensemble_kd.teachers import load_teacher
+from ensemble_kd.teacher_checkpoint import load_teacher
 from ensemble_kd.views import apply_view
 from modalities import build_dataset
-from tests.conftest import tiny_config
+from tests.helpers import by_key, embed, tiny_config
 
 
 def _results(cfg, paths, logs=None):
-    return {(r.teacher, r.split): r for r in run_embed(cfg, paths, progress=False, log=(logs.append if logs is not None else lambda m: None))}
+    return by_key(embed(cfg, paths, log=(logs.append if logs is not None else lambda m: None)))
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,10 @@ def test_shard_values_equal_direct_forward(embedded):
     # teachers of one split are row-aligned and join
     ss = ShardSet.open([res[("pix_cnn", "train")].dir, res[("kar_mlp", "train")].dir])
     assert ss.teachers == ["pix_cnn", "kar_mlp"] and len(ss) == 1500
+    # the stage's artifact is recorded where the next verb finds it
+    index = ShardIndex.from_dict(read_index(cfg.output_dir, "shards", "embed"))
+    assert index.dirs("train", ["kar_mlp", "pix_cnn"]) == {"kar_mlp": res[("kar_mlp", "train")].dir,
+                                                           "pix_cnn": res[("pix_cnn", "train")].dir}
 
 
 def test_rerun_reuses_and_says_so(embedded):
@@ -55,7 +62,7 @@ def test_rerun_reuses_and_says_so(embedded):
 
 def test_tampered_manifest_is_refused_naming_both_sides(embedded, tmp_path):
     cfg, paths, res = embedded
-    d = res[("kar_mlp", "test")].dir
+    d = Path(res[("kar_mlp", "test")].dir)
     mf = d / "manifest.json"
     orig = mf.read_text()
     m = json.loads(orig)
@@ -70,7 +77,7 @@ def test_tampered_manifest_is_refused_naming_both_sides(embedded, tmp_path):
 
 def test_truncated_shard_is_reported_not_reused(embedded):
     cfg, paths, res = embedded
-    part = res[("pix_cnn", "test")].dir / "part-00000.arrow"
+    part = Path(res[("pix_cnn", "test")].dir) / "part-00000.arrow"
     orig = part.read_bytes()
     part.write_bytes(orig[: len(orig) // 2])
     try:
@@ -100,8 +107,6 @@ def test_replayed_views_equal_stored_views(ray_cluster, trained, tmp_path):
     torch.testing.assert_close(s.embeddings, emb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.logits, logits, rtol=1e-5, atol=1e-5)
     # the training pipeline (DistillData) hands the student that same replayed view, row by row
-    from ensemble_kd.data import DistillData
-
     dd = DistillData(ds, "pix", {"pix_cnn": res[("pix_cnn", "test")].dir, "kar_mlp": res[("kar_mlp", "test")].dir})
     rows = torch.tensor([0, 1, 2, 301, 1499])
     got = dd.batch(rows, torch.device("cpu"))
@@ -126,13 +131,11 @@ def test_cli_inspect_prints_json(embedded, capsys):
 
 def test_more_teachers_than_free_slots_finish(ray_cluster, trained, tmp_path):
     """3 actors of 2 CPUs on a 4-CPU Ray: the third starts when the first is released."""
-    import shutil
-
     base, paths = trained
     shutil.copytree(base.checkpoint_dir, tmp_path / "teachers")
     shutil.copy(paths["kar_mlp"], tmp_path / "teachers" / "kar_b.pt")
     teachers = [dict(name=n, checkpoint=str(tmp_path / "teachers" / f"{f}.pt"), modality=m)
                 for n, f, m in (("pix_cnn", "pix_cnn", "pix"), ("kar_mlp", "kar_mlp", "kar"), ("kar_b", "kar_b", "kar"))]
-    cfg = tiny_config(tmp_path, teachers=teachers, **{"embed.splits": ["test"], "embed.num_cpus_per_actor": 2})
+    cfg = tiny_config(tmp_path, teachers=teachers, **{"embed.splits": ["test"], "embed.cpus_per_actor": 2})
     res = _results(cfg, {t["name"]: tmp_path / "teachers" / f"{t['name']}.pt" for t in teachers})
     assert sorted(t for t, _ in res) == ["kar_b", "kar_mlp", "pix_cnn"] and not any(r.reused for r in res.values())

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import modalities.encoders  # noqa: F401  (registers every encoder)
-from ensemble_kd.registry import UnknownNameError
+from modalities.registry import UnknownNameError
 from modalities.encoders import ENCODERS, Encoder, build_encoder, list_encoders
 from modalities.spec import ModalitySpec
 

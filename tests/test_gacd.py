@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from ensemble_kd.adversarial import pgd_perturb, row_generators
 from ensemble_kd.config import AdversarialConfig, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.data import DistillData
-from ensemble_kd.embed import shard_key, view_recipe, write_shard
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.crd import CRDLoss, nce_loss
 from ensemble_kd.losses.gacd import GACDLoss, teacher_confidence
 from ensemble_kd.shards import Shard, ShardKey, ShardSet
-from ensemble_kd.teachers import load_teacher
-from ensemble_kd.views import apply_view, draw_views
+from ensemble_kd.stages.embed import plan_shards, shard_key, write_shard
+from ensemble_kd.teacher_checkpoint import load_teacher
+from ensemble_kd.views import apply_view, draw_views, view_recipe
 from modalities import build_dataset
-from tests.conftest import tiny_config
+from tests.helpers import embed, run_distill, teacher_set, tiny_config
 
 EPS = 1e-7  # as nce_loss
 
@@ -93,7 +93,8 @@ def test_golden_gacd_module_value():
                       labels=ctx.bank.labels[index], index=index,
                       teacher_emb={n: e[index] for n, e in ctx.bank.embeddings.items()},
                       teacher_logits={n: t[index] for n, t in ctx.bank.logits.items()})
-    got = loss(x)
+    out = loss(x)
+    got = out.loss
 
     expected = 0.0
     for name in ("ta", "tb"):
@@ -126,7 +127,10 @@ def test_golden_gacd_module_value():
                 term_i += sum(math.log(N * pn / (q / z + N * pn + EPS)) for q in neg[i])
                 total += w[i] * term_i
             parts.append(-total / B)
+            assert out.metrics[f"crd/{name}/loss_{side}"].item() == pytest.approx(parts[-1], rel=1e-4)
+            assert out.metrics[f"crd/{name}/z_{side}"].item() == pytest.approx(z, rel=1e-5)
         expected += 0.5 * (parts[0] + parts[1])  # uniform teacher weights
+        assert out.metrics[f"gacd/{name}/mean_weight"].item() == pytest.approx(sum(w) / B, rel=1e-6)
     assert got.item() == pytest.approx(expected, rel=1e-4)
 
 
@@ -164,7 +168,10 @@ def test_fully_confident_teacher_gives_plain_crd_and_defaults_are_the_papers():
     gacd = build_loss("gacd", ctx, **kw)
     torch.manual_seed(0)
     crd = build_loss("crd", ctx, **kw)
-    torch.testing.assert_close(gacd(x), crd(x))  # same seeds: same heads, memory and draws
+    g_out, c_out = gacd(x), crd(x)
+    torch.testing.assert_close(g_out.loss, c_out.loss)  # same seeds: same heads, memory and draws
+    assert all(g_out.metrics[f"gacd/{n}/mean_weight"].item() == pytest.approx(1.0) for n in ctx.teachers)
+    assert set(g_out.metrics) - set(c_out.metrics) == {f"gacd/{n}/mean_weight" for n in ctx.teachers}
     meta = LOSSES.meta("gacd")
     assert meta["needs_teachers"] and "2009.09922" in meta["paper"]
     d = build_loss("gacd", ctx)
@@ -328,13 +335,12 @@ def test_shard_id_changes_with_the_adversarial_recipe(trained, tmp_path):
     }
     assert len(ids) == 7
     assert sid(base, AdversarialConfig(enabled=False, epsilon=0.2)) == sid(base, None)
-    from ensemble_kd.embed import plan_shards  # the planner puts the config's adversarial recipe in every key
-
+    # the planner puts the config's adversarial recipe in every key
     _, paths = trained
 
     def planned(**adv):
         cfg = tiny_config(tmp_path, **{"embed.splits": ["train"], "embed.adversarial": adv})
-        return {name: key.shard_id for name, _, key, _ in plan_shards(cfg, paths)}
+        return {name: key.shard_id for name, _, key, _ in plan_shards(teacher_set(paths), cfg.data, ["train"], cfg.embed)}
 
     plain, on, other = planned(), planned(enabled=True), planned(enabled=True, epsilon=0.05)
     assert planned(enabled=False, steps=9) == plain
@@ -344,9 +350,6 @@ def test_shard_id_changes_with_the_adversarial_recipe(trained, tmp_path):
 # -- end to end --------------------------------------------------------------------------------
 
 def test_distill_ce_kd_gacd_on_adversarial_shards(ray_cluster, trained, tmp_path):
-    from ensemble_kd.embed import run_embed
-    from ensemble_kd.train import run_distill
-
     cfg0, _ = trained
     shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
     cfg = tiny_config(tmp_path, **{
@@ -358,9 +361,9 @@ def test_distill_ce_kd_gacd_on_adversarial_shards(ray_cluster, trained, tmp_path
                            {"name": "gacd", "weight": 0.8, "kwargs": {"num_negatives": 64, "per_sample": False, "feat_dim": 16}}],
         "distill.epochs": 1, "distill.batch_size": 128, "distill.cpus_per_worker": 0.5, "tracking.enabled": False,
     })
-    res = run_embed(cfg, {t.name: tmp_path / "teachers" / f"{t.name}.pt" for t in cfg.teachers}, progress=False, log=lambda m: None)
+    res = embed(cfg)
     assert {r.rows for r in res} == {2 * 1500}  # 1 clean + 1 adversarial view per sample
-    out = run_distill(cfg, log=lambda m: None)
+    out = run_distill(cfg)
     last = out.history[-1]
     for k in ("loss/ce", "loss/kd", "loss/gacd", "loss/total"):
         assert k in last and math.isfinite(last[k])

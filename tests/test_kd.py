@@ -62,15 +62,27 @@ def test_kd_module_weights_and_errors():
     x = DistillInputs(torch.randn(4, 4), torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0]), torch.arange(4),
                       {n: torch.randn(4, 5) for n in "abc"}, {n: torch.randn(4, 3) for n in "abc"})
     only_b = build_loss("kd", ctx, temperature=2.0, teacher_weights={"b": 1.0})
-    assert torch.allclose(only_b(x), kd_loss(x.student_logits, [x.teacher_logits["b"]], 2.0))
-    only_b(x).backward()
-    assert x.student_logits.grad is not None and torch.isfinite(x.student_logits.grad).all()
+    out = only_b(x)
+    assert out.metrics == {}  # KD has no diagnostics
+    # weight 1 on "b" alone is plain KD against b: T^2 KL(softmax(b / T) || softmax(s / T)), written out
+    T = 2.0
+    p_b = torch.softmax(x.teacher_logits["b"] / T, 1)  # (B, C)
+    want = (p_b * (p_b.log() - torch.log_softmax(x.student_logits.detach() / T, 1))).sum(1).mean() * T * T
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    out.loss.backward()
+    # d/ds of T^2 KL = T (p_s - p_b) / B: the gradient of KD in closed form
+    p_s = torch.softmax(x.student_logits.detach() / T, 1)
+    assert torch.allclose(x.student_logits.grad, T * (p_s - p_b) / 4, atol=1e-6)
     with pytest.raises(ValueError, match="unknown teachers"):
         build_loss("kd", ctx, teacher_weights={"z": 1.0})
     with pytest.raises(ValueError, match="needs at least one teacher"):
         build_loss("kd", _ctx(()))
     with pytest.raises(ValueError, match="bad options"):
         build_loss("kd", ctx, temprature=2.0)
+    with pytest.raises(ValueError, match="kd: temperature"):
+        build_loss("kd", ctx, temperature=0.0)
+    with pytest.raises(ValueError, match="kd: reduction"):
+        build_loss("kd", ctx, reduction="sum")
 
 
 def test_ce_needs_no_teacher():
@@ -78,4 +90,7 @@ def test_ce_needs_no_teacher():
     ce = build_loss("ce", _ctx(()))
     logits = torch.tensor(S)
     want = sum(-math.log(softmax(r, 1.0)[y]) for r, y in zip(S, [1, 2])) / 2
-    assert abs(float(ce(DistillInputs(torch.zeros(2, 4), logits, torch.tensor([1, 2]), torch.arange(2)))) - want) < 1e-6
+    out = ce(DistillInputs(torch.zeros(2, 4), logits, torch.tensor([1, 2]), torch.arange(2)))
+    assert abs(float(out.loss) - want) < 1e-6 and out.metrics == {}
+    with pytest.raises(ValueError, match="ce: label_smoothing"):
+        build_loss("ce", _ctx(()), label_smoothing=1.5)

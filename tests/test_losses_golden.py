@@ -1,6 +1,7 @@
 """Golden values of VID, FitNet, PKT, RKD, SP, CC and DKD: each computed here from the paper's
 formula with explicit python loops (numpy for small linear algebra), on a fixed tiny input with
-the trainable parts set to known values, and compared with the pure function and the module."""
+the trainable parts set to known values, and compared with the pure function and the module
+(``LossOutput.loss``; VID's metrics too)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import torch
 
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.cc import cc_correlation, cc_loss
-from ensemble_kd.losses.dkd import dkd_ensemble_loss, dkd_loss, dkd_terms
+from ensemble_kd.losses.dkd import dkd_ensemble_loss, dkd_loss, dkd_terms, warmup_factor
 from ensemble_kd.losses.fitnet import fitnet_loss
 from ensemble_kd.losses.kd import kd_loss
 from ensemble_kd.losses.pkt import pkt_loss
@@ -43,11 +44,11 @@ def ctx_of(teachers=("a", "b")) -> LossContext:
     return LossContext(student_dim=3, num_classes=3, teacher_dims={n: emb[n].shape[1] for n in teachers}, bank=bank)
 
 
-def inputs(teachers=("a", "b")) -> DistillInputs:
+def inputs(teachers=("a", "b"), epoch: int = 0) -> DistillInputs:
     emb = {"a": t64(TA), "b": t64(TB)}
     logits = {"a": t64(A_LOGITS), "b": t64(B_LOGITS)}
     return DistillInputs(t64(S), t64(S_LOGITS), torch.tensor(LABELS), torch.arange(4),
-                         {n: emb[n] for n in teachers}, {n: logits[n] for n in teachers})
+                         {n: emb[n] for n in teachers}, {n: logits[n] for n in teachers}, epoch=epoch)
 
 
 def matvec(W, b, x):
@@ -77,7 +78,7 @@ def test_vid_golden_function_and_module():
     want = vid_golden(mu, TA, alpha, eps)
     got = vid_loss(t64(mu), t64(TA), t64(alpha), eps)
     assert got.item() == pytest.approx(want, rel=1e-9)
-    assert vid_loss(t64(mu), t64(TA), t64(alpha), eps, "mean").item() == pytest.approx(
+    assert vid_loss(t64(mu), t64(TA), t64(alpha), eps, channel_reduction="mean").item() == pytest.approx(
         vid_golden(mu, TA, alpha, eps, mean=True), rel=1e-9)
     # the module, one teacher: its regressor and alphas set to the values above
     mod = build_loss("vid", ctx_of(("a",)), init_var=5.0, eps=eps).double()
@@ -85,7 +86,16 @@ def test_vid_golden_function_and_module():
     set_linear(head.regressor, W_REG, B_REG)
     with torch.no_grad():
         head.alpha.copy_(t64(alpha))
-    assert mod(inputs(("a",))).item() == pytest.approx(want, rel=1e-9)
+    out = mod(inputs(("a",)))
+    assert out.loss.item() == pytest.approx(want, rel=1e-9)
+    # metrics: the teacher's term and the mean sigma, from the hand values
+    sigma = [math.log(1.0 + math.exp(a)) + eps for a in alpha]
+    assert set(out.metrics) == {"vid/a/loss", "vid/a/sigma_emb"}
+    assert out.metrics["vid/a/loss"].item() == pytest.approx(want, rel=1e-9)
+    assert out.metrics["vid/a/sigma_emb"].item() == pytest.approx(sum(sigma) / 2, rel=1e-9)
+    mean_mod = build_loss("vid", ctx_of(("a",)), eps=eps, channel_reduction="mean").double()
+    mean_mod.load_state_dict(mod.state_dict())
+    assert mean_mod(inputs(("a",))).loss.item() == pytest.approx(vid_golden(mu, TA, alpha, eps, mean=True), rel=1e-9)
 
 
 def test_vid_init_sigma_and_ensemble_with_logits():
@@ -103,14 +113,19 @@ def test_vid_init_sigma_and_ensemble_with_logits():
             lin = heads[name].regressor
             W, b = lin.weight.tolist(), lin.bias.tolist()
             want += w * vid_golden([matvec(W, b, s) for s in S], t, heads[name].alpha.tolist(), 1e-5)
-    assert mod(x).item() == pytest.approx(want, rel=1e-9)
+    out = mod(x)
+    assert out.loss.item() == pytest.approx(want, rel=1e-9)
+    assert set(out.metrics) == {f"vid/{n}/{k}" for n in "ab" for k in ("loss", "sigma_emb", "sigma_logits")}
+    assert out.metrics["vid/b/sigma_logits"].item() == pytest.approx(5.0, rel=1e-6)  # init_var (alpha set in float32)
     # an MLP regressor option, and clear errors
     mlp = build_loss("vid", ctx, hidden=5)
     assert isinstance(mlp.emb_heads["a"].regressor, torch.nn.Sequential)
-    for bad, match in (({"eps": 0.0}, "eps"), ({"target": "feat"}, "target"), ({"reduction": "max"}, "reduction"),
-                       ({"init_var": 1e-6}, "init_var")):
+    for bad, match in (({"eps": 0.0}, "eps"), ({"target": "feat"}, "target"),
+                       ({"channel_reduction": "max"}, "channel_reduction"), ({"init_var": 1e-6}, "init_var")):
         with pytest.raises(ValueError, match=f"vid: {match}"):
             build_loss("vid", ctx, **bad)
+    with pytest.raises(ValueError, match="bad options"):  # the old name is gone: `reduction` means teachers
+        build_loss("vid", ctx, reduction="mean")
 
 
 def test_vid_learns_the_noise_scale():
@@ -135,7 +150,7 @@ def test_fitnet_golden_function_and_module():
     assert fitnet_loss(t64(reg), t64(TA)).item() == pytest.approx(want, rel=1e-9)
     mod = build_loss("fitnet", ctx_of(), teacher_weights={"a": 1.0}).double()
     set_linear(mod.regressors["a"], W_REG, B_REG)
-    assert mod(inputs()).item() == pytest.approx(want, rel=1e-9)
+    assert mod(inputs()).loss.item() == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValueError, match="fitnet"):
         fitnet_loss(t64(reg), t64(TB))
 
@@ -158,7 +173,7 @@ def test_pkt_golden_function_and_module():
     assert pkt_loss(t64(S), t64(TA)).item() == pytest.approx(want_a, rel=1e-9)
     assert want_a > 0
     mod = build_loss("pkt", ctx_of())
-    assert mod(inputs()).item() == pytest.approx(0.5 * want_a + 0.5 * want_b, rel=1e-9)
+    assert mod(inputs()).loss.item() == pytest.approx(0.5 * want_a + 0.5 * want_b, rel=1e-9)
     assert pkt_loss(t64(TB), t64(TB)).item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -202,7 +217,7 @@ def test_rkd_golden_function_and_module():
     assert rkd_loss(t64(S), t64(TB), 2.0, 0.5).item() == pytest.approx(rkd_golden(S, TB, 2.0, 0.5), rel=1e-9)
     mod = build_loss("rkd", ctx_of(), w_dist=3.0, w_angle=7.0, teacher_weights={"a": 2.0, "b": 2.0})
     want_mod = 0.5 * rkd_golden(S, TA, 3.0, 7.0) + 0.5 * rkd_golden(S, TB, 3.0, 7.0)
-    assert mod(inputs()).item() == pytest.approx(want_mod, rel=1e-9)
+    assert mod(inputs()).loss.item() == pytest.approx(want_mod, rel=1e-9)
     # invariant to the student's scale (distances are normalised by their mean; angles are angles)
     assert rkd_loss(t64(S) * 7.5, t64(TA)).item() == pytest.approx(rkd_loss(t64(S), t64(TA)).item(), rel=1e-9)
     with pytest.raises(ValueError, match="rkd"):
@@ -224,7 +239,7 @@ def test_sp_golden_function_and_module():
     want_a, want_b = sp_golden(S, TA), sp_golden(S, TB)
     assert sp_loss(t64(S), t64(TA)).item() == pytest.approx(want_a, rel=1e-9)
     mod = build_loss("sp", ctx_of(), teacher_weights={"a": 1.0, "b": 3.0})
-    assert mod(inputs()).item() == pytest.approx(0.25 * want_a + 0.75 * want_b, rel=1e-9)
+    assert mod(inputs()).loss.item() == pytest.approx(0.25 * want_a + 0.75 * want_b, rel=1e-9)
     assert sp_loss(t64(S), 3.0 * t64(S)).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
 
 
@@ -255,18 +270,18 @@ def test_cc_golden_function_and_module():
     assert np.allclose(cc_correlation(t64(S), 0.4, 12).numpy(), rbf, atol=1e-9)
     # the module without heads, then with fixed heads on both sides
     raw = build_loss("cc", ctx_of(("b",)), embed="none")
-    assert raw(inputs(("b",))).item() == pytest.approx(cc_golden(S, TB), rel=1e-9)
+    assert raw(inputs(("b",))).loss.item() == pytest.approx(cc_golden(S, TB), rel=1e-9)
     mod = build_loss("cc", ctx_of(("a",)), feat_dim=2).double()
     Ws, bs = [[1.0, 0.5, -0.5], [0.0, 2.0, 1.0]], [0.1, 0.0]
     Wt, bt = [[0.3, -1.0], [1.0, 1.0]], [0.0, 0.2]
     set_linear(mod.embed_s["a"], Ws, bs)
     set_linear(mod.embed_t["a"], Wt, bt)
     want = cc_golden([matvec(Ws, bs, s) for s in S], [matvec(Wt, bt, t) for t in TA])
-    assert mod(inputs(("a",))).item() == pytest.approx(want, rel=1e-9)
+    assert mod(inputs(("a",))).loss.item() == pytest.approx(want, rel=1e-9)
     student_only = build_loss("cc", ctx_of(("a",)), feat_dim=2, embed="student").double()
     assert len(student_only.embed_t) == 0
     set_linear(student_only.embed_s["a"], Ws, bs)
-    assert student_only(inputs(("a",))).item() == pytest.approx(
+    assert student_only(inputs(("a",))).loss.item() == pytest.approx(
         cc_golden([matvec(Ws, bs, s) for s in S], TA), rel=1e-9)
 
 
@@ -306,14 +321,36 @@ def test_dkd_golden_function_and_module():
     mean_probs = dkd_golden(S_LOGITS, ens, LABELS, 1, 8, 4)
     mod_per = build_loss("dkd", ctx_of(), reduction="per_teacher", teacher_weights={"a": 1.0, "b": 3.0})
     mod_mean = build_loss("dkd", ctx_of(), teacher_weights={"a": 1.0, "b": 3.0})
-    assert mod_per(inputs()).item() == pytest.approx(per, rel=1e-9)
-    assert mod_mean(inputs()).item() == pytest.approx(mean_probs, rel=1e-9)
+    assert mod_per(inputs()).loss.item() == pytest.approx(per, rel=1e-9)
+    assert mod_mean(inputs()).loss.item() == pytest.approx(mean_probs, rel=1e-9)
     # one teacher: mean_probs is plain DKD (log-softmax only shifts each row of logits)
     assert dkd_ensemble_loss(s, [a], y).item() == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValueError, match="dkd: reduction"):
         build_loss("dkd", ctx_of(), reduction="max")
     with pytest.raises(ValueError, match="dkd: temperature"):
         build_loss("dkd", ctx_of(), temperature=0.0)
+
+
+def test_dkd_warmup_is_linear_in_the_epoch_then_constant():
+    """warmup_epochs = W scales the loss by min(1, (epoch + 1) / W), epoch 0-based (the paper's
+    and mdistiller's linear warm-up, min(epoch / W, 1) with 1-based epochs); W = 0 never scales."""
+    full = dkd_golden(S_LOGITS, A_LOGITS, LABELS, 1.0, 8.0, 4.0)
+    warm = build_loss("dkd", ctx_of(("a",)), warmup_epochs=4)
+    plain = build_loss("dkd", ctx_of(("a",)))
+    for epoch, factor in ((0, 0.25), (1, 0.5), (2, 0.75), (3, 1.0), (4, 1.0), (50, 1.0)):
+        assert warm(inputs(("a",), epoch=epoch)).loss.item() == pytest.approx(factor * full, rel=1e-9), epoch
+        assert plain(inputs(("a",), epoch=epoch)).loss.item() == pytest.approx(full, rel=1e-9), epoch
+    assert warmup_factor(0, 1) == 1.0 and warmup_factor(7, 0) == 1.0
+    # the gradient is scaled too (the loss is multiplied, not clipped)
+    x0, x3 = inputs(("a",), epoch=0), inputs(("a",), epoch=3)
+    x0.student_logits.requires_grad_(True)
+    x3.student_logits.requires_grad_(True)
+    warm(x0).loss.backward()
+    warm(x3).loss.backward()
+    torch.testing.assert_close(x0.student_logits.grad, 0.25 * x3.student_logits.grad)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="dkd: warmup_epochs"):
+            build_loss("dkd", ctx_of(), warmup_epochs=bad)
 
 
 def test_dkd_decomposes_kd():

@@ -1,22 +1,28 @@
-"""Every registered loss, through the registry: builds from its defaults, gives a finite scalar,
+"""Every registered loss, through the registry: is a class of the contract's shape, builds from
+its defaults, gives a finite scalar and the metrics pinned in METRIC_KEYS (detached 0-d tensors),
 sends finite non-zero gradients to every trainable part (its own and the student's), works
 with 1 and 3 teachers (and 0 where it needs none), keeps its buffers identical across 2 real
-gloo processes, has a docs page naming all its options; and one real Ray Train distillation with
-the embedding/logit-level losses. New losses are covered by being registered."""
+gloo processes, has a docs page naming all its options, imports nothing of the orchestration;
+and one real Ray Train distillation with the embedding/logit-level losses. New losses are
+covered by being registered."""
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
-from tests.conftest import out_with_teachers, spawn_processes
+from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, TeacherBank, build_loss
+from ensemble_kd.losses.base import LossRegistry
+from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill, spawn_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, D_IN, D_S, B = 48, 5, 7, 8, 12
@@ -34,6 +40,20 @@ TEST_KWARGS: dict[str, dict] = {
 EMB_ONLY = "an embedding-level loss reads student_emb only: the student's classifier head takes no part"
 NO_GRAD_BY_DESIGN: dict[str, dict[str, str]] = {
     name: {"student.head.": EMB_ONLY} for name in ("crd", "gacd", "vid", "fitnet", "pkt", "rkd", "sp", "cc")
+}
+
+
+# The metric keys each loss emits for teachers ``ts`` (the names the loop logs and dashboards
+# read); a loss not listed emits none. A new or renamed metric must be pinned here.
+def _crd_keys(ts: list[str]) -> set[str]:
+    return {f"crd/{t}/{k}" for t in ts for k in ("loss_a", "loss_b", "z_a", "z_b")}
+
+
+METRIC_KEYS: dict[str, Callable[[list[str]], set[str]]] = {
+    "crd": _crd_keys,
+    "gacd": lambda ts: _crd_keys(ts) | {f"gacd/{t}/mean_weight" for t in ts},
+    "vid": lambda ts: {f"vid/{t}/{k}" for t in ts for k in ("loss", "sigma_emb")},  # default target: embedding
+    "dfnd": lambda ts: {"dfnd/q_diag_mean"},
 }
 
 
@@ -75,12 +95,10 @@ def make_batch(ctx: LossContext, rows: torch.Tensor) -> dict:
 
 
 def default_kwargs(name: str) -> dict:
-    """Every option of the builder at its signature default, overlaid with TEST_KWARGS (passing
+    """Every option of the loss at its signature default, overlaid with TEST_KWARGS (passing
     the defaults explicitly checks that they are valid values, not just absent options)."""
     params = list(inspect.signature(LOSSES.get(name)).parameters.values())[1:]  # [0] is ctx
-    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
-    assert not missing, f"loss {name!r}: options without a default: {missing}"
-    kw = {p.name: p.default for p in params if p.kind is not p.VAR_KEYWORD}
+    kw = {p.name: p.default for p in params}
     kw.update(TEST_KWARGS.get(name, {}))
     return kw
 
@@ -101,9 +119,16 @@ def test_forward_backward_every_parameter_gets_a_gradient(name, num_teachers):
     student = TinyStudent()
     batch = make_batch(ctx, torch.arange(3, 3 + B))
     emb, logits = student(batch["x"])
-    x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"])
-    loss = loss_mod(x)
+    x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"],
+                      epoch=2, step=17)
+    out = loss_mod(x)
+    assert isinstance(out, LossOutput), (name, type(out))
+    loss = out.loss
     assert isinstance(loss, torch.Tensor) and loss.shape == () and torch.isfinite(loss), (name, loss)
+    assert set(out.metrics) == METRIC_KEYS.get(name, lambda ts: set())(list(ctx.teacher_dims)), (name, sorted(out.metrics))
+    for k, v in out.metrics.items():  # tensors, so a step never waits for the device
+        assert isinstance(v, torch.Tensor) and v.shape == () and not v.requires_grad, (name, k, v)
+        assert v.device == loss.device and torch.isfinite(v), (name, k, v)
     loss.backward()
     allowed = NO_GRAD_BY_DESIGN.get(name, {})
     named = [(f"student.{n}", p) for n, p in student.named_parameters()]
@@ -116,8 +141,6 @@ def test_forward_backward_every_parameter_gets_a_gradient(name, num_teachers):
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
         assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
-    metrics = getattr(loss_mod, "extra_metrics", dict)()
-    assert all(math.isfinite(v) for v in metrics.values()), metrics
 
 
 @pytest.mark.parametrize("name", [n for n in LOSSES.names() if LOSSES.meta(n).get("needs_teachers", True)])
@@ -130,8 +153,89 @@ def test_needs_teachers_refuses_zero_teachers(name):
 def test_registered_with_paper_and_rejects_unknown_option(name):
     meta = LOSSES.meta(name)
     assert isinstance(meta.get("needs_teachers"), bool) and meta.get("paper"), meta
-    with pytest.raises(ValueError, match="bad options"):
+    with pytest.raises(ValueError, match=f"loss '{name}': bad options"):
         build_loss(name, make_ctx(1), not_an_option_of_any_loss=1)
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_registered_entry_is_a_module_class_with_ctx_then_keyword_options(name):
+    """The shape config validation relies on: inspect.signature(cls) = (ctx, *, option=default, ...)."""
+    cls = LOSSES.get(name)
+    assert isinstance(cls, type) and issubclass(cls, nn.Module), cls
+    params = list(inspect.signature(cls).parameters.values())
+    assert params[0].name == "ctx" and params[0].kind is params[0].POSITIONAL_OR_KEYWORD
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in params[1:]), params
+    assert isinstance(build_loss(name, make_ctx(1), **TEST_KWARGS.get(name, {})), cls)
+
+
+def test_registry_refuses_what_breaks_the_contract():
+    reg = LossRegistry("loss")
+    meta = {"needs_teachers": True, "paper": "x"}
+
+    class Positional(nn.Module):
+        def __init__(self, ctx, temperature=1.0): super().__init__()
+
+    class Kwargs(nn.Module):
+        def __init__(self, ctx, **kw): super().__init__()
+
+    class NoDefault(nn.Module):
+        def __init__(self, ctx, *, temperature): super().__init__()
+
+    class NoCtx(nn.Module):
+        def __init__(self, *, temperature=1.0): super().__init__()
+
+    class Good(nn.Module):
+        def __init__(self, ctx, *, temperature=1.0): super().__init__()
+
+    def builder(ctx, *, temperature=1.0): return Good(ctx)
+
+    for bad, match in ((Positional, "keyword-only"), (Kwargs, "keyword-only"), (NoDefault, "keyword-only"),
+                       (NoCtx, "first parameter"), (builder, "nn.Module subclass")):
+        with pytest.raises(TypeError, match=match):
+            reg.register("bad", **meta)(bad)
+    with pytest.raises(TypeError, match="needs_teachers"):
+        reg.register("bad", paper="x")(Good)
+    assert reg.register("good", **meta)(Good) is Good and reg.names() == ["good"]
+
+
+def test_interface_fields():
+    """The loop builds DistillInputs positionally up to teacher_logits; epoch and step come last."""
+    assert [f.name for f in fields(DistillInputs)] == ["student_emb", "student_logits", "labels", "index",
+                                                       "teacher_emb", "teacher_logits", "epoch", "step"]
+    x = DistillInputs(torch.zeros(1, 2), torch.zeros(1, 3), torch.zeros(1), torch.zeros(1))
+    assert (x.epoch, x.step, x.teacher_emb, x.teacher_logits) == (0, 0, {}, {})
+    assert [f.name for f in fields(LossOutput)] == ["loss", "metrics"]
+    assert [f.name for f in fields(LossContext)][-1] == "selection" and make_ctx(1).selection is None
+    with pytest.raises(ValueError, match="0-d"):
+        LossOutput(torch.zeros(2))
+    with pytest.raises(ValueError, match="detached 0-d tensors; not so: \\['m'\\]"):
+        LossOutput(torch.zeros(()), {"m": torch.zeros((), requires_grad=True)})
+    with pytest.raises(ValueError, match="detached 0-d tensors"):
+        LossOutput(torch.zeros(()), {"m": 1.0})
+
+
+# The only parts of ensemble_kd a loss may import: the losses, their building blocks and the
+# file format of a selection (DFND), never the orchestration (loop, stages, config, Ray).
+ALLOWED_IMPORTS = ("ensemble_kd.losses", "ensemble_kd.memory", "ensemble_kd.dist", "ensemble_kd.registry",
+                   "modalities.registry", "ensemble_kd.selection", "ensemble_kd.devices", "ensemble_kd.bank")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ensemble_kd" / "losses").glob("*.py")), ids=lambda p: p.name)
+def test_losses_import_only_their_building_blocks_at_module_top(path):
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        assert id(node) in top, f"{path.name}:{node.lineno}: import inside a function or block"
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:  # `from ensemble_kd import dist` names ensemble_kd.dist
+            names = [f"{node.module}.{a.name}" if node.module in ("ensemble_kd", "modalities") else node.module
+                     for a in node.names]
+        for n in names:
+            if n.split(".")[0] in ("ensemble_kd", "modalities"):
+                assert n.startswith(ALLOWED_IMPORTS), f"{path.name}:{node.lineno}: imports {n}"
 
 
 # -- docs stay true to the code ------------------------------------------------------------
@@ -159,7 +263,7 @@ def _rank_run(name: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ensemble_kd import dist
-    from ensemble_kd.train import DistillModule
+    from ensemble_kd.loop import DistillModule
 
     torch.manual_seed(0)  # same initial weights on every rank, as seed_everything in the loop
     ctx = make_ctx(3 if LOSSES.meta(name).get("needs_teachers", True) else 0)
@@ -185,12 +289,12 @@ def _rank_run(name: str, rank: int) -> dict:
     step_losses = []
     for step in range(STEPS):
         rows = perm[step * GLOBAL_B: (step + 1) * GLOBAL_B].view(WS, -1)[rank]  # this rank's half
-        parts = model(make_batch(ctx, rows))
-        loss = sum(module.weights[n] * v for n, v in parts.items())
+        parts = model(make_batch(ctx, rows))  # name -> LossOutput
+        loss = sum(module.weights[n] * v.loss for n, v in parts.items())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step_losses.append({n: float(v.detach()) for n, v in parts.items()})
+        step_losses.append({n: float(v.loss.detach()) for n, v in parts.items()})
     return {"losses": step_losses, "at_init": at_init, "after": gathered_equal(),
             "buffers": sorted(n for n, _ in module.named_buffers())}
 
@@ -237,22 +341,14 @@ E2E_LOSSES = ["ce", "vid", "rkd", "sp", "pkt", "cc", "fitnet", "dkd"]
 def e2e_shards(ray_cluster, trained, tmp_path_factory):
     """Like tests/test_distill.py's `shards`: an output dir with the session's teachers and their
     train shards (module-scoped there, so built again here)."""
-    from ensemble_kd.embed import run_embed
-    from tests.test_distill import distill_cfg
-
     out = out_with_teachers(trained, tmp_path_factory, "distill-registry")
-    dcfg = distill_cfg(out)
-    run_embed(dcfg, {t.name: out / "teachers" / f"{t.name}.pt" for t in dcfg.teachers}, progress=False,
-              log=lambda m: None)
+    embed(distill_cfg(out))
     return str(out)
 
 
 def test_distill_end_to_end_with_the_new_losses(e2e_shards):
-    from ensemble_kd.train import run_distill
-    from tests.test_distill import distill_cfg
-
     cfg = distill_cfg(e2e_shards, **{"distill.epochs": 1, "distill.losses": [{"name": n} for n in E2E_LOSSES]})
-    res = run_distill(cfg, log=lambda m: None)
+    res = run_distill(cfg)
     assert len(res.history) == 1
     last = res.history[-1]
     for n in E2E_LOSSES + ["total"]:

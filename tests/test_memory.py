@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ensemble_kd import dist
 from ensemble_kd.memory import MomentumMemory, NegativeSampler
-from tests.conftest import spawn_processes
+from tests.helpers import spawn_processes
 
 M, D, C = 120, 8, 4
 

@@ -4,8 +4,9 @@ import shutil
 import pytest
 import torch
 
-from ensemble_kd.teachers import CheckpointError, ensure_teachers, load_teacher, read_checkpoint
-from tests.conftest import tiny_config
+from ensemble_kd.pipeline import train_teachers
+from ensemble_kd.teacher_checkpoint import CheckpointError, load_teacher, read_checkpoint
+from tests.helpers import tiny_config
 
 
 def test_checkpoint_carries_what_it_needs(trained):
@@ -29,14 +30,13 @@ def test_loaded_teacher_is_frozen(trained):
 def test_rerun_reuses_and_changed_config_retrains(trained, tmp_path):
     cfg, paths = trained
     logs = []
-    again = ensure_teachers(cfg, progress=False, log=logs.append)
-    assert again == paths and all("reused" in m for m in logs), logs
-    cfg2 = tiny_config(cfg.output_dir, **{"teachers": [dict(name="kar_mlp", arch="mlp", modality="kar", epochs=1, arch_kwargs={"hidden": [32]})]})
+    again = train_teachers(cfg, progress=False, log=logs.append)
+    assert again.paths() == paths and all("reused" in m for m in logs), logs
     out = tmp_path / "copy"
     shutil.copytree(cfg.checkpoint_dir, out / "teachers")
     cfg2 = tiny_config(out, teachers=[dict(name="kar_mlp", arch="mlp", modality="kar", epochs=1, arch_kwargs={"hidden": [32]})])
     logs = []
-    ensure_teachers(cfg2, progress=False, log=logs.append)
+    train_teachers(cfg2, progress=False, log=logs.append)
     assert any("another config" in m for m in logs), logs
 
 
@@ -46,8 +46,8 @@ def test_user_checkpoint_by_path(trained, tmp_path):
     shutil.copy(paths["pix_cnn"], mine)
     cfg = tiny_config(tmp_path / "o", teachers=[{"name": "mine", "checkpoint": str(mine), "modality": "pix"}])
     logs = []
-    got = ensure_teachers(cfg, progress=False, log=logs.append)
-    assert got == {"mine": mine} and "using checkpoint" in logs[0]
+    got = train_teachers(cfg, progress=False, log=logs.append)
+    assert got.paths() == {"mine": mine} and "using checkpoint" in logs[0]
     assert not (tmp_path / "o" / "teachers").exists()  # nothing trained
 
 

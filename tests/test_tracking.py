@@ -6,11 +6,8 @@ from mlflow.tracking import MlflowClient
 
 from ensemble_kd.cli import main
 from ensemble_kd.config import to_yaml
-from ensemble_kd.embed import run_embed
-from ensemble_kd.tracking import TrackingError, compare, tracking_uri
-from ensemble_kd.train import run_distill
-from tests.conftest import out_with_teachers
-from tests.test_distill import distill_cfg
+from ensemble_kd.tracking import TrackingError, compare, sweep_point, tracking_uri
+from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 ARMS = {
     "ensemble": {"distill.teachers": ["pix_cnn", "kar_mlp"], "distill.losses": [{"name": "ce"}, {"name": "kd"}]},
@@ -29,10 +26,10 @@ def tracked(ray_cluster, trained, tmp_path_factory):
     """Three arms (two seeds of the ensemble) distilled and logged to one SQLite MLflow store."""
     out = out_with_teachers(trained, tmp_path_factory, "tracked")
     c0 = cfg_for(out, "ensemble")
-    run_embed(c0, {n: out / "teachers" / f"{n}.pt" for n in ("pix_cnn", "kar_mlp")}, progress=False, log=lambda m: None)
+    embed(c0)
     runs = {}
     for arm, seed in (("ensemble", 0), ("ensemble", 1), ("single", 0), ("none", 0)):
-        runs[(arm, seed)] = run_distill(cfg_for(out, arm, seed), log=lambda m: None)
+        runs[(arm, seed)] = run_distill(cfg_for(out, arm, seed))
     return out, c0, runs
 
 
@@ -75,12 +72,11 @@ def test_compare_groups_by_teacher_set_and_other_tags(tracked, capsys):
         compare(tracking_uri(cfg), "nope")
 
 
-def test_crd_point_reads_params_and_falls_back_to_the_loss_defaults():
-    from ensemble_kd.tracking import crd_point
-
-    assert crd_point({"distill.losses.0.name": "ce"}) is None
+def test_sweep_point_reads_params_and_falls_back_to_the_loss_defaults():
+    assert sweep_point({"distill.losses.0.name": "ce"}) is None
     given = {"distill.losses.0.name": "kd", "distill.losses.1.name": "crd",
              "distill.losses.1.kwargs.tau": "0.2", "distill.losses.1.kwargs.num_negatives": "4096"}
-    assert crd_point(given) == {"tau": 0.2, "num_negatives": 4096}
-    assert crd_point({"distill.losses.0.name": "crd"}) == {"tau": 0.07, "num_negatives": 16384}
-    assert crd_point({"distill.losses.2.name": "gacd"})["tau"] == 0.1
+    assert sweep_point(given) == {"tau": 0.2, "num_negatives": 4096}
+    assert isinstance(sweep_point(given)["num_negatives"], int)  # the default's type: N is a count
+    assert sweep_point({"distill.losses.0.name": "crd"}) == {"tau": 0.07, "num_negatives": 16384}
+    assert sweep_point({"distill.losses.2.name": "gacd"})["tau"] == 0.1

@@ -3,13 +3,13 @@ run (SQLite in a temp folder) nested under the sweep's parent run."""
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray import tune
 
+from ensemble_kd import pipeline
 from ensemble_kd.config import ConfigError
-from ensemble_kd.embed import run_embed
+from ensemble_kd.sweep import domain, search_space
 from ensemble_kd.tracking import compare, tracking_uri
-from ensemble_kd.tune import domain, search_space, tune_sweep
-from tests.conftest import out_with_teachers
-from tests.test_distill import distill_cfg
+from tests.helpers import distill_cfg, embed, out_with_teachers
 
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 128, "per_sample": False, "feat_dim": 16}}
 
@@ -17,7 +17,7 @@ CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 128, "per_sampl
 def sweep_cfg(out, **over):
     d = {"distill.teachers": ["kar_mlp"], "distill.losses": [{"name": "ce"}, {"name": "kd"}, CRD],
          "distill.epochs": 2, "tracking.enabled": True, "tracking.experiment": "sweep",
-         "tune.trial_cpus": 1, "tune.scheduler": "fifo",
+         "tune.cpus_per_trial": 1, "tune.scheduler": "fifo",
          "tune.space": {"distill.losses.crd.kwargs.tau": {"grid": [0.05, 0.2]}}}
     d.update(over)
     return distill_cfg(out, **d)
@@ -27,15 +27,14 @@ def sweep_cfg(out, **over):
 def out(ray_cluster, trained, tmp_path_factory):
     out = out_with_teachers(trained, tmp_path_factory, "tune")
     c = sweep_cfg(out)
-    run_embed(c, {"kar_mlp": out / "teachers" / "kar_mlp.pt", "pix_cnn": out / "teachers" / "pix_cnn.pt"},
-              progress=False, log=lambda m: None)
+    embed(c)
     return out
 
 
 def test_two_trial_grid_lands_two_finished_nested_runs(out):
     cfg = sweep_cfg(out)
     lines = []
-    res = tune_sweep(cfg, log=lines.append)
+    res = pipeline.sweep(cfg, log=lines.append)
     assert len(res.trials) == 2 and all(t.status == "TERMINATED" for t in res.trials)
     assert sorted(t.overrides["distill.losses.crd.kwargs.tau"] for t in res.trials) == [0.05, 0.2]
     assert res.best is not None and res.best.metrics["test_top1"] == max(t.metrics["test_top1"] for t in res.trials)
@@ -66,7 +65,7 @@ def test_asha_stops_a_hopeless_trial_and_its_run_is_ended(out):
                             "tune.scheduler": "asha", "tune.grace_period": 1, "tune.max_concurrent_trials": 1,
                             "tune.space": {"distill.optim.lr": {"grid": [0.05, 1e-6]}},
                             "tracking.experiment": "asha"})
-    res = tune_sweep(cfg, log=lambda m: None)
+    res = pipeline.sweep(cfg, log=lambda m: None)
     by_lr = {t.overrides["distill.optim.lr"]: t for t in res.trials}
     assert by_lr[0.05].status == "TERMINATED" and by_lr[0.05].epochs == 3
     assert by_lr[1e-6].status == "STOPPED" and by_lr[1e-6].epochs < 3
@@ -92,6 +91,5 @@ def test_search_space_errors_name_the_key(tmp_path):
         search_space(sweep_cfg(tmp_path, **{"tune.space": {"distill.losses.vid.kwargs.tau": {"grid": [1]}}}))
     with pytest.raises(ConfigError, match="tune.space is empty"):
         search_space(sweep_cfg(tmp_path, **{"tune.space": {}}))
-    from ray import tune
 
     assert domain("k", {"grid": [1, 2]}, "random").__class__ is type(tune.choice([1, 2]))

@@ -1,22 +1,50 @@
-"""The loss contract: every distillation method is a pure function plus a thin ``nn.Module``
-registered by name. The training loop builds the configured losses from the registry and
-calls each one the same way, so no method is special-cased in the loop.
+"""The loss contract. Every distillation method is a pure function (the formula) plus one
+``nn.Module`` class registered by name in :data:`LOSSES`; the training loop builds the configured
+losses through :func:`build_loss` and calls each one the same way, so it never branches on a
+method name.
 
-A loss module is built with ``builder(ctx: LossContext, **kwargs)`` and called as
-``module(x: DistillInputs) -> Tensor`` (a scalar). Trainable parts (CRD heads, VID regressors)
-live inside the module, which the loop puts into the one trainable module next to the student.
-A module may also define ``extra_metrics() -> dict[str, float]`` for logging.
+Registering: decorate the class itself,
+
+    @LOSSES.register("kd", needs_teachers=True, paper="Hinton et al., 2015")
+    class KDLoss(nn.Module):
+        def __init__(self, ctx: LossContext, *, temperature: float = 4.0, ...) -> None: ...
+
+The constructor takes the :class:`LossContext` first, then keyword-only options, each with a
+default (no ``**kwargs``): config validation reads the options from ``inspect.signature(cls)``
+(skipping ``ctx``), and :class:`LossRegistry` refuses a class of another shape at import time.
+Option values are checked in the constructor, which raises ``ValueError`` naming the loss and the
+option. Trainable parts (CRD heads, VID regressors, DFND's Q) and buffers (CRD's memory) live
+in the module, which the loop puts into the one trainable module next to the student.
+
+Calling: ``module(x: DistillInputs) -> LossOutput``. ``LossOutput.loss`` is the term's 0-d
+value, unweighted (the loop multiplies by the configured weight and sums the terms);
+``LossOutput.metrics`` maps a name (``<loss>/<teacher>/<what>``, e.g. ``crd/t0/z_a``) to a
+detached 0-d tensor on the loss's device. Metrics stay tensors so that a step never waits for
+the device; the loop averages each one over an epoch's steps and reads them once.
+
+:class:`DistillInputs` holds one batch of B rows: the student's embedding and logits (with
+grad), the labels, each row's index in the train shards (its memory slot), the teachers'
+embeddings and logits of those rows, and the position in training (``epoch``, 0-based, and
+``step``, the global optimisation step) for losses with a schedule (DKD's warm-up).
+
+``reduction``, wherever a loss has it, means one thing: how a multi-teacher loss combines its
+teachers (:data:`REDUCTIONS`).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ensemble_kd.registry import Registry
+from ensemble_kd.bank import TeacherBank
+from modalities.registry import Registry
+
+__all__ = ["LOSSES", "REDUCTIONS", "DistillInputs", "LossContext", "LossOutput", "LossRegistry", "Reduction",
+           "TeacherBank", "build_loss", "check_reduction", "loss_options", "normalise_teacher_weights"]
 
 
 @dataclass
@@ -29,32 +57,29 @@ class DistillInputs:
     index: torch.Tensor  # (B,) int64: row of each sample in the train shards = its memory slot
     teacher_emb: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, d_t)
     teacher_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, C)
+    epoch: int = 0  # 0-based epoch of this batch
+    step: int = 0  # global optimisation step since the start of training (0 for the first batch)
 
 
 @dataclass
-class TeacherBank:
-    """All teacher outputs of the train shards, row-aligned (row r = memory slot r).
+class LossOutput:
+    """What every loss returns for one batch."""
 
-    ``embeddings``/``logits`` are read-only tensors (zero-copy views of the shards where possible).
-    """
+    loss: torch.Tensor  # () the term's value; the loop applies the configured weight and sums
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> () detached, on the loss's device
 
-    embeddings: Mapping[str, torch.Tensor]  # name -> (M, d_t)
-    logits: Mapping[str, torch.Tensor]  # name -> (M, C)
-    labels: torch.Tensor  # (M,) int64
-    sample_ids: torch.Tensor  # (M,) int64
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def teachers(self) -> list[str]:
-        return list(self.embeddings)
+    def __post_init__(self) -> None:
+        # Shape and autograd flags are host-side metadata: checking them costs no device sync.
+        if self.loss.dim() != 0:
+            raise ValueError(f"LossOutput.loss must be a 0-d tensor, got shape {tuple(self.loss.shape)}")
+        bad = [k for k, v in self.metrics.items() if not isinstance(v, torch.Tensor) or v.dim() != 0 or v.requires_grad]
+        if bad:
+            raise ValueError(f"LossOutput.metrics must be detached 0-d tensors; not so: {bad}")
 
 
 @dataclass
 class LossContext:
-    """What a loss builder may use to size itself."""
+    """What a loss constructor may use to size itself."""
 
     student_dim: int
     num_classes: int
@@ -62,6 +87,7 @@ class LossContext:
     bank: TeacherBank
     seed: int = 0
     device: torch.device = torch.device("cpu")
+    selection: Mapping[str, Any] | None = None  # the manifest of the selection the run trains on (DFND), if any
 
     @property
     def teachers(self) -> list[str]:
@@ -72,22 +98,67 @@ class LossContext:
         return self.bank.num_rows
 
 
-class LossBuilder(Protocol):
-    def __call__(self, ctx: LossContext, **kwargs: Any) -> nn.Module: ...
+Reduction = Literal["mean_probs", "per_teacher"]
+REDUCTIONS: tuple[str, ...] = ("mean_probs", "per_teacher")
+"""How a multi-teacher loss combines its teachers: ``mean_probs`` = one term against the
+teachers' (weighted) averaged prediction; ``per_teacher`` = the weighted sum of one term per teacher."""
 
 
-LOSSES: Registry[LossBuilder] = Registry("loss")
-"""Registered losses. Metadata: ``needs_teachers`` (bool), ``paper`` (citation string)."""
+def check_reduction(loss: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{loss}: reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
 
 
-def build_loss(name: str, ctx: LossContext, **kwargs: Any) -> nn.Module:
-    builder = LOSSES.get(name)
-    if LOSSES.meta(name).get("needs_teachers", True) and not ctx.teacher_dims:
+def _check_loss_class(name: str, cls: Any) -> None:
+    """Refuse, at registration, a loss that does not have the contract's shape (see module doc)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"loss {name!r}: register an nn.Module subclass, got {cls!r}")
+    params = list(inspect.signature(cls).parameters.values())
+    if not params or params[0].name != "ctx" or params[0].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        raise TypeError(f"loss {name!r}: the constructor's first parameter must be `ctx: LossContext`")
+    bad = [p.name for p in params[1:] if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is p.empty]
+    if bad:
+        raise TypeError(f"loss {name!r}: options must be keyword-only with a default, "
+                        f"__init__(self, ctx, *, option=default); not so: {bad}")
+
+
+class LossRegistry(Registry[type[nn.Module]]):
+    """The loss registry: ``register`` also checks the metadata and the class's shape."""
+
+    def register(self, name: str, **meta: Any) -> Callable[[type[nn.Module]], type[nn.Module]]:
+        if not isinstance(meta.get("needs_teachers"), bool) or not meta.get("paper"):
+            raise TypeError(f"loss {name!r}: register with needs_teachers=<bool> and paper=<citation>")
+        add = super().register(name, **meta)
+
+        def deco(cls: type[nn.Module]) -> type[nn.Module]:
+            _check_loss_class(name, cls)
+            return add(cls)
+
+        return deco
+
+
+LOSSES = LossRegistry("loss")
+"""Registered loss classes. Metadata: ``needs_teachers`` (bool), ``paper`` (citation string) and,
+optionally, ``sweep_axes`` (the two options a sweep of this loss is plotted against, e.g. CRD's
+``("tau", "num_negatives")``: the x axis, then one line per value)."""
+
+
+def build_loss(name: str, ctx: LossContext, **options: Any) -> nn.Module:
+    """An instance of loss ``name``; unknown options and a teacher-less run of a loss that needs
+    teachers are refused with a ValueError naming the loss."""
+    cls = LOSSES.get(name)
+    if LOSSES.meta(name)["needs_teachers"] and not ctx.teacher_dims:
         raise ValueError(f"loss {name!r} needs at least one teacher, and this run has none")
-    try:
-        return builder(ctx, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"loss {name!r}: bad options {sorted(kwargs)}: {e}") from None
+    known = list(loss_options(name))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"loss {name!r}: bad options {unknown}; its options are {known}")
+    return cls(ctx, **options)
+
+
+def loss_options(name: str) -> dict[str, Any]:
+    """Option name -> default of registered loss ``name`` (its constructor's keyword-only options)."""
+    return {p.name: p.default for p in list(inspect.signature(LOSSES.get(name)).parameters.values())[1:]}  # [0] is ctx
 
 
 def normalise_teacher_weights(names: list[str], weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -102,6 +173,3 @@ def normalise_teacher_weights(names: list[str], weights: Mapping[str, float] | N
     if total <= 0 or any(v < 0 for v in w.values()):
         raise ValueError(f"teacher weights must be >= 0 and not all 0, got {w}")
     return {n: v / total for n, v in w.items()}
-
-
-teacher_weights = normalise_teacher_weights  # short alias used by loss builders

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 
 Embed = Literal["both", "student", "none"]
 
@@ -52,11 +52,12 @@ def cc_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, gamma: float =
     return F.mse_loss(c_s, c_t)
 
 
+@LOSSES.register("cc", needs_teachers=True, paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019")
 class CCLoss(nn.Module):
-    """Per teacher: optional linear heads, then cc_loss; forward(x: DistillInputs) -> scalar."""
+    """Per teacher: optional linear heads, then cc_loss; sum_k w_k * CC_k."""
 
-    def __init__(self, ctx: LossContext, gamma: float, order: int, feat_dim: int, embed: Embed,
-                 weights: dict[str, float]) -> None:
+    def __init__(self, ctx: LossContext, *, gamma: float = 0.4, order: int = 2, feat_dim: int = 128,
+                 embed: Embed = "both", teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if gamma <= 0:
             raise ValueError(f"cc: gamma must be > 0, got {gamma}")
@@ -64,10 +65,12 @@ class CCLoss(nn.Module):
             raise ValueError(f"cc: order must be an integer >= 0, got {order}")
         if embed not in ("both", "student", "none"):
             raise ValueError(f"cc: embed must be 'both', 'student' or 'none', got {embed!r}")
-        if embed != "none" and feat_dim < 1:
-            raise ValueError(f"cc: feat_dim must be >= 1, got {feat_dim}")
-        self.gamma, self.order, self.embed, self.weights = float(gamma), int(order), embed, weights
-        self.teachers = list(ctx.teacher_dims)
+        if embed != "none" and (feat_dim < 1 or int(feat_dim) != feat_dim):
+            raise ValueError(f"cc: feat_dim must be an integer >= 1, got {feat_dim}")
+        self.gamma, self.order, self.embed = float(gamma), int(order), embed
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
+        feat_dim = int(feat_dim)
         self._key = module_keys("cc", self.teachers)
         self.embed_s = nn.ModuleDict()
         self.embed_t = nn.ModuleDict()
@@ -87,11 +90,5 @@ class CCLoss(nn.Module):
             t = self.embed_t[key](t)  # (B, feat_dim)
         return cc_loss(s, t, self.gamma, self.order)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return weighted_teacher_sum(self.weights, lambda n: self.teacher_loss(n, x), x.student_emb)
-
-
-@LOSSES.register("cc", needs_teachers=True, paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019")
-def build_cc(ctx: LossContext, gamma: float = 0.4, order: int = 2, feat_dim: int = 128, embed: Embed = "both",
-             teacher_weights: Mapping[str, float] | None = None) -> CCLoss:
-    return CCLoss(ctx, gamma, order, int(feat_dim), embed, normalise_teacher_weights(ctx.teachers, teacher_weights))
+    def forward(self, x: DistillInputs) -> LossOutput:
+        return LossOutput(weighted_teacher_sum(self.weights, lambda n: self.teacher_loss(n, x), x.student_emb))

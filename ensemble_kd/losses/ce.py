@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -13,15 +13,13 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-class CELoss(nn.Module):
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return ce_loss(x.student_logits, x.labels, self.label_smoothing)
-
-
 @LOSSES.register("ce", needs_teachers=False, paper="cross-entropy with the labels")
-def build_ce(ctx: LossContext, label_smoothing: float = 0.0) -> CELoss:
-    return CELoss(label_smoothing)
+class CELoss(nn.Module):
+    def __init__(self, ctx: LossContext, *, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"ce: label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, x: DistillInputs) -> LossOutput:
+        return LossOutput(ce_loss(x.student_logits, x.labels, self.label_smoothing))

@@ -13,6 +13,9 @@ Differences from the reference, on purpose:
   worker; Z is all-reduce-averaged over workers so every worker uses the same Z;
 - negatives come from :class:`~ensemble_kd.memory.NegativeSampler` (class-aware by default);
 - an ensemble gets one CRD term per teacher, each with its own heads, memory and Z.
+
+Metrics, per teacher: ``crd/<teacher>/loss_a|loss_b`` (the two directions, unweighted) and
+``crd/<teacher>/z_a|z_b`` (the fixed Z of each direction; -1 before the first batch).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd import dist
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext
-from ensemble_kd.losses.base import teacher_weights as _teacher_weights
+from ensemble_kd.losses._util import module_keys
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 from ensemble_kd.memory import MomentumMemory, NegativeSampler, stable_seed
 
 EPS = 1e-7  # as the reference ContrastLoss
@@ -130,39 +133,36 @@ class CRDTerm(nn.Module):
         self.register_buffer("z", torch.full((2,), -1.0))
 
 
-def _module_key(name: str) -> str:
-    """ModuleDict keys cannot contain '.'; teacher names may."""
-    return name.replace(".", "_")
-
-
-@LOSSES.register("crd", needs_teachers=True, paper="Tian et al., ICLR 2020")
+@LOSSES.register("crd", needs_teachers=True, paper="Tian et al., ICLR 2020", sweep_axes=("tau", "num_negatives"))
 class CRDLoss(nn.Module):
     """CRD over one or more teachers: sum_t w_t * (loss_a + loss_b), see the module docstring.
 
-    forward(x: DistillInputs) -> scalar. In training mode each call also updates every
-    teacher's student memory at rows ``x.index`` (after the loss is computed, with the detached
-    student features) and advances ``step`` (a saved buffer that seeds the negative sampling).
-    Subclasses may override :meth:`anchor_weights` to weight each anchor (GACD).
+    In training mode each call also updates every teacher's student memory at rows ``x.index``
+    (after the loss is computed, with the detached student features) and advances ``step`` (a
+    saved buffer that seeds the negative sampling; kept rather than ``x.step`` so that a restored
+    checkpoint replays the same draws and eval passes draw without advancing it). Subclasses may
+    override :meth:`anchor_weights` to weight each anchor and :meth:`weight_metrics` to log them (GACD).
     """
 
-    def __init__(self, ctx: LossContext, feat_dim: int = 128, tau: float = 0.07, num_negatives: int = 16384,
+    def __init__(self, ctx: LossContext, *, feat_dim: int = 128, tau: float = 0.07, num_negatives: int = 16384,
                  momentum: float = 0.5, mode: str = "exact", negatives: str = "class-aware",
                  per_sample: bool = True, teacher_weights: Mapping[str, float] | None = None,
                  hard_pool: int = 512, use_gpu_faiss: bool = False) -> None:
         super().__init__()
         if mode not in ("exact", "relax"):
-            raise ValueError(f"CRD mode must be 'exact' or 'relax', got {mode!r}")
+            raise ValueError(f"crd: mode must be 'exact' or 'relax', got {mode!r}")
         if tau <= 0:
-            raise ValueError(f"CRD tau must be > 0, got {tau}")
+            raise ValueError(f"crd: tau must be > 0, got {tau}")
+        if feat_dim < 1 or int(feat_dim) != feat_dim:
+            raise ValueError(f"crd: feat_dim must be an integer >= 1, got {feat_dim}")
+        if num_negatives < 1 or int(num_negatives) != num_negatives:
+            raise ValueError(f"crd: num_negatives must be an integer >= 1, got {num_negatives}")
         self.ctx_bank = ctx.bank
         self.feat_dim, self.tau, self.mode = int(feat_dim), float(tau), mode
         self.num_negatives, self.num_rows = int(num_negatives), ctx.num_rows
-        self.teachers = list(ctx.teacher_dims)
-        self.weights = _teacher_weights(self.teachers, teacher_weights)
-        keys = [_module_key(n) for n in self.teachers]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"teacher names collide once '.' is replaced: {self.teachers}")
-        self._key = dict(zip(self.teachers, keys))
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
+        self._key = module_keys("crd", self.teachers)
         missing = [n for n in self.teachers if n not in ctx.bank.embeddings]
         if missing:
             raise ValueError(f"CRD: teacher bank has no embeddings for {missing}; it has {ctx.bank.teachers}")
@@ -179,12 +179,15 @@ class CRDLoss(nn.Module):
                                                   per_sample=per_sample, seed=stable_seed(ctx.seed, "crd-neg", name),
                                                   hard_pool=hard_pool, use_gpu=use_gpu_faiss)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self._last: dict[str, float] = {}
         self.to(ctx.device)
 
     def anchor_weights(self, name: str, x: DistillInputs) -> torch.Tensor | None:
         """Per-anchor weights (B,) for teacher ``name``'s terms; None = uniform (plain CRD)."""
         return None
+
+    def weight_metrics(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics of the anchor weights ``w`` (B,) of teacher ``name`` (none for plain CRD)."""
+        return {}
 
     def _set_z(self, term: CRDTerm, which: int, pos: torch.Tensor, neg: torch.Tensor,
                counts: torch.Tensor | None = None) -> None:
@@ -192,8 +195,8 @@ class CRDLoss(nn.Module):
             z = dist.all_reduce_mean(nce_z(pos, neg, self.num_rows, counts).reshape(1))
             term.z[which] = z.to(term.z)[0]
 
-    def teacher_loss(self, name: str, x: DistillInputs) -> torch.Tensor:
-        """loss_a + loss_b of one teacher (a scalar); updates its memory in training mode."""
+    def teacher_loss(self, name: str, x: DistillInputs) -> LossOutput:
+        """loss_a + loss_b of one teacher, with its metrics; updates its memory in training mode."""
         term: CRDTerm = self.terms[self._key[name]]
         sampler = self.samplers[name]
         bank = self.ctx_bank.embeddings[name]
@@ -218,7 +221,7 @@ class CRDLoss(nn.Module):
         s_pos = term.memory.gather(pos_idx).to(s.dtype)  # (B, F)
         s_neg = term.memory.gather(uniq).to(s.dtype)  # (U, F)
 
-        w = self.anchor_weights(name, x)
+        w = self.anchor_weights(name, x)  # (B,) or None
         if neg_idx.dim() == 1:
             # Shared negatives: N draws from M rows repeat rows (N = 16384 > M here). Score each
             # distinct row once and weight it by its count: the same loss and Z, (B, U) work.
@@ -236,23 +239,24 @@ class CRDLoss(nn.Module):
         loss_b = nce_loss(pos_b, neg_b, self.num_rows, valid=valid, weights=w, z=term.z[1], counts=counts)
         if self.training:
             term.memory.update(index, s.detach())
-        self._last[f"crd/{name}/loss_a"] = float(loss_a.detach())
-        self._last[f"crd/{name}/loss_b"] = float(loss_b.detach())
-        return loss_a + loss_b
+        metrics = {f"crd/{name}/loss_a": loss_a.detach(), f"crd/{name}/loss_b": loss_b.detach()}
+        if w is not None:
+            metrics.update(self.weight_metrics(name, w))
+        return LossOutput(loss_a + loss_b, metrics)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
+    def forward(self, x: DistillInputs) -> LossOutput:
         total = x.student_emb.new_zeros(())
+        metrics: dict[str, torch.Tensor] = {}
         for name in self.teachers:
             if self.weights[name] == 0.0:
                 continue
-            total = total + self.weights[name] * self.teacher_loss(name, x)
+            out = self.teacher_loss(name, x)
+            total = total + self.weights[name] * out.loss
+            metrics.update(out.metrics)
+        for name in self.teachers:
+            # clone: z is a buffer written in place (once); a metric must not change after it is returned
+            z = self.terms[self._key[name]].z.detach().clone()  # (2,)
+            metrics[f"crd/{name}/z_a"], metrics[f"crd/{name}/z_b"] = z[0], z[1]
         if self.training:
             self.step += 1
-        return total
-
-    def extra_metrics(self) -> dict[str, float]:
-        out = dict(self._last)
-        for name in self.teachers:
-            z = self.terms[self._key[name]].z
-            out[f"crd/{name}/z_a"], out[f"crd/{name}/z_b"] = float(z[0]), float(z[1])
-        return out
+        return LossOutput(total, metrics)

@@ -15,6 +15,11 @@ i.e. P(noisy = i | true = i)): Q0_ii = a_i, Q0_ij = (1 - a_i) / (C - 1) (the err
 W0 = log Q0 (entries floored at 1e-6, so an a_i of 1 stays finite). Q is trained by the same
 optimiser as the student. At test time the student's own logits are used (Q only models noise).
 It is used together with KD (``losses: [dfnd, kd]``), hence ``needs_teachers``.
+
+a_i comes from the ``class_accuracy`` option, else from the selection manifest at the
+``selection`` path option, else from the selection the run trains on (``LossContext.selection``,
+the manifest of ``distill.selection``). Files are read at construction, never in forward.
+Metric: ``dfnd/q_diag_mean`` (the mean of Q's diagonal: the modelled rate of correct pseudo-labels).
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput
+from ensemble_kd.selection import load_selection
 
 Q_FLOOR = 1e-6  # smallest entry of the initial Q (log of it is W0)
 
@@ -54,37 +60,34 @@ def noisy_adaptation_loss(student_logits: torch.Tensor, labels: torch.Tensor, Q:
     return F.nll_loss(torch.log(q.clamp_min(torch.finfo(q.dtype).tiny)), labels.long())
 
 
+def class_accuracy_of(ctx: LossContext, class_accuracy: Sequence[float] | None, selection: str | None) -> Sequence[float]:
+    """a_i from the first source that is given: the option, the selection at ``selection``, the run's."""
+    if class_accuracy is not None:
+        return class_accuracy
+    if selection is not None:
+        return load_selection(selection).class_accuracy
+    if ctx.selection is not None:
+        return ctx.selection["class_accuracy"]
+    raise ValueError("dfnd: needs the teachers' per-class accuracy: train on a selection (distill.selection, "
+                     "made by `ensemble-kd select`), or set the loss option class_accuracy or selection")
+
+
+@LOSSES.register("dfnd", needs_teachers=True, paper="Chen et al., CVPR 2021 (DFND: Learning Student Networks in the Wild)")
 class DFNDLoss(nn.Module):
     """The noisy adaptation term; ``w`` (C, C) is the trainable parameter, Q = softmax(w, dim=1)."""
 
-    def __init__(self, q0: torch.Tensor) -> None:
+    def __init__(self, ctx: LossContext, *, class_accuracy: Sequence[float] | None = None,
+                 selection: str | None = None) -> None:
         super().__init__()
+        q0 = initial_q(class_accuracy_of(ctx, class_accuracy, selection), ctx.num_classes)  # (C, C)
         self.w = nn.Parameter(torch.log(q0.clamp_min(Q_FLOOR)))  # (C, C) softmax(log Q0) = Q0 (rows sum to 1)
+        self.to(ctx.device)
 
     @property
     def Q(self) -> torch.Tensor:  # (C, C), every row a distribution
         return F.softmax(self.w.float(), dim=1)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return noisy_adaptation_loss(x.student_logits, x.labels, self.Q)
-
-    def extra_metrics(self) -> dict[str, float]:
-        return {"dfnd/q_diag_mean": float(self.Q.detach().diagonal().mean())}
-
-
-@LOSSES.register("dfnd", needs_teachers=True, paper="Chen et al., CVPR 2021 (DFND: Learning Student Networks in the Wild)")
-def build_dfnd(ctx: LossContext, class_accuracy: Sequence[float] | None = None, selection: str | None = None) -> DFNDLoss:
-    """a_i from ``class_accuracy`` (C floats), else from the selection manifest at ``selection``,
-    else from the selection the run trains on (``distill.selection``: its bank carries the
-    manifest). Files are read here, at build time, never in forward."""
-    if class_accuracy is None:
-        if selection is not None:
-            from ensemble_kd.select import load_selection
-
-            class_accuracy = load_selection(selection).class_accuracy
-        elif getattr(ctx.bank, "selection", None):
-            class_accuracy = ctx.bank.selection["class_accuracy"]
-        else:
-            raise ValueError("dfnd: needs the teachers' per-class accuracy: train on a selection (distill.selection, "
-                             "made by `ensemble-kd select`), or set the loss option class_accuracy or selection")
-    return DFNDLoss(initial_q(class_accuracy, ctx.num_classes)).to(ctx.device)
+    def forward(self, x: DistillInputs) -> LossOutput:
+        Q = self.Q  # (C, C)
+        return LossOutput(noisy_adaptation_loss(x.student_logits, x.labels, Q),
+                          {"dfnd/q_diag_mean": Q.detach().diagonal().mean()})

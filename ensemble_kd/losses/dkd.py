@@ -8,9 +8,12 @@ other than y:
     loss = (alpha * TCKD + beta * NCKD) * T^2       (averaged over the batch)
 
 Defaults alpha = 1, beta = 8, T = 4 (the reference mdistiller's CIFAR-100 setting). As the
-reference, NCKD's softmaxes mask the target class by subtracting 1000 from its logit. The
-reference's linear warm-up of the loss weight over the first epochs is not available: losses do
-not see the epoch (use a smaller loss ``weight`` or a learning-rate warm-up instead).
+reference, NCKD's softmaxes mask the target class by subtracting 1000 from its logit.
+
+Warm-up (``warmup_epochs`` = W > 0, the paper's and mdistiller's linear warm-up, W = 20 there):
+the loss is multiplied by min(1, (epoch + 1) / W), epoch 0-based, so epoch 0 gets 1/W and
+epochs >= W - 1 the full loss (mdistiller's min(epoch / W, 1) with its 1-based epochs). W = 0
+(default): no warm-up. Without it, a large beta can swamp CE in the first epochs.
 
 Ensembles (``reduction``):
 - ``mean_probs`` (default): one DKD against the ensemble, whose logits are the log of the
@@ -22,16 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses._util import as_float
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import (
+    LOSSES, DistillInputs, LossContext, LossOutput, Reduction, check_reduction, normalise_teacher_weights,
+)
 
-Reduction = Literal["mean_probs", "per_teacher"]
 MASK = 1000.0  # the reference's target-class mask for the non-target softmax
 
 
@@ -79,39 +82,45 @@ def dkd_ensemble_loss(student_logits: torch.Tensor, teacher_logits: Sequence[tor
     K = len(teacher_logits)
     if K == 0:
         raise ValueError("dkd needs at least one teacher")
+    check_reduction("dkd", reduction)
     w = list(weights) if weights is not None else [1.0 / K] * K
     if reduction == "mean_probs":
         return dkd_loss(student_logits, ensemble_logits(teacher_logits, w), labels, alpha, beta, temperature)
-    if reduction == "per_teacher":
-        total = as_float(student_logits).new_zeros(())
-        for z, wk in zip(teacher_logits, w):
-            if wk > 0:
-                total = total + wk * dkd_loss(student_logits, z, labels, alpha, beta, temperature)
-        return total
-    raise ValueError(f"dkd: reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
+    total = as_float(student_logits).new_zeros(())  # per_teacher
+    for z, wk in zip(teacher_logits, w):
+        if wk > 0:
+            total = total + wk * dkd_loss(student_logits, z, labels, alpha, beta, temperature)
+    return total
 
 
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """The linear warm-up: min(1, (epoch + 1) / warmup_epochs) for the 0-based ``epoch``; 1 when
+    ``warmup_epochs`` is 0 (no warm-up)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch + 1) / warmup_epochs)
+
+
+@LOSSES.register("dkd", needs_teachers=True, paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
 class DKDLoss(nn.Module):
-    def __init__(self, teachers: list[str], weights: dict[str, float], alpha: float, beta: float,
-                 temperature: float, reduction: Reduction) -> None:
+    def __init__(self, ctx: LossContext, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                 reduction: Reduction = "mean_probs", teacher_weights: Mapping[str, float] | None = None,
+                 warmup_epochs: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"dkd: temperature must be > 0, got {temperature}")
         if alpha < 0 or beta < 0:
             raise ValueError(f"dkd: alpha and beta must be >= 0, got {alpha}, {beta}")
-        if reduction not in ("mean_probs", "per_teacher"):
-            raise ValueError(f"dkd: reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
-        self.teachers, self.weights = teachers, weights
+        check_reduction("dkd", reduction)
+        if warmup_epochs < 0 or int(warmup_epochs) != warmup_epochs:
+            raise ValueError(f"dkd: warmup_epochs must be an integer >= 0 (0 = no warm-up), got {warmup_epochs}")
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         self.alpha, self.beta, self.temperature, self.reduction = float(alpha), float(beta), float(temperature), reduction
+        self.warmup_epochs = int(warmup_epochs)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return dkd_ensemble_loss(x.student_logits, [x.teacher_logits[n] for n in self.teachers], x.labels,
+    def forward(self, x: DistillInputs) -> LossOutput:
+        loss = dkd_ensemble_loss(x.student_logits, [x.teacher_logits[n] for n in self.teachers], x.labels,
                                  [self.weights[n] for n in self.teachers], self.alpha, self.beta,
                                  self.temperature, self.reduction)
-
-
-@LOSSES.register("dkd", needs_teachers=True, paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
-def build_dkd(ctx: LossContext, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-              reduction: Reduction = "mean_probs", teacher_weights: Mapping[str, float] | None = None) -> DKDLoss:
-    return DKDLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights), alpha, beta,
-                   temperature, reduction)
+        return LossOutput(loss * warmup_factor(x.epoch, self.warmup_epochs))

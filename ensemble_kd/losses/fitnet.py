@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 
 
 def fitnet_loss(regressed: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
@@ -30,24 +30,21 @@ def fitnet_loss(regressed: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Ten
     return F.mse_loss(r, as_float(teacher_emb).to(r.dtype))
 
 
+@LOSSES.register("fitnet", needs_teachers=True, paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015")
 class FitNetLoss(nn.Module):
-    """One Linear regressor per teacher; forward(x: DistillInputs) -> scalar."""
+    """One Linear regressor per teacher; sum_k w_k * MSE(r_k(s), t_k)."""
 
-    def __init__(self, ctx: LossContext, weights: dict[str, float]) -> None:
+    def __init__(self, ctx: LossContext, *, teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        self.teachers, self.weights = list(ctx.teacher_dims), weights
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         self._key = module_keys("fitnet", self.teachers)
         self.regressors = nn.ModuleDict({self._key[n]: nn.Linear(ctx.student_dim, ctx.teacher_dims[n])
                                          for n in self.teachers})
         self.to(ctx.device)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
+    def forward(self, x: DistillInputs) -> LossOutput:
         def term(name: str) -> torch.Tensor:
-            return fitnet_loss(self.regressors[self._key[name]](x.student_emb), x.teacher_emb[name])  # (B, d_t)
+            return fitnet_loss(self.regressors[self._key[name]](x.student_emb), x.teacher_emb[name])  # r(s) (B, d_t)
 
-        return weighted_teacher_sum(self.weights, term, x.student_emb)
-
-
-@LOSSES.register("fitnet", needs_teachers=True, paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015")
-def build_fitnet(ctx: LossContext, teacher_weights: Mapping[str, float] | None = None) -> FitNetLoss:
-    return FitNetLoss(ctx, normalise_teacher_weights(ctx.teachers, teacher_weights))
+        return LossOutput(weighted_teacher_sum(self.weights, term, x.student_emb))

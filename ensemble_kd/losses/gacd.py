@@ -37,18 +37,20 @@ def teacher_confidence(teacher_logits: torch.Tensor, labels: torch.Tensor, tempe
     return p.gather(1, labels.to(device=p.device, dtype=torch.long)[:, None])[:, 0]  # (B,)
 
 
-@LOSSES.register("gacd", needs_teachers=True, paper="Bai et al., 2020, arXiv:2009.09922 (GACD)")
+@LOSSES.register("gacd", needs_teachers=True, paper="Bai et al., 2020, arXiv:2009.09922 (GACD)",
+                 sweep_axes=("tau", "num_negatives"))
 class GACDLoss(CRDLoss):
     """CRD with per-anchor teacher-confidence weights (one weight vector per teacher).
 
-    forward(x: DistillInputs) -> scalar: sum_t w_t * (loss_a + loss_b), each NCE term summing
+    forward(x) -> LossOutput: sum_t w_t * (loss_a + loss_b), each NCE term summing
     conf_t,i * (log D1_i + sum_j log D0_ij) over anchors i (``nce_loss`` with ``weights``).
+    Metrics: CRD's, plus ``gacd/<teacher>/mean_weight`` (the batch mean of conf_t,i).
     Options are CRD's (listed here so configs are checked), with the paper's defaults
     (tau = 0.1, num_negatives = 16384, class-aware negatives), plus ``confidence_temperature``
     (T of the softmax that gives the weights; 1 = the teacher's plain prediction).
     """
 
-    def __init__(self, ctx: LossContext, feat_dim: int = 128, tau: float = 0.1, num_negatives: int = 16384,
+    def __init__(self, ctx: LossContext, *, feat_dim: int = 128, tau: float = 0.1, num_negatives: int = 16384,
                  momentum: float = 0.5, mode: str = "exact", negatives: str = "class-aware",
                  per_sample: bool = True, teacher_weights: Mapping[str, float] | None = None,
                  hard_pool: int = 512, use_gpu_faiss: bool = False, confidence_temperature: float = 1.0) -> None:
@@ -64,6 +66,7 @@ class GACDLoss(CRDLoss):
         logits = x.teacher_logits.get(name)
         if logits is None:  # the loop hands every teacher's logits; the bank has them otherwise
             logits = self.ctx_bank.logits[name][x.index.cpu().long()]
-        w = teacher_confidence(logits.to(x.student_emb.device), x.labels, self.confidence_temperature)  # (B,)
-        self._last[f"gacd/{name}/mean_weight"] = float(w.mean())
-        return w
+        return teacher_confidence(logits.to(x.student_emb.device), x.labels, self.confidence_temperature)  # (B,)
+
+    def weight_metrics(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"gacd/{name}/mean_weight": w.detach().mean()}

@@ -10,15 +10,14 @@ gradient scale independent of T. For an ensemble of K teachers, ``reduction`` ch
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
-
-Reduction = Literal["mean_probs", "per_teacher"]
+from ensemble_kd.losses.base import (
+    LOSSES, DistillInputs, LossContext, LossOutput, Reduction, check_reduction, normalise_teacher_weights,
+)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], temperature: float = 4.0,
@@ -30,6 +29,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]
     K = len(teacher_logits)
     if K == 0:
         raise ValueError("kd_loss needs at least one teacher")
+    check_reduction("kd", reduction)
     w = torch.as_tensor(list(weights) if weights is not None else [1.0 / K] * K, dtype=torch.float32,
                         device=student_logits.device)  # (K,)
     T = float(temperature)
@@ -38,28 +38,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]
     if reduction == "mean_probs":
         target = (w[:, None, None] * pt).sum(0)  # (B, C) the ensemble's prediction
         return F.kl_div(log_ps, target, reduction="batchmean") * T * T
-    if reduction == "per_teacher":
-        kl = torch.stack([F.kl_div(log_ps, pt[k], reduction="batchmean") for k in range(K)])  # (K,)
-        return (w * kl).sum() * T * T
-    raise ValueError(f"kd reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
-
-
-class KDLoss(nn.Module):
-    def __init__(self, teachers: list[str], temperature: float, weights: dict[str, float], reduction: Reduction) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"kd temperature must be > 0, got {temperature}")
-        if reduction not in ("mean_probs", "per_teacher"):
-            raise ValueError(f"kd reduction must be 'mean_probs' or 'per_teacher', got {reduction!r}")
-        self.teachers, self.temperature, self.weights, self.reduction = teachers, temperature, weights, reduction
-
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return kd_loss(x.student_logits, [x.teacher_logits[n] for n in self.teachers], self.temperature,
-                       [self.weights[n] for n in self.teachers], self.reduction)
+    kl = torch.stack([F.kl_div(log_ps, pt[k], reduction="batchmean") for k in range(K)])  # (K,)
+    return (w * kl).sum() * T * T
 
 
 @LOSSES.register("kd", needs_teachers=True, paper="Hinton et al., 2015")
-def build_kd(ctx: LossContext, temperature: float = 4.0, reduction: Reduction = "mean_probs",
-             teacher_weights: Mapping[str, float] | None = None) -> KDLoss:
-    names = ctx.teachers
-    return KDLoss(names, temperature, normalise_teacher_weights(names, teacher_weights), reduction)
+class KDLoss(nn.Module):
+    def __init__(self, ctx: LossContext, *, temperature: float = 4.0, reduction: Reduction = "mean_probs",
+                 teacher_weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"kd: temperature must be > 0, got {temperature}")
+        check_reduction("kd", reduction)
+        self.teachers = ctx.teachers
+        self.temperature, self.reduction = float(temperature), reduction
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
+
+    def forward(self, x: DistillInputs) -> LossOutput:
+        return LossOutput(kd_loss(x.student_logits, [x.teacher_logits[n] for n in self.teachers], self.temperature,
+                                  [self.weights[n] for n in self.teachers], self.reduction))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, weighted_teacher_sum
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 
 
 def pkt_probabilities(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -38,18 +38,15 @@ def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
 
 
+@LOSSES.register("pkt", needs_teachers=True, paper="Passalis & Tefas, Probabilistic Knowledge Transfer, ECCV 2018")
 class PKTLoss(nn.Module):
-    def __init__(self, teachers: list[str], weights: dict[str, float], eps: float) -> None:
+    def __init__(self, ctx: LossContext, *, eps: float = 1e-7, teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if eps <= 0:
             raise ValueError(f"pkt: eps must be > 0, got {eps}")
-        self.teachers, self.weights, self.eps = teachers, weights, float(eps)
+        self.teachers, self.eps = ctx.teachers, float(eps)
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return weighted_teacher_sum(self.weights, lambda n: pkt_loss(x.student_emb, x.teacher_emb[n], self.eps),
-                                    x.student_emb)
-
-
-@LOSSES.register("pkt", needs_teachers=True, paper="Passalis & Tefas, Probabilistic Knowledge Transfer, ECCV 2018")
-def build_pkt(ctx: LossContext, eps: float = 1e-7, teacher_weights: Mapping[str, float] | None = None) -> PKTLoss:
-    return PKTLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights), eps)
+    def forward(self, x: DistillInputs) -> LossOutput:
+        return LossOutput(weighted_teacher_sum(
+            self.weights, lambda n: pkt_loss(x.student_emb, x.teacher_emb[n], self.eps), x.student_emb))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, weighted_teacher_sum
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 
 
 def pairwise_distances(f: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -63,26 +63,22 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float
     return loss
 
 
+@LOSSES.register("rkd", needs_teachers=True, paper="Park et al., Relational Knowledge Distillation, CVPR 2019")
 class RKDLoss(nn.Module):
-    def __init__(self, teachers: list[str], weights: dict[str, float], w_dist: float, w_angle: float,
-                 eps: float) -> None:
+    def __init__(self, ctx: LossContext, *, w_dist: float = 25.0, w_angle: float = 50.0, eps: float = 1e-12,
+                 teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if w_dist < 0 or w_angle < 0 or w_dist + w_angle == 0:
             raise ValueError(f"rkd: w_dist and w_angle must be >= 0 and not both 0, got {w_dist}, {w_angle}")
         if eps <= 0:
             raise ValueError(f"rkd: eps must be > 0, got {eps}")
-        self.teachers, self.weights = teachers, weights
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         self.w_dist, self.w_angle, self.eps = float(w_dist), float(w_angle), float(eps)
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
+    def forward(self, x: DistillInputs) -> LossOutput:
         if x.student_emb.shape[0] < 2:
             raise ValueError(f"rkd: relations need a batch of >= 2 samples, got {x.student_emb.shape[0]}")
-        return weighted_teacher_sum(
+        return LossOutput(weighted_teacher_sum(
             self.weights, lambda n: rkd_loss(x.student_emb, x.teacher_emb[n], self.w_dist, self.w_angle, self.eps),
-            x.student_emb)
-
-
-@LOSSES.register("rkd", needs_teachers=True, paper="Park et al., Relational Knowledge Distillation, CVPR 2019")
-def build_rkd(ctx: LossContext, w_dist: float = 25.0, w_angle: float = 50.0, eps: float = 1e-12,
-              teacher_weights: Mapping[str, float] | None = None) -> RKDLoss:
-    return RKDLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights), w_dist, w_angle, eps)
+            x.student_emb))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, weighted_teacher_sum
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 
 
 def sp_gram(f: torch.Tensor) -> torch.Tensor:
@@ -34,15 +34,13 @@ def sp_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tenso
     return (diff * diff).sum() / (B * B)
 
 
-class SPLoss(nn.Module):
-    def __init__(self, teachers: list[str], weights: dict[str, float]) -> None:
-        super().__init__()
-        self.teachers, self.weights = teachers, weights
-
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return weighted_teacher_sum(self.weights, lambda n: sp_loss(x.student_emb, x.teacher_emb[n]), x.student_emb)
-
-
 @LOSSES.register("sp", needs_teachers=True, paper="Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019")
-def build_sp(ctx: LossContext, teacher_weights: Mapping[str, float] | None = None) -> SPLoss:
-    return SPLoss(ctx.teachers, normalise_teacher_weights(ctx.teachers, teacher_weights))
+class SPLoss(nn.Module):
+    def __init__(self, ctx: LossContext, *, teacher_weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
+
+    def forward(self, x: DistillInputs) -> LossOutput:
+        return LossOutput(weighted_teacher_sum(
+            self.weights, lambda n: sp_loss(x.student_emb, x.teacher_emb[n]), x.student_emb))

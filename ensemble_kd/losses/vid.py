@@ -21,7 +21,8 @@ sum_k w_k * loss_k.
 Differences from the reference code (github.com/ssahn0215/variational-information-distillation),
 on purpose: the reference treats softplus(alpha) + eps as the *variance* and averages
 0.5 * (log var + (t - mu)^2 / var) over every element; this follows the paper's formula (sigma is
-the standard deviation) and sums over channels (``reduction: mean`` divides by the channels).
+the standard deviation) and sums over channels (``channel_reduction: mean`` divides by the
+channels; the option is not called ``reduction``, which in every loss means how teachers combine).
 The regressor is a Linear (with bias) on the pooled embedding instead of 1x1 convolutions.
 """
 from __future__ import annotations
@@ -35,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, normalise_teacher_weights
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 
 Target = Literal["embedding", "logits", "both"]
-Reduction = Literal["sum", "mean"]
+ChannelReduction = Literal["sum", "mean"]
 
 
 def vid_sigma(alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,19 +48,19 @@ def vid_sigma(alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def vid_loss(mu: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-5,
-             reduction: Reduction = "sum") -> torch.Tensor:
+             channel_reduction: ChannelReduction = "sum") -> torch.Tensor:
     """Gaussian negative log-likelihood of the teacher under q(t | s).
 
     mu (B, C): the regressor's prediction mu(s); target (B, C): the teacher's t; alpha (C,).
-    Returns mean_b sum_c [log sigma_c + (t - mu)^2 / (2 sigma_c^2)] (``reduction='sum'``), or the
-    same divided by C (``'mean'``). A scalar; it is negative once sigma_c < 1 fits well.
+    Returns mean_b sum_c [log sigma_c + (t - mu)^2 / (2 sigma_c^2)] (``channel_reduction='sum'``),
+    or the same divided by C (``'mean'``). A scalar; it is negative once sigma_c < 1 fits well.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"vid: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if channel_reduction not in ("sum", "mean"):
+        raise ValueError(f"vid: channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
     mu, target = as_float(mu), as_float(target).to(mu.dtype)
     sigma = vid_sigma(as_float(alpha), eps).to(mu.dtype)  # (C,)
     nll = torch.log(sigma)[None, :] + (target - mu) ** 2 / (2.0 * sigma[None, :] ** 2)  # (B, C)
-    per_sample = nll.sum(1) if reduction == "sum" else nll.mean(1)  # (B,)
+    per_sample = nll.sum(1) if channel_reduction == "sum" else nll.mean(1)  # (B,)
     return per_sample.mean()
 
 
@@ -87,11 +88,17 @@ class VIDHead(nn.Module):
         return self.regressor(s)  # (B, d_out)
 
 
+@LOSSES.register("vid", needs_teachers=True, paper="Ahn et al., Variational Information Distillation, CVPR 2019")
 class VIDLoss(nn.Module):
-    """sum_k w_k * sum_{targets} vid_loss(head(s), t_k); forward(x: DistillInputs) -> scalar."""
+    """sum_k w_k * sum_{targets} vid_loss(head(s), t_k).
 
-    def __init__(self, ctx: LossContext, hidden: int, init_var: float, eps: float, target: Target,
-                 reduction: Reduction, weights: dict[str, float]) -> None:
+    Metrics: ``vid/<teacher>/loss`` (that teacher's unweighted term) and
+    ``vid/<teacher>/sigma_emb|sigma_logits`` (the head's mean learned sigma: how well t is predicted).
+    """
+
+    def __init__(self, ctx: LossContext, *, hidden: int = 0, init_var: float = 5.0, eps: float = 1e-5,
+                 target: Target = "embedding", channel_reduction: ChannelReduction = "sum",
+                 teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if eps <= 0:
             raise ValueError(f"vid: eps must be > 0, got {eps}")
@@ -99,12 +106,14 @@ class VIDLoss(nn.Module):
             raise ValueError(f"vid: init_var must be > eps ({eps}), got {init_var}")
         if target not in ("embedding", "logits", "both"):
             raise ValueError(f"vid: target must be 'embedding', 'logits' or 'both', got {target!r}")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"vid: reduction must be 'sum' or 'mean', got {reduction!r}")
-        if hidden < 0:
-            raise ValueError(f"vid: hidden must be >= 0 (0 = a Linear regressor), got {hidden}")
-        self.eps, self.target, self.reduction, self.weights = float(eps), target, reduction, weights
-        self.teachers = list(ctx.teacher_dims)
+        if channel_reduction not in ("sum", "mean"):
+            raise ValueError(f"vid: channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
+        if hidden < 0 or int(hidden) != hidden:
+            raise ValueError(f"vid: hidden must be an integer >= 0 (0 = a Linear regressor), got {hidden}")
+        hidden, init_var, eps = int(hidden), float(init_var), float(eps)
+        self.eps, self.target, self.channel_reduction = eps, target, channel_reduction
+        self.teachers = ctx.teachers
+        self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         self._key = module_keys("vid", self.teachers)
         # Only the heads a target uses exist, so every parameter gets a gradient (DDP-friendly).
         self.emb_heads = nn.ModuleDict()
@@ -114,11 +123,10 @@ class VIDLoss(nn.Module):
                 self.emb_heads[self._key[name]] = VIDHead(ctx.student_dim, ctx.teacher_dims[name], hidden, init_var, eps)
             if target in ("logits", "both"):
                 self.logit_heads[self._key[name]] = VIDHead(ctx.student_dim, ctx.num_classes, hidden, init_var, eps)
-        self._last: dict[str, float] = {}
         self.to(ctx.device)
 
     def _head_loss(self, head: VIDHead, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return vid_loss(head(s), t, head.alpha, self.eps, self.reduction)
+        return vid_loss(head(s), t, head.alpha, self.eps, self.channel_reduction)
 
     def teacher_loss(self, name: str, x: DistillInputs) -> torch.Tensor:
         key, s = self._key[name], x.student_emb  # (B, d_s)
@@ -127,25 +135,20 @@ class VIDLoss(nn.Module):
             total = total + self._head_loss(self.emb_heads[key], s, x.teacher_emb[name])  # t (B, d_t)
         if key in self.logit_heads:
             total = total + self._head_loss(self.logit_heads[key], s, x.teacher_logits[name])  # t (B, C)
-        self._last[f"vid/{name}/loss"] = float(total.detach())
         return total
 
-    def forward(self, x: DistillInputs) -> torch.Tensor:
-        return weighted_teacher_sum(self.weights, lambda n: self.teacher_loss(n, x), x.student_emb)
+    def forward(self, x: DistillInputs) -> LossOutput:
+        metrics: dict[str, torch.Tensor] = {}
 
-    def extra_metrics(self) -> dict[str, float]:
-        """Per-teacher loss and the mean learned sigma of each head (how well t is predicted)."""
-        out = dict(self._last)
+        def term(name: str) -> torch.Tensor:
+            loss = self.teacher_loss(name, x)
+            metrics[f"vid/{name}/loss"] = loss.detach()
+            return loss
+
+        total = weighted_teacher_sum(self.weights, term, x.student_emb)
         for name in self.teachers:
             for kind, heads in (("emb", self.emb_heads), ("logits", self.logit_heads)):
                 if self._key[name] in heads:
-                    out[f"vid/{name}/sigma_{kind}"] = float(vid_sigma(heads[self._key[name]].alpha.detach(), self.eps).mean())
-        return out
-
-
-@LOSSES.register("vid", needs_teachers=True, paper="Ahn et al., Variational Information Distillation, CVPR 2019")
-def build_vid(ctx: LossContext, hidden: int = 0, init_var: float = 5.0, eps: float = 1e-5,
-              target: Target = "embedding", reduction: Reduction = "sum",
-              teacher_weights: Mapping[str, float] | None = None) -> VIDLoss:
-    return VIDLoss(ctx, int(hidden), float(init_var), float(eps), target, reduction,
-                   normalise_teacher_weights(ctx.teachers, teacher_weights))
+                    sigma = vid_sigma(heads[self._key[name]].alpha.detach(), self.eps)  # (d,)
+                    metrics[f"vid/{name}/sigma_{kind}"] = sigma.mean()
+        return LossOutput(total, metrics)

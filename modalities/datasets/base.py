@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ensemble_kd.registry import Registry
+from modalities.registry import Registry
 from modalities.spec import ModalitySpec
 
 SPLITS = ("train", "test")

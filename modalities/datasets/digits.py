@@ -105,7 +105,7 @@ def split_image_dataset(
 @functools.lru_cache(maxsize=1)
 def load_raw() -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)`` exactly as scikit-learn gives them: float64 (1797, 8, 8) in 0..16, int64 (1797,)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here, not at the top: only this dataset needs it (a 1-3 s import)
 
     d = load_digits()
     images = np.asarray(d.images, dtype=np.float64)

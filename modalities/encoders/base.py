@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ensemble_kd.registry import Registry
+from modalities.registry import Registry
 from modalities.spec import ModalitySpec
 
 

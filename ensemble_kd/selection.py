@@ -1,36 +1,30 @@
-"""DFND data selection: the confident rows of an unlabeled pool, labelled by the teachers.
+"""DFND selections: the confident rows of an unlabeled pool, labelled by the teachers; the pure
+selection functions and the selection's file format.
 
 Chen, Guo, Xu, Li, Xu, Xu, Wang, "Learning Student Networks in the Wild", CVPR 2021 (DFND). When
-the teachers' training data is unavailable, a large unlabeled pool (``data``) is scored by the
-teachers, the rows with the least label noise are kept and the teachers' argmax becomes their
-label; the student then learns through a noisy adaptation matrix (``losses/dfnd.py``).
+the teachers' training data is unavailable, a large unlabeled pool is scored by the teachers, the
+rows with the least label noise are kept and the teachers' argmax becomes their label; the student
+then learns through a noisy adaptation matrix (``losses/dfnd.py``). The select stage
+(``stages/select.py``) runs this on the pool's shards.
 
-Pipeline of ``ensemble-kd select`` (:func:`run_select`):
-
-1. the embed stage (:func:`ensemble_kd.embed.run_embed`, the SAME Ray actors) writes the pool's
-   train-split teacher shards, exactly the shards ``ensemble-kd distill`` later trains on, and
-   the teachers' shards of their own labelled test split (``select.teacher_data``);
-2. :func:`select_confident` ranks the pool rows by the confidence of the ensemble-averaged
-   probabilities (max prob; ranking by it is ranking by the teacher's cross-entropy with its own
-   argmax, the paper's noise measure) and keeps the top ``fraction``, per pseudo-class by
-   default (``per_class``): a global ranking over-represents the classes the teacher finds easy
-   (on a shifted pool a few classes can take most of the top ranks), and the student then learns
-   a skewed prior; the paper collects a balanced set for the same reason;
-3. the per-class teacher accuracy a_i (recall of class i of the ensemble's argmax on the
-   teachers' test split) initialises the diagonal of the adaptation matrix Q;
-4. the selection is written as a content-addressed artifact::
+- :func:`select_confident` ranks the pool rows by the confidence of the ensemble-averaged
+  probabilities (max prob; ranking by it is ranking by the teacher's cross-entropy with its own
+  argmax, the paper's noise measure) and keeps the top ``fraction``, per pseudo-class by default
+  (``per_class``): a global ranking over-represents the classes the teacher finds easy (on a
+  shifted pool a few classes can take most of the top ranks), and the student then learns a skewed
+  prior; the paper collects a balanced set for the same reason;
+- :func:`class_accuracy` gives the per-class teacher accuracy a_i (recall of class i of the
+  ensemble's argmax on the teachers' test split), which initialises the diagonal of Q;
+- a selection is a content-addressed folder::
 
        <output_dir>/selections/<id>/selection.arrow   sample_id, row, pseudo_label, confidence
        <output_dir>/selections/<id>/manifest.json     key, file size + sha256, source shard ids,
                                                       fraction, teachers, a_i, counts per class
 
-   ``id`` = sha256 of the key (source shard ids, teacher test shard ids, fraction, per_class,
-   teachers), so the same inputs reuse it; it is written into a temp directory and renamed.
-   ``row`` is the row of the pool's train shards (the same in every teacher's shard: they are
-   row-aligned); ``distill.selection`` points at the directory.
-
-The pool's own labels are never used for selecting or labelling; where the pool has them
-(label >= 0) the pseudo-label accuracy is reported as a diagnostic only.
+  ``id`` = sha256 of the key (source shard ids, teacher test shard ids, fraction, per_class,
+  teachers), so the same inputs reuse it; it is written into a temp directory and renamed.
+  ``row`` is the row of the pool's train shards (the same in every teacher's shard: they are
+  row-aligned); ``distill.selection`` points at the directory.
 """
 from __future__ import annotations
 
@@ -41,7 +35,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +46,7 @@ import torch.nn.functional as F
 
 from ensemble_kd import __version__
 from ensemble_kd.checkpoint import atomic_write, file_sha256, publish_dir, read_json_manifest
-from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from ensemble_kd.losses.base import TeacherBank
+from ensemble_kd.bank import TeacherBank
 from ensemble_kd.shards import ShardError, ShardSet
 
 FORMAT = "ensemble-kd/selection"
@@ -275,111 +268,9 @@ def check_selection(sel: Selection, shard_manifests: Mapping[str, Mapping[str, A
         raise SelectionError(f"selection {sel.dir} does not match the train shards:\n  " + "\n  ".join(dict.fromkeys(errs)))
 
 
-@dataclass
-class SelectedBank(TeacherBank):
-    """A :class:`TeacherBank` restricted to a selection's rows (row r = the r-th selected shard row),
-    with the pseudo-labels as ``labels``; ``selection`` is the selection's manifest (its a_i), read
-    by the ``dfnd`` loss builder so the loss never reads files."""
-
-    selection: dict[str, Any] = field(default_factory=dict)
-
-
-def restrict_bank(bank: TeacherBank, sel: Selection) -> SelectedBank:
+def restrict_bank(bank: TeacherBank, sel: Selection) -> TeacherBank:
     """The bank's selected rows (copies: a gather), labelled with the pseudo-labels."""
     r = sel.rows
-    return SelectedBank(embeddings={n: e[r] for n, e in bank.embeddings.items()},
-                        logits={n: t[r] for n, t in bank.logits.items()},
-                        labels=sel.pseudo_labels.clone(), sample_ids=bank.sample_ids[r].clone(),
-                        selection=dict(sel.manifest))
-
-
-# ----------------------------------------------------------------------------------------------
-# the stage
-# ----------------------------------------------------------------------------------------------
-def selection_teachers(cfg: ExperimentConfig) -> list[str]:
-    """Teachers that rank and label the pool: distill.teachers (the ones the student then learns
-    from, so `ensemble-kd distill` finds every train shard it needs), else every teacher."""
-    return list(cfg.distill.teachers or [t.name for t in cfg.teachers])
-
-
-def _narrow(cfg: ExperimentConfig, teachers: list[str], split: str, data: dict | None = None) -> ExperimentConfig:
-    d = to_dict(cfg)
-    d["teachers"] = [to_dict(cfg.teacher(n)) for n in teachers]
-    d["embed"]["splits"] = [split]
-    if data is not None:  # the teachers' own test split: one clean view, nothing else
-        d["data"] = data
-        for k in ("views", "adversarial"):
-            d["embed"].pop(k, None)
-    # only data, teachers and embed plan the shards; the rest is reset so the narrowed config
-    # validates (a student reading a modality of this dataset, no losses needing teachers)
-    for k in ("select", "run", "tune"):
-        d.pop(k, None)
-    d["distill"] = {"student": {"arch": cfg.distill.student.arch, "modality": cfg.teacher(teachers[0]).modality}}
-    return from_dict(d, "<select>")
-
-
-@dataclass
-class SelectResult:
-    dir: Path
-    reused: bool
-    manifest: dict[str, Any]
-
-
-def run_select(cfg: ExperimentConfig, checkpoints: Mapping[str, str | Path], progress: bool = True,
-               log=print) -> SelectResult:
-    """Embed the pool (and the teachers' test split) through the embed stage's Ray actors, select,
-    and write (or reuse) the selection. Needs Ray initialised; ``checkpoints``: teacher -> path."""
-    from ensemble_kd.embed import run_embed
-
-    s = cfg.select
-    if s.teacher_data is None:
-        raise ConfigError("select.teacher_data: required by `ensemble-kd select` (the teachers' own labelled dataset, "
-                          "whose test split gives the per-class accuracy a_i)")
-    names = selection_teachers(cfg)
-    if not names:
-        raise ConfigError("select: no teachers: configure `teachers` (e.g. {name, checkpoint: PATH, modality})")
-    missing = [n for n in names if n not in checkpoints]
-    if missing:
-        raise ConfigError(f"select: no checkpoint given for teachers {missing}")
-    pool = run_embed(_narrow(cfg, names, "train"), {n: Path(checkpoints[n]) for n in names}, progress=progress, log=log)
-    test = run_embed(_narrow(cfg, names, "test", to_dict(s.teacher_data)), {n: Path(checkpoints[n]) for n in names},
-                     progress=progress, log=log)
-    pool_dirs = {r.teacher: r.dir for r in pool}
-    test_dirs = {r.teacher: r.dir for r in test}
-    ps = ShardSet.open([pool_dirs[n] for n in names])
-    ts = ShardSet.open([test_dirs[n] for n in names])
-    C = ps.first.num_classes
-    if ts.first.num_classes != C:
-        raise ConfigError(f"select.teacher_data: {s.teacher_data.name!r} has {ts.first.num_classes} classes, the teachers' logits {C}")
-
-    sel = select_confident([ps.logits(n) for n in names], s.fraction, s.per_class)
-    acc, top1 = class_accuracy([ts.logits(n) for n in names], ts.labels, C)
-    per_teacher = {n: class_accuracy([ts.logits(n)], ts.labels, C)[1] for n in names}
-    pool_labels = ps.labels[sel.rows]  # (K,) diagnostics only: never used to select or label
-    has = pool_labels >= 0
-    diag = float((sel.pseudo_labels[has] == pool_labels[has]).float().mean()) if bool(has.any()) else None
-    pool_has = ps.labels >= 0
-    diag_all = float((sel.pool_pseudo_labels[pool_has] == ps.labels[pool_has]).float().mean()) if bool(pool_has.any()) else None
-
-    key = {"pool_shards": {n: ps.shards[n].manifest["shard_id"] for n in names},
-           "teacher_test_shards": {n: ts.shards[n].manifest["shard_id"] for n in names},
-           "teachers": names, "fraction": float(s.fraction), "per_class": bool(s.per_class), "num_classes": C}
-    pm = ps.first.manifest
-    manifest = {
-        "teachers": names, "fraction": float(s.fraction), "per_class": bool(s.per_class), "num_classes": C,
-        "num_rows": int(sel.rows.numel()), "pool_rows": len(ps),
-        "counts_per_class": torch.bincount(sel.pseudo_labels, minlength=C).tolist(),
-        "pool_counts_per_class": torch.bincount(sel.pool_pseudo_labels, minlength=C).tolist(),
-        "class_accuracy": acc, "teacher_test_top1": {**per_teacher, "ensemble": top1},
-        "teacher_data": to_dict(s.teacher_data),
-        "dataset": dict(pm["dataset"]), "views": pm["views"],
-        "source_shards": {n: {"shard_id": ps.shards[n].manifest["shard_id"], "dir": ps.shards[n].dir.name} for n in names},
-        "teacher_test_shards": {n: {"shard_id": ts.shards[n].manifest["shard_id"], "dir": ts.shards[n].dir.name} for n in names},
-        "diagnostics": {"pseudo_label_accuracy_selected": diag, "pseudo_label_accuracy_pool": diag_all,
-                        "note": "against the pool's own labels where it has them; never used to select or label"},
-    }
-    path, reused = write_selection(Path(cfg.output_dir) / "selections", key, ps.sample_ids[sel.rows].numpy(), sel, manifest)
-    m = load_selection(path).manifest
-    log(f"selection {path}: {'reused' if reused else 'wrote'} {m['num_rows']} of {m['pool_rows']} rows "
-        f"({'per class' if s.per_class else 'global'}, fraction {s.fraction}) scored by {names}")
-    return SelectResult(path, reused, m)
+    return TeacherBank(embeddings={n: e[r] for n, e in bank.embeddings.items()},
+                       logits={n: t[r] for n, t in bank.logits.items()},
+                       labels=sel.pseudo_labels.clone(), sample_ids=bank.sample_ids[r].clone())

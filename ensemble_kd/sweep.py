@@ -2,8 +2,10 @@
 
 Ray 2.60 (Train V2) runs Ray Train inside Tune as a *function trainable* that starts a
 ``TorchTrainer`` with ``ray.tune.integration.ray_train.TuneReportCallback`` (``Tuner(TorchTrainer)``
-is gone). :func:`distill_trial` is that function: it applies the trial's overrides to the base
-config and calls the same :func:`~ensemble_kd.train.run_distill` as ``ensemble-kd distill``.
+is gone). :func:`distill_trial` is that function: it rebuilds the trial's
+:class:`~ensemble_kd.plan.Trial` (config, overrides, run context) and calls the same distill stage
+(:func:`ensemble_kd.stages.distill.run`) as ``ensemble-kd distill``, with the train shards the
+driver resolved once.
 
 The driver (:func:`run_trials`) creates the MLflow experiment and a parent run before any trial
 starts (two trials migrating a fresh SQLite file at once fail), every trial's run is nested under
@@ -27,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ensemble_kd.config import ConfigError, ExperimentConfig, from_dict, to_dict, with_overrides
+import ray.tune
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from ensemble_kd import tracking
+from ensemble_kd.checks import check_config
+from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict, with_overrides
+from ensemble_kd.plan import Trial
+from ensemble_kd.stages import distill
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -35,8 +46,6 @@ SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 def domain(key: str, spec: Mapping[str, Any], search: str = "grid") -> Any:
     """One ``tune.space`` entry -> a Ray Tune domain (grid_search, choice, uniform, ...).
     With ``search="random"`` a grid list is sampled like a choice instead of expanded."""
-    from ray import tune
-
     if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
         raise ConfigError(f"tune.space.{key}: expected one of {{{'|'.join(SPEC_KINDS)}: ...}}, got {spec!r}")
     kind, arg = next(iter(spec.items()))
@@ -58,37 +67,27 @@ def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
     space = {k: domain(k, v, cfg.tune.search) for k, v in cfg.tune.space.items()}
     probe = {k: (v["grid"][0] if "grid" in v else v["choice"][0] if "choice" in v else v[next(iter(v))][0])
              for k, v in cfg.tune.space.items()}
-    with_overrides(cfg, probe, "<tune.space>")  # a key that does not fit the config fails here, not in a trial
+    check_config(with_overrides(cfg, probe, "<tune.space>"), "<tune.space>")  # a key that does not fit fails here, not in a trial
     return space
 
 
-def trial_spec(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's spec: Tune's config, with the entries of ``config["trial"]`` (one grid point of
-    ``ensemble-kd run``: its own base, overrides, tags and label) taking precedence."""
-    return {**config, **(config.get("trial") or {})}
-
-
-def trial_config(config: Mapping[str, Any]) -> ExperimentConfig:
-    """A trial's config: the base config with the trial's overrides (``config["overrides"]``)."""
-    config = trial_spec(config)
-    base = from_dict(config["base"], "<trial base>")
-    return with_overrides(base, dict(config.get("overrides") or {}), "<trial>")
+def trial_of(config: Mapping[str, Any]) -> Trial:
+    """A Tune trial's :class:`Trial`: ``config["trial"]`` (one grid point of ``ensemble-kd run``),
+    else the sweep's base config with the sampled ``config["overrides"]``."""
+    if config.get("trial"):
+        return Trial.from_dict(config["trial"])
+    over = dict(config.get("overrides") or {})
+    return Trial("", config["base"], tracking.RunContext(overrides=over), over)
 
 
 def distill_trial(config: dict[str, Any]) -> None:
     """The Tune function trainable: one Ray Train distillation reporting every epoch to Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ensemble_kd.train import run_distill
-
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = with_overrides(trial_config(config), {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}, "<trial>")
-    config = trial_spec(config)
-    tags = {**config.get("tags", {}), "tune_trial": trial_id,
-            **{f"sweep.{k}": str(v) for k, v in (config.get("overrides") or {}).items()}}
-    run_distill(cfg, log=lambda m: None, callbacks=[TuneReportCallback()], extra_tags=tags,
-                parent_run_id=config.get("parent_run_id"), verbose=False)  # the driver prints a line per trial
+    t = trial_of(config)
+    cfg = with_overrides(t.config(), {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}, "<trial>")
+    ctx = t.context.replace(trial_id=trial_id, parent_run_id=config.get("parent_run_id"))
+    distill.run(cfg, config["train_shards"], ctx, callbacks=[TuneReportCallback()], verbose=False,
+                log=lambda m: None)  # the driver prints a line per trial
 
 
 @dataclass
@@ -96,12 +95,18 @@ class TrialOutcome:
     """What the driver knows of one finished (or stopped) trial."""
 
     trial_id: str
-    overrides: dict[str, Any]
-    tags: dict[str, str]
+    trial: Trial
     metrics: dict[str, Any]
     epochs: int
     status: str  # TERMINATED (ran to the end), STOPPED (by the scheduler), ERROR
-    seed: int = 0
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.trial.overrides)
+
+    @property
+    def seed(self) -> int:
+        return self.trial.seed
 
 
 @dataclass
@@ -124,12 +129,10 @@ class _ProgressLines:
         self.done, self.best = 0, None
         self.t0 = time.perf_counter()
 
-    def make(self):
-        from ray.tune import Callback
-
+    def make(self) -> tune.Callback:
         outer = self
 
-        class Lines(Callback):
+        class Lines(tune.Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
                 outer.finished(trial, "done")
 
@@ -142,56 +145,62 @@ class _ProgressLines:
         self.done += 1
         r = trial.last_result or {}
         v = r.get(self.metric)
-        spec = trial_spec(trial.config)
-        label = spec.get("label") or trial.trial_id
+        t = trial_of(trial.config)
+        label = t.label or trial.trial_id
         if v is not None and (self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0])):
             self.best = (v, label)
-        stopped = " (stopped early)" if what == "done" and r.get("epoch", 0) < spec["base"]["distill"]["epochs"] else ""
+        stopped = " (stopped early)" if what == "done" and r.get("epoch", 0) < t.epochs else ""
         val = f"{self.metric}={v:.4f}" if isinstance(v, (int, float)) else f"{self.metric}=n/a"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
         self.log(f"[tune {self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {label}: {what}{stopped} "
                  f"after {r.get('epoch', 0)} epochs, {val}; {best}")
 
 
-def run_trials(cfg: ExperimentConfig, param_space: dict[str, Any], *, name: str, num_trials: int,
-               scheduler: str = "fifo", num_samples: int = 1, parent_tags: dict[str, str] | None = None,
-               log: Callable[[str], None] = print) -> SweepResult:
+def _scheduler(cfg: ExperimentConfig, scheduler: str) -> Any:
+    tc = cfg.tune
+    if scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.distill.epochs, grace_period=min(tc.grace_period, cfg.distill.epochs),
+                             reduction_factor=tc.reduction_factor,
+                             stop_last_trials=False)  # a trial at max_t finishes itself: its run, student and artifacts
+    return FIFOScheduler()
+
+
+def _outcomes(grid: Any) -> list[TrialOutcome]:
+    """What each Tune result says: TERMINATED (ran every epoch), STOPPED (by the scheduler), ERROR."""
+    out = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        t = trial_of(r.config)
+        epochs = int(m.get("epoch", 0))
+        st = "ERROR" if r.error else "TERMINATED" if epochs >= t.epochs else "STOPPED"
+        out.append(TrialOutcome(m.get("trial_id", ""), t, m, epochs, st))
+    return out
+
+
+def run_trials(cfg: ExperimentConfig, train_shards: Mapping[str, str], param_space: dict[str, Any], *, name: str,
+               num_trials: int, scheduler: str = "fifo", num_samples: int = 1, kind: str = "sweep",
+               parent_tags: dict[str, str] | None = None, log: Callable[[str], None] = print) -> SweepResult:
     """Run distillation trials on Ray Tune (Ray must be initialised).
 
-    ``param_space`` is Tune's: ``{"overrides": {dotted key: domain}}`` plus fixed entries (each
-    trial's ``config``); ``num_trials`` is only for the progress lines. The MLflow experiment and
-    the parent run are created here, before any trial."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+    ``param_space`` is Tune's: ``{"overrides": {dotted key: domain}}`` (a sweep) or ``{"trial":
+    grid_search([Trial.to_dict(), ...])}`` (the trials of ``ensemble-kd run``); ``train_shards``:
+    teacher -> train shard folder, for every teacher a trial may use; ``num_trials`` is only for
+    the progress lines. The MLflow experiment and the parent run (``ekd.kind`` = ``kind``) are
+    created here, before any trial; after the sweep, runs of trials the scheduler stopped are
+    ended KILLED."""
     t0 = time.perf_counter()
     tc = cfg.tune
     out = Path(cfg.output_dir)
     parent, uri, exp_id = None, None, None
     if cfg.tracking.enabled:
-        from mlflow.tracking import MlflowClient
-
-        from ensemble_kd.tracking import ensure_experiment, experiment_name, tracking_uri
-
-        uri = tracking_uri(cfg)
-        exp_id = ensure_experiment(uri, experiment_name(cfg), out / "mlartifacts")
-        client = MlflowClient(uri)
-        parent = client.create_run(exp_id, run_name=name, tags={"ekd.kind": "sweep", **(parent_tags or {})}).info.run_id
-    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name}
-    space = {**fixed, **param_space}
-    if scheduler == "asha":
-        sched = ASHAScheduler(time_attr="epoch", max_t=cfg.distill.epochs, grace_period=min(tc.grace_period, cfg.distill.epochs),
-                              reduction_factor=tc.reduction_factor,
-                              stop_last_trials=False)  # a trial at max_t finishes itself: its run, student and artifacts
-    else:
-        sched = FIFOScheduler()
+        uri, exp_id, parent = tracking.start_parent_run(cfg, name, kind, parent_tags)
+    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name, "train_shards": dict(train_shards)}
     lines = _ProgressLines(num_trials * num_samples, tc.metric, tc.mode, log)
-    trainable = tune.with_resources(distill_trial, {"CPU": tc.trial_cpus})
     tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=sched, num_samples=num_samples,
-                                    max_concurrent_trials=tc.max_concurrent_trials,
+        tune.with_resources(distill_trial, {"CPU": tc.cpus_per_trial}),
+        param_space={**fixed, **param_space},
+        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=_scheduler(cfg, scheduler),
+                                    num_samples=num_samples, max_concurrent_trials=tc.max_concurrent_trials,
                                     reuse_actors=True,  # a trial driver process serves the next trial: no new start
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0, callbacks=[lines.make()]),
@@ -205,45 +214,38 @@ def run_trials(cfg: ExperimentConfig, param_space: dict[str, Any], *, name: str,
     finally:
         killed: list[str] = []
         if parent is not None:
-            from ensemble_kd.tracking import end_unfinished_children
-
-            killed = end_unfinished_children(uri, exp_id, parent)
-            client.set_terminated(parent, status)
-    res = SweepResult(parent, cfg.tracking.experiment or cfg.name, uri, killed_runs=killed)
-    for r in grid:
-        m = dict(r.metrics or {})
-        spec = trial_spec(r.config)
-        epochs = int(m.get("epoch", 0))
-        st = "ERROR" if r.error else "TERMINATED" if epochs >= spec["base"]["distill"]["epochs"] else "STOPPED"
-        res.trials.append(TrialOutcome(m.get("trial_id", ""), dict(spec.get("overrides") or {}), dict(spec.get("tags") or {}),
-                                       m, epochs, st, int(spec["base"]["distill"]["seed"])))
-    scored = [t for t in res.trials if isinstance(t.metrics.get(tc.metric), (int, float))]
-    if scored:
-        res.best = (max if tc.mode == "max" else min)(scored, key=lambda t: t.metrics[tc.metric])
-    if parent is not None and res.best is not None:
-        client.log_metric(parent, f"best/{tc.metric}", float(res.best.metrics[tc.metric]))
-        for k, v in res.best.overrides.items():
-            client.set_tag(parent, f"best.{k}", str(v))
+            killed = tracking.end_unfinished_children(uri, exp_id, parent)
+            tracking.client(uri).set_terminated(parent, status)
+    res = SweepResult(parent, tracking.experiment_name(cfg), uri, _outcomes(grid), killed_runs=killed)
+    _record_best(res, cfg)
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def tune_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> SweepResult:
-    """``ensemble-kd tune``: sweep ``cfg.tune.space`` over the ``distill`` config (shards must exist)."""
-    from ensemble_kd.train import train_shard_dirs
+def _record_best(res: SweepResult, cfg: ExperimentConfig) -> None:
+    """The best trial by the metric, on the result and as the parent run's metric and tags."""
+    tc = cfg.tune
+    scored = [t for t in res.trials if isinstance(t.metrics.get(tc.metric), (int, float))]
+    if scored:
+        res.best = (max if tc.mode == "max" else min)(scored, key=lambda t: t.metrics[tc.metric])
+    if res.parent_run_id is not None and res.best is not None:
+        c = tracking.client(res.tracking_uri)
+        c.log_metric(res.parent_run_id, f"best/{tc.metric}", float(res.best.metrics[tc.metric]))
+        for k, v in res.best.overrides.items():
+            c.set_tag(res.parent_run_id, f"best.{k}", str(v))
 
-    train_shard_dirs(cfg)  # missing checkpoints or shards fail here, once, not in every trial
+
+def tune_sweep(cfg: ExperimentConfig, train_shards: Mapping[str, str], log: Callable[[str], None] = print) -> SweepResult:
+    """``ensemble-kd tune``: sweep ``cfg.tune.space`` over the ``distill`` config."""
+    distill.check_inputs(cfg, train_shards)  # missing shards fail here, once, not in every trial
     space = search_space(cfg)
     name = cfg.tune.name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     grid_points = 1
     for v in cfg.tune.space.values():
         grid_points *= len(v["grid"]) if "grid" in v and cfg.tune.search == "grid" else 1
     log(f"tune: {name}: {grid_points * cfg.tune.num_samples} trial(s) over {list(cfg.tune.space)}, "
-        f"scheduler {cfg.tune.scheduler}, {cfg.tune.trial_cpus} CPU per trial driver, "
+        f"scheduler {cfg.tune.scheduler}, {cfg.tune.cpus_per_trial} CPU per trial driver, "
         f"{cfg.distill.num_workers} x {cfg.distill.cpus_per_worker} CPU per trial's workers")
-    from ensemble_kd.tracking import run_tags
-
-    tags = run_tags(cfg)
-    return run_trials(cfg, {"overrides": space, "tags": {}}, name=name, num_trials=grid_points,
+    return run_trials(cfg, train_shards, {"overrides": space}, name=name, num_trials=grid_points,
                       scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
-                      parent_tags={"method": tags["method"], "teacher_set": tags["teacher_set"]}, log=log)
+                      parent_tags={"method": tracking.method_name(cfg), "teacher_set": tracking.teacher_set(cfg)}, log=log)

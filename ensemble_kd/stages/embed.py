@@ -12,53 +12,31 @@ dataset registry inside the actor and write whole files, so there is nothing for
 shuffle or stream between stages; a measured bare actor stays at the bare-loop speed per core
 (``bench/embed_throughput.py``) where a Ray Data pipeline on a 2-core machine spends its
 cores on scheduling. The actors are still Ray's (placement, GPU fractions, retries).
+
+The stage takes its inputs explicitly (a :class:`~ensemble_kd.artifacts.TeacherSet`, a dataset,
+the splits and the embed recipe) and returns a :class:`~ensemble_kd.artifacts.ShardIndex`; the
+select stage's callers use it the same way for the pool and the teachers' own test split.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from tqdm.auto import tqdm
 
 from ensemble_kd.adversarial import pgd_perturb, row_generators
-from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ExperimentConfig, ViewsConfig, to_dict
+from ensemble_kd.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, TeacherSet, read_index, write_index
+from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.devices import autocast, resolve_device
 from ensemble_kd.shards import Shard, ShardKey, ShardWriter, check_manifest
-from ensemble_kd.teachers import Teacher, load_teacher, read_checkpoint
-from ensemble_kd.views import apply_view, draw_views
+from ensemble_kd.teacher_checkpoint import Teacher, load_teacher
+from ensemble_kd.views import apply_view, draw_views, num_adv_views, view_recipe
 from modalities import PairedDataset, build_dataset
-
-
-@dataclass
-class ShardResult:
-    teacher: str
-    split: str
-    dir: Path
-    shard_id: str
-    rows: int
-    reused: bool
-    seconds: float
-
-
-def view_recipe(views: ViewsConfig, adversarial: AdversarialConfig | None = None) -> dict[str, Any]:
-    """The view recipe stored in a shard and hashed into its id. It is the same for every teacher
-    of a run: vector modalities are not augmented, their V rows per sample are identity views,
-    which keeps them row-aligned with the image teachers of the same ensemble. Enabled
-    adversarial views add an ``adversarial`` entry (so they change the shard id); disabled ones
-    add nothing, so shards made before adversarial views existed keep their ids."""
-    recipe = to_dict(views)
-    if adversarial is not None and adversarial.enabled:
-        recipe["adversarial"] = to_dict(adversarial)
-    return recipe
-
-
-def num_adv_views(recipe: dict[str, Any]) -> int:
-    """Adversarial views per sample in a shard of this (stored) view recipe; 0 for none."""
-    adv = recipe.get("adversarial") or {}
-    return int(adv.get("num_views", 0)) if adv.get("enabled") else 0
 
 
 def shard_key(teacher: str, checkpoint_sha256: str, ds: PairedDataset, fingerprint: str, recipe: dict[str, Any],
@@ -164,86 +142,114 @@ class TeacherEmbedder:
         yield from write_shard(self.teacher, ds, k, Path(root), ec, self.device, self.amp)
 
 
-def plan_shards(cfg: ExperimentConfig, checkpoints: dict[str, Path]) -> list[tuple[str, str, ShardKey, int]]:
-    """(teacher, split, key, number of samples) for every shard the config asks for."""
+def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig
+                ) -> list[tuple[str, str, ShardKey, int]]:
+    """(teacher, split, key, number of samples) of every shard: each teacher x each split."""
     plan = []
-    for split in cfg.embed.splits:
-        ds = build_dataset(cfg.data.name, split, cfg.data.root, **cfg.data.kwargs)
+    recipe = view_recipe(ecfg.views, ecfg.adversarial)
+    for split in splits:
+        ds = build_dataset(data.name, split, data.root, **data.kwargs)
         fp = ds.fingerprint()
-        for t in cfg.teachers:
-            ck = read_checkpoint(checkpoints[t.name])
-            if ck["modality"] not in ds.modalities:
-                raise ValueError(f"teacher {t.name!r} reads modality {ck['modality']!r}, which dataset {ds.name!r} does not have")
-            recipe = view_recipe(cfg.embed.views, cfg.embed.adversarial)
-            plan.append((t.name, split, shard_key(t.name, ck["content_hash"], ds, fp, recipe, cfg.embed.embedding_dtype), len(ds)))
+        for name, t in teachers.items():
+            if t.modality not in ds.modalities:
+                raise ValueError(f"teacher {name!r} reads modality {t.modality!r}, which dataset {ds.name!r} does not have")
+            plan.append((name, split, shard_key(name, t.content_hash, ds, fp, recipe, ecfg.embedding_dtype), len(ds)))
     return plan
 
 
-def run_embed(cfg: ExperimentConfig, checkpoints: dict[str, Path], progress: bool = True, log=print) -> list[ShardResult]:
-    """Write (or reuse) every shard of ``cfg``; one Ray actor per teacher. Needs Ray initialised."""
-    import ray
-    from tqdm.auto import tqdm
-
-    root = cfg.shard_dir
+def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig, output_dir: str | Path,
+        device: str = "auto", amp: bool = True, progress: bool = True, log: Callable[[str], None] = print,
+        index: str | None = "shards") -> ShardIndex:
+    """Write (or reuse) the shard of every teacher x split; one Ray actor per teacher (Ray must be
+    initialised). Records the result in ``<output_dir>/index/<index>.json`` (merged with what is
+    there: other teachers' shards stay), unless ``index`` is None."""
+    root = Path(output_dir) / "shards"
     root.mkdir(parents=True, exist_ok=True)
-    results: list[ShardResult] = []
+    results: list[ShardRecord] = []
     todo: dict[str, list[tuple[str, ShardKey, int]]] = {}
-    for name, split, key, num_samples in plan_shards(cfg, checkpoints):
+    for name, split, key, num_samples in plan_shards(teachers, data, splits, ecfg):
         d = root / key.dirname
         if d.exists():
             m = check_manifest(d, key)  # refuses a tampered/mismatched manifest, naming both sides
             Shard(d)  # cheap integrity check (sizes, schema, rows): a truncated shard is reported, not reused
             log(f"shard {d.name}: reused ({m['num_rows']} rows)")
-            results.append(ShardResult(name, split, d, key.shard_id, m["num_rows"], True, 0.0))
+            results.append(ShardRecord(name, split, str(d), key.shard_id, m["num_rows"], True, 0.0))
         else:
-            todo.setdefault(name, []).append((split, key, num_samples * (cfg.embed.views.num_views + num_adv_views(key.views))))
-    if not todo:
-        return results
+            todo.setdefault(name, []).append((split, key, num_samples * (ecfg.views.num_views + num_adv_views(key.views))))
+    if todo:
+        written = _EmbedActors(teachers, data, ecfg, root, device, amp, progress).run(todo)
+        for r in written:
+            log(f"shard {Path(r.dir).name}: wrote {r.rows} rows in {r.seconds:.1f}s")
+        results += written
+    out = ShardIndex(tuple(results))
+    if index is not None:
+        try:
+            old = ShardIndex.from_dict(read_index(output_dir, index, "embed"))
+        except (ArtifactIndexError, KeyError, TypeError):
+            old = ShardIndex()
+        write_index(output_dir, index, old.merged(out).to_dict())
+    return out
 
-    actor_cls = ray.remote(TeacherEmbedder)
-    threads = max(1, int(cfg.embed.num_cpus_per_actor))
-    actors, gens, bars, started = {}, {}, {}, {}
-    for i, (name, jobs) in enumerate(todo.items()):
-        actors[name] = actor_cls.options(
-            num_cpus=cfg.embed.num_cpus_per_actor, num_gpus=cfg.embed.num_gpus_per_actor, name=None
-        ).remote(str(checkpoints[name]), name, to_dict(cfg.data), cfg.device, cfg.amp, threads)
-        total = sum(rows for _, _, rows in jobs)
-        bars[name] = tqdm(total=total, desc=f"embed {name}", unit="row", position=i, disable=not progress, leave=True)
-    pending = {name: list(jobs) for name, jobs in todo.items()}
 
-    def launch(name: str) -> None:
-        split, key, _ = pending[name].pop(0)
-        g = actors[name].embed.remote(split, key.to_dict(), str(root), to_dict(cfg.embed))
-        gens[g] = (name, split, key)
-        started[g] = time.perf_counter()
+class _EmbedActors:
+    """One :class:`TeacherEmbedder` actor per teacher with work, each streaming its shards one
+    after another; a progress bar per teacher; an actor is killed as soon as it is done (freeing
+    its CPUs/GPU for teachers still waiting for a slot)."""
 
-    for name in todo:
-        launch(name)
-    try:
-        while gens:
-            ready, _ = ray.wait(list(gens), num_returns=1)
+    def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, root: Path, device: str,
+                 amp: bool, progress: bool) -> None:
+        self.teachers, self.data, self.ecfg, self.root = teachers, data, ecfg, root
+        self.device, self.amp, self.progress = device, amp, progress
+        self.actors: dict[str, Any] = {}
+        self.gens: dict[Any, tuple[str, str, ShardKey]] = {}
+        self.started: dict[Any, float] = {}
+        self.pending: dict[str, list[tuple[str, ShardKey, int]]] = {}
+
+    def _launch(self, name: str) -> None:
+        split, key, _ = self.pending[name].pop(0)
+        g = self.actors[name].embed.remote(split, key.to_dict(), str(self.root), to_dict(self.ecfg))
+        self.gens[g] = (name, split, key)
+        self.started[g] = time.perf_counter()
+
+    def run(self, todo: dict[str, list[tuple[str, ShardKey, int]]]) -> list[ShardRecord]:
+        actor_cls = ray.remote(TeacherEmbedder)
+        threads = max(1, int(self.ecfg.cpus_per_actor))
+        bars = {}
+        for i, (name, jobs) in enumerate(todo.items()):
+            self.actors[name] = actor_cls.options(num_cpus=self.ecfg.cpus_per_actor,
+                                                  num_gpus=self.ecfg.gpus_per_actor).remote(
+                self.teachers[name].path, name, to_dict(self.data), self.device, self.amp, threads)
+            bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row", position=i,
+                              disable=not self.progress, leave=True)
+        self.pending = {name: list(jobs) for name, jobs in todo.items()}
+        for name in todo:
+            self._launch(name)
+        try:
+            return self._drain(bars)
+        finally:
+            for b in bars.values():
+                b.close()
+            for a in self.actors.values():
+                ray.kill(a)
+
+    def _drain(self, bars: dict[str, Any]) -> list[ShardRecord]:
+        results = []
+        while self.gens:
+            ready, _ = ray.wait(list(self.gens), num_returns=1)
             g = ready[0]
-            name, split, key = gens[g]
+            name, split, key = self.gens[g]
             try:
                 item = ray.get(next(g))
             except StopIteration:
-                del gens[g]
-                if pending[name]:
-                    launch(name)
+                del self.gens[g]
+                if self.pending[name]:
+                    self._launch(name)
                 else:  # free its CPUs/GPU now: teachers beyond the cluster's slots are waiting for them
-                    ray.kill(actors.pop(name))
+                    ray.kill(self.actors.pop(name))
                 continue
             if isinstance(item, dict):  # the manifest: this shard is published
-                d = root / key.dirname
-                results.append(ShardResult(name, split, d, key.shard_id, item["num_rows"], False, time.perf_counter() - started[g]))
+                results.append(ShardRecord(name, split, str(self.root / key.dirname), key.shard_id, item["num_rows"],
+                                           False, time.perf_counter() - self.started[g]))
             else:
                 bars[name].update(item)
-    finally:
-        for b in bars.values():
-            b.close()
-        for a in actors.values():
-            ray.kill(a)
-    for r in results:
-        if not r.reused:
-            log(f"shard {r.dir.name}: wrote {r.rows} rows in {r.seconds:.1f}s")
-    return results
+        return results

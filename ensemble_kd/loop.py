@@ -1,0 +1,292 @@
+"""The one training loop: ``train_loop_per_worker`` run by Ray Train's ``TorchTrainer``.
+
+Every method enters through the loss registry: the loop builds the configured loss terms,
+puts them and the student into one trainable :class:`DistillModule` (wrapped once by Ray
+Train for DDP), and minimises ``sum(weight * term)``. There is no per-method branch here.
+Each loss returns its value and its metrics as device tensors; the loop sums them on the
+device and reads them once per epoch (no host synchronisation per step).
+
+Each epoch ends with a checkpoint (student, heads, memories, optimiser, scheduler, RNG states,
+epoch, metric history) reported to Ray Train; a restarted worker group (a killed worker,
+``max_failures``) or a resumed run (``--resume``: the same run name) continues from it.
+
+:class:`LoopCallback` is the loop's one extension point (``on_epoch_start``/``on_epoch_end``),
+passed in the train loop config; the tests use it to inject faults.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from ensemble_kd import dist
+from ensemble_kd.checkpoint import atomic_torch_save
+from ensemble_kd.config import ExperimentConfig, from_dict, to_dict
+from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.devices import autocast, seed_everything
+from ensemble_kd.losses import DistillInputs, LossContext, LossOutput, build_loss
+from ensemble_kd.raycluster import quiet_train_reports
+from ensemble_kd.tracking import log_epoch
+from modalities import build_dataset, build_encoder
+
+
+class DistillModule(nn.Module):
+    """Everything trainable, as one module: the student and every loss term (with its heads,
+    regressors and memories), keyed by loss name."""
+
+    def __init__(self, student: nn.Module, losses: dict[str, nn.Module], weights: dict[str, float]) -> None:
+        super().__init__()
+        self.student = student
+        self.losses = nn.ModuleDict(losses)
+        self.weights = dict(weights)
+
+    def forward(self, batch: dict[str, Any], epoch: int = 0, step: int = 0) -> dict[str, LossOutput]:
+        emb, logits = self.student(batch["x"])  # (B, d_s), (B, C)
+        x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"],
+                          epoch=epoch, step=step)
+        return {name: loss(x) for name, loss in self.losses.items()}
+
+
+def build_module(cfg: ExperimentConfig, data: DistillData, num_classes: int, device: torch.device) -> DistillModule:
+    d = cfg.distill
+    student = build_encoder(d.student.arch, data.spec, num_classes, **d.student.arch_kwargs)
+    ctx = LossContext(student_dim=student.embed_dim, num_classes=num_classes,
+                      teacher_dims={n: int(e.shape[1]) for n, e in data.bank.embeddings.items()},
+                      bank=data.bank, seed=d.seed, device=device,
+                      selection=data.selection.manifest if data.selection is not None else None)
+    losses = {t.name: build_loss(t.name, ctx, **t.kwargs) for t in d.losses}
+    return DistillModule(student, losses, {t.name: t.weight for t in d.losses})
+
+
+def build_optim(cfg: ExperimentConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    o = cfg.distill.optim
+    if o.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    # Closed-form multipliers of the epoch, computed from the current config: a run resumed with
+    # more epochs follows the new schedule (a restored chained scheduler would keep the old one).
+    epochs = cfg.distill.epochs
+    if o.schedule == "step":
+        def factor(e: int) -> float:
+            return o.decay_rate ** sum(e >= m for m in o.decay_epochs)
+    elif o.schedule == "cosine":
+        def factor(e: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
+    else:
+        def factor(e: int) -> float:
+            return 1.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, ds, modality: str, device: torch.device, batch_size: int = 1024) -> float:
+    was = student.training
+    student.eval()
+    correct = 0
+    for s in range(0, len(ds), batch_size):
+        b = ds.get_batch(np.arange(s, min(s + batch_size, len(ds))), [modality])
+        _, logits = student(b["inputs"][modality].to(device))
+        correct += int((logits.argmax(1).cpu() == b["label"]).sum())
+    student.train(was)
+    return correct / max(len(ds), 1)
+
+
+def buffer_checksums(module: nn.Module) -> list[str]:
+    """Every rank's checksum of the module's buffers (memories, Z, BN statistics aside), gathered
+    in rank order: equal entries mean the memories stayed identical across workers."""
+    h = hashlib.sha256()
+    for name, b in sorted(module.named_buffers()):
+        if "running_" in name or "num_batches_tracked" in name:  # per-rank BN statistics may differ
+            continue
+        h.update(name.encode())
+        h.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor([int(h.hexdigest()[:15], 16)], dtype=torch.int64)
+    dev = next(module.parameters()).device
+    return [f"{int(v):015x}" for v in dist.all_gather_cat(mine.to(dev)).cpu()]
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+STATE_FILE = "state.pt"
+
+
+def reported(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What goes to Ray Train (and Tune): the scalar metrics. The per-rank buffer checksums stay in
+    the checkpointed history; Tune's loggers take scalars only."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
+
+
+def save_state(path: Path, module: DistillModule, opt, sched, epoch: int, history: list[dict], cfg: ExperimentConfig) -> None:
+    atomic_torch_save({"module": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "epoch": epoch, "rng": _rng_state(), "history": history, "config": to_dict(cfg)}, path)
+
+
+class LoopCallback:
+    """Called by every rank at epoch boundaries; subclass and override what you need. Instances
+    travel to the workers inside the train loop config (they must pickle)."""
+
+    def on_epoch_start(self, epoch: int, rank: int) -> None:  # epoch: 0-based
+        pass
+
+    def on_epoch_end(self, epoch: int, rank: int, metrics: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class LoopConfig:
+    """What the driver hands ``train_loop_per_worker`` (as the dict of :meth:`to_dict`)."""
+
+    experiment: dict[str, Any]  # the ExperimentConfig as a plain dict
+    train_shards: dict[str, str] = field(default_factory=dict)  # teacher -> train shard folder
+    mlflow: dict[str, str] | None = None  # {"uri", "run_id"}: rank 0 logs every epoch there
+    verbose: bool = True  # a [distill] line per epoch from rank 0
+    callbacks: Sequence[LoopCallback] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "train_shards": dict(self.train_shards), "mlflow": self.mlflow,
+                "verbose": self.verbose, "callbacks": list(self.callbacks)}
+
+
+@dataclass
+class _Worker:
+    """One rank's training state: the config, data, module and its optimiser."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    device: torch.device
+    data: DistillData
+    test_ds: Any
+    module: DistillModule
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    start: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _setup(cfg: ExperimentConfig, train_shards: dict[str, str]) -> _Worker:
+    """Build data, module and optimiser on this rank, and restore the last checkpoint if any."""
+    d = cfg.distill
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(d.cpus_per_worker)))
+    seed_everything(d.seed)  # same initial weights on every rank
+    train_ds = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
+    test_ds = eval_dataset(cfg, train_ds)  # distill.eval_data's test split, else data's
+    data = DistillData(train_ds, d.student.modality, train_shards, adv_replay_teacher=d.adv_replay_teacher,
+                       selection=d.selection)
+    module = build_module(cfg, data, train_ds.num_classes, device).to(device)
+    opt, sched = build_optim(cfg, [p for p in module.parameters() if p.requires_grad])
+    w = _Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, data, test_ds, module, opt, sched)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as cdir:
+            st = torch.load(Path(cdir) / STATE_FILE, map_location=device, weights_only=False)
+        module.load_state_dict(st["module"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        for g, lr in zip(opt.param_groups, sched.get_lr()):  # the lr of the *current* schedule at this epoch,
+            g["lr"] = lr  # not the one the optimiser state saved (a run resumed with more epochs changes it)
+        _set_rng_state(st["rng"])
+        w.start, w.history = st["epoch"] + 1, st["history"]
+        if w.rank == 0:
+            print(f"[distill] resumed from the checkpoint of epoch {st['epoch'] + 1}", flush=True)
+    return w
+
+
+def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One epoch of steps; returns the loss parts (averaged over steps and ranks) and the losses'
+    own metrics (averaged over this rank's steps)."""
+    d = w.cfg.distill
+    w.module.train()
+    sums: dict[str, torch.Tensor] = {}  # loss part -> sum over steps, on the device (read once per epoch)
+    extra: dict[str, torch.Tensor] = {}  # the losses' own metrics, likewise
+    batches = epoch_rows(len(w.data), d.batch_size, w.world, w.rank, d.seed, epoch)
+    step0 = epoch * len(batches)
+    for i, rows in enumerate(batches):
+        batch = w.data.batch(rows, w.device)
+        with autocast(w.device, w.cfg.amp):
+            parts = model(batch, epoch, step0 + i)
+        loss = sum(w.module.weights[n] * out.loss.float() for n, out in parts.items())
+        w.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        w.opt.step()
+        for n, out in parts.items():
+            sums[n] = sums.get(n, 0) + out.loss.detach().double()
+            for k, v in out.metrics.items():
+                extra[k] = extra.get(k, 0) + v.detach().double()
+        sums["total"] = sums.get("total", 0) + loss.detach().double()
+    keys = sorted(sums)
+    means = dist.all_reduce_mean(torch.stack([sums[k] for k in keys]) / len(batches))  # one read per epoch
+    return ({f"loss/{k}": float(v) for k, v in zip(keys, means.tolist())},
+            {k: float(v) / len(batches) for k, v in extra.items()})
+
+
+def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str, float], lc: LoopConfig) -> None:
+    """Evaluate, log (rank 0: MLflow and a line), checkpoint and report to Ray Train."""
+    d = w.cfg.distill
+    if (epoch + 1) % d.eval_every == 0 or epoch + 1 == d.epochs:
+        metrics["test_top1"] = evaluate(w.module.student, w.test_ds, d.student.modality, w.device)
+    metrics.update(extra)  # per-term diagnostics (CRD's per-teacher parts and Z, ...)
+    metrics["buffer_checksums"] = buffer_checksums(w.module)
+    w.history.append(metrics)
+    if w.rank != 0:
+        ray.train.report(reported(metrics))
+        return
+    if lc.mlflow:  # per epoch, from the worker: a trial that ASHA stops keeps the epochs it ran
+        log_epoch(lc.mlflow["uri"], lc.mlflow["run_id"], metrics)
+    if lc.verbose:
+        print("[distill] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+              flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(Path(tmp) / STATE_FILE, w.module, w.opt, w.sched, epoch, w.history, w.cfg)
+        (Path(tmp) / "history.json").write_text(json.dumps(w.history))
+        ray.train.report(reported(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config`` is a :class:`LoopConfig` as a dict."""
+    lc = LoopConfig(**config)
+    cfg = from_dict(lc.experiment)
+    quiet_train_reports(cfg.ray.train_log_level)
+    w = _setup(cfg, lc.train_shards)
+    # One wrap. Memories are kept identical by the losses' own all-gather updates, so DDP must not
+    # re-broadcast buffers from rank 0 on every forward.
+    model = ray.train.torch.prepare_model(w.module, parallel_strategy_kwargs={"broadcast_buffers": False})
+    for epoch in range(w.start, cfg.distill.epochs):
+        for cb in lc.callbacks:
+            cb.on_epoch_start(epoch, w.rank)
+        t0 = time.perf_counter()
+        parts, extra = _train_epoch(w, model, epoch)
+        lr = w.opt.param_groups[0]["lr"]  # the lr this epoch trained with
+        w.sched.step()
+        metrics: dict[str, Any] = {**parts, "epoch": epoch + 1, "lr": lr, "epoch_seconds": time.perf_counter() - t0}
+        _end_epoch(w, epoch, metrics, extra, lc)
+        for cb in lc.callbacks:
+            cb.on_epoch_end(epoch, w.rank, metrics)

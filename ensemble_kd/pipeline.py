@@ -1,0 +1,155 @@
+"""The pipeline: the stages composed, for `ensemble-kd run` and each CLI verb.
+
+    teachers stage -> TeacherSet -> embed stage -> ShardIndex -> (select stage -> SelectionRecord)
+                                                              -> distill stage (or a sweep of it) -> StudentRun
+
+Each function here takes the checked config, runs the stages it needs in order, handing each the
+artifact of the one before, and returns the last artifact. The stages never call each other;
+a CLI verb that starts mid-way (``ensemble-kd distill`` after ``ensemble-kd embed``) picks up the
+earlier artifacts from the index files under ``<output_dir>/index/`` and checks them against the
+config before any Ray work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from ensemble_kd import tracking
+from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherSet, read_index
+from ensemble_kd.checks import check_config
+from ensemble_kd.config import AdversarialConfig, ConfigError, ExperimentConfig, ViewsConfig, load_config, to_dict
+from ensemble_kd.plan import Trial, best_teacher, check_run_section, plan_trials
+from ensemble_kd.raycluster import ray_session
+from ensemble_kd.report import format_table, summarise, write_summary
+from ensemble_kd.shards import check_manifest
+from ensemble_kd.stages import distill as distill_stage
+from ensemble_kd.stages import embed as embed_stage
+from ensemble_kd.stages import select as select_stage
+from ensemble_kd.stages import teachers as teachers_stage
+from ensemble_kd.sweep import SweepResult, TrialOutcome, run_trials, tune_sweep
+
+Log = Callable[[str], None]
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """A config ready for the pipeline: the schema (file and overrides), the registry cross-checks
+    and the run section's arms and sweep, every error naming the file and the field."""
+    cfg = load_config(path, overrides)
+    source = "<embedded default>" if path is None else str(path)
+    check_config(cfg, source)
+    check_run_section(cfg, source)
+    return cfg
+
+
+def train_teachers(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True, log: Log = print) -> TeacherSet:
+    """The teachers stage on the config's teachers."""
+    return teachers_stage.run(cfg.teachers, cfg.data, cfg.output_dir, cfg.device, cfg.amp, retrain, progress, log)
+
+
+def existing_teachers(cfg: ExperimentConfig, names: list[str] | tuple[str, ...] | None = None) -> TeacherSet:
+    """The configured teachers' checkpoints already on disk (all, or ``names``), verified."""
+    wanted = [t for t in cfg.teachers if names is None or t.name in names]
+    return teachers_stage.existing(wanted, cfg.checkpoint_dir)
+
+
+def embed(cfg: ExperimentConfig, teachers: TeacherSet, progress: bool = True, log: Log = print) -> ShardIndex:
+    """The embed stage on the config's data, splits and recipe (Ray must be up)."""
+    return embed_stage.run(teachers, cfg.data, cfg.embed.splits, cfg.embed, cfg.output_dir, cfg.device, cfg.amp,
+                           progress, log)
+
+
+def train_shards(cfg: ExperimentConfig, teachers: TeacherSet | None = None) -> dict[str, str]:
+    """Train shard folder of every distill teacher, from the embed stage's index, each checked to
+    be the shard of this config's teacher checkpoint, data and view recipe (both sides named)."""
+    names = list(cfg.distill.teachers)
+    if not names:
+        return {}
+    ts = (teachers or existing_teachers(cfg, names)).subset(names)
+    try:
+        index = ShardIndex.from_dict(read_index(cfg.output_dir, "shards", "embed"))
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"the shard index under {cfg.output_dir} is malformed ({e}): run `ensemble-kd embed` again") from None
+    dirs = index.dirs("train", names)
+    for name, _split, key, _n in embed_stage.plan_shards(ts, cfg.data, ["train"], cfg.embed):
+        check_manifest(dirs[name], key)  # a stale index (teacher retrained, recipe changed) is refused here
+    return dirs
+
+
+def select(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> SelectionRecord:
+    """DFND: embed the pool (train split) and the teachers' own test split, then select (Ray must be up)."""
+    teacher_data = select_stage.require_teacher_data(cfg.select)
+    names = list(cfg.distill.teachers or [t.name for t in cfg.teachers])  # they score the pool; distill then learns from them
+    ts = existing_teachers(cfg, names)
+    pool = embed_stage.run(ts, cfg.data, ["train"], cfg.embed, cfg.output_dir, cfg.device, cfg.amp, progress, log)
+    clean = dataclasses.replace(cfg.embed, views=ViewsConfig(), adversarial=AdversarialConfig())  # one clean view
+    test = embed_stage.run(ts, teacher_data, ["test"], clean, cfg.output_dir, cfg.device, cfg.amp, progress,
+                           log, index=None)
+    return select_stage.run(pool.dirs("train", names), test.dirs("test", names), cfg.select, cfg.output_dir, log)
+
+
+def distill(cfg: ExperimentConfig, resume: bool = False, log: Log = print) -> StudentRun:
+    """The distill stage on the shards the embed stage recorded (Ray must be up)."""
+    return distill_stage.run(cfg, train_shards(cfg), resume=resume, log=log)
+
+
+def sweep(cfg: ExperimentConfig, log: Log = print) -> SweepResult:
+    """``ensemble-kd tune``: the distill stage as Ray Tune trials over ``tune.space`` (Ray must be up)."""
+    return tune_sweep(cfg, train_shards(cfg), log)
+
+
+def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardIndex, best: str | None,
+                  log: Log) -> tuple[str | None, list[TrialOutcome]]:
+    """Every arm x seed (and the sweep) as Ray Tune trials; without arms, the one distill run."""
+    train = shards.dirs("train", list(teachers))
+    if not cfg.run.arms:
+        r = distill_stage.run(cfg, train, log=log)
+        t = Trial("distill", to_dict(cfg), tracking.RunContext(arm="distill", kind="arm"))
+        return None, [TrialOutcome("", t, {"test_top1": r.final_top1}, r.epochs, "TERMINATED")]
+    trials = plan_trials(cfg, best)
+    n_arm = len(cfg.run.arms) * len(cfg.run.seeds)
+    log(f"run: {len(cfg.run.arms)} arms x {len(cfg.run.seeds)} seeds = {n_arm} distillations"
+        + (f" + {len(trials) - n_arm} sweep trials on {cfg.run.sweep.arm}" if cfg.run.sweep else "")
+        + f" (best single teacher: {best}), as Ray Tune trials")
+    res = run_trials(cfg, train, {"trial": tune.grid_search([t.to_dict() for t in trials])},
+                     name=f"{cfg.name}-run-{time.strftime('%Y%m%d-%H%M%S')}", num_trials=len(trials),
+                     scheduler="fifo", kind="run", log=log)
+    failed = [t for t in res.trials if t.status == "ERROR"]
+    if failed:
+        log(f"run: {len(failed)} trial(s) failed: {[t.trial.label for t in failed]}; see the Tune folder")
+    return res.parent_run_id, res.trials
+
+
+def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[str, Any]:
+    """`ensemble-kd run`: teachers -> shards -> every arm x seed (+ sweep) -> summary; returns the
+    summary (also written to <output_dir>/summary.json and .png)."""
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
+    teachers = train_teachers(cfg, progress=progress, log=log)
+    best = best_teacher(teachers)
+    uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
+    with ray_session(cfg.ray):
+        shards = embed(cfg, teachers, progress, log)
+        log(f"{len(shards)} shards under {out / 'shards'} ({sum(r.reused for r in shards)} reused); "
+            f"inspect them with: ensemble-kd shards inspect {out / 'shards'}")
+        parent, trials = _distill_arms(cfg, teachers, shards, best, log)
+    summary = summarise(cfg, teachers, best, trials, uri, parent, time.perf_counter() - t0)
+    path, plot = write_summary(out, summary)
+    if parent is not None:  # the table and the plot belong to the job's parent run too
+        for f in (path, plot):
+            if f is not None:
+                tracking.client(uri).log_artifact(parent, str(f))
+    log("")
+    for line in format_table(summary):
+        log(line)
+    log(f"\nsummary: {path}" + (f"; plot: {plot}" if plot else ""))
+    if uri:
+        log(f"MLflow: experiment {tracking.experiment_name(cfg)!r} at {uri}; compare with: ensemble-kd compare --out "
+            f"{cfg.output_dir} --group-by arm; open the UI with: mlflow ui --backend-store-uri {uri}")
+    log(f"done in {time.perf_counter() - t0:.1f}s")
+    return summary

@@ -1,0 +1,4 @@
+"""The stages, peers that hand each other artifacts (``ensemble_kd.artifacts``) and never import
+each other: ``teachers`` (train or import -> TeacherSet), ``embed`` (Ray actors -> ShardIndex),
+``select`` (DFND -> SelectionRecord), ``distill`` (Ray Train -> StudentRun). The pipeline
+(``ensemble_kd.pipeline``) composes them."""

@@ -1,0 +1,107 @@
+"""Helpers shared by the tests (fixtures live in conftest.py). Test modules import from here,
+never from each other."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from ensemble_kd import pipeline
+from ensemble_kd.artifacts import ShardIndex, TeacherSet
+from ensemble_kd.checks import check_config
+from ensemble_kd.config import ExperimentConfig, from_dict
+from ensemble_kd.plan import check_run_section
+from ensemble_kd.stages import distill as distill_stage
+from ensemble_kd.stages.teachers import record
+
+CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 256, "per_sample": False, "feat_dim": 32}}
+
+
+def tiny_config(out: Path, **over) -> ExperimentConfig:
+    """Two small teachers on uci-mfeat (an image view and a vector view), few epochs; checked
+    against the registries as the CLI checks a config."""
+    d = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "device": "cpu",
+        "data": {"name": "uci-mfeat"},
+        "teachers": [
+            {"name": "pix_cnn", "arch": "cnn_small", "modality": "pix", "epochs": 6, "arch_kwargs": {"width": 8}},
+            {"name": "kar_mlp", "arch": "mlp", "modality": "kar", "epochs": 2, "seed": 1, "arch_kwargs": {"hidden": [32]}},
+        ],
+        "embed": {"splits": ["train", "test"], "batch_size": 256, "cpus_per_actor": 0.5},
+    }
+    for k, v in over.items():
+        cur = d
+        parts = k.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = v
+    cfg = check_config(from_dict(d))
+    check_run_section(cfg)
+    return cfg
+
+
+def distill_cfg(out, **over) -> ExperimentConfig:
+    """tiny_config with a CE + KD + CRD student MLP on `fou`, 2 epochs, train shards only, no MLflow."""
+    d = {
+        "distill.teachers": ["pix_cnn", "kar_mlp"],
+        "distill.student": {"arch": "mlp", "modality": "fou", "arch_kwargs": {"hidden": [64]}},
+        "distill.losses": [{"name": "ce"}, {"name": "kd", "kwargs": {"temperature": 4.0}}, CRD],
+        "distill.epochs": 2,
+        "distill.batch_size": 64,
+        "distill.cpus_per_worker": 0.5,
+        "distill.optim": {"lr": 0.05, "schedule": "cosine"},
+        "embed.splits": ["train"],
+        "tracking.enabled": False,  # MLflow is exercised in test_tracking.py
+    }
+    d.update(over)
+    return tiny_config(out, **d)
+
+
+def run_distill(cfg: ExperimentConfig, **kw):
+    """The distill stage on the train shards the embed stage recorded under cfg.output_dir."""
+    kw.setdefault("log", lambda m: None)
+    return distill_stage.run(cfg, pipeline.train_shards(cfg), **kw)
+
+
+def teacher_set(paths: dict[str, Path]) -> TeacherSet:
+    """The TeacherSet of checkpoint files (name -> path)."""
+    return TeacherSet({n: record(n, p) for n, p in paths.items()})
+
+
+def embed(cfg: ExperimentConfig, paths: dict[str, Path] | None = None, log=lambda m: None) -> ShardIndex:
+    """The embed stage on ``cfg`` for the given checkpoints (default: the config's own), Ray up."""
+    ts = teacher_set(paths) if paths is not None else pipeline.existing_teachers(cfg)
+    return pipeline.embed(cfg, ts, progress=False, log=log)
+
+
+def by_key(index: ShardIndex) -> dict[tuple[str, str], object]:
+    """(teacher, split) -> shard record."""
+    return {(r.teacher, r.split): r for r in index}
+
+
+def out_with_teachers(trained, tmp_path_factory, name: str) -> Path:
+    """A fresh output dir holding copies of the session's trained teachers (reused, not retrained)."""
+    cfg, _ = trained
+    out = tmp_path_factory.mktemp(name)
+    shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    return out
+
+
+def spawn_processes(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes (a real gloo group in the tests);
+    fail the test, killing what is left, when they take longer than ``timeout_s``."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{nprocs}-process test timed out after {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,34 @@
+"""Every script under bench/ still runs (tiny sizes): a bench that stops running is a bug."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)  # each bench starts (and stops) its own local Ray
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_step_cost_runs_and_keeps_its_keys():
+    res = _bench("step_cost.py", "--negatives", "64", "--batch", "32", "--steps", "1")
+    for k in ("a_ce_ms", "b_crd_kd_1t_shared_ms", "b_crd_kd_3t_per_sample_ms", "c_reference_3t_ms",
+              "ratio_b_shared_1t_over_a", "ratio_b_shared_3t_over_a", "ratio_c_over_b_per_sample_3t"):
+        assert isinstance(res[k], float) and res[k] > 0, k
+
+
+@pytest.mark.slow
+def test_embed_throughput_runs():
+    res = _bench("embed_throughput.py", "--dataset", "uci-mfeat", "--modality", "pix", "--arch", "cnn_small",
+                 "--views", "1", "--repeats", "1")
+    assert res["rows"] == 1500 and res["bare_rows_per_s"] > 0 and res["actor_rows_per_s_steady"] > 0

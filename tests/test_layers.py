@@ -1,0 +1,40 @@
+"""The layering contract (pyproject.toml, [tool.importlinter]) holds: modules import only downward,
+the stages do not import each other, losses import no stage. Checked by import-linter itself."""
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept():
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    r = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout and "Layers only import downward KEPT" in r.stdout, r.stdout
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (and fixtures in conftest.py), never in a test module."""
+    pattern = re.compile(r"^\s*(from|import)\s+(tests\.)?test_\w+", re.M)
+    offenders = [p.name for p in (ROOT / "tests").glob("test_*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+ORCHESTRATION = ["cli.py", "pipeline.py", "sweep.py", "plan.py", "report.py", "loop.py", "stages"]
+
+
+def test_orchestration_functions_stay_short():
+    """No function of the orchestration layer is over 50 lines (a newcomer reads each in one screen)."""
+    long = []
+    for entry in ORCHESTRATION:
+        path = ROOT / "ensemble_kd" / entry
+        for p in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            for n in ast.walk(ast.parse(p.read_text())):
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50:
+                    long.append(f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert long == []
