@@ -55,8 +55,10 @@ def _check_models(cfg: ExperimentConfig) -> list[str]:
 
 
 def _check_losses(cfg: ExperimentConfig) -> list[str]:
-    """Each loss registered, once, with options it takes, and teachers when it needs them."""
+    """Each loss registered, once, with options it takes, teachers when it needs them, and a data
+    path that provides what it reads."""
     errs = []
+    path = cfg.distill.teacher_outputs
     loss_names = [t.name for t in cfg.distill.losses]
     if len(set(loss_names)) != len(loss_names):
         errs.append(f"distill.losses: each loss may appear once (they are keyed by name), got {loss_names}")
@@ -65,6 +67,9 @@ def _check_losses(cfg: ExperimentConfig) -> list[str]:
             errs.append(f"distill.losses.{i}.name: {LOSSES.unknown_message(term.name)}")
         elif LOSSES.meta(term.name).get("needs_teachers", True) and not cfg.distill.teachers:
             errs.append(f"distill.losses.{i}.name: loss {term.name!r} needs teachers, but distill.teachers is empty")
+        elif "feature_maps" in LOSSES.meta(term.name).get("needs", ()) and path != "online":
+            errs.append(f"distill.losses.{i}.name: loss {term.name!r} reads feature maps, which only the online data path "
+                        f"provides; distill.teacher_outputs is {path!r} (set it to 'online')")
         else:
             bad = sorted(set(term.kwargs) - set(loss_options(term.name)))
             if bad:
@@ -96,4 +101,6 @@ def _check_select(cfg: ExperimentConfig) -> list[str]:
                         f"{cfg.distill.student.modality!r} (the student's); it has: {', '.join(mods)}")
     if cfg.distill.selection is not None and not cfg.distill.teachers:
         errs.append("distill.selection: training on a selection needs distill.teachers (its rows are rows of their shards)")
+    if cfg.distill.selection is not None and cfg.distill.teacher_outputs != "shards":
+        errs.append("distill.selection: a selection is rows of the teachers' shards: it needs distill.teacher_outputs: shards")
     return errs

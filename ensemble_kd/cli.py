@@ -73,8 +73,10 @@ def _log(msg: str) -> None:
 
 
 def cmd_teachers_train(args: argparse.Namespace) -> int:
+    p = _pipeline()
     cfg = _config(args)
-    ts = _pipeline().train_teachers(cfg, retrain=args.retrain, progress=not args.no_progress, log=_log)
+    with p.ray_session(cfg.ray):  # each teacher trains as a Ray Train run
+        ts = p.train_teachers(cfg, retrain=args.retrain, progress=not args.no_progress, log=_log)
     print(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
     return 0
 

@@ -67,12 +67,19 @@ class TeacherConfig:
     seed: int = Field(0, description="seed for initialisation and data order")
     epochs: int = Field(30, ge=1, description="training epochs")
     batch_size: int = Field(64, ge=1, description="training batch size")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimiser")
-    lr: float = Field(0.05, gt=0, description="peak learning rate (cosine decay to 0)")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimiser (SGD with Nesterov momentum)")
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    schedule: Literal["onecycle", "step", "cosine", "constant"] = Field("onecycle", description="learning-rate schedule (onecycle: per step, 15% warm-up)")
+    decay_epochs: tuple[int, ...] = Field((150, 180, 210), description="epochs at which 'step' multiplies the lr by 0.1 (the reference CIFAR teachers: 150, 180, 210 of 240)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="weight decay")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
-    augment: bool = Field(False, description="random crop+flip during training (image modalities only)")
+    augment: bool = Field(False, description="a fresh random crop (+ flip) every step (image modalities only)")
+    crop_padding: int = Field(2, ge=0, description="zero padding of the random crop, in pixels (CIFAR: 4)")
+    flip: bool = Field(False, description="random horizontal flips with augment (on for natural images, off for digits)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of this teacher's training run")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker of this teacher's training run")
+    use_gpu: bool = Field(False, description="one GPU per worker of this teacher's training run")
 
     def __post_init__(self) -> None:
         _absolute(self, "checkpoint")
@@ -141,9 +148,19 @@ class OptimConfig:
     lr: float = Field(0.05, gt=0, description="base learning rate (reference CRD: 0.05)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="weight decay")
-    schedule: Literal["step", "cosine", "constant"] = Field("step", description="learning-rate schedule, stepped per epoch")
+    schedule: Literal["step", "cosine", "constant", "onecycle"] = Field(
+        "step", description="learning-rate schedule: step, cosine, constant (stepped per epoch) or onecycle (per step)")
     decay_epochs: tuple[int, ...] = Field((150, 180, 210), description="epochs at which 'step' multiplies the lr by decay_rate")
     decay_rate: float = Field(0.1, gt=0, le=1, description="step decay factor")
+    pct_start: float = Field(0.15, gt=0, lt=1, description="onecycle: fraction of the steps spent raising the lr to its peak")
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum")
+
+
+@dataclass(config=_FROZEN)
+class AugmentConfig:
+    enabled: bool = Field(True, description="a fresh random view of every image each step (the online path; vectors are not augmented)")
+    crop_padding: int = Field(4, ge=0, description="zero padding before the random crop, in pixels (the reference CIFAR pipeline: 4)")
+    flip: bool = Field(True, description="random horizontal flips (on for natural images, off for digits)")
 
 
 @dataclass(config=_FROZEN)
@@ -165,6 +182,10 @@ class DistillConfig:
     selection: str | None = Field(None, description="path of a selection (`ensemble-kd select`, DFND): train only on its rows, with its pseudo-labels as labels")
     eval_data: DataConfig | None = Field(None, description="evaluate the student's test top-1 on this dataset's test split instead of data's (DFND: the teacher's test set)")
     adv_replay_teacher: str | None = Field(None, description="teacher whose stored PGD deltas the student replays on adversarial rows; None = the one distill teacher of the student's modality")
+    teacher_outputs: Literal["shards", "online"] = Field(
+        "shards", description="shards: precomputed teacher outputs, stored views replayed (cheapest step); online: the frozen "
+                              "teachers run in each worker on a fresh augmentation every step (feature maps available)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="the online path's fresh augmentation (ignored on the shard path, whose views are stored)")
 
     def __post_init__(self) -> None:
         _absolute(self, "selection")

@@ -111,8 +111,13 @@ class DistillData:
     def __len__(self) -> int:
         return int(self.positions.shape[0])
 
-    def batch(self, rows: torch.Tensor, device: torch.device) -> dict:
-        """Inputs of the given rows: x (B, *shape), labels (B,), index (B,), teacher emb/logits dicts."""
+    @property
+    def teacher_dims(self) -> dict[str, int]:
+        return {n: int(e.shape[1]) for n, e in self.bank.embeddings.items()}
+
+    def batch(self, rows: torch.Tensor, device: torch.device, epoch: int = 0, step: int = 0) -> dict:
+        """Inputs of the given rows: x (B, *shape), labels (B,), index (B,), teacher emb/logits dicts.
+        The views are the stored ones, the same every epoch (``epoch``/``step`` are not needed)."""
         rows = rows.long()
         b = self.ds.get_batch(self.positions[rows].numpy(), [self.modality])
         x = b["inputs"][self.modality]
@@ -127,6 +132,7 @@ class DistillData:
             "index": rows.to(device),
             "teacher_emb": {n: e[rows].float().to(device) for n, e in self.bank.embeddings.items()},
             "teacher_logits": {n: t[rows].float().to(device) for n, t in self.bank.logits.items()},
+            "teacher_feats": {},
         }
 
 

@@ -30,53 +30,76 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from torch import nn
 
 from ensemble_kd import dist
 from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ExperimentConfig, from_dict, to_dict
 from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.online_data import OnlineData
 from ensemble_kd.devices import autocast, seed_everything
-from ensemble_kd.losses import DistillInputs, LossContext, LossOutput, build_loss
+from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, build_loss
 from ensemble_kd.raycluster import quiet_train_reports
+from ensemble_kd.teacher_checkpoint import load_teacher
 from ensemble_kd.tracking import log_epoch
-from modalities import build_dataset, build_encoder
+from modalities import PairedDataset, build_dataset, build_encoder
 
 
 class DistillModule(nn.Module):
     """Everything trainable, as one module: the student and every loss term (with its heads,
     regressors and memories), keyed by loss name."""
 
-    def __init__(self, student: nn.Module, losses: dict[str, nn.Module], weights: dict[str, float]) -> None:
+    def __init__(self, student: nn.Module, losses: dict[str, nn.Module], weights: dict[str, float],
+                 feature_maps: bool = False) -> None:
         super().__init__()
         self.student = student
         self.losses = nn.ModuleDict(losses)
         self.weights = dict(weights)
+        self.feature_maps = feature_maps  # a loss reads the stage outputs: run forward_features
 
     def forward(self, batch: dict[str, Any], epoch: int = 0, step: int = 0) -> dict[str, LossOutput]:
-        emb, logits = self.student(batch["x"])  # (B, d_s), (B, C)
+        feats = None
+        if self.feature_maps:
+            feats, logits = self.student.forward_features(batch["x"])  # [stage maps ..., (B, d_s)], (B, C)
+            emb = feats[-1]
+        else:
+            emb, logits = self.student(batch["x"])  # (B, d_s), (B, C)
         x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"],
-                          epoch=epoch, step=step)
+                          epoch=epoch, step=step, student_feats=feats, teacher_feats=batch.get("teacher_feats") or {})
         return {name: loss(x) for name, loss in self.losses.items()}
 
 
-def build_module(cfg: ExperimentConfig, data: DistillData, num_classes: int, device: torch.device) -> DistillModule:
+def needs_feature_maps(cfg: ExperimentConfig) -> bool:
+    """Whether a configured loss reads the encoders' stage outputs (registry metadata ``needs``)."""
+    return any("feature_maps" in LOSSES.meta(t.name).get("needs", ()) for t in cfg.distill.losses)
+
+
+def build_module(cfg: ExperimentConfig, data: DistillData | OnlineData, num_classes: int,
+                 device: torch.device) -> DistillModule:
     d = cfg.distill
     student = build_encoder(d.student.arch, data.spec, num_classes, **d.student.arch_kwargs)
-    ctx = LossContext(student_dim=student.embed_dim, num_classes=num_classes,
-                      teacher_dims={n: int(e.shape[1]) for n, e in data.bank.embeddings.items()},
+    ctx = LossContext(student_dim=student.embed_dim, num_classes=num_classes, teacher_dims=data.teacher_dims,
                       bank=data.bank, seed=d.seed, device=device,
                       selection=data.selection.manifest if data.selection is not None else None)
     losses = {t.name: build_loss(t.name, ctx, **t.kwargs) for t in d.losses}
-    return DistillModule(student, losses, {t.name: t.weight for t in d.losses})
+    return DistillModule(student, losses, {t.name: t.weight for t in d.losses}, needs_feature_maps(cfg))
 
 
-def build_optim(cfg: ExperimentConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optim(cfg: ExperimentConfig, params, steps_per_epoch: int = 1
+                ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, bool]:
+    """The optimiser, its schedule and whether the schedule steps per optimisation step (onecycle)
+    rather than per epoch."""
     o = cfg.distill.optim
     if o.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                                     nesterov=o.nesterov)
     else:
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.schedule == "onecycle":  # per step, over the whole run (a resumed run keeps its total)
+        total = cfg.distill.epochs * steps_per_epoch
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=total, pct_start=o.pct_start), True
     # Closed-form multipliers of the epoch, computed from the current config: a run resumed with
     # more epochs follows the new schedule (a restored chained scheduler would keep the old one).
     epochs = cfg.distill.epochs
@@ -90,7 +113,7 @@ def build_optim(cfg: ExperimentConfig, params) -> tuple[torch.optim.Optimizer, t
         def factor(e: int) -> float:
             return 1.0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    return opt, sched
+    return opt, sched, False
 
 
 @torch.no_grad()
@@ -163,14 +186,16 @@ class LoopConfig:
     """What the driver hands ``train_loop_per_worker`` (as the dict of :meth:`to_dict`)."""
 
     experiment: dict[str, Any]  # the ExperimentConfig as a plain dict
-    train_shards: dict[str, str] = field(default_factory=dict)  # teacher -> train shard folder
+    train_shards: dict[str, str] = field(default_factory=dict)  # shard path: teacher -> train shard folder
+    teachers: dict[str, str] = field(default_factory=dict)  # online path: teacher -> checkpoint file
     mlflow: dict[str, str] | None = None  # {"uri", "run_id"}: rank 0 logs every epoch there
-    verbose: bool = True  # a [distill] line per epoch from rank 0
+    verbose: bool = True  # a line per epoch from rank 0
+    label: str = "distill"  # what that line starts with
     callbacks: Sequence[LoopCallback] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "train_shards": dict(self.train_shards), "mlflow": self.mlflow,
-                "verbose": self.verbose, "callbacks": list(self.callbacks)}
+        return {"experiment": self.experiment, "train_shards": dict(self.train_shards), "teachers": dict(self.teachers),
+                "mlflow": self.mlflow, "verbose": self.verbose, "label": self.label, "callbacks": list(self.callbacks)}
 
 
 @dataclass
@@ -181,16 +206,29 @@ class _Worker:
     rank: int
     world: int
     device: torch.device
-    data: DistillData
+    data: DistillData | OnlineData
     test_ds: Any
     module: DistillModule
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
+    sched_per_step: bool = False
     start: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _setup(cfg: ExperimentConfig, train_shards: dict[str, str]) -> _Worker:
+def make_data(cfg: ExperimentConfig, train_ds: PairedDataset, lc: LoopConfig, device: torch.device
+              ) -> DistillData | OnlineData:
+    """The loop's data source (``distill.teacher_outputs``): the teachers' shards, or the frozen
+    teachers loaded here and run on a fresh view every step."""
+    d = cfg.distill
+    if d.teacher_outputs == "shards":
+        return DistillData(train_ds, d.student.modality, lc.train_shards, adv_replay_teacher=d.adv_replay_teacher,
+                           selection=d.selection)
+    teachers = {n: load_teacher(lc.teachers[n], device, name=n) for n in d.teachers}
+    return OnlineData(train_ds, d.student.modality, teachers, d.augment, d.seed, cfg.amp, needs_feature_maps(cfg))
+
+
+def _setup(cfg: ExperimentConfig, lc: LoopConfig) -> _Worker:
     """Build data, module and optimiser on this rank, and restore the last checkpoint if any."""
     d = cfg.distill
     ctx = ray.train.get_context()
@@ -199,11 +237,11 @@ def _setup(cfg: ExperimentConfig, train_shards: dict[str, str]) -> _Worker:
     seed_everything(d.seed)  # same initial weights on every rank
     train_ds = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
     test_ds = eval_dataset(cfg, train_ds)  # distill.eval_data's test split, else data's
-    data = DistillData(train_ds, d.student.modality, train_shards, adv_replay_teacher=d.adv_replay_teacher,
-                       selection=d.selection)
+    data = make_data(cfg, train_ds, lc, device)
     module = build_module(cfg, data, train_ds.num_classes, device).to(device)
-    opt, sched = build_optim(cfg, [p for p in module.parameters() if p.requires_grad])
-    w = _Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, data, test_ds, module, opt, sched)
+    steps = len(epoch_rows(len(data), d.batch_size, ctx.get_world_size(), ctx.get_world_rank(), d.seed, 0))
+    opt, sched, per_step = build_optim(cfg, [p for p in module.parameters() if p.requires_grad], steps)
+    w = _Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, data, test_ds, module, opt, sched, per_step)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as cdir:
@@ -216,7 +254,7 @@ def _setup(cfg: ExperimentConfig, train_shards: dict[str, str]) -> _Worker:
         _set_rng_state(st["rng"])
         w.start, w.history = st["epoch"] + 1, st["history"]
         if w.rank == 0:
-            print(f"[distill] resumed from the checkpoint of epoch {st['epoch'] + 1}", flush=True)
+            print(f"[{lc.label}] resumed from the checkpoint of epoch {st['epoch'] + 1}", flush=True)
     return w
 
 
@@ -230,13 +268,15 @@ def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, fl
     batches = epoch_rows(len(w.data), d.batch_size, w.world, w.rank, d.seed, epoch)
     step0 = epoch * len(batches)
     for i, rows in enumerate(batches):
-        batch = w.data.batch(rows, w.device)
+        batch = w.data.batch(rows, w.device, epoch, step0 + i)
         with autocast(w.device, w.cfg.amp):
             parts = model(batch, epoch, step0 + i)
         loss = sum(w.module.weights[n] * out.loss.float() for n, out in parts.items())
         w.opt.zero_grad(set_to_none=True)
         loss.backward()
         w.opt.step()
+        if w.sched_per_step:
+            w.sched.step()
         for n, out in parts.items():
             sums[n] = sums.get(n, 0) + out.loss.detach().double()
             for k, v in out.metrics.items():
@@ -262,7 +302,7 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
     if lc.mlflow:  # per epoch, from the worker: a trial that ASHA stops keeps the epochs it ran
         log_epoch(lc.mlflow["uri"], lc.mlflow["run_id"], metrics)
     if lc.verbose:
-        print("[distill] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+        print(f"[{lc.label}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
               flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_state(Path(tmp) / STATE_FILE, w.module, w.opt, w.sched, epoch, w.history, w.cfg)
@@ -270,12 +310,45 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
         ray.train.report(reported(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = ()) -> ray.train.Result:
+    """Run the loop on Ray Train: ``distill.num_workers`` workers (DDP), ``use_gpu``, the run
+    ``name`` under ``<output_dir>/ray_results`` (a reused name resumes it), ``max_failures``
+    restarts from the last checkpoint; ``callbacks``: Ray Train user callbacks. Raises the
+    training error, if any."""
+    d = cfg.distill
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=lc.to_dict(),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=str(Path(cfg.output_dir) / "ray_results"),
+                             failure_config=FailureConfig(max_failures=d.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
+                             logging_config=LoggingConfig(log_level=cfg.ray.train_log_level)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def final_state(result: ray.train.Result) -> dict[str, Any]:
+    """The training state of a finished run's last checkpoint (module weights, history, config)."""
+    with result.checkpoint.as_directory() as cdir:
+        return torch.load(Path(cdir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def module_part(state: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:
+    """The weights of one part of the DistillModule (the student) out of a training state."""
+    return {k[len(prefix):]: v for k, v in state["module"].items() if k.startswith(prefix)}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` is a :class:`LoopConfig` as a dict."""
     lc = LoopConfig(**config)
     cfg = from_dict(lc.experiment)
     quiet_train_reports(cfg.ray.train_log_level)
-    w = _setup(cfg, lc.train_shards)
+    w = _setup(cfg, lc)
     # One wrap. Memories are kept identical by the losses' own all-gather updates, so DDP must not
     # re-broadcast buffers from rank 0 on every forward.
     model = ray.train.torch.prepare_model(w.module, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -283,9 +356,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for cb in lc.callbacks:
             cb.on_epoch_start(epoch, w.rank)
         t0 = time.perf_counter()
+        lr = w.opt.param_groups[0]["lr"]  # the lr this epoch started with
         parts, extra = _train_epoch(w, model, epoch)
-        lr = w.opt.param_groups[0]["lr"]  # the lr this epoch trained with
-        w.sched.step()
+        if not w.sched_per_step:
+            w.sched.step()
         metrics: dict[str, Any] = {**parts, "epoch": epoch + 1, "lr": lr, "epoch_seconds": time.perf_counter() - t0}
         _end_epoch(w, epoch, metrics, extra, lc)
         for cb in lc.callbacks:

@@ -47,8 +47,8 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 
 
 def train_teachers(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True, log: Log = print) -> TeacherSet:
-    """The teachers stage on the config's teachers."""
-    return teachers_stage.run(cfg.teachers, cfg.data, cfg.output_dir, cfg.device, cfg.amp, retrain, progress, log)
+    """The teachers stage on the config's teachers (Ray must be up: each teacher trains on Ray Train)."""
+    return teachers_stage.run(cfg, retrain, progress, log)
 
 
 def existing_teachers(cfg: ExperimentConfig, names: list[str] | tuple[str, ...] | None = None) -> TeacherSet:
@@ -92,22 +92,37 @@ def select(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> Se
     return select_stage.run(pool.dirs("train", names), test.dirs("test", names), cfg.select, cfg.output_dir, log)
 
 
+def distill_inputs(cfg: ExperimentConfig, teachers: TeacherSet | None = None,
+                   shards: ShardIndex | None = None) -> dict[str, dict[str, str]]:
+    """What the distill stage's data path needs of the distill teachers: their train shards (the
+    shard path; from ``shards``, else the embed stage's index) or their checkpoints (online)."""
+    names = list(cfg.distill.teachers)
+    if cfg.distill.teacher_outputs == "online":
+        ts = teachers.subset(names) if teachers is not None else existing_teachers(cfg, names)
+        return {"train_shards": {}, "teachers": {n: t.path for n, t in ts.items()}}
+    return {"train_shards": shards.dirs("train", names) if shards is not None else train_shards(cfg, teachers),
+            "teachers": {}}
+
+
 def distill(cfg: ExperimentConfig, resume: bool = False, log: Log = print) -> StudentRun:
-    """The distill stage on the shards the embed stage recorded (Ray must be up)."""
-    return distill_stage.run(cfg, train_shards(cfg), resume=resume, log=log)
+    """The distill stage on the shards the embed stage recorded, or on the teachers' checkpoints
+    (the online path) (Ray must be up)."""
+    return distill_stage.run(cfg, resume=resume, log=log, **distill_inputs(cfg))
 
 
 def sweep(cfg: ExperimentConfig, log: Log = print) -> SweepResult:
     """``ensemble-kd tune``: the distill stage as Ray Tune trials over ``tune.space`` (Ray must be up)."""
-    return tune_sweep(cfg, train_shards(cfg), log)
+    return tune_sweep(cfg, distill_inputs(cfg), log)
 
 
-def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardIndex, best: str | None,
+def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardIndex | None, best: str | None,
                   log: Log) -> tuple[str | None, list[TrialOutcome]]:
-    """Every arm x seed (and the sweep) as Ray Tune trials; without arms, the one distill run."""
-    train = shards.dirs("train", list(teachers))
+    """Every arm x seed (and the sweep) as Ray Tune trials; without arms, the one distill run.
+    ``shards``: the embed stage's (the shard path), None on the online path."""
+    inputs = {"train_shards": shards.dirs("train", list(teachers)) if shards is not None else {},
+              "teachers": {n: t.path for n, t in teachers.items()}}  # every teacher an arm may use
     if not cfg.run.arms:
-        r = distill_stage.run(cfg, train, log=log)
+        r = distill_stage.run(cfg, log=log, **inputs)
         t = Trial("distill", to_dict(cfg), tracking.RunContext(arm="distill", kind="arm"))
         return None, [TrialOutcome("", t, {"test_top1": r.final_top1}, r.epochs, "TERMINATED")]
     trials = plan_trials(cfg, best)
@@ -115,7 +130,7 @@ def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardInde
     log(f"run: {len(cfg.run.arms)} arms x {len(cfg.run.seeds)} seeds = {n_arm} distillations"
         + (f" + {len(trials) - n_arm} sweep trials on {cfg.run.sweep.arm}" if cfg.run.sweep else "")
         + f" (best single teacher: {best}), as Ray Tune trials")
-    res = run_trials(cfg, train, {"trial": tune.grid_search([t.to_dict() for t in trials])},
+    res = run_trials(cfg, inputs, {"trial": tune.grid_search([t.to_dict() for t in trials])},
                      name=f"{cfg.name}-run-{time.strftime('%Y%m%d-%H%M%S')}", num_trials=len(trials),
                      scheduler="fifo", kind="run", log=log)
     failed = [t for t in res.trials if t.status == "ERROR"]
@@ -130,13 +145,15 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
-    teachers = train_teachers(cfg, progress=progress, log=log)
-    best = best_teacher(teachers)
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
     with ray_session(cfg.ray):
-        shards = embed(cfg, teachers, progress, log)
-        log(f"{len(shards)} shards under {out / 'shards'} ({sum(r.reused for r in shards)} reused); "
-            f"inspect them with: ensemble-kd shards inspect {out / 'shards'}")
+        teachers = train_teachers(cfg, progress=progress, log=log)
+        best = best_teacher(teachers)
+        shards = None
+        if cfg.distill.teacher_outputs == "shards":  # the online path runs the teachers in its workers
+            shards = embed(cfg, teachers, progress, log)
+            log(f"{len(shards)} shards under {out / 'shards'} ({sum(r.reused for r in shards)} reused); "
+                f"inspect them with: ensemble-kd shards inspect {out / 'shards'}")
         parent, trials = _distill_arms(cfg, teachers, shards, best, log)
     summary = summarise(cfg, teachers, best, trials, uri, parent, time.perf_counter() - t0)
     path, plot = write_summary(out, summary)

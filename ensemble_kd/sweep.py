@@ -87,7 +87,7 @@ def distill_trial(config: dict[str, Any]) -> None:
     cfg = with_overrides(t.config(), {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}, "<trial>")
     ctx = t.context.replace(trial_id=trial_id, parent_run_id=config.get("parent_run_id"))
     distill.run(cfg, config["train_shards"], ctx, callbacks=[TuneReportCallback()], verbose=False,
-                log=lambda m: None)  # the driver prints a line per trial
+                log=lambda m: None, teachers=config["teachers"])  # the driver prints a line per trial
 
 
 @dataclass
@@ -177,14 +177,15 @@ def _outcomes(grid: Any) -> list[TrialOutcome]:
     return out
 
 
-def run_trials(cfg: ExperimentConfig, train_shards: Mapping[str, str], param_space: dict[str, Any], *, name: str,
+def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], param_space: dict[str, Any], *, name: str,
                num_trials: int, scheduler: str = "fifo", num_samples: int = 1, kind: str = "sweep",
                parent_tags: dict[str, str] | None = None, log: Callable[[str], None] = print) -> SweepResult:
     """Run distillation trials on Ray Tune (Ray must be initialised).
 
     ``param_space`` is Tune's: ``{"overrides": {dotted key: domain}}`` (a sweep) or ``{"trial":
-    grid_search([Trial.to_dict(), ...])}`` (the trials of ``ensemble-kd run``); ``train_shards``:
-    teacher -> train shard folder, for every teacher a trial may use; ``num_trials`` is only for
+    grid_search([Trial.to_dict(), ...])}`` (the trials of ``ensemble-kd run``); ``inputs``:
+    ``{"train_shards": teacher -> train shard folder, "teachers": teacher -> checkpoint file}`` for
+    every teacher a trial may use (what its data path needs); ``num_trials`` is only for
     the progress lines. The MLflow experiment and the parent run (``ekd.kind`` = ``kind``) are
     created here, before any trial; after the sweep, runs of trials the scheduler stopped are
     ended KILLED."""
@@ -194,7 +195,8 @@ def run_trials(cfg: ExperimentConfig, train_shards: Mapping[str, str], param_spa
     parent, uri, exp_id = None, None, None
     if cfg.tracking.enabled:
         uri, exp_id, parent = tracking.start_parent_run(cfg, name, kind, parent_tags)
-    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name, "train_shards": dict(train_shards)}
+    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name,
+             "train_shards": dict(inputs.get("train_shards") or {}), "teachers": dict(inputs.get("teachers") or {})}
     lines = _ProgressLines(num_trials * num_samples, tc.metric, tc.mode, log)
     tuner = tune.Tuner(
         tune.with_resources(distill_trial, {"CPU": tc.cpus_per_trial}),
@@ -235,9 +237,11 @@ def _record_best(res: SweepResult, cfg: ExperimentConfig) -> None:
             c.set_tag(res.parent_run_id, f"best.{k}", str(v))
 
 
-def tune_sweep(cfg: ExperimentConfig, train_shards: Mapping[str, str], log: Callable[[str], None] = print) -> SweepResult:
-    """``ensemble-kd tune``: sweep ``cfg.tune.space`` over the ``distill`` config."""
-    distill.check_inputs(cfg, train_shards)  # missing shards fail here, once, not in every trial
+def tune_sweep(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], log: Callable[[str], None] = print
+               ) -> SweepResult:
+    """``ensemble-kd tune``: sweep ``cfg.tune.space`` over the ``distill`` config (``inputs`` as
+    :func:`run_trials` takes them)."""
+    distill.check_inputs(cfg, inputs.get("train_shards") or {}, inputs.get("teachers") or {})  # once, not per trial
     space = search_space(cfg)
     name = cfg.tune.name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     grid_points = 1
@@ -246,6 +250,6 @@ def tune_sweep(cfg: ExperimentConfig, train_shards: Mapping[str, str], log: Call
     log(f"tune: {name}: {grid_points * cfg.tune.num_samples} trial(s) over {list(cfg.tune.space)}, "
         f"scheduler {cfg.tune.scheduler}, {cfg.tune.cpus_per_trial} CPU per trial driver, "
         f"{cfg.distill.num_workers} x {cfg.distill.cpus_per_worker} CPU per trial's workers")
-    return run_trials(cfg, train_shards, {"overrides": space}, name=name, num_trials=grid_points,
+    return run_trials(cfg, inputs, {"overrides": space}, name=name, num_trials=grid_points,
                       scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
                       parent_tags={"method": tracking.method_name(cfg), "teacher_set": tracking.teacher_set(cfg)}, log=log)

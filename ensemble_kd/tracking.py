@@ -83,13 +83,14 @@ class RunContext:
     method: str | None = None  # overrides the config's method tag (a sweep point keeps its arm's)
     trial_id: str | None = None  # Ray Tune's trial id
     parent_run_id: str | None = None  # the MLflow run this one is nested under
+    teacher_hashes: Mapping[str, str] = field(default_factory=dict)  # teacher -> checkpoint content hash
 
     def replace(self, **changes: Any) -> RunContext:
         return RunContext(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         return {"arm": self.arm, "kind": self.kind, "overrides": dict(self.overrides), "method": self.method,
-                "trial_id": self.trial_id, "parent_run_id": self.parent_run_id}
+                "trial_id": self.trial_id, "parent_run_id": self.parent_run_id, "teacher_hashes": dict(self.teacher_hashes)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> RunContext:
@@ -128,6 +129,7 @@ def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str
     if ctx.trial_id is not None:
         tags["tune_trial"] = ctx.trial_id
     tags.update({f"sweep.{k}": str(v) for k, v in ctx.overrides.items()})
+    tags.update({f"teacher_sha256.{n}": h for n, h in ctx.teacher_hashes.items()})  # which weights, exactly
     if ctx.parent_run_id:
         tags["mlflow.parentRunId"] = ctx.parent_run_id
     if run_name is not None:

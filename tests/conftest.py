@@ -32,8 +32,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """(config, checkpoint paths) of the tiny teachers, trained once per session."""
+def trained(ray_cluster, tmp_path_factory):
+    """(config, checkpoint paths) of the tiny teachers, trained once per session (on Ray Train)."""
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(out)
     return cfg, pipeline.train_teachers(cfg, progress=False, log=lambda m: None).paths()

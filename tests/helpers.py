@@ -63,9 +63,10 @@ def distill_cfg(out, **over) -> ExperimentConfig:
 
 
 def run_distill(cfg: ExperimentConfig, **kw):
-    """The distill stage on the train shards the embed stage recorded under cfg.output_dir."""
+    """The distill stage on the train shards the embed stage recorded under cfg.output_dir (or, on
+    the online path, on the teachers' checkpoints there)."""
     kw.setdefault("log", lambda m: None)
-    return distill_stage.run(cfg, pipeline.train_shards(cfg), **kw)
+    return distill_stage.run(cfg, **pipeline.distill_inputs(cfg), **kw)
 
 
 def teacher_set(paths: dict[str, Path]) -> TeacherSet:

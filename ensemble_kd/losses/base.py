@@ -25,7 +25,9 @@ the device; the loop averages each one over an epoch's steps and reads them once
 :class:`DistillInputs` holds one batch of B rows: the student's embedding and logits (with
 grad), the labels, each row's index in the train shards (its memory slot), the teachers'
 embeddings and logits of those rows, and the position in training (``epoch``, 0-based, and
-``step``, the global optimisation step) for losses with a schedule (DKD's warm-up).
+``step``, the global optimisation step) for losses with a schedule (DKD's warm-up), and, when a
+configured loss declares ``needs=(..., "feature_maps")`` in its registration, the student's and the
+teachers' stage outputs (the encoders' ``forward_features``; the online data path only).
 
 ``reduction``, wherever a loss has it, means one thing: how a multi-teacher loss combines its
 teachers (:data:`REDUCTIONS`).
@@ -59,6 +61,8 @@ class DistillInputs:
     teacher_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, C)
     epoch: int = 0  # 0-based epoch of this batch
     step: int = 0  # global optimisation step since the start of training (0 for the first batch)
+    student_feats: list[torch.Tensor] | None = None  # the student's stage outputs [..., (B, d_s)] (feature-map losses)
+    teacher_feats: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> stage outputs (online path)
 
 
 @dataclass
@@ -98,6 +102,9 @@ class LossContext:
         return self.bank.num_rows
 
 
+NEEDS = ("feature_maps",)
+"""What a loss may declare it reads besides logits and embeddings (registry metadata ``needs``)."""
+
 Reduction = Literal["mean_probs", "per_teacher"]
 REDUCTIONS: tuple[str, ...] = ("mean_probs", "per_teacher")
 """How a multi-teacher loss combines its teachers: ``mean_probs`` = one term against the
@@ -128,6 +135,9 @@ class LossRegistry(Registry[type[nn.Module]]):
     def register(self, name: str, **meta: Any) -> Callable[[type[nn.Module]], type[nn.Module]]:
         if not isinstance(meta.get("needs_teachers"), bool) or not meta.get("paper"):
             raise TypeError(f"loss {name!r}: register with needs_teachers=<bool> and paper=<citation>")
+        unknown = set(meta.get("needs", ())) - set(NEEDS)
+        if unknown:
+            raise TypeError(f"loss {name!r}: unknown needs {sorted(unknown)}; known: {list(NEEDS)}")
         add = super().register(name, **meta)
 
         def deco(cls: type[nn.Module]) -> type[nn.Module]:
@@ -138,7 +148,9 @@ class LossRegistry(Registry[type[nn.Module]]):
 
 
 LOSSES = LossRegistry("loss")
-"""Registered loss classes. Metadata: ``needs_teachers`` (bool), ``paper`` (citation string) and,
+"""Registered loss classes. Metadata: ``needs_teachers`` (bool), ``paper`` (citation string),
+optionally ``needs`` (what the loss reads besides logits and embeddings: ``"feature_maps"``, the
+encoders' stage outputs, which only the online data path provides) and,
 optionally, ``sweep_axes`` (the two options a sweep of this loss is plotted against, e.g. CRD's
 ``("tau", "num_negatives")``: the x axis, then one line per value)."""
 

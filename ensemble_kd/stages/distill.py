@@ -1,9 +1,11 @@
-"""The distill stage: one distillation on Ray Train, from the teachers' train shards to a student.
+"""The distill stage: one distillation on Ray Train, from the teachers to a student.
 
-Inputs: the config (the loop reads all of it), the train shard folder of every distill teacher
-(from the embed stage's :class:`~ensemble_kd.artifacts.ShardIndex`) and the
-:class:`~ensemble_kd.tracking.RunContext` the run is part of. It opens the MLflow run, starts a
-``TorchTrainer`` running :func:`~ensemble_kd.loop.train_loop_per_worker`, and on success writes the
+Inputs: the config (the loop reads all of it); for every distill teacher, its train shard folder
+(the shard path: from the embed stage's :class:`~ensemble_kd.artifacts.ShardIndex`) or its
+checkpoint file (the online path: from the teachers stage's
+:class:`~ensemble_kd.artifacts.TeacherSet`); and the :class:`~ensemble_kd.tracking.RunContext`
+the run is part of. It opens the MLflow run, runs the loop on Ray Train
+(:func:`~ensemble_kd.loop.fit`), and on success writes the
 student checkpoint and returns a :class:`~ensemble_kd.artifacts.StudentRun` (also recorded in
 ``<output_dir>/index/distill.json``, which ``--resume`` reads). A Tune trial calls this same
 function.
@@ -16,17 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-
 from ensemble_kd import tracking
 from ensemble_kd.artifacts import StudentRun, index_path, read_index, write_index
 from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict
-from ensemble_kd.loop import STATE_FILE, LoopCallback, LoopConfig, train_loop_per_worker
+from ensemble_kd.loop import LoopCallback, LoopConfig, final_state, fit, module_part
 from ensemble_kd.selection import check_selection, load_selection
 from ensemble_kd.shards import read_manifest
+from ensemble_kd.teacher_checkpoint import read_checkpoint
 
 STUDENT_FORMAT = "ensemble-kd/student"
 
@@ -43,73 +42,74 @@ def run_name(cfg: ExperimentConfig, resume: bool) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def check_inputs(cfg: ExperimentConfig, train_shards: Mapping[str, str]) -> None:
-    """Refuse missing shards of a distill teacher, and a selection made on other shards, before
-    any worker starts."""
-    missing = [n for n in cfg.distill.teachers if n not in train_shards]
+def check_inputs(cfg: ExperimentConfig, train_shards: Mapping[str, str], teachers: Mapping[str, str]) -> None:
+    """Refuse what the data path cannot start without (a distill teacher's train shard on the shard
+    path, its checkpoint on the online path; a selection made on other shards), before any worker
+    starts."""
+    online = cfg.distill.teacher_outputs == "online"
+    given = teachers if online else train_shards
+    missing = [n for n in cfg.distill.teachers if n not in given]
     if missing:
-        raise ConfigError(f"distill: no train shard given for teachers {missing}: run `ensemble-kd embed` first")
-    if cfg.distill.selection:  # DFND
+        what, hint = ("checkpoint", "ensemble-kd teachers train") if online else ("train shard", "ensemble-kd embed")
+        raise ConfigError(f"distill: no {what} given for teachers {missing}: run `{hint}` first")
+    if cfg.distill.selection and not online:  # DFND
         check_selection(load_selection(cfg.distill.selection), {n: read_manifest(p) for n, p in train_shards.items()})
 
 
-def _trainer(cfg: ExperimentConfig, name: str, loop: LoopConfig, callbacks: Sequence[Any]) -> TorchTrainer:
-    d = cfg.distill
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop.to_dict(),
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                     resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(Path(cfg.output_dir) / "ray_results"),
-                             failure_config=FailureConfig(max_failures=d.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
-                             logging_config=LoggingConfig(log_level=cfg.ray.train_log_level)),
-    )
+def teacher_hashes(shards: Mapping[str, str], checkpoints: Mapping[str, str]) -> dict[str, str]:
+    """teacher -> content hash of the weights the run learns from: the one recorded in its shard's
+    manifest (shard path) or its checkpoint's (online path; verified as it is read)."""
+    out = {n: read_manifest(d)["key"]["checkpoint_sha256"] for n, d in shards.items()}
+    out.update({n: read_checkpoint(p)["content_hash"] for n, p in checkpoints.items()})
+    return out
 
 
-def _save_student(cfg: ExperimentConfig, name: str, checkpoint) -> tuple[Path, list[dict[str, Any]]]:
+def _save_student(cfg: ExperimentConfig, name: str, st: dict[str, Any]) -> Path:
     """The student's weights out of the last training state, as students/<run>/student.pt."""
     d = cfg.distill
-    with checkpoint.as_directory() as cdir:
-        st = torch.load(Path(cdir) / STATE_FILE, map_location="cpu", weights_only=False)
-    student = {k[len("student."):]: v for k, v in st["module"].items() if k.startswith("student.")}
     spath = Path(cfg.output_dir) / "students" / name / "student.pt"
     atomic_torch_save({"format": STUDENT_FORMAT, "arch": d.student.arch, "modality": d.student.modality,
-                       "arch_kwargs": dict(d.student.arch_kwargs), "state_dict": student, "history": st["history"],
+                       "arch_kwargs": dict(d.student.arch_kwargs), "state_dict": module_part(st), "history": st["history"],
                        "config": st["config"]}, spath)
-    return spath, st["history"]
+    return spath
 
 
-def run(cfg: ExperimentConfig, train_shards: Mapping[str, str], ctx: tracking.RunContext | None = None,
+def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ctx: tracking.RunContext | None = None,
         resume: bool = False, callbacks: Sequence[Any] = (), loop_callbacks: Sequence[LoopCallback] = (),
-        verbose: bool = True, log: Callable[[str], None] = print) -> StudentRun:
+        verbose: bool = True, log: Callable[[str], None] = print,
+        teachers: Mapping[str, str] | None = None) -> StudentRun:
     """Distil the configured student on Ray Train (Ray must be initialised).
 
-    ``train_shards``: teacher -> train shard folder, for every distill teacher. With tracking on,
+    The teachers come as ``train_shards`` (teacher -> train shard folder; the shard path) or as
+    ``teachers`` (teacher -> checkpoint file; the online path), for every distill teacher, as
+    ``distill.teacher_outputs`` says. With tracking on,
     the MLflow run is opened before training (tagged from ``ctx``), rank 0 logs every epoch into
     it, and it is closed FINISHED with the artifacts (or FAILED). ``callbacks``: Ray Train user
     callbacks (a Tune trial passes ``TuneReportCallback``); ``loop_callbacks``: the loop's own
     (:class:`~ensemble_kd.loop.LoopCallback`); ``verbose``: a ``[distill]`` line per epoch."""
     d = cfg.distill
-    check_inputs(cfg, train_shards)
-    shards = {n: str(train_shards[n]) for n in d.teachers}  # exactly the distill teachers' shards
+    train_shards, teachers = dict(train_shards or {}), dict(teachers or {})
+    check_inputs(cfg, train_shards, teachers)
+    online = d.teacher_outputs == "online"
+    shards = {} if online else {n: str(train_shards[n]) for n in d.teachers}  # exactly the distill teachers'
+    ckpts = {n: str(teachers[n]) for n in d.teachers} if online else {}
     name = run_name(cfg, resume)
     write_index(cfg.output_dir, "distill", StudentRun(name).to_dict())
     log(f"distill: run {name}: student {d.student.arch} on {d.student.modality}, teachers {list(d.teachers) or 'none'}, "
         f"losses {[t.name for t in d.losses]}, {d.num_workers} worker(s)")
     mlflow_run = None
     if cfg.tracking.enabled:
+        ctx = (ctx or tracking.RunContext()).replace(teacher_hashes=teacher_hashes(shards, ckpts))
         mlflow_run = {"uri": tracking.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, ctx)}
-    loop = LoopConfig(to_dict(cfg), shards, mlflow_run, verbose, tuple(loop_callbacks))
+    loop = LoopConfig(to_dict(cfg), shards, ckpts, mlflow_run, verbose, callbacks=tuple(loop_callbacks))
     try:
-        result = _trainer(cfg, name, loop, callbacks).fit()
-        if result.error is not None:
-            raise result.error
+        result = fit(cfg, loop, name, callbacks)
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(cfg, mlflow_run["run_id"])
         raise
-    spath, hist = _save_student(cfg, name, result.checkpoint)
+    st = final_state(result)
+    spath, hist = _save_student(cfg, name, st), st["history"]
     top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
     if mlflow_run:
         tracking.finish_distill_run(cfg, mlflow_run["run_id"], top1, len(hist), spath)

@@ -1,77 +1,83 @@
 """The teachers stage: train (or reuse) every configured teacher, or take a user's checkpoint,
 and return the :class:`~ensemble_kd.artifacts.TeacherSet`.
 
-A teacher is trained once per recipe: its checkpoint records the hash of the teacher config and
-the dataset (``config_hash``), and a rerun with the same recipe reuses the file. A teacher with
-``checkpoint:`` set is loaded from that file (and verified), never trained.
+A teacher trains through the same loop as the students (:func:`ensemble_kd.loop.fit`, Ray Train:
+DDP over ``num_workers``, ``use_gpu``, AMP, per-epoch checkpoints and resume, an MLflow run with
+per-epoch metrics): a teacher-less run of the loop whose "student" is the teacher's encoder, with
+CE (label smoothing), the teacher's optimiser and schedule (onecycle by default) and, with
+``augment``, a fresh random crop every step (the loop's online data path). Teachers that need
+training train concurrently, one Ray Train run each, as far as the cluster has room; the driver
+only waits. A teacher is trained once per recipe: its checkpoint records the hash of the teacher
+config and the dataset (``config_hash``), and a rerun with the same recipe reuses the file. A
+teacher with ``checkpoint:`` set is loaded from that file (and verified), never trained.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
+from ensemble_kd import tracking
 from ensemble_kd.artifacts import TeacherRecord, TeacherSet, write_index
-from ensemble_kd.config import ConfigError, DataConfig, TeacherConfig
-from ensemble_kd.devices import autocast, resolve_device, seed_everything
-from ensemble_kd.teacher_checkpoint import (CheckpointError, evaluate, read_checkpoint, save_teacher,
-                                            teacher_config_hash)
-from ensemble_kd.views import apply_view, draw_views
-from modalities import Encoder, ModalitySpec, build_dataset, build_encoder
+from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
+from ensemble_kd.loop import LoopConfig, final_state, fit, module_part
+from ensemble_kd.teacher_checkpoint import CheckpointError, read_checkpoint, save_teacher, teacher_config_hash
+from modalities import build_dataset, build_encoder
 
-def train_teacher(t: TeacherConfig, data: DataConfig, device: torch.device, amp: bool = True,
-                  progress: bool = True) -> tuple[Encoder, dict[str, float], ModalitySpec, int]:
-    """Train one teacher on the train split; returns the model, metrics, its input spec and #classes."""
-    gen = seed_everything(t.seed)
-    train = build_dataset(data.name, "train", data.root, **data.kwargs)
-    test = build_dataset(data.name, "test", data.root, **data.kwargs)
-    spec = train.spec(t.modality)
-    model = build_encoder(t.arch, spec, train.num_classes, **t.arch_kwargs).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / t.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps_per_epoch, pct_start=0.15)
-    augment = t.augment and spec.kind == "image"
-    bar = tqdm(range(t.epochs), desc=f"teacher {t.name} ({t.arch} on {t.modality})", disable=not progress, unit="ep", leave=True)
-    t0 = time.perf_counter()
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(len(train), generator=gen).numpy()
-        total, n = 0.0, 0
-        for s in range(0, len(order), t.batch_size):
-            idx = order[s : s + t.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            b = train.get_batch(idx, [t.modality])
-            x, y = b["inputs"][t.modality].to(device), b["label"].to(device)
-            if augment:  # fresh random views each step; the same replayable parameterisation as the shards
-                v = draw_views(b["sample_id"].numpy(), 1, 2, True, False, seed=t.seed * 100003 + epoch)
-                x = apply_view(x, torch.from_numpy(v.top), torch.from_numpy(v.left), torch.from_numpy(v.flip), 2)
-            with autocast(device, amp):
-                _, logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
-        bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
-    metrics = {
-        "train_top1": evaluate(model, train, t.modality, device, amp=amp),
-        "test_top1": evaluate(model, test, t.modality, device, amp=amp),
-        "train_seconds": time.perf_counter() - t0,
+
+def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentConfig:
+    """The loop's config for training teacher ``t``: no teachers, CE only, the teacher's recipe.
+    The run name carries the recipe hash, so an interrupted training resumes (the same name) and
+    a changed recipe starts afresh."""
+    recipe = teacher_config_hash(t, cfg.data)
+    over = {
+        "distill": {
+            "teachers": [], "student": {"arch": t.arch, "modality": t.modality, "arch_kwargs": dict(t.arch_kwargs)},
+            "losses": [{"name": "ce", "kwargs": {"label_smoothing": t.label_smoothing}}],
+            "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
+            "optim": {"name": t.optimizer, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
+                      "schedule": t.schedule, "decay_epochs": list(t.decay_epochs), "nesterov": t.optimizer == "sgd"},
+            "num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "use_gpu": t.use_gpu,
+            "max_failures": cfg.distill.max_failures, "teacher_outputs": "online",
+            "augment": {"enabled": t.augment, "crop_padding": t.crop_padding, "flip": t.flip},
+            "run_name": f"teacher-{t.name}-{recipe[:12]}",
+        },
+        "run": {"arms": [], "seeds": [t.seed], "sweep": None},
+        # teachers' runs apart from the students' (compare groups an experiment's runs by teacher set)
+        "tracking.experiment": f"{tracking.experiment_name(cfg)}-teachers",
     }
-    bar.write(f"teacher {t.name}: test top-1 {metrics['test_top1']:.4f} (train {metrics['train_top1']:.4f}) in {metrics['train_seconds']:.1f}s")
-    return model, metrics, spec, train.num_classes  # type: ignore[return-value]
+    return with_overrides(cfg, over, f"<teacher {t.name}>")
+
+
+def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None]) -> None:
+    """Train teacher ``t`` on Ray Train and write its checkpoint to ``path``."""
+    tcfg = teacher_run_config(cfg, t)
+    name = tcfg.distill.run_name
+    log(f"teacher {t.name}: training {t.arch} on {t.modality} for {t.epochs} epochs on Ray Train ({name})")
+    t0 = time.perf_counter()
+    mlflow_run = None
+    if cfg.tracking.enabled:
+        ctx = tracking.RunContext(arm=f"teacher:{t.name}", kind="teacher")
+        mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
+    try:
+        st = final_state(fit(tcfg, LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}"),
+                             name))
+    except BaseException:
+        if mlflow_run:
+            tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
+        raise
+    train = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
+    spec = train.spec(t.modality)
+    model = build_encoder(t.arch, spec, train.num_classes, **t.arch_kwargs)
+    model.load_state_dict(module_part(st))
+    hist = st["history"]
+    top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
+    save_teacher(path, model, t, cfg.data, spec, train.num_classes,
+                 {"test_top1": top1, "train_seconds": time.perf_counter() - t0, "epochs": len(hist)})
+    if mlflow_run:
+        tracking.finish_distill_run(tcfg, mlflow_run["run_id"], top1, len(hist), path)
+    log(f"teacher {t.name}: test top-1 {top1:.4f} in {time.perf_counter() - t0:.1f}s")
 
 
 def checkpoint_path(t: TeacherConfig, checkpoint_dir: str | Path) -> Path:
@@ -116,24 +122,24 @@ def _reusable(t: TeacherConfig, data: DataConfig, path: Path, log: Callable[[str
     return True
 
 
-def run(teachers: Sequence[TeacherConfig], data: DataConfig, output_dir: str | Path, device: str = "auto",
-        amp: bool = True, retrain: bool = False, progress: bool = True,
+def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> TeacherSet:
-    """Train every teacher that has no up-to-date checkpoint, reuse the others, take given
-    checkpoints as they are; record the set in ``<output_dir>/index/teachers.json``."""
-    dev = resolve_device(device)
-    out: dict[str, TeacherRecord] = {}
-    for t in teachers:
-        path = checkpoint_path(t, Path(output_dir) / "teachers")
+    """Train every configured teacher that has no up-to-date checkpoint (concurrently, each on Ray
+    Train; Ray must be up), reuse the others, take given checkpoints as they are; record the set in
+    ``<output_dir>/index/teachers.json``. ``progress``: a line per teacher epoch."""
+    todo: list[tuple[TeacherConfig, Path]] = []
+    for t in cfg.teachers:
+        path = checkpoint_path(t, Path(cfg.output_dir) / "teachers")
         if t.checkpoint:
-            out[t.name] = record(t.name, path)
-            log(f"teacher {t.name}: using checkpoint {path} ({out[t.name].arch} on {out[t.name].modality}, "
-                f"test top-1 {out[t.name].test_top1})")
-            continue
-        if retrain or not _reusable(t, data, path, log):
-            model, metrics, spec, num_classes = train_teacher(t, data, dev, amp=amp, progress=progress)
-            save_teacher(path, model, t, data, spec, num_classes, metrics)
-        out[t.name] = record(t.name, path)
-    ts = TeacherSet(out)
-    write_index(output_dir, "teachers", ts.to_dict())
+            rec = record(t.name, path)
+            log(f"teacher {t.name}: using checkpoint {path} ({rec.arch} on {rec.modality}, test top-1 {rec.test_top1})")
+        elif retrain or not _reusable(t, cfg.data, path, log):
+            todo.append((t, path))
+    if todo:
+        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="teacher") as pool:
+            # one Ray Train run per teacher; Ray places them as resources allow, the threads only wait
+            for f in [pool.submit(_train_one, cfg, t, path, progress, log) for t, path in todo]:
+                f.result()
+    ts = TeacherSet({t.name: record(t.name, checkpoint_path(t, Path(cfg.output_dir) / "teachers")) for t in cfg.teachers})
+    write_index(cfg.output_dir, "teachers", ts.to_dict())
     return ts

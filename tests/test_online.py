@@ -1,0 +1,76 @@
+"""The online data path: the frozen teachers run in the worker on a fresh view every step."""
+import pytest
+import torch
+
+from ensemble_kd.config import AugmentConfig
+from ensemble_kd.loop import build_module, build_optim
+from ensemble_kd.online_data import OnlineData
+from ensemble_kd.teacher_checkpoint import load_teacher
+from modalities import build_dataset
+from tests.helpers import distill_cfg, run_distill
+
+AUG = AugmentConfig(enabled=True, crop_padding=2, flip=True)
+
+
+@pytest.fixture(scope="module")
+def online(trained):
+    _, paths = trained
+    ds = build_dataset("uci-mfeat", "train")
+    teachers = {n: load_teacher(paths[n], name=n) for n in ("pix_cnn", "kar_mlp")}
+    return ds, teachers
+
+
+def test_every_step_draws_a_fresh_view_that_the_teacher_sees(online):
+    ds, teachers = online
+    data = OnlineData(ds, "pix", teachers, AUG, seed=3)
+    rows = torch.arange(32)
+    a, b = data.batch(rows, torch.device("cpu"), 0, 0), data.batch(rows, torch.device("cpu"), 0, 1)
+    assert not torch.equal(a["x"], b["x"])  # another step, another crop
+    assert torch.equal(a["x"], data.batch(rows, torch.device("cpu"), 0, 0)["x"])  # replayable: a resumed run draws the same
+    with torch.no_grad():
+        emb, logits = teachers["pix_cnn"].model(a["x"])  # the teacher's outputs are on the student's very view
+    torch.testing.assert_close(a["teacher_logits"]["pix_cnn"], logits)
+    torch.testing.assert_close(a["teacher_emb"]["pix_cnn"], emb)
+    # a view depends on the sample, not on its batch: a rank holding other rows draws the same view for a sample
+    torch.testing.assert_close(data.batch(torch.arange(16, 48), torch.device("cpu"), 0, 0)["x"][:16], a["x"][16:])
+    # vector modalities are not augmented
+    v = data.batch(rows, torch.device("cpu"), 0, 0)
+    x_kar = ds.get_batch(rows.numpy(), ["kar"])["inputs"]["kar"]
+    with torch.no_grad():
+        torch.testing.assert_close(v["teacher_logits"]["kar_mlp"], teachers["kar_mlp"].model(x_kar)[1])
+
+
+def test_teachers_get_no_gradient_and_stay_out_of_the_optimiser(online, tmp_path):
+    ds, teachers = online
+    cfg = distill_cfg(tmp_path, **{"distill.teacher_outputs": "online",
+                                   "distill.losses": [{"name": "ce"}, {"name": "kd", "kwargs": {"temperature": 4.0}}]})
+    data = OnlineData(ds, "fou", teachers, AUG, seed=0)
+    before = {n: {k: v.clone() for k, v in t.model.state_dict().items()} for n, t in teachers.items()}
+    module = build_module(cfg, data, ds.num_classes, torch.device("cpu"))
+    opt, _, _ = build_optim(cfg, [p for p in module.parameters() if p.requires_grad])
+    teacher_params = {id(p) for t in teachers.values() for p in t.model.parameters()}
+    assert not teacher_params & {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not teacher_params & {id(p) for p in module.parameters()}  # not in the module Ray Train wraps in DDP
+    for step in range(3):
+        parts = module(data.batch(torch.arange(step * 64, step * 64 + 64), torch.device("cpu"), 0, step))
+        loss = sum(module.weights[n] * out.loss for n, out in parts.items())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, t in teachers.items():
+        assert all(not p.requires_grad and p.grad is None for p in t.model.parameters())
+        assert not t.model.training
+        for k, v in t.model.state_dict().items():
+            assert torch.equal(v, before[n][k]), (n, k)  # BN statistics included: eval mode
+
+
+def test_online_distillation_on_ray_train_two_workers(ray_cluster, trained, tmp_path):
+    cfg0, _ = trained
+    import shutil
+
+    shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
+    cfg = distill_cfg(tmp_path, **{"distill.teacher_outputs": "online", "distill.num_workers": 2, "distill.epochs": 1,
+                                   "distill.losses": [{"name": "ce"}, {"name": "kd"}]})
+    res = run_distill(cfg)
+    assert len(res.history) == 1 and res.final_top1 > 0.3  # chance is 0.1
+    assert len(res.history[0]["buffer_checksums"]) == 2
