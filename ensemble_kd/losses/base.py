@@ -25,7 +25,8 @@ the device; the loop averages each one over an epoch's steps and reads them once
 :class:`DistillInputs` holds one batch of B rows: the student's embedding and logits (with
 grad), the labels, each row's index in the train shards (its memory slot), the teachers'
 embeddings and logits of those rows, and the position in training (``epoch``, 0-based, and
-``step``, the global optimisation step) for losses with a schedule (DKD's warm-up).
+``step``, the global optimisation step) for losses with a schedule (DKD's warm-up), and
+optionally ``contrast_idx``, contrastive rows given with the batch (CRD; drawn by the loss when None).
 
 ``reduction``, wherever a loss has it, means one thing: how a multi-teacher loss combines its
 teachers (:data:`REDUCTIONS`).
@@ -59,6 +60,9 @@ class DistillInputs:
     teacher_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, C)
     epoch: int = 0  # 0-based epoch of this batch
     step: int = 0  # global optimisation step since the start of training (0 for the first batch)
+    # (B, 1+N) int64 or None: contrastive rows given with the batch (RepDistiller's contrast_idx):
+    # column 0 each anchor's positive row, the rest its N negative rows; None = the loss draws them
+    contrast_idx: torch.Tensor | None = None
 
 
 @dataclass
