@@ -8,9 +8,16 @@
   ``hard`` (nearest neighbours of the anchor's teacher embedding in other classes, found with a
   FAISS ``IndexFlatIP`` on L2-normalised embeddings).
 
-Sampling runs on CPU with a ``torch.Generator`` seeded from ``(seed, step)``: CUDA generators can
-give different streams on different GPU models, CPU ones cannot, so every worker draws the same
-negatives for the same anchors. Results are moved to the anchors' device.
+Sampling runs on CPU with generators seeded from ``(seed, step)`` (a ``torch.Generator``; NumPy's
+PCG64 for the per-anchor draws): CUDA generators can give different streams on different GPU
+models, CPU ones cannot, so every worker draws the same negatives for the same anchors. Results
+are moved to the anchors' device.
+
+Per-anchor draws are without replacement whenever N <= the anchor's eligible rows, at any size:
+one ``Generator.choice(e, N, replace=False)`` per anchor, which is a partial Fisher-Yates shuffle
+when N is a large part of e and Floyd's algorithm (a hash set of N entries) otherwise, so the
+cost is about O(e) or O(N) per anchor and no (B, M) tensor is ever built. Anchors with fewer
+eligible rows than N draw with replacement.
 """
 from __future__ import annotations
 
@@ -114,16 +121,16 @@ class NegativeSampler:
         seed: base seed; draws depend only on (seed, step, anchors).
         hard_pool: ``hard`` mode: how many nearest other-class neighbours per row to keep.
         use_gpu: put the FAISS index on GPU when faiss has GPUs (CPU otherwise).
-        cheap_limit: per-sample draws are without replacement when N <= the eligible count of
-            every anchor and B * max_eligible <= cheap_limit; otherwise with replacement.
+
+    Per-sample draws are without replacement for every anchor with N <= its eligible rows, and
+    with replacement for the others (see the module docstring).
 
     ``sample(anchor_idx (B,), step) -> (neg_idx (B, N) | (N,), valid (B, N) bool)``: ``valid``
     always excludes the anchor itself, and in ``class-aware``/``hard`` modes the anchor's class.
     """
 
     def __init__(self, teacher_emb, labels, mode: str = "class-aware", num_negatives: int = 16384,
-                 per_sample: bool = True, seed: int = 0, hard_pool: int = 512, use_gpu: bool = False,
-                 cheap_limit: int = 1 << 22) -> None:
+                 per_sample: bool = True, seed: int = 0, hard_pool: int = 512, use_gpu: bool = False) -> None:
         if mode not in SAMPLER_MODES:
             raise ValueError(f"unknown negatives mode {mode!r}; known: {', '.join(SAMPLER_MODES)}")
         if num_negatives < 1:
@@ -133,7 +140,7 @@ class NegativeSampler:
         if M < 2:
             raise ValueError(f"negative sampling needs at least 2 rows, got {M}")
         self.mode, self.num_negatives, self.per_sample = mode, int(num_negatives), bool(per_sample)
-        self.seed, self.cheap_limit = int(seed), int(cheap_limit)
+        self.seed = int(seed)
         # per-class index tables: rows sorted by class, each class a contiguous run
         self.order = torch.argsort(self.labels, stable=True)  # (M,) rows grouped by class
         self.rank_in_order = torch.empty_like(self.order)
@@ -203,16 +210,20 @@ class NegativeSampler:
             return self.num_rows - self.class_count[self.labels[anchors]]
         return self.hard_len[anchors]
 
-    def _positions(self, elig: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """(B,) eligible counts -> (B, N) positions in [0, elig_i): without replacement when cheap."""
-        B, N = elig.shape[0], self.num_negatives
-        e_max = int(elig.max())
-        if N <= int(elig.min()) and B * e_max <= self.cheap_limit:
-            keys = torch.rand(B, e_max, generator=g)  # (B, E_max)
-            keys.masked_fill_(torch.arange(e_max)[None, :] >= elig[:, None], 2.0)
-            return torch.topk(keys, N, dim=1, largest=False, sorted=False).indices  # (B, N) distinct
-        u = torch.rand(B, N, generator=g, dtype=torch.float64)  # (B, N)
-        return (u * elig[:, None]).long().clamp_max_(elig[:, None] - 1).clamp_min_(0)  # (B, N)
+    def _positions(self, elig: torch.Tensor, step: int) -> torch.Tensor:
+        """(B,) eligible counts -> (B, N) positions in [0, elig_i): distinct within a row whenever
+        N <= elig_i (uniform over the N-subsets), with replacement otherwise. Deterministic in
+        (seed, step): NumPy's PCG64 and its choice algorithms are fixed for a NumPy version."""
+        N = self.num_negatives
+        rng = np.random.Generator(np.random.PCG64(stable_seed(self.seed, int(step), "neg-rows")))
+        e = elig.numpy()  # (B,)
+        out = np.empty((e.shape[0], N), dtype=np.int64)  # (B, N)
+        few = e < N  # rows that cannot have N distinct negatives
+        if few.any():
+            out[few] = rng.integers(0, e[few][:, None], size=(int(few.sum()), N))  # with replacement
+        for i in np.flatnonzero(~few):  # per row: O(e_i) partial shuffle or O(N) Floyd, never (B, M)
+            out[i] = rng.choice(int(e[i]), N, replace=False, shuffle=False)
+        return torch.from_numpy(out)
 
     def _rows(self, anchors: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Map positions (B, N) in each anchor's eligible set to row indices (B, N)."""
@@ -243,7 +254,7 @@ class NegativeSampler:
             elig = self.eligible(anchors)  # (B,)
             if int(elig.min()) < 1:
                 raise ValueError("an anchor has no eligible negatives (its class covers every other row)")
-            neg = self._rows(anchors, self._positions(elig, g))  # (B, N)
+            neg = self._rows(anchors, self._positions(elig, step))  # (B, N)
             valid = neg != anchors[:, None] if self.mode == "uniform" else torch.ones_like(neg, dtype=torch.bool)
         else:
             if self.mode == "hard":  # the union of the anchors' hard pools

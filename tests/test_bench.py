@@ -32,3 +32,10 @@ def test_embed_throughput_runs():
     res = _bench("embed_throughput.py", "--dataset", "uci-mfeat", "--modality", "pix", "--arch", "cnn_small",
                  "--views", "1", "--repeats", "1")
     assert res["rows"] == 1500 and res["bare_rows_per_s"] > 0 and res["actor_rows_per_s_steady"] > 0
+
+
+def test_negative_sampling_runs():
+    res = _bench("negative_sampling.py", "--rows", "2000", "--classes", "10", "--negatives", "256", "--batch", "8",
+                 "--steps", "1")
+    for mode in ("class-aware", "uniform"):
+        assert res[f"{mode}_ms"] > 0 and res[f"{mode}_repeat_share"] == 0.0, mode

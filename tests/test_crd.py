@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
+from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss, loss_options
 from ensemble_kd.losses.crd import CRDLoss, crd_scores, nce_loss, nce_z
 
 EPS = 1e-7
@@ -324,3 +324,88 @@ def test_compact_counts_form_equals_expanded_shared_negatives():
     want = _nce(pos, neg_u[:, idx], M, valid=valid_u[:, idx], weights=w, z=exp_z)
     got = _nce(pos, neg_u, M, valid=valid_u, weights=w, z=exp_z, counts=counts.float())
     assert torch.allclose(got, want, rtol=1e-6)
+
+
+# -- the teacher head's gradient (teacher_head_grad) ------------------------------------------
+def _expanded_directions(loss_mod: CRDLoss, x: DistillInputs, params: dict[str, torch.Tensor], name: str = "t0"):
+    """(loss_a, loss_b) of one teacher on the first batch in float64, in the expanded (B, N) form,
+    from the heads' parameters ``params`` (float64 leaves named like ``embed_t.linear.weight``),
+    the module's memory and the sampler's draws: the formula, written out without the module."""
+    term, sampler = loss_mod.terms[name], loss_mod.samplers[name]
+    step, tau, M = int(loss_mod.step), loss_mod.tau, loss_mod.num_rows
+    bank = loss_mod.ctx_bank.embeddings[name].double()  # (M, d_t)
+
+    def head(side, v):  # Embed: Linear, then L2 normalisation
+        y = v.double() @ params[f"embed_{side}.linear.weight"].t() + params[f"embed_{side}.linear.bias"]
+        return y / y.norm(dim=-1, keepdim=True)
+
+    neg, valid = sampler.sample(x.index, step)  # (B, N) per anchor
+    pos_rows = sampler.sample_positives(x.index, step) if loss_mod.mode == "relax" else x.index  # (B,)
+    mem = term.memory.memory.double()  # (M, F)
+    s, t = head("s", x.student_emb), head("t", bank[x.index])  # (B, F)
+    out = []
+    for anchor, positive, negatives in ((s, head("t", bank[pos_rows]), head("t", bank[neg])),  # (a)
+                                        (t, mem[pos_rows], mem[neg])):  # (b)
+        pos = torch.exp((anchor * positive).sum(-1) / tau)  # (B,)
+        negs = torch.exp(torch.einsum("bf,bnf->bn", anchor, negatives) / tau)  # (B, N)
+        z = torch.cat([pos[:, None], negs], 1).detach().mean() * M
+        pn = valid.sum(1).double() / M  # (B,) N_i * Pn
+        log_d1 = torch.log((pos / z) / (pos / z + pn + EPS))
+        log_d0 = torch.where(valid, torch.log(pn[:, None] / (negs / z + pn[:, None] + EPS)), torch.zeros_like(negs))
+        out.append(-(log_d1 + log_d0.sum(1)).mean())
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("mode", ["exact", "relax"])
+def test_teacher_head_grad_option(mode):
+    """teacher_anchor (default, the reference's): the teacher head's gradient is d loss_b only;
+    both: d (loss_a + loss_b). The student head's gradient is the same either way."""
+    ctx = make_ctx(1)
+    x = make_inputs(ctx, torch.tensor([0, 3, 9, 14, 27, 41]))
+    assert loss_options("crd")["teacher_head_grad"] == "teacher_anchor"
+    grads = {}
+    for setting in ("teacher_anchor", "both"):
+        torch.manual_seed(0)  # the same heads for both settings
+        loss_mod = build_loss("crd", ctx, feat_dim=8, num_negatives=16, mode=mode, teacher_head_grad=setting)
+        params = {k: p.detach().double().requires_grad_(True) for k, p in loss_mod.terms["t0"].named_parameters()}
+        loss_a, loss_b = _expanded_directions(loss_mod, x, params)
+        want = loss_b if setting == "teacher_anchor" else loss_a + loss_b
+        want_t = torch.autograd.grad(want, params["embed_t.linear.weight"], retain_graph=True)[0]
+        want_s = torch.autograd.grad(loss_a + loss_b, params["embed_s.linear.weight"])[0]
+        loss_mod(x).loss.backward()
+        got_t, got_s = (loss_mod.terms["t0"].get_submodule(f"embed_{k}").linear.weight.grad for k in "ts")
+        torch.testing.assert_close(got_t.double(), want_t, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got_s.double(), want_s, rtol=1e-4, atol=1e-6)
+        grads[setting] = got_t
+    assert (grads["both"] - grads["teacher_anchor"]).abs().max() > 1e-3  # the option matters
+    with pytest.raises(ValueError, match="teacher_head_grad must be one of"):
+        build_loss("crd", ctx, teacher_head_grad="student")
+
+
+# -- float32 under autocast ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["crd", "gacd"])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_float32_under_bf16_autocast(name, per_sample):
+    """Under CPU bf16 autocast the scores, Z and NCE stay float32: the loss is float32 and equals
+    the loss computed without autocast; a bf16 student embedding is read as float32."""
+    ctx = make_ctx(2)
+    x = make_inputs(ctx, torch.tensor([0, 5, 9, 17, 22, 40]))
+    torch.manual_seed(0)
+    plain = build_loss(name, ctx, feat_dim=8, num_negatives=32, per_sample=per_sample)
+    torch.manual_seed(0)
+    mixed = build_loss(name, ctx, feat_dim=8, num_negatives=32, per_sample=per_sample)
+    want = plain(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixed(x)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    for k, v in want.metrics.items():
+        torch.testing.assert_close(got.metrics[k], v, rtol=1e-6, atol=1e-6)
+    # a student that ran under autocast hands a bf16 embedding: the loss is that embedding's, in float32
+    x16 = make_inputs(ctx, torch.tensor([1, 2, 3]), student_emb=torch.randn(3, ctx.student_dim).bfloat16())
+    want16 = plain(DistillInputs(x16.student_emb.float(), x16.student_logits, x16.labels, x16.index,
+                                 x16.teacher_emb, x16.teacher_logits))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got16 = mixed(x16)
+    assert got16.loss.dtype == torch.float32
+    torch.testing.assert_close(got16.loss, want16.loss, rtol=1e-6, atol=1e-6)

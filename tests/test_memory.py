@@ -37,7 +37,7 @@ def test_class_aware_per_sample_never_anchor_class(data):
     assert (labels[neg] != labels[a][:, None]).all()
     assert valid.all()
     assert ((neg >= 0) & (neg < M)).all()
-    # 50 <= 90 eligible and cheap: drawn without replacement
+    # 50 <= 90 eligible: drawn without replacement
     assert all(len(set(r.tolist())) == 50 for r in neg)
 
 
@@ -127,6 +127,47 @@ def test_n_exceeds_eligible(data):
     assert (labels[neg] != labels[a][:, None]).all()
     # the draws cover every eligible row (uniform over the 90 other-class rows)
     assert set(neg[0].tolist()) == set(torch.nonzero(labels != labels[a[0]]).flatten().tolist())
+
+
+def _max_repeats(neg: torch.Tensor, num_rows: int) -> int:
+    """Most times one row appears in one anchor's draws (B, N): 1 = no repeats within a row."""
+    key = neg + torch.arange(neg.shape[0])[:, None] * num_rows  # (B, N) unique per (anchor, row)
+    return int(torch.bincount(key.reshape(-1), minlength=neg.shape[0] * num_rows).max())
+
+
+@pytest.mark.parametrize("mode,B", [("class-aware", 64), ("uniform", 64), ("class-aware", 128)])
+def test_no_repeats_within_an_anchor_at_cifar100_scale(mode, B):
+    """M = 50,000 rows of 100 classes, N = 16,384, B = 64 (and 128, where draws used to repeat
+    14.8% of rows: B * eligible passed 4M): no row twice in one anchor's negatives, the
+    class-aware rule holds, and the draws are a function of (seed, step) only."""
+    Mc, N = 50_000, 16_384
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.arange(Mc) % 100)[torch.randperm(Mc, generator=g)]  # (M,)
+    anchors = torch.randperm(Mc, generator=g)[:B]  # (B,)
+    s = NegativeSampler(None, labels, mode=mode, num_negatives=N, per_sample=True, seed=7)
+    neg, valid = s.sample(anchors, step=3)
+    assert neg.shape == (B, N) and valid.all()
+    assert _max_repeats(neg, Mc) == 1
+    assert (neg != anchors[:, None]).all() and ((neg >= 0) & (neg < Mc)).all()
+    if mode == "class-aware":
+        assert (labels[neg] != labels[anchors][:, None]).all()
+    again, _ = NegativeSampler(None, labels, mode=mode, num_negatives=N, per_sample=True, seed=7).sample(anchors, 3)
+    assert torch.equal(neg, again)
+    assert not torch.equal(neg, s.sample(anchors, step=4)[0])
+
+
+def test_per_anchor_replacement_only_where_too_few_rows():
+    """Classes of 300 and 20 rows, N = 200: anchors of the small class have 300 eligible rows and
+    draw them without replacement; anchors of the big class have 20 and must repeat them."""
+    labels = torch.cat([torch.zeros(300, dtype=torch.int64), torch.ones(20, dtype=torch.int64)])  # (320,)
+    s = NegativeSampler(None, labels, mode="class-aware", num_negatives=200, per_sample=True, seed=0)
+    anchors = torch.tensor([3, 305, 150, 319])  # big, small, big, small class
+    neg, valid = s.sample(anchors, step=0)
+    assert valid.all() and (labels[neg] != labels[anchors][:, None]).all()
+    for i in (1, 3):
+        assert len(set(neg[i].tolist())) == 200  # 200 of the 300 big-class rows, distinct
+    for i in (0, 2):
+        assert set(neg[i].tolist()) == set(range(300, 320))  # all 20 small-class rows, repeated
 
 
 def test_relax_positives_same_class(data):

@@ -25,9 +25,10 @@ the device; the loop averages each one over an epoch's steps and reads them once
 :class:`DistillInputs` holds one batch of B rows: the student's embedding and logits (with
 grad), the labels, each row's index in the train shards (its memory slot), the teachers'
 embeddings and logits of those rows, and the position in training (``epoch``, 0-based, and
-``step``, the global optimisation step) for losses with a schedule (DKD's warm-up), and, when a
+``step``, the global optimisation step) for losses with a schedule (DKD's warm-up); when a
 configured loss declares ``needs=(..., "feature_maps")`` in its registration, the student's and the
-teachers' stage outputs (the encoders' ``forward_features``; the online data path only).
+teachers' stage outputs (the encoders' ``forward_features``; the online data path only); and
+optionally ``contrast_idx``, contrastive rows given with the batch (CRD; drawn by the loss when None).
 
 ``reduction``, wherever a loss has it, means one thing: how a multi-teacher loss combines its
 teachers (:data:`REDUCTIONS`).
@@ -63,6 +64,9 @@ class DistillInputs:
     step: int = 0  # global optimisation step since the start of training (0 for the first batch)
     student_feats: list[torch.Tensor] | None = None  # the student's stage outputs [..., (B, d_s)] (feature-map losses)
     teacher_feats: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> stage outputs (online path)
+    # (B, 1+N) int64 or None: contrastive rows given with the batch (RepDistiller's contrast_idx):
+    # column 0 each anchor's positive row, the rest its N negative rows; None = the loss draws them
+    contrast_idx: torch.Tensor | None = None
 
 
 @dataclass

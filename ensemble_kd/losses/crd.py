@@ -4,15 +4,28 @@ As in the paper and its reference code (RepDistiller ``crd/``): each side goes t
 head and L2 normalisation (``Embed``); the critic is h(t, s) = P / (P + N * Pn) with
 P = exp(t.s / tau) / Z, Pn = 1/M (M = number of train rows), Z fixed from the first batch
 (Z = mean(exp(t.s / tau)) * M over the positive and negative scores); the NCE loss is
--E[log h(pos)] - N * E[log(1 - h(neg))] (``ContrastLoss``); both directions are used.
+-E[log h(pos)] - N * E[log(1 - h(neg))] (``ContrastLoss``); both directions are used:
+(a) the student anchor against the teacher side, (b) the teacher anchor against a momentum
+memory of student features.
 
-Differences from the reference, on purpose:
-- the teacher side is EXACT: no teacher memory; the negatives' raw teacher embeddings are read
-  from the teacher bank and projected with the current teacher head (only the unique rows);
-- the student side is a :class:`~ensemble_kd.memory.MomentumMemory` kept identical on every
-  worker; Z is all-reduce-averaged over workers so every worker uses the same Z;
-- negatives come from :class:`~ensemble_kd.memory.NegativeSampler` (class-aware by default);
-- an ensemble gets one CRD term per teacher, each with its own heads, memory and Z.
+``mode`` says what the teacher side of (a) is:
+- ``reference``: as RepDistiller's ``CRDLoss``: a momentum memory of teacher features too
+  (``memory_t``, updated after the step like the student memory), read detached, so the
+  teacher head learns from (b) only; no precomputed teacher embeddings are needed (the teacher's
+  current embedding comes with the batch). Negatives given with the batch (``contrast_idx``) or
+  drawn uniformly.
+- ``exact`` (default): no teacher memory; the positive is the current teacher embedding of the
+  anchor and the negatives' raw teacher embeddings are read from the teacher bank and projected
+  with the current teacher head (only the distinct rows). ``teacher_head_grad`` says whether (a)
+  trains the teacher head (``both``) or not (``teacher_anchor``, the reference's behaviour).
+- ``relax``: as ``exact`` with another sample of the anchor's class as the positive.
+
+Everywhere: the memories are :class:`~ensemble_kd.memory.MomentumMemory` objects kept identical on
+every worker; Z is all-reduce-averaged over workers so every worker uses the same Z; drawn
+negatives come from :class:`~ensemble_kd.memory.NegativeSampler`; an ensemble gets one CRD term
+per teacher, each with its own heads, memories and Z; the heads, scores, Z and NCE run in float32
+(float64 if the inputs are float64) even under autocast. docs/methods/crd.md lists every
+difference from the reference and the test that pins the rest to it.
 
 Metrics, per teacher: ``crd/<teacher>/loss_a|loss_b`` (the two directions, unweighted) and
 ``crd/<teacher>/z_a|z_b`` (the fixed Z of each direction; -1 before the first batch).
@@ -20,17 +33,21 @@ Metrics, per teacher: ``crd/<teacher>/loss_a|loss_b`` (the two directions, unwei
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd import dist
-from ensemble_kd.losses._util import module_keys
+from ensemble_kd.losses._util import as_float, module_keys
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 from ensemble_kd.memory import MomentumMemory, NegativeSampler, stable_seed
 
 EPS = 1e-7  # as the reference ContrastLoss
+MODES = ("exact", "relax", "reference")
+TEACHER_HEAD_GRADS = ("teacher_anchor", "both")
+NEGATIVES = ("auto", "uniform", "class-aware", "hard")
 
 
 def crd_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float,
@@ -118,68 +135,109 @@ class Embed(nn.Module):
 
 
 class CRDTerm(nn.Module):
-    """One teacher's CRD term: heads, student memory, fixed Z for both directions.
+    """One teacher's CRD term: heads, memories, fixed Z for both directions.
 
-    ``z``: (2,) buffer, [Z of (a) student anchor vs teacher, Z of (b) teacher anchor vs student
-    memory]; -1 until set from the first batch.
+    ``memory``: the student-feature memory (the reference's ``memory_v1``); ``memory_t``: the
+    teacher-feature memory (``memory_v2``), ``reference`` mode only (None otherwise).
+    ``z``: (2,) buffer, [Z of (a) student anchor vs teacher side, Z of (b) teacher anchor vs
+    student memory]; -1 until set from the first batch.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, num_rows: int, feat_dim: int,
-                 momentum: float, seed: int) -> None:
+                 momentum: float, seed: int, teacher_seed: int | None = None) -> None:
         super().__init__()
         self.embed_s = Embed(student_dim, feat_dim)
         self.embed_t = Embed(teacher_dim, feat_dim)
         self.memory = MomentumMemory(num_rows, feat_dim, momentum=momentum, seed=seed)
+        self.memory_t = (None if teacher_seed is None
+                         else MomentumMemory(num_rows, feat_dim, momentum=momentum, seed=teacher_seed))
         self.register_buffer("z", torch.full((2,), -1.0))
+
+
+@dataclass
+class Draws:
+    """One batch's contrastive rows for one teacher."""
+
+    pos: torch.Tensor  # (B,) row of each anchor's positive
+    uniq: torch.Tensor  # (U,) the distinct negative rows
+    neg_index: torch.Tensor | None  # (B, N) column in `uniq` of each negative; None: shared, (B, U) scored
+    counts: torch.Tensor | None  # (U,) draws of each distinct row (shared negatives); None: per anchor
+    valid: torch.Tensor | None  # (B, N) | (B, U) bool: which negatives count; None: all
+
+
+def _check_options(mode: str, tau: float, feat_dim: int, num_negatives: int, negatives: str,
+                   teacher_head_grad: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"crd: mode must be one of {MODES}, got {mode!r}")
+    if tau <= 0:
+        raise ValueError(f"crd: tau must be > 0, got {tau}")
+    if feat_dim < 1 or int(feat_dim) != feat_dim:
+        raise ValueError(f"crd: feat_dim must be an integer >= 1, got {feat_dim}")
+    if num_negatives < 1 or int(num_negatives) != num_negatives:
+        raise ValueError(f"crd: num_negatives must be an integer >= 1, got {num_negatives}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"crd: negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if teacher_head_grad not in TEACHER_HEAD_GRADS:
+        raise ValueError(f"crd: teacher_head_grad must be one of {TEACHER_HEAD_GRADS}, got {teacher_head_grad!r}")
+    if mode == "reference" and teacher_head_grad == "both":
+        raise ValueError("crd: teacher_head_grad 'both' needs mode exact or relax: in reference mode the "
+                         "student-anchor direction reads the detached teacher memory")
 
 
 @LOSSES.register("crd", needs_teachers=True, paper="Tian et al., ICLR 2020", sweep_axes=("tau", "num_negatives"))
 class CRDLoss(nn.Module):
     """CRD over one or more teachers: sum_t w_t * (loss_a + loss_b), see the module docstring.
 
-    In training mode each call also updates every teacher's student memory at rows ``x.index``
-    (after the loss is computed, with the detached student features) and advances ``step`` (a
-    saved buffer that seeds the negative sampling; kept rather than ``x.step`` so that a restored
-    checkpoint replays the same draws and eval passes draw without advancing it). Subclasses may
-    override :meth:`anchor_weights` to weight each anchor and :meth:`weight_metrics` to log them (GACD).
+    In training mode each call also updates every teacher's memories at rows ``x.index`` (after
+    the loss is computed, with the detached projected features) and advances ``step`` (a saved
+    buffer that seeds the negative sampling; kept rather than ``x.step`` so that a restored
+    checkpoint replays the same draws and eval passes draw without advancing it). ``x.contrast_idx``
+    (B, 1+N), when given, replaces the draws: column 0 the positives, the rest the negatives, all
+    counted. Subclasses may override :meth:`anchor_weights` to weight each anchor and
+    :meth:`weight_metrics` to log them (GACD).
     """
 
     def __init__(self, ctx: LossContext, *, feat_dim: int = 128, tau: float = 0.07, num_negatives: int = 16384,
-                 momentum: float = 0.5, mode: str = "exact", negatives: str = "class-aware",
+                 momentum: float = 0.5, mode: str = "exact", negatives: str = "auto",
                  per_sample: bool = True, teacher_weights: Mapping[str, float] | None = None,
-                 hard_pool: int = 512, use_gpu_faiss: bool = False) -> None:
+                 hard_pool: int = 512, use_gpu_faiss: bool = False, teacher_head_grad: str = "teacher_anchor") -> None:
         super().__init__()
-        if mode not in ("exact", "relax"):
-            raise ValueError(f"crd: mode must be 'exact' or 'relax', got {mode!r}")
-        if tau <= 0:
-            raise ValueError(f"crd: tau must be > 0, got {tau}")
-        if feat_dim < 1 or int(feat_dim) != feat_dim:
-            raise ValueError(f"crd: feat_dim must be an integer >= 1, got {feat_dim}")
-        if num_negatives < 1 or int(num_negatives) != num_negatives:
-            raise ValueError(f"crd: num_negatives must be an integer >= 1, got {num_negatives}")
+        _check_options(mode, tau, feat_dim, num_negatives, negatives, teacher_head_grad)
+        if negatives == "auto":  # the reference draws uniformly; the paper's exact CRD, class-aware
+            negatives = "uniform" if mode == "reference" else "class-aware"
         self.ctx_bank = ctx.bank
         self.feat_dim, self.tau, self.mode = int(feat_dim), float(tau), mode
         self.num_negatives, self.num_rows = int(num_negatives), ctx.num_rows
+        self.teacher_head_grad = teacher_head_grad
         self.teachers = ctx.teachers
         self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         self._key = module_keys("crd", self.teachers)
-        missing = [n for n in self.teachers if n not in ctx.bank.embeddings]
-        if missing:
-            raise ValueError(f"CRD: teacher bank has no embeddings for {missing}; it has {ctx.bank.teachers}")
+        # exact/relax project the bank's teacher embeddings; FAISS hard negatives search them
+        self._check_bank(ctx, need=mode != "reference" or negatives == "hard")
         self.terms = nn.ModuleDict()
         self.samplers: dict[str, NegativeSampler] = {}
         for name in self.teachers:
-            emb = ctx.bank.embeddings[name]
-            if emb.shape[0] != ctx.num_rows or emb.shape[1] != ctx.teacher_dims[name]:
-                raise ValueError(f"CRD: bank embeddings of {name!r} are {tuple(emb.shape)}, expected "
-                                 f"({ctx.num_rows}, {ctx.teacher_dims[name]})")
-            self.terms[self._key[name]] = CRDTerm(ctx.student_dim, ctx.teacher_dims[name], ctx.num_rows,
-                                                  feat_dim, momentum, stable_seed(ctx.seed, "crd-memory", name))
-            self.samplers[name] = NegativeSampler(emb, ctx.bank.labels, mode=negatives, num_negatives=num_negatives,
-                                                  per_sample=per_sample, seed=stable_seed(ctx.seed, "crd-neg", name),
+            t_seed = stable_seed(ctx.seed, "crd-teacher-memory", name) if mode == "reference" else None
+            self.terms[self._key[name]] = CRDTerm(ctx.student_dim, ctx.teacher_dims[name], ctx.num_rows, feat_dim,
+                                                  momentum, stable_seed(ctx.seed, "crd-memory", name), t_seed)
+            self.samplers[name] = NegativeSampler(ctx.bank.embeddings.get(name), ctx.bank.labels, mode=negatives,
+                                                  num_negatives=num_negatives, per_sample=per_sample,
+                                                  seed=stable_seed(ctx.seed, "crd-neg", name),
                                                   hard_pool=hard_pool, use_gpu=use_gpu_faiss)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.to(ctx.device)
+
+    def _check_bank(self, ctx: LossContext, need: bool) -> None:
+        """The bank's teacher embeddings, where present (or needed), are (M, d_t) per teacher."""
+        missing = [n for n in self.teachers if n not in ctx.bank.embeddings]
+        if need and missing:
+            raise ValueError(f"CRD: teacher bank has no embeddings for {missing}; it has {ctx.bank.teachers} "
+                             "(mode 'reference' with negatives other than 'hard' needs none)")
+        for name in self.teachers:
+            emb = ctx.bank.embeddings.get(name)
+            if emb is not None and (emb.shape[0] != ctx.num_rows or emb.shape[1] != ctx.teacher_dims[name]):
+                raise ValueError(f"CRD: bank embeddings of {name!r} are {tuple(emb.shape)}, expected "
+                                 f"({ctx.num_rows}, {ctx.teacher_dims[name]})")
 
     def anchor_weights(self, name: str, x: DistillInputs) -> torch.Tensor | None:
         """Per-anchor weights (B,) for teacher ``name``'s terms; None = uniform (plain CRD)."""
@@ -195,64 +253,94 @@ class CRDLoss(nn.Module):
             z = dist.all_reduce_mean(nce_z(pos, neg, self.num_rows, counts).reshape(1))
             term.z[which] = z.to(term.z)[0]
 
-    def teacher_loss(self, name: str, x: DistillInputs) -> LossOutput:
-        """loss_a + loss_b of one teacher, with its metrics; updates its memory in training mode."""
-        term: CRDTerm = self.terms[self._key[name]]
-        sampler = self.samplers[name]
-        bank = self.ctx_bank.embeddings[name]
-        device = x.student_emb.device
-        index = x.index.to(device=device, dtype=torch.int64)  # (B,)
-        step = int(self.step)
+    def _teacher_raw(self, name: str, x: DistillInputs, index: torch.Tensor) -> torch.Tensor:
+        """(B, d_t) the teacher's embedding of the batch: from the batch, else from the bank."""
         t_raw = x.teacher_emb.get(name)
-        if t_raw is None:
-            t_raw = bank[index.cpu()]
-        t_raw = t_raw.to(device=device, dtype=x.student_emb.dtype)  # (B, d_t)
+        if t_raw is not None:
+            return t_raw
+        bank = self.ctx_bank.embeddings.get(name)
+        if bank is None:
+            raise ValueError(f"CRD: the batch has no embedding of teacher {name!r} and the teacher bank holds none")
+        return bank[index.cpu()]
 
-        s = term.embed_s(x.student_emb)  # (B, F)
-        t = term.embed_t(t_raw)  # (B, F)
-        neg_idx, valid = sampler.sample(index, step)  # (B, N) | (N,), (B, N)
-        uniq, inv = torch.unique(neg_idx, return_inverse=True)  # (U,), same shape as neg_idx
-        t_neg = term.embed_t(bank[uniq.cpu()].to(device=device, dtype=t_raw.dtype))  # (U, F) current head
-        if self.mode == "relax":
-            pos_idx = sampler.sample_positives(index, step)  # (B,) same-class rows
-            t_pos = term.embed_t(bank[pos_idx.cpu()].to(device=device, dtype=t_raw.dtype))  # (B, F)
-        else:
-            pos_idx, t_pos = index, t  # (B,), (B, F)
-        s_pos = term.memory.gather(pos_idx).to(s.dtype)  # (B, F)
-        s_neg = term.memory.gather(uniq).to(s.dtype)  # (U, F)
+    def draws(self, name: str, x: DistillInputs, index: torch.Tensor, step: int) -> Draws:
+        """The positives and negatives of teacher ``name``'s term: given (``x.contrast_idx``) or drawn."""
+        if x.contrast_idx is not None:
+            ci = x.contrast_idx.to(device=index.device, dtype=torch.int64)  # (B, 1+N)
+            if ci.shape != (index.shape[0], 1 + self.num_negatives):
+                raise ValueError(f"CRD: contrast_idx must be (B, 1+N) = ({index.shape[0]}, {1 + self.num_negatives}), "
+                                 f"got {tuple(ci.shape)}")
+            if self.mode == "exact" and not torch.equal(ci[:, 0], index):
+                raise ValueError("CRD: in mode 'exact' the positive (contrast_idx[:, 0]) must be the anchor's own row")
+            uniq, inv = torch.unique(ci[:, 1:], return_inverse=True)  # (U,), (B, N)
+            return Draws(ci[:, 0], uniq, inv, None, None)  # the reference counts every given column
+        sampler = self.samplers[name]
+        neg, valid = sampler.sample(index, step)  # (B, N) | (N,), (B, N)
+        pos = sampler.sample_positives(index, step) if self.mode == "relax" else index  # (B,)
+        uniq, inv = torch.unique(neg, return_inverse=True)  # (U,), same shape as neg
+        if neg.dim() == 2:
+            return Draws(pos, uniq, inv, None, valid)
+        # Shared negatives: N draws from M rows repeat rows (N = 16384 > M here). Score each
+        # distinct row once and weight it by its count: the same loss and Z, (B, U) work.
+        counts = torch.bincount(inv, minlength=uniq.numel())  # (U,)
+        return Draws(pos, uniq, None, counts, sampler.valid_mask(index, uniq.to(index.device)))  # valid (B, U)
 
+    def teacher_side(self, term: CRDTerm, name: str, d: Draws, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Direction (a)'s teacher side: positives (B, F) and the negatives' table (U, F)."""
+        if term.memory_t is not None:  # reference: the teacher memory, detached
+            return term.memory_t.gather(d.pos).to(t.dtype), term.memory_t.gather(d.uniq).to(t.dtype)
+        bank = self.ctx_bank.embeddings[name]
+        detach = self.teacher_head_grad == "teacher_anchor"
+        # detached: as the reference, the teacher head learns from the teacher-anchor direction
+        # only; no graph is kept for the (U, F) projections then
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+            t_neg = term.embed_t(bank[d.uniq.cpu()].to(t))  # (U, F) current head
+            t_pos = term.embed_t(bank[d.pos.cpu()].to(t)) if self.mode == "relax" else t  # (B, F)
+        return (t_pos.detach(), t_neg.detach()) if detach else (t_pos, t_neg)
+
+    def _direction(self, term: CRDTerm, which: int, anchor: torch.Tensor, pos: torch.Tensor,
+                   neg: torch.Tensor, d: Draws, w: torch.Tensor | None) -> torch.Tensor:
+        """One NCE direction: anchor (B, F) vs pos (B, F) and the negatives' table (U, F)."""
+        counts = None if d.counts is None else d.counts.to(anchor.dtype)  # (U,)
+        pos_sc, neg_sc = crd_scores(anchor, pos, neg, self.tau, neg_index=d.neg_index)  # (B,), (B, N|U)
+        self._set_z(term, which, pos_sc, neg_sc, counts)
+        z = term.z[which].clone()  # a copy: the other direction's _set_z writes into the same buffer
+        return nce_loss(pos_sc, neg_sc, self.num_rows, valid=d.valid, weights=w, z=z, counts=counts)
+
+    def teacher_loss(self, name: str, x: DistillInputs) -> LossOutput:
+        """loss_a + loss_b of one teacher, with its metrics; updates its memories in training mode."""
+        term: CRDTerm = self.terms[self._key[name]]
+        f_s = as_float(x.student_emb)  # (B, d_s) at least float32
+        index = x.index.to(device=f_s.device, dtype=torch.int64)  # (B,)
+        s = term.embed_s(f_s)  # (B, F)
+        t = term.embed_t(self._teacher_raw(name, x, index).to(f_s))  # (B, F)
+        d = self.draws(name, x, index, int(self.step))
+        t_pos, t_neg = self.teacher_side(term, name, d, t)  # (B, F), (U, F)
+        s_pos, s_neg = term.memory.gather(d.pos).to(s.dtype), term.memory.gather(d.uniq).to(s.dtype)  # (B, F), (U, F)
         w = self.anchor_weights(name, x)  # (B,) or None
-        if neg_idx.dim() == 1:
-            # Shared negatives: N draws from M rows repeat rows (N = 16384 > M here). Score each
-            # distinct row once and weight it by its count: the same loss and Z, (B, U) work.
-            neg_index, counts = None, torch.bincount(inv, minlength=uniq.numel()).to(s.dtype)  # (U,)
-            valid = sampler.valid_mask(index, uniq.to(index.device))  # (B, U)
-        else:
-            neg_index, counts = inv, None
-        # (a) student anchor vs teacher positive / negatives (exact teacher side)
-        pos_a, neg_a = crd_scores(s, t_pos, t_neg, self.tau, neg_index=neg_index)  # (B,), (B, N|U)
-        # (b) teacher anchor vs student memory positive / negatives
-        pos_b, neg_b = crd_scores(t, s_pos, s_neg, self.tau, neg_index=neg_index)  # (B,), (B, N|U)
-        self._set_z(term, 0, pos_a, neg_a, counts)
-        self._set_z(term, 1, pos_b, neg_b, counts)
-        loss_a = nce_loss(pos_a, neg_a, self.num_rows, valid=valid, weights=w, z=term.z[0], counts=counts)
-        loss_b = nce_loss(pos_b, neg_b, self.num_rows, valid=valid, weights=w, z=term.z[1], counts=counts)
+        loss_a = self._direction(term, 0, s, t_pos, t_neg, d, w)  # (a) student anchor vs teacher side
+        loss_b = self._direction(term, 1, t, s_pos, s_neg, d, w)  # (b) teacher anchor vs student memory
         if self.training:
             term.memory.update(index, s.detach())
+            if term.memory_t is not None:
+                term.memory_t.update(index, t.detach())
         metrics = {f"crd/{name}/loss_a": loss_a.detach(), f"crd/{name}/loss_b": loss_b.detach()}
         if w is not None:
             metrics.update(self.weight_metrics(name, w))
         return LossOutput(loss_a + loss_b, metrics)
 
     def forward(self, x: DistillInputs) -> LossOutput:
-        total = x.student_emb.new_zeros(())
-        metrics: dict[str, torch.Tensor] = {}
-        for name in self.teachers:
-            if self.weights[name] == 0.0:
-                continue
-            out = self.teacher_loss(name, x)
-            total = total + self.weights[name] * out.loss
-            metrics.update(out.metrics)
+        # exp(dot / tau) with tau ~ 0.07 spans e^-14..e^14 and NCE subtracts near-equal logs:
+        # bf16/fp16 would lose it, so autocast is off here and everything runs in >= float32
+        with torch.autocast(x.student_emb.device.type, enabled=False):
+            total = x.student_emb.new_zeros((), dtype=as_float(x.student_emb).dtype)
+            metrics: dict[str, torch.Tensor] = {}
+            for name in self.teachers:
+                if self.weights[name] == 0.0:
+                    continue
+                out = self.teacher_loss(name, x)
+                total = total + self.weights[name] * out.loss
+                metrics.update(out.metrics)
         for name in self.teachers:
             # clone: z is a buffer written in place (once); a metric must not change after it is returned
             z = self.terms[self._key[name]].z.detach().clone()  # (2,)

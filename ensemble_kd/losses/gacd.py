@@ -46,19 +46,22 @@ class GACDLoss(CRDLoss):
     conf_t,i * (log D1_i + sum_j log D0_ij) over anchors i (``nce_loss`` with ``weights``).
     Metrics: CRD's, plus ``gacd/<teacher>/mean_weight`` (the batch mean of conf_t,i).
     Options are CRD's (listed here so configs are checked), with the paper's defaults
-    (tau = 0.1, num_negatives = 16384, class-aware negatives), plus ``confidence_temperature``
-    (T of the softmax that gives the weights; 1 = the teacher's plain prediction).
+    (tau = 0.1, num_negatives = 16384, class-aware negatives in every ``mode``, ``reference``
+    included), plus ``confidence_temperature`` (T of the softmax that gives the weights; 1 = the
+    teacher's plain prediction). The weights multiply both directions' per-anchor terms in every
+    mode; they are computed in float32 like the rest of the loss.
     """
 
     def __init__(self, ctx: LossContext, *, feat_dim: int = 128, tau: float = 0.1, num_negatives: int = 16384,
                  momentum: float = 0.5, mode: str = "exact", negatives: str = "class-aware",
                  per_sample: bool = True, teacher_weights: Mapping[str, float] | None = None,
-                 hard_pool: int = 512, use_gpu_faiss: bool = False, confidence_temperature: float = 1.0) -> None:
+                 hard_pool: int = 512, use_gpu_faiss: bool = False, teacher_head_grad: str = "teacher_anchor",
+                 confidence_temperature: float = 1.0) -> None:
         if confidence_temperature <= 0:
             raise ValueError(f"gacd: confidence_temperature must be > 0, got {confidence_temperature}")
         super().__init__(ctx, feat_dim=feat_dim, tau=tau, num_negatives=num_negatives, momentum=momentum, mode=mode,
                          negatives=negatives, per_sample=per_sample, teacher_weights=teacher_weights,
-                         hard_pool=hard_pool, use_gpu_faiss=use_gpu_faiss)
+                         hard_pool=hard_pool, use_gpu_faiss=use_gpu_faiss, teacher_head_grad=teacher_head_grad)
         self.confidence_temperature = float(confidence_temperature)
 
     def anchor_weights(self, name: str, x: DistillInputs) -> torch.Tensor:
