@@ -1,4 +1,6 @@
 """The online data path: the frozen teachers run in the worker on a fresh view every step."""
+import shutil
+
 import pytest
 import torch
 
@@ -64,13 +66,17 @@ def test_teachers_get_no_gradient_and_stay_out_of_the_optimiser(online, tmp_path
             assert torch.equal(v, before[n][k]), (n, k)  # BN statistics included: eval mode
 
 
-def test_online_distillation_on_ray_train_two_workers(ray_cluster, trained, tmp_path):
+def test_two_workers_on_the_online_path_keep_crd_memories_identical(ray_cluster, trained, tmp_path):
+    """2 Ray Train workers (gloo), fresh views, CRD in reference mode (a teacher memory and a student
+    memory per teacher): after an epoch of steps every memory is bit-identical on both workers."""
     cfg0, _ = trained
-    import shutil
-
     shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
+    crd = {"name": "crd", "weight": 0.8, "kwargs": {"mode": "reference", "num_negatives": 128, "feat_dim": 16}}
     cfg = distill_cfg(tmp_path, **{"distill.teacher_outputs": "online", "distill.num_workers": 2, "distill.epochs": 1,
-                                   "distill.losses": [{"name": "ce"}, {"name": "kd"}]})
+                                   "distill.losses": [{"name": "ce"}, {"name": "kd"}, crd]})
     res = run_distill(cfg)
-    assert len(res.history) == 1 and res.final_top1 > 0.3  # chance is 0.1
-    assert len(res.history[0]["buffer_checksums"]) == 2
+    sums = res.history[0]["buffer_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert res.final_top1 > 0.3 and res.history[0]["loss/crd"] > 0  # chance is 0.1
+    state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["module"]
+    assert any(k.endswith("memory_t.memory") for k in state)  # the teacher side is a memory, not the shards
