@@ -20,8 +20,9 @@ class EncoderBuilder(Protocol):
 
 
 ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
-"""Registered encoders. Metadata: ``input_kinds`` (tuple of ``"image"``/``"vector"``) and
-``test_shape`` (a small per-sample input shape the registry-wide tests use)."""
+"""Registered encoders. Metadata: ``input_kinds`` (tuple of ``"image"``/``"vector"``),
+``test_shape`` (a small per-sample input shape the registry-wide tests use) and, for encoders that
+take a fixed number of image channels, ``in_channels``."""
 
 
 class Encoder(nn.Module):
@@ -65,6 +66,9 @@ def build_encoder(arch: str, spec: ModalitySpec, num_classes: int, **kwargs: Any
             f"of shape {spec.shape}; encoders for {spec.kind} inputs: "
             f"{', '.join(n for n in ENCODERS.names() if spec.kind in ENCODERS.meta(n).get('input_kinds', ()))}"
         )
+    channels = ENCODERS.meta(arch).get("in_channels")
+    if channels is not None and spec.shape[0] != channels:
+        raise ValueError(f"encoder {arch!r} takes {channels}-channel images, but modality {spec.name!r} has shape {spec.shape}")
     model = builder(spec, num_classes, **kwargs)
     if not isinstance(model, Encoder):
         raise TypeError(f"encoder builder {arch!r} returned {type(model).__name__}, not an Encoder")
