@@ -2,11 +2,15 @@
 never from each other."""
 from __future__ import annotations
 
+import math
 import shutil
 import time
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from ensemble_kd import pipeline
@@ -17,6 +21,7 @@ from ensemble_kd.plan import check_run_section
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages.teachers import record
 
+REPDISTILLER_MODELS = Path(__file__).parent / "fixtures" / "repdistiller" / "models.pt"
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 256, "per_sample": False, "feat_dim": 32}}
 
 
@@ -106,3 +111,32 @@ def spawn_processes(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+@cache
+def repdistiller_models() -> dict[str, Any]:
+    """The RepDistiller reference outputs (tests/fixtures/repdistiller/README.md); data, no code."""
+    return torch.load(REPDISTILLER_MODELS, weights_only=True)
+
+
+def repdistiller_state(arch: str) -> dict[str, torch.Tensor]:
+    """The fixture's weights for ``arch``, made by its fill rule: one generator seeded once, keys in
+    the reference order, every draw in float32."""
+    ref = repdistiller_models()
+    g = torch.Generator().manual_seed(int(ref["seed"]))
+    out = {}
+    for key, shape in ref["archs"][arch]["keys_shapes"]:
+        shape = tuple(shape)
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.zeros(shape, dtype=torch.long)
+        elif key.endswith("running_var"):
+            out[key] = 0.5 + torch.rand(shape, generator=g)
+        elif key.endswith("running_mean"):
+            out[key] = 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) >= 2:
+            out[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith(".weight"):
+            out[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[key] = 0.1 * torch.randn(shape, generator=g)
+    return out

@@ -33,7 +33,9 @@ def test_zoo_is_registered() -> None:
     want = {
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
         "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16",
-        "vgg19", "MobileNetV2", "cnn_small", "cnn_medium", "mlp", "mlp_wide",
+        "vgg19", "MobileNetV2", "cnn_small", "cnn_medium", "mlp", "mlp_wide", "torchvision/resnet18",
+        "torchvision/resnet34", "torchvision/resnet50", "torchvision/mobilenet_v2", "torchvision/mobilenet_v3_small",
+        "torchvision/efficientnet_b0",
     }  # fmt: skip
     assert want <= set(ALL)
     for name in ALL:
@@ -70,6 +72,7 @@ def test_backward_reaches_every_parameter(arch: str) -> None:
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 16, 15)], ids=["1x8x8", "3x16x15"])
 @pytest.mark.parametrize("arch", IMAGE)
 def test_image_encoders_take_small_inputs(arch: str, shape: tuple[int, int, int]) -> None:
+    shape = (ENCODERS.meta(arch).get("in_channels", shape[0]), *shape[1:])  # torchvision's: 3 channels only
     model = _build(arch, shape).train()  # train mode: BatchNorm must cope with 1x1 maps at B=2
     emb, logits = model(torch.randn(2, *shape))  # (B, C, H, W)
     assert emb.shape == (2, model.embed_dim) and logits.shape == (2, NUM_CLASSES)

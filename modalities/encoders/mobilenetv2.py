@@ -7,6 +7,9 @@ a linear classifier. The registered ``MobileNetV2`` is RepDistiller's ``mobile_h
 Module names (``conv1``, ``blocks``, ``conv2``, ``classifier.0``) follow RepDistiller.
 ``AdaptiveAvgPool2d(1)`` replaces ``AvgPool2d(input_size // 16, ceil_mode=True)`` (identical on
 32x32), so any H, W >= 1 work.
+
+``forward_features`` gives RepDistiller's ``is_feat=True`` list: the stem's output, the outputs of
+blocks 1, 2, 4 and 6, then the pooled embedding.
 """
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ from torch import nn
 
 from modalities.encoders.base import ENCODERS, Encoder
 from modalities.spec import ModalitySpec
+
+FEATURE_BLOCKS = frozenset({1, 2, 4, 6})
+"""Blocks whose outputs ``forward_features`` returns, RepDistiller's f1..f4: the last block at each
+resolution, (B, 24w, H/2, W/2), (B, 32w, H/4, W/4), (B, 96w, H/8, W/8), (B, 320w, H/16, W/16)
+for ``width_mult`` w."""
 
 
 def conv_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
@@ -100,12 +108,20 @@ class MobileNetV2(Encoder):
                 m.weight.data.normal_(0, 0.01)
                 m.bias.data.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_impl(self, x: torch.Tensor, feats: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features as RepDistiller's ``is_feat=True``: conv1 and blocks 1, 2, 4, 6 (the last block
+        at each resolution), then the embedding."""
         x = self.conv1(x)  # (B, 32w, H/2, W/2)
-        for block in self.blocks:
+        if feats is not None:
+            feats.append(x)
+        for i, block in enumerate(self.blocks):
             x = block(x)  # (B, c_i, ., .), final (B, 320w, H/16, W/16)
+            if feats is not None and i in FEATURE_BLOCKS:
+                feats.append(x)
         x = self.conv2(x)  # (B, 1280, H/16, W/16)
         emb = torch.flatten(self.avgpool(x), 1)  # (B, 1280)
+        if feats is not None:
+            feats.append(emb)
         return emb, self.classifier(emb)  # (B, embed_dim), (B, num_classes)
 
 

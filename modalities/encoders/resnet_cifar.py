@@ -7,6 +7,9 @@ strides 1, 2, 2, global average pooling and a linear classifier.
 names (``conv1``, ``bn1``, ``layer1..3``, ``fc``, ``downsample``) follow RepDistiller. The only
 change is ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(8)``, which is identical on 32x32 inputs
 and lets any H, W >= 8 through.
+
+``forward_features`` gives RepDistiller's ``is_feat=True, preact=False`` list: the stem's output,
+each stage's output, then the pooled embedding.
 """
 from __future__ import annotations
 
@@ -89,12 +92,18 @@ class ResNetCIFAR(Encoder):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_impl(self, x: torch.Tensor, feats: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features as RepDistiller's ``is_feat=True``: stem, layer1, layer2, layer3, embedding."""
         x = self.relu(self.bn1(self.conv1(x)))  # (B, f0, H, W)
-        x = self.layer1(x)  # (B, f1, H, W)
-        x = self.layer2(x)  # (B, f2, H/2, W/2)
-        x = self.layer3(x)  # (B, f3, H/4, W/4)
+        if feats is not None:
+            feats.append(x)
+        for layer in (self.layer1, self.layer2, self.layer3):
+            x = layer(x)  # (B, f1, H, W), then (B, f2, H/2, W/2), then (B, f3, H/4, W/4)
+            if feats is not None:
+                feats.append(x)
         emb = torch.flatten(self.avgpool(x), 1)  # (B, f3)
+        if feats is not None:
+            feats.append(emb)
         return emb, self.fc(emb)  # (B, embed_dim), (B, num_classes)
 
 

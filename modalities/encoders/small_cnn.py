@@ -6,6 +6,10 @@ Plain conv-BN-ReLU stacks in the style of the classic LeNet/VGG-like MNIST basel
 
 - ``cnn_small``: conv(w) - conv(2w) - pool - conv(4w); embedding 4w (default w=16 -> 64).
 - ``cnn_medium``: [conv(w) x2 - pool] - [conv(2w) x2 - pool] - conv(4w); embedding 4w (w=32 -> 128).
+
+``forward_features`` keeps, as for VGG, the last conv-BN-ReLU output at each resolution (before each
+pool, and the last one), then the embedding: ``cnn_small`` (B, 2w, H, W), (B, 4w, H/2, W/2), (B, 4w);
+``cnn_medium`` (B, w, H, W), (B, 2w, H/2, W/2), (B, 4w, H/4, W/4), (B, 4w).
 """
 from __future__ import annotations
 
@@ -48,6 +52,9 @@ class SmallCNN(Encoder):
                 layers += _conv_bn_relu(c, int(v))
                 c = int(v)
         self.features = nn.Sequential(*layers)
+        # a stage ends before each pool and at the end: the indices whose outputs forward_features keeps
+        self._stage_ends = frozenset([i - 1 for i, m in enumerate(layers) if isinstance(m, _SafePool) and i > 0]
+                                     + [len(layers) - 1])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.embed_dim = c
@@ -61,9 +68,16 @@ class SmallCNN(Encoder):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.features(x)  # (B, C, H', W')
+    def forward_impl(self, x: torch.Tensor, feats: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features: the last conv-BN-ReLU output at each resolution (before each pool, and the last
+        one), then the embedding."""
+        for i, layer in enumerate(self.features):  # what nn.Sequential.forward does, keeping stage ends
+            x = layer(x)  # (B, C_i, H_i, W_i)
+            if feats is not None and i in self._stage_ends:
+                feats.append(x)
         emb = torch.flatten(self.avgpool(x), 1)  # (B, C)
+        if feats is not None:
+            feats.append(emb)
         return emb, self.fc(self.dropout(emb))  # (B, embed_dim), (B, num_classes)
 
 

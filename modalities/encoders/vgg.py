@@ -6,6 +6,10 @@ global average pooling and one ``Linear(512, num_classes)``.
 ``vgg8`` is cfg ``S`` = [[64], [128], [256], [512], [512]]; ``vgg11/13/16/19`` are cfgs A/B/D/E.
 Module names (``block0..4``, ``classifier``) and Sequential indices follow RepDistiller. For small
 inputs a max-pool is skipped when the map is already smaller than 2 in H or W, so any H, W >= 1 work.
+
+RepDistiller drops each block's last ReLU and applies ``F.relu`` in ``forward``; here the ReLU stays
+in the block (same parameters and keys, same outputs). ``forward_features`` gives RepDistiller's
+``is_feat=True, preact=False`` list: the five blocks' outputs before pooling, then the embedding.
 """
 from __future__ import annotations
 
@@ -75,16 +79,24 @@ class VGG(Encoder):
         """2x2 max-pool, skipped when H or W is already below 2 (small inputs)."""
         return x if min(x.shape[-2:]) < 2 else self.pool(x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_impl(self, x: torch.Tensor, feats: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features as RepDistiller's ``is_feat=True, preact=False``: each block's (post-ReLU) output
+        before its max-pool, then the embedding."""
         h = x.shape[2]
-        x = self._maybe_pool(self.block0(x))  # (B, c0, H/2, W/2)
-        x = self._maybe_pool(self.block1(x))  # (B, c1, H/4, W/4)
-        x = self._maybe_pool(self.block2(x))  # (B, c2, H/8, W/8)
+        for i, block in enumerate((self.block0, self.block1, self.block2)):
+            x = block(x)  # (B, c_i, H/2^i, W/2^i)
+            if feats is not None:
+                feats.append(x)
+            x = self._maybe_pool(x)  # (B, c_i, H/2^(i+1), W/2^(i+1)); a new tensor, feats[-1] is kept
         x = self.block3(x)  # (B, c3, H/8, W/8)
+        if feats is not None:
+            feats.append(x)
         if h == 64:  # as RepDistiller: one more pool for 64x64 (Tiny-ImageNet) inputs
             x = self._maybe_pool(x)  # (B, c3, H/16, W/16)
         x = self.block4(x)  # (B, c4, h', w')
         emb = torch.flatten(self.avgpool(x), 1)  # (B, c4)
+        if feats is not None:
+            feats += [x, emb]
         return emb, self.classifier(emb)  # (B, embed_dim), (B, num_classes)
 
 

@@ -5,6 +5,9 @@ stage, widths [16, 16k, 32k, 64k], final BN-ReLU, global average pooling, linear
 Module names (``conv1``, ``block1..3.layer``, ``bn1``, ``fc``, ``convShortcut``) follow
 RepDistiller. ``AdaptiveAvgPool2d(1)`` replaces ``avg_pool2d(out, 8)`` (identical on 32x32), so any
 H, W >= 8 work.
+
+``forward_features`` gives RepDistiller's ``is_feat=True, preact=False`` list: conv1's output, each
+block group's output (before the final BN-ReLU), then the pooled embedding.
 """
 from __future__ import annotations
 
@@ -96,13 +99,20 @@ class WideResNet(Encoder):
             elif isinstance(m, nn.Linear):
                 m.bias.data.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_impl(self, x: torch.Tensor, feats: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features as RepDistiller's ``is_feat=True, preact=False``: conv1, block1, block2, block3
+        (each before the next block's BN-ReLU), embedding."""
         x = self.conv1(x)  # (B, 16, H, W)
-        x = self.block1(x)  # (B, 16k, H, W)
-        x = self.block2(x)  # (B, 32k, H/2, W/2)
-        x = self.block3(x)  # (B, 64k, H/4, W/4)
-        x = self.relu(self.bn1(x))  # (B, 64k, H/4, W/4)
+        if feats is not None:
+            feats.append(x)
+        for block in (self.block1, self.block2, self.block3):
+            x = block(x)  # (B, 16k, H, W), then (B, 32k, H/2, W/2), then (B, 64k, H/4, W/4)
+            if feats is not None:
+                feats.append(x)
+        x = self.relu(self.bn1(x))  # (B, 64k, H/4, W/4); bn1 makes a new tensor, so feats[-1] is kept
         emb = torch.flatten(self.avgpool(x), 1)  # (B, 64k)
+        if feats is not None:
+            feats.append(emb)
         return emb, self.fc(emb)  # (B, embed_dim), (B, num_classes)
 
 
