@@ -72,7 +72,7 @@ def main() -> None:
         e2e, steady = [], []
         with ray_session(cfg.ray):
             actor_cls = ray.remote(TeacherEmbedder)
-            (_, _, key, _), = plan_shards(existing(cfg.teachers, out), cfg.data, ["train"], cfg.embed)
+            (_, _, key, _), = plan_shards(existing(cfg.teachers, out, cfg.data), cfg.data, ["train"], cfg.embed)
             for r in range(args.repeats):
                 root = out / f"shards{r}"
                 t0 = time.perf_counter()

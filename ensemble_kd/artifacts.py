@@ -61,9 +61,11 @@ class TeacherRecord:
     path: str  # the checkpoint file (absolute)
     arch: str
     modality: str
-    content_hash: str  # sha256 of weights + arch + modality: goes into shard ids and MLflow
+    content_hash: str  # ensemble-kd files: sha256 of weights + arch + modality; others: of the file's bytes
     test_top1: float | None = None
     dataset: str | None = None
+    format: str = "ensemble-kd"  # ensemble-kd | repdistiller | state_dict (teacher_checkpoint.FORMATS)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # foreign files: the encoder options to build it with
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from ensemble_kd.online_data import OnlineData
 from ensemble_kd.devices import autocast, seed_everything
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, build_loss
 from ensemble_kd.raycluster import quiet_train_reports
-from ensemble_kd.teacher_checkpoint import load_teacher
+from ensemble_kd.teacher_checkpoint import load_record
 from ensemble_kd.tracking import log_epoch
 from modalities import PairedDataset, build_dataset, build_encoder
 
@@ -187,7 +187,7 @@ class LoopConfig:
 
     experiment: dict[str, Any]  # the ExperimentConfig as a plain dict
     train_shards: dict[str, str] = field(default_factory=dict)  # shard path: teacher -> train shard folder
-    teachers: dict[str, str] = field(default_factory=dict)  # online path: teacher -> checkpoint file
+    teachers: dict[str, dict] = field(default_factory=dict)  # online path: teacher -> its TeacherRecord as a dict
     mlflow: dict[str, str] | None = None  # {"uri", "run_id"}: rank 0 logs every epoch there
     verbose: bool = True  # a line per epoch from rank 0
     label: str = "distill"  # what that line starts with
@@ -224,7 +224,7 @@ def make_data(cfg: ExperimentConfig, train_ds: PairedDataset, lc: LoopConfig, de
     if d.teacher_outputs == "shards":
         return DistillData(train_ds, d.student.modality, lc.train_shards, adv_replay_teacher=d.adv_replay_teacher,
                            selection=d.selection)
-    teachers = {n: load_teacher(lc.teachers[n], device, name=n) for n in d.teachers}
+    teachers = {n: load_record(lc.teachers[n], train_ds, device) for n in d.teachers}
     return OnlineData(train_ds, d.student.modality, teachers, d.augment, d.seed, cfg.amp, needs_feature_maps(cfg))
 
 

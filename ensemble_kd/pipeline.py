@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def train_teachers(cfg: ExperimentConfig, retrain: bool = False, progress: bool 
 def existing_teachers(cfg: ExperimentConfig, names: list[str] | tuple[str, ...] | None = None) -> TeacherSet:
     """The configured teachers' checkpoints already on disk (all, or ``names``), verified."""
     wanted = [t for t in cfg.teachers if names is None or t.name in names]
-    return teachers_stage.existing(wanted, cfg.checkpoint_dir)
+    return teachers_stage.existing(wanted, cfg.checkpoint_dir, cfg.data)
 
 
 def embed(cfg: ExperimentConfig, teachers: TeacherSet, progress: bool = True, log: Log = print) -> ShardIndex:
@@ -99,7 +100,7 @@ def distill_inputs(cfg: ExperimentConfig, teachers: TeacherSet | None = None,
     names = list(cfg.distill.teachers)
     if cfg.distill.teacher_outputs == "online":
         ts = teachers.subset(names) if teachers is not None else existing_teachers(cfg, names)
-        return {"train_shards": {}, "teachers": {n: t.path for n, t in ts.items()}}
+        return {"train_shards": {}, "teachers": {n: asdict(t) for n, t in ts.items()}}
     return {"train_shards": shards.dirs("train", names) if shards is not None else train_shards(cfg, teachers),
             "teachers": {}}
 
@@ -120,7 +121,7 @@ def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardInde
     """Every arm x seed (and the sweep) as Ray Tune trials; without arms, the one distill run.
     ``shards``: the embed stage's (the shard path), None on the online path."""
     inputs = {"train_shards": shards.dirs("train", list(teachers)) if shards is not None else {},
-              "teachers": {n: t.path for n, t in teachers.items()}}  # every teacher an arm may use
+              "teachers": {n: asdict(t) for n, t in teachers.items()}}  # every teacher an arm may use
     if not cfg.run.arms:
         r = distill_stage.run(cfg, log=log, **inputs)
         t = Trial("distill", to_dict(cfg), tracking.RunContext(arm="distill", kind="arm"))

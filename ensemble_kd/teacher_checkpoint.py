@@ -28,7 +28,7 @@ import pickle
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +361,29 @@ def inspect_teacher(path: str | Path, *, arch: str | None = None, modality: str 
     return {"format": w.format, "arch": w.arch, "modality": w.modality, "content_hash": w.content_hash,
             "test_top1": w.test_top1, "reported_accuracy": w.reported_accuracy, "num_classes": w.num_classes,
             "dataset": w.dataset}
+
+
+def file_format(path: str | Path) -> str:
+    """The format of a teacher file (one of :data:`FORMATS`), from its content."""
+    path = Path(path)
+    return _detect(_read_file(path)[0], path)
+
+
+def load_record(rec: Any, ds: PairedDataset, device: torch.device | str = "cpu") -> Teacher:
+    """The frozen teacher of a teacher record (``artifacts.TeacherRecord`` or its dict): an
+    ensemble-kd checkpoint describes itself; a foreign file is built as the record's arch on
+    ``ds``'s input spec and classes. A file whose weights changed since the record was made is
+    refused (its content hash names both sides)."""
+    r = rec if isinstance(rec, Mapping) else asdict(rec)
+    if r.get("format", "ensemble-kd") == "ensemble-kd":
+        t = load_teacher(r["path"], device, name=r["name"])
+    else:
+        t = load_teacher(r["path"], device, name=r["name"], arch=r["arch"], modality=r["modality"],
+                         spec=ds.spec(r["modality"]), num_classes=ds.num_classes, arch_kwargs=r.get("arch_kwargs") or {})
+    if t.content_hash != r["content_hash"]:
+        raise CheckpointError(f"{r['path']}: the file's weights hash to {t.content_hash[:16]}, the teacher set recorded "
+                              f"{r['content_hash'][:16]}: it changed since; rerun `ensemble-kd teachers train`")
+    return t
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from ensemble_kd import pipeline
 from ensemble_kd.artifacts import ShardIndex, TeacherSet
 from ensemble_kd.checks import check_config
-from ensemble_kd.config import ExperimentConfig, from_dict
+from ensemble_kd.config import DataConfig, ExperimentConfig, TeacherConfig, from_dict
 from ensemble_kd.plan import check_run_section
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages.teachers import record
@@ -76,7 +76,7 @@ def run_distill(cfg: ExperimentConfig, **kw):
 
 def teacher_set(paths: dict[str, Path]) -> TeacherSet:
     """The TeacherSet of checkpoint files (name -> path)."""
-    return TeacherSet({n: record(n, p) for n, p in paths.items()})
+    return TeacherSet({n: record(TeacherConfig(name=n, checkpoint=str(p)), p, DataConfig()) for n, p in paths.items()})
 
 
 def embed(cfg: ExperimentConfig, paths: dict[str, Path] | None = None, log=lambda m: None) -> ShardIndex:

@@ -80,3 +80,33 @@ def test_two_workers_on_the_online_path_keep_crd_memories_identical(ray_cluster,
     assert res.final_top1 > 0.3 and res.history[0]["loss/crd"] > 0  # chance is 0.1
     state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["module"]
     assert any(k.endswith("memory_t.memory") for k in state)  # the teacher side is a memory, not the shards
+
+
+def test_a_repdistiller_format_teacher_feeds_both_paths(ray_cluster, trained, tmp_path):
+    """A teacher brought as a RepDistiller checkpoint ({'epoch', 'model', 'accuracy'}): its file hash
+    goes into the shard manifest and the MLflow tags, and it teaches on the shard and online paths."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from ensemble_kd import pipeline
+    from ensemble_kd.shards import read_manifest
+    from tests.helpers import embed
+
+    _, paths = trained
+    sd = torch.load(paths["pix_cnn"], weights_only=True)["state_dict"]
+    rep = tmp_path / "ckpt_epoch_6.pth"
+    torch.save({"epoch": 6, "model": sd, "accuracy": 91.0}, rep)
+    teachers = [{"name": "rep", "arch": "cnn_small", "arch_kwargs": {"width": 8}, "modality": "pix", "checkpoint": str(rep)}]
+    over = {"teachers": teachers, "distill.teachers": ["rep"], "distill.epochs": 1, "tracking.enabled": True,
+            "distill.losses": [{"name": "ce"}, {"name": "kd"}]}
+    ts = pipeline.existing_teachers(distill_cfg(tmp_path, **over))
+    sha = hashlib.sha256(rep.read_bytes()).hexdigest()
+    assert ts["rep"].format == "repdistiller" and ts["rep"].content_hash == sha
+    shards = embed(distill_cfg(tmp_path, **over))
+    assert read_manifest(shards.dirs("train", ["rep"])["rep"])["key"]["checkpoint_sha256"] == sha
+    for path in ("shards", "online"):
+        res = run_distill(distill_cfg(tmp_path, **over, **{"distill.teacher_outputs": path}))
+        assert res.final_top1 > 0.3
+        tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res.mlflow_run_id).data.tags
+        assert tags["teacher_sha256.rep"] == sha

@@ -25,7 +25,6 @@ from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict
 from ensemble_kd.loop import LoopCallback, LoopConfig, final_state, fit, module_part
 from ensemble_kd.selection import check_selection, load_selection
 from ensemble_kd.shards import read_manifest
-from ensemble_kd.teacher_checkpoint import read_checkpoint
 
 STUDENT_FORMAT = "ensemble-kd/student"
 
@@ -42,7 +41,7 @@ def run_name(cfg: ExperimentConfig, resume: bool) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def check_inputs(cfg: ExperimentConfig, train_shards: Mapping[str, str], teachers: Mapping[str, str]) -> None:
+def check_inputs(cfg: ExperimentConfig, train_shards: Mapping[str, str], teachers: Mapping[str, Any]) -> None:
     """Refuse what the data path cannot start without (a distill teacher's train shard on the shard
     path, its checkpoint on the online path; a selection made on other shards), before any worker
     starts."""
@@ -56,11 +55,11 @@ def check_inputs(cfg: ExperimentConfig, train_shards: Mapping[str, str], teacher
         check_selection(load_selection(cfg.distill.selection), {n: read_manifest(p) for n, p in train_shards.items()})
 
 
-def teacher_hashes(shards: Mapping[str, str], checkpoints: Mapping[str, str]) -> dict[str, str]:
+def teacher_hashes(shards: Mapping[str, str], teachers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """teacher -> content hash of the weights the run learns from: the one recorded in its shard's
-    manifest (shard path) or its checkpoint's (online path; verified as it is read)."""
+    manifest (shard path) or in its teacher record (online path; checked again when the worker loads it)."""
     out = {n: read_manifest(d)["key"]["checkpoint_sha256"] for n, d in shards.items()}
-    out.update({n: read_checkpoint(p)["content_hash"] for n, p in checkpoints.items()})
+    out.update({n: r["content_hash"] for n, r in teachers.items()})
     return out
 
 
@@ -77,11 +76,11 @@ def _save_student(cfg: ExperimentConfig, name: str, st: dict[str, Any]) -> Path:
 def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ctx: tracking.RunContext | None = None,
         resume: bool = False, callbacks: Sequence[Any] = (), loop_callbacks: Sequence[LoopCallback] = (),
         verbose: bool = True, log: Callable[[str], None] = print,
-        teachers: Mapping[str, str] | None = None) -> StudentRun:
+        teachers: Mapping[str, Mapping[str, Any]] | None = None) -> StudentRun:
     """Distil the configured student on Ray Train (Ray must be initialised).
 
     The teachers come as ``train_shards`` (teacher -> train shard folder; the shard path) or as
-    ``teachers`` (teacher -> checkpoint file; the online path), for every distill teacher, as
+    ``teachers`` (teacher -> its TeacherRecord as a dict; the online path), for every distill teacher, as
     ``distill.teacher_outputs`` says. With tracking on,
     the MLflow run is opened before training (tagged from ``ctx``), rank 0 logs every epoch into
     it, and it is closed FINISHED with the artifacts (or FAILED). ``callbacks``: Ray Train user
@@ -92,7 +91,7 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     check_inputs(cfg, train_shards, teachers)
     online = d.teacher_outputs == "online"
     shards = {} if online else {n: str(train_shards[n]) for n in d.teachers}  # exactly the distill teachers'
-    ckpts = {n: str(teachers[n]) for n in d.teachers} if online else {}
+    ckpts = {n: dict(teachers[n]) for n in d.teachers} if online else {}
     name = run_name(cfg, resume)
     write_index(cfg.output_dir, "distill", StudentRun(name).to_dict())
     log(f"distill: run {name}: student {d.student.arch} on {d.student.modality}, teachers {list(d.teachers) or 'none'}, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from ensemble_kd.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, T
 from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.devices import autocast, resolve_device
 from ensemble_kd.shards import Shard, ShardKey, ShardWriter, check_manifest
-from ensemble_kd.teacher_checkpoint import Teacher, load_teacher
+from ensemble_kd.teacher_checkpoint import Teacher, load_record
 from ensemble_kd.views import apply_view, draw_views, num_adv_views, view_recipe
 from modalities import PairedDataset, build_dataset
 
@@ -124,11 +125,12 @@ def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, 
 class TeacherEmbedder:
     """Ray actor body: one frozen teacher, writes its shards for each requested split."""
 
-    def __init__(self, checkpoint: str, name: str, data: dict[str, Any], device: str, amp: bool, num_threads: int) -> None:
+    def __init__(self, teacher: dict[str, Any], data: dict[str, Any], device: str, amp: bool, num_threads: int) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.device = resolve_device(device)
-        self.teacher = load_teacher(checkpoint, self.device, name=name)
         self.data = DataConfig(**data)
+        ds = build_dataset(self.data.name, "train", self.data.root, **self.data.kwargs)  # the input spec and classes
+        self.teacher = load_record(teacher, ds, self.device)
         self.amp = amp
 
     def embed(self, split: str, key: dict[str, Any], root: str, ecfg: dict[str, Any]):
@@ -218,7 +220,7 @@ class _EmbedActors:
         for i, (name, jobs) in enumerate(todo.items()):
             self.actors[name] = actor_cls.options(num_cpus=self.ecfg.cpus_per_actor,
                                                   num_gpus=self.ecfg.gpus_per_actor).remote(
-                self.teachers[name].path, name, to_dict(self.data), self.device, self.amp, threads)
+                asdict(self.teachers[name]), to_dict(self.data), self.device, self.amp, threads)
             bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row", position=i,
                               disable=not self.progress, leave=True)
         self.pending = {name: list(jobs) for name, jobs in todo.items()}

@@ -22,7 +22,8 @@ from ensemble_kd import tracking
 from ensemble_kd.artifacts import TeacherRecord, TeacherSet, write_index
 from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
 from ensemble_kd.loop import LoopConfig, final_state, fit, module_part
-from ensemble_kd.teacher_checkpoint import CheckpointError, read_checkpoint, save_teacher, teacher_config_hash
+from ensemble_kd.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
+                                            teacher_config_hash)
 from modalities import build_dataset, build_encoder
 
 
@@ -85,15 +86,23 @@ def checkpoint_path(t: TeacherConfig, checkpoint_dir: str | Path) -> Path:
     return Path(t.checkpoint) if t.checkpoint else Path(checkpoint_dir) / f"{t.name}.pt"
 
 
-def record(name: str, path: str | Path) -> TeacherRecord:
-    """A teacher record read from (and verified against) its checkpoint file."""
-    ck = read_checkpoint(path)
-    return TeacherRecord(name=name, path=str(path), arch=ck["arch"], modality=ck["modality"],
-                         content_hash=ck["content_hash"], test_top1=ck.get("test_top1"),
-                         dataset=(ck.get("dataset") or {}).get("name"))
+def record(t: TeacherConfig, path: str | Path, data: DataConfig) -> TeacherRecord:
+    """The record of teacher ``t``'s file, verified: an ensemble-kd checkpoint describes itself; a
+    RepDistiller checkpoint or a plain state_dict is checked (keys and shapes) against the entry's
+    arch on the dataset's input and classes, and hashed by its bytes."""
+    if file_format(path) == "ensemble-kd":
+        info, kwargs = inspect_teacher(path), {}
+    else:
+        ds = build_dataset(data.name, "train", data.root, **data.kwargs)
+        kwargs = dict(t.arch_kwargs)
+        info = inspect_teacher(path, arch=t.arch, modality=t.modality, spec=ds.spec(t.modality),
+                               num_classes=ds.num_classes, arch_kwargs=kwargs)
+    return TeacherRecord(name=t.name, path=str(path), arch=info["arch"], modality=info["modality"],
+                         content_hash=info["content_hash"], test_top1=info["test_top1"], dataset=info.get("dataset"),
+                         format=info["format"], arch_kwargs=kwargs)
 
 
-def existing(teachers: Sequence[TeacherConfig], checkpoint_dir: str | Path) -> TeacherSet:
+def existing(teachers: Sequence[TeacherConfig], checkpoint_dir: str | Path, data: DataConfig) -> TeacherSet:
     """The teacher set of checkpoints already on disk, verified, refusing a missing one before any
     Ray work starts (what `embed`, `select` and `distill` use: they never train)."""
     out = {}
@@ -102,7 +111,7 @@ def existing(teachers: Sequence[TeacherConfig], checkpoint_dir: str | Path) -> T
         if not p.exists():
             raise ConfigError(f"teacher {t.name!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first "
                               "(or set the teacher's checkpoint)")
-        out[t.name] = record(t.name, p)
+        out[t.name] = record(t, p, data)
     return TeacherSet(out)
 
 
@@ -131,8 +140,9 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
     for t in cfg.teachers:
         path = checkpoint_path(t, Path(cfg.output_dir) / "teachers")
         if t.checkpoint:
-            rec = record(t.name, path)
-            log(f"teacher {t.name}: using checkpoint {path} ({rec.arch} on {rec.modality}, test top-1 {rec.test_top1})")
+            rec = record(t, path, cfg.data)
+            log(f"teacher {t.name}: using checkpoint {path} ({rec.format}: {rec.arch} on {rec.modality}, "
+                f"test top-1 {rec.test_top1})")
         elif retrain or not _reusable(t, cfg.data, path, log):
             todo.append((t, path))
     if todo:
@@ -140,6 +150,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
             # one Ray Train run per teacher; Ray places them as resources allow, the threads only wait
             for f in [pool.submit(_train_one, cfg, t, path, progress, log) for t, path in todo]:
                 f.result()
-    ts = TeacherSet({t.name: record(t.name, checkpoint_path(t, Path(cfg.output_dir) / "teachers")) for t in cfg.teachers})
+    ts = TeacherSet({t.name: record(t, checkpoint_path(t, Path(cfg.output_dir) / "teachers"), cfg.data)
+                     for t in cfg.teachers})
     write_index(cfg.output_dir, "teachers", ts.to_dict())
     return ts
