@@ -15,6 +15,7 @@ passed in the train loop config; the tests use it to inject faults.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -192,10 +193,12 @@ class LoopConfig:
     verbose: bool = True  # a line per epoch from rank 0
     label: str = "distill"  # what that line starts with
     callbacks: Sequence[LoopCallback] = ()
+    state_dir: str | None = None  # local mode: where the loop keeps its own latest state (Ray Train keeps none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "train_shards": dict(self.train_shards), "teachers": dict(self.teachers),
-                "mlflow": self.mlflow, "verbose": self.verbose, "label": self.label, "callbacks": list(self.callbacks)}
+                "mlflow": self.mlflow, "verbose": self.verbose, "label": self.label, "callbacks": list(self.callbacks),
+                "state_dir": self.state_dir}
 
 
 @dataclass
@@ -242,10 +245,8 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig) -> _Worker:
     steps = len(epoch_rows(len(data), d.batch_size, ctx.get_world_size(), ctx.get_world_rank(), d.seed, 0))
     opt, sched, per_step = build_optim(cfg, [p for p in module.parameters() if p.requires_grad], steps)
     w = _Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, data, test_ds, module, opt, sched, per_step)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as cdir:
-            st = torch.load(Path(cdir) / STATE_FILE, map_location=device, weights_only=False)
+    st = _saved_state(lc, device)
+    if st is not None:
         module.load_state_dict(st["module"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -256,6 +257,19 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig) -> _Worker:
         if w.rank == 0:
             print(f"[{lc.label}] resumed from the checkpoint of epoch {st['epoch'] + 1}", flush=True)
     return w
+
+
+def _saved_state(lc: LoopConfig, device: torch.device) -> dict[str, Any] | None:
+    """The state to continue from: Ray Train's last checkpoint (a restarted worker group, a resumed
+    run), else, in local mode, the loop's own copy in ``state_dir``; None for a fresh start."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as cdir:
+            return torch.load(Path(cdir) / STATE_FILE, map_location=device, weights_only=False)
+    own = Path(lc.state_dir) / STATE_FILE if lc.state_dir else None
+    if own is not None and own.is_file():
+        return torch.load(own, map_location=device, weights_only=False)
+    return None
 
 
 def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -304,22 +318,36 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
     if lc.verbose:
         print(f"[{lc.label}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
               flush=True)
+    if lc.state_dir:  # local mode: Ray Train persists nothing, so the loop keeps the state itself
+        save_state(Path(lc.state_dir) / STATE_FILE, w.module, w.opt, w.sched, epoch, w.history, w.cfg)
+        ray.train.report(reported(metrics))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         save_state(Path(tmp) / STATE_FILE, w.module, w.opt, w.sched, epoch, w.history, w.cfg)
         (Path(tmp) / "history.json").write_text(json.dumps(w.history))
         ray.train.report(reported(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = ()) -> ray.train.Result:
+def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (),
+        local: bool = False) -> ray.train.Result:
     """Run the loop on Ray Train: ``distill.num_workers`` workers (DDP), ``use_gpu``, the run
     ``name`` under ``<output_dir>/ray_results`` (a reused name resumes it), ``max_failures``
     restarts from the last checkpoint; ``callbacks``: Ray Train user callbacks. Raises the
-    training error, if any."""
+    training error, if any.
+
+    ``local``: Ray Train's local mode, for a single worker that is already a Ray process of the
+    right resources (a Ray task): the loop runs in this process, with no controller or worker group
+    to start; its state is kept in ``ray_results/<name>/`` by the loop itself (an interrupted run
+    resumes from it); no worker restarts, no Ray Train callbacks."""
     d = cfg.distill
+    if local:
+        if d.num_workers != 1:
+            raise ValueError(f"local mode runs one worker, distill.num_workers is {d.num_workers}")
+        lc = dataclasses.replace(lc, state_dir=str(Path(cfg.output_dir) / "ray_results" / name))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=lc.to_dict(),
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+        scaling_config=ScalingConfig(num_workers=0 if local else d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(Path(cfg.output_dir) / "ray_results"),
                              failure_config=FailureConfig(max_failures=d.max_failures),
@@ -332,8 +360,11 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
     return result
 
 
-def final_state(result: ray.train.Result) -> dict[str, Any]:
-    """The training state of a finished run's last checkpoint (module weights, history, config)."""
+def final_state(result: ray.train.Result, cfg: ExperimentConfig | None = None, name: str | None = None) -> dict[str, Any]:
+    """The training state of a finished run's last checkpoint (module weights, history, config); a
+    local-mode run (no Ray Train checkpoint) keeps it under ``ray_results/<name>/``."""
+    if result.checkpoint is None and cfg is not None and name is not None:
+        return torch.load(Path(cfg.output_dir) / "ray_results" / name / STATE_FILE, map_location="cpu", weights_only=False)
     with result.checkpoint.as_directory() as cdir:
         return torch.load(Path(cdir) / STATE_FILE, map_location="cpu", weights_only=False)
 

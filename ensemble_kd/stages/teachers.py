@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
+
 from ensemble_kd import tracking
 from ensemble_kd.artifacts import TeacherRecord, TeacherSet, write_index
 from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
@@ -51,8 +53,10 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
     return with_overrides(cfg, over, f"<teacher {t.name}>")
 
 
-def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None]) -> None:
-    """Train teacher ``t`` on Ray Train and write its checkpoint to ``path``."""
+def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None],
+               local: bool = False) -> None:
+    """Train teacher ``t`` on Ray Train and write its checkpoint to ``path`` (``local``: in this
+    process, Ray Train's local mode; the caller is a Ray task holding the worker's resources)."""
     tcfg = teacher_run_config(cfg, t)
     name = tcfg.distill.run_name
     log(f"teacher {t.name}: training {t.arch} on {t.modality} for {t.epochs} epochs on Ray Train ({name})")
@@ -62,8 +66,8 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
         ctx = tracking.RunContext(arm=f"teacher:{t.name}", kind="teacher")
         mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
     try:
-        st = final_state(fit(tcfg, LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}"),
-                             name))
+        lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}")
+        st = final_state(fit(tcfg, lc, name, local=local), tcfg, name)
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
@@ -131,6 +135,28 @@ def _reusable(t: TeacherConfig, data: DataConfig, path: Path, log: Callable[[str
     return True
 
 
+def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], verbose: bool,
+               log: Callable[[str], None]) -> None:
+    """Train the teachers concurrently, as far as the cluster has room: a single-worker teacher in
+    a Ray task of its worker's resources, running the loop in Ray Train's local mode (no controller
+    and worker group to start: on a small machine that start-up costs more than a small teacher's
+    training); a multi-worker teacher as a Ray Train run (DDP) from a driver thread that only waits."""
+    if cfg.tracking.enabled:  # the store and the experiment once, here: concurrent first writers race
+        tracking.ensure_experiment(tracking.tracking_uri(cfg), f"{tracking.experiment_name(cfg)}-teachers",
+                                   Path(cfg.output_dir) / "mlartifacts")
+    task = ray.remote(_train_one)
+    refs = [task.options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, max_retries=0)
+            .remote(cfg, t, path, verbose, print, True) for t, path in todo if t.num_workers == 1]
+    group = [(t, path) for t, path in todo if t.num_workers > 1]
+    with ThreadPoolExecutor(max_workers=max(1, len(group)), thread_name_prefix="teacher") as pool:
+        futures = [pool.submit(_train_one, cfg, t, path, verbose, log) for t, path in group]
+        ray.get(refs)
+        for f in futures:
+            f.result()
+    for t, path in todo:
+        log(f"teacher {t.name}: test top-1 {read_checkpoint(path).get('test_top1'):.4f} ({path})")
+
+
 def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> TeacherSet:
     """Train every configured teacher that has no up-to-date checkpoint (concurrently, each on Ray
@@ -146,10 +172,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
         elif retrain or not _reusable(t, cfg.data, path, log):
             todo.append((t, path))
     if todo:
-        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="teacher") as pool:
-            # one Ray Train run per teacher; Ray places them as resources allow, the threads only wait
-            for f in [pool.submit(_train_one, cfg, t, path, progress, log) for t, path in todo]:
-                f.result()
+        _train_all(cfg, todo, progress, log)
     ts = TeacherSet({t.name: record(t, checkpoint_path(t, Path(cfg.output_dir) / "teachers"), cfg.data)
                      for t in cfg.teachers})
     write_index(cfg.output_dir, "teachers", ts.to_dict())
