@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,12 @@ def main() -> None:
         e2e, steady = [], []
         with ray_session(cfg.ray):
             actor_cls = ray.remote(TeacherEmbedder)
-            (_, _, key, _), = plan_shards(existing(cfg.teachers, out, cfg.data), cfg.data, ["train"], cfg.embed)
+            teachers = existing(cfg.teachers, out, cfg.data)
+            (_, _, key, _), = plan_shards(teachers, cfg.data, ["train"], cfg.embed)
             for r in range(args.repeats):
                 root = out / f"shards{r}"
                 t0 = time.perf_counter()
-                a = actor_cls.options(num_cpus=1).remote(str(ck), "t", to_dict(cfg.data), "cpu", False, 1)
+                a = actor_cls.options(num_cpus=1).remote(asdict(teachers["t"]), to_dict(cfg.data), "cpu", False, 1)
                 first = None
                 first_rows = 0
                 for ref in a.embed.remote("train", key.to_dict(), str(root), to_dict(cfg.embed)):

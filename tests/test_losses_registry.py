@@ -26,6 +26,7 @@ from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill, sp
 
 ROOT = Path(__file__).resolve().parents[1]
 M, C, D_IN, D_S, B = 48, 5, 7, 8, 12
+MAP = (3, 4, 4)  # the student's intermediate map (C, H, W) for feature-map losses
 TEACHER_DIMS = {"t0": 6, "t.1": 10, "t2": 3}  # different dims; a '.' in a name (module keys)
 
 # Options for a fast test (the defaults otherwise, e.g. CRD's 16384 negatives, are slow here).
@@ -38,8 +39,10 @@ TEST_KWARGS: dict[str, dict] = {
 # Parameters that get no gradient by design, with the reason. Checked both ways: a listed
 # parameter must really get none (so the list cannot go stale).
 EMB_ONLY = "an embedding-level loss reads student_emb only: the student's classifier head takes no part"
+MAPS_ONLY = "a feature-map loss reads the intermediate maps only: the embedding and the classifier head take no part"
 NO_GRAD_BY_DESIGN: dict[str, dict[str, str]] = {
-    name: {"student.head.": EMB_ONLY} for name in ("crd", "gacd", "vid", "fitnet", "pkt", "rkd", "sp", "cc")
+    **{name: {"student.head.": EMB_ONLY} for name in ("crd", "gacd", "vid", "fitnet", "pkt", "rkd", "sp", "cc")},
+    "at": {"student.head.": MAPS_ONLY, "student.body.": MAPS_ONLY},
 }
 
 
@@ -58,16 +61,27 @@ METRIC_KEYS: dict[str, Callable[[list[str]], set[str]]] = {
 
 
 class TinyStudent(nn.Module):
-    """x (B, D_IN) -> (emb (B, D_S), logits (B, C)): the (embedding, logits) pair every encoder gives."""
+    """x (B, D_IN) -> (emb (B, D_S), logits (B, C)): the (embedding, logits) pair every encoder gives;
+    with ``maps``, also ``forward_features``: [a stem map, one intermediate map, emb], as the encoders'."""
 
-    def __init__(self) -> None:
+    def __init__(self, maps: bool = False) -> None:
         super().__init__()
         self.body = nn.Linear(D_IN, D_S)
         self.head = nn.Linear(D_S, C)
+        self.maps = nn.Linear(D_IN, MAP[0] * MAP[1] * MAP[2]) if maps else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = torch.tanh(self.body(x))  # (B, D_S)
         return emb, self.head(emb)  # (B, C)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        emb, logits = self(x)
+        mid = torch.tanh(self.maps(x)).view(x.shape[0], *MAP)  # (B, 3, 4, 4)
+        return [x.view(x.shape[0], 1, 1, -1), mid, emb], logits
+
+
+def needs_maps(name: str) -> bool:
+    return "feature_maps" in LOSSES.meta(name).get("needs", ())
 
 
 def make_ctx(num_teachers: int, seed: int = 0) -> LossContext:
@@ -89,9 +103,13 @@ def inputs_of(bank: TeacherBank) -> torch.Tensor:
 def make_batch(ctx: LossContext, rows: torch.Tensor) -> dict:
     """The batch dict the training loop's DistillModule takes."""
     bank = ctx.bank
+    g = torch.Generator().manual_seed(11)
+    maps = {n: torch.randn(bank.num_rows, 2 + i, 8, 8, generator=g)[rows]  # (B, C_t, 8, 8): other channels, pooled to 4
+            for i, n in enumerate(bank.embeddings)}
     return {"x": inputs_of(bank)[rows], "labels": bank.labels[rows], "index": rows,
             "teacher_emb": {n: e[rows] for n, e in bank.embeddings.items()},
-            "teacher_logits": {n: t[rows] for n, t in bank.logits.items()}}
+            "teacher_logits": {n: t[rows] for n, t in bank.logits.items()},
+            "teacher_feats": {n: [maps[n][:, :1], maps[n], e[rows]] for n, e in bank.embeddings.items()}}
 
 
 def default_kwargs(name: str) -> dict:
@@ -116,11 +134,12 @@ def test_forward_backward_every_parameter_gets_a_gradient(name, num_teachers):
     ctx = make_ctx(num_teachers)
     loss_mod = build_loss(name, ctx, **default_kwargs(name))
     assert isinstance(loss_mod, nn.Module)
-    student = TinyStudent()
+    student = TinyStudent(maps=needs_maps(name))
     batch = make_batch(ctx, torch.arange(3, 3 + B))
-    emb, logits = student(batch["x"])
+    feats, logits = student.forward_features(batch["x"]) if needs_maps(name) else (None, student(batch["x"])[1])
+    emb = feats[-1] if feats is not None else student(batch["x"])[0]
     x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"],
-                      epoch=2, step=17)
+                      epoch=2, step=17, student_feats=feats, teacher_feats=batch["teacher_feats"] if feats else {})
     out = loss_mod(x)
     assert isinstance(out, LossOutput), (name, type(out))
     loss = out.loss
@@ -273,7 +292,7 @@ def _rank_run(name: str, rank: int) -> dict:
     losses = {name: build_loss(name, ctx, **default_kwargs(name))}
     if name != "ce":
         losses["ce"] = build_loss("ce", ctx)
-    module = DistillModule(TinyStudent(), losses, {n: 1.0 for n in losses})
+    module = DistillModule(TinyStudent(maps=needs_maps(name)), losses, {n: 1.0 for n in losses}, needs_maps(name))
 
     def gathered_equal() -> dict[str, bool]:
         out = {}

@@ -110,3 +110,24 @@ def test_a_repdistiller_format_teacher_feeds_both_paths(ray_cluster, trained, tm
         assert res.final_top1 > 0.3
         tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res.mlflow_run_id).data.tags
         assert tags["teacher_sha256.rep"] == sha
+
+
+def test_a_feature_map_loss_on_the_shard_path_is_refused_at_config_time(tmp_path):
+    from ensemble_kd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distill.losses.1.name: loss 'at' reads feature maps.*teacher_outputs is 'shards'"):
+        distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "at"}]})
+    ok = distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "at"}], "distill.teacher_outputs": "online"})
+    assert ok.distill.teacher_outputs == "online"
+
+
+def test_attention_transfer_reads_the_feature_maps_on_the_online_path(ray_cluster, trained, tmp_path):
+    """A cnn_small student on the pixel view learns from the pix_cnn teacher's intermediate maps."""
+    cfg0, _ = trained
+    shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
+    cfg = distill_cfg(tmp_path, **{"distill.teacher_outputs": "online", "distill.teachers": ["pix_cnn"], "distill.epochs": 2,
+                                   "distill.student": {"arch": "cnn_small", "modality": "pix", "arch_kwargs": {"width": 8}},
+                                   "distill.losses": [{"name": "ce"}, {"name": "at", "weight": 100.0}]})
+    res = run_distill(cfg)
+    first, last = res.history[0]["loss/at"], res.history[-1]["loss/at"]
+    assert 0 < last < first  # the student's attention maps move towards the teacher's
