@@ -340,6 +340,7 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
     to start; its state is kept in ``ray_results/<name>/`` by the loop itself (an interrupted run
     resumes from it); no worker restarts, no Ray Train callbacks."""
     d = cfg.distill
+    quiet_train_reports(cfg.ray.train_log_level)  # in this process too: local mode runs the loop here
     if local:
         if d.num_workers != 1:
             raise ValueError(f"local mode runs one worker, distill.num_workers is {d.num_workers}")

@@ -54,7 +54,9 @@ def quiet_train_reports(level: str) -> None:
     """Ray Train V2 logs each ``ray.train.report`` at INFO on a logger named after its source file,
     outside ``ray.train``, so ``LoggingConfig(log_level=...)`` does not reach it; give it the same
     level (called on each worker). The logger lives in a private module, so its import is guarded
-    here, where a Ray without it is handled."""
+    here, where a Ray without it is handled. ``ray.train`` itself gets the level too: in local mode
+    (no worker group, so no ``LoggingConfig``) it logs every report and model move at INFO."""
+    logging.getLogger("ray.train").setLevel(level)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: nothing to quiet

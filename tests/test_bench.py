@@ -16,7 +16,8 @@ def _bench(script: str, *args: str) -> dict:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout[r.stdout.index("{"):])
+    start = min(i for i in (r.stdout.find("{"), r.stdout.find("[")) if i >= 0)  # the JSON after any log lines
+    return json.loads(r.stdout[start:])
 
 
 @pytest.mark.slow
@@ -39,3 +40,9 @@ def test_negative_sampling_runs():
                  "--steps", "1")
     for mode in ("class-aware", "uniform"):
         assert res[f"{mode}_ms"] > 0 and res[f"{mode}_repeat_share"] == 0.0, mode
+
+
+@pytest.mark.slow
+def test_online_step_cost_runs():
+    res = _bench("online_step_cost.py", "--setting", "mlp", "--steps", "1", "--batch", "16", "--negatives", "64")
+    assert res[0]["ce_ms"] > 0 and res[0]["ratio_online_over_ce"] > 0 and res[0]["ratio_shards_over_ce"] > 0
