@@ -75,3 +75,20 @@ def test_truncated_and_foreign_files_are_refused(trained, tmp_path):
         read_checkpoint(other)
     with pytest.raises(CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_retrain_starts_from_scratch_not_from_the_last_state(trained, tmp_path):
+    """--retrain trains again: the recipe's run folder (where an interrupted run would resume) is
+    cleared first, so the teacher is not just reloaded from its finished state."""
+    cfg, _ = trained
+    out = tmp_path / "copy"
+    shutil.copytree(cfg.output_dir, out, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "tune", "shards"))
+    (run,) = list((out / "ray_results").glob("teacher-kar_mlp-*"))  # the session's finished training of kar_mlp
+    st = torch.load(run / "state.pt", weights_only=False)
+    st["history"][0]["marker"] = "carried over"  # a resumed run would keep its history
+    torch.save(st, run / "state.pt")
+    same = tiny_config(out, teachers=[dict(name="kar_mlp", arch="mlp", modality="kar", epochs=2, seed=1,
+                                           arch_kwargs={"hidden": [32]})])
+    train_teachers(same, retrain=True, progress=False, log=lambda m: None)
+    new = torch.load(run / "state.pt", weights_only=False)
+    assert [h["epoch"] for h in new["history"]] == [1, 2] and "marker" not in new["history"][0]

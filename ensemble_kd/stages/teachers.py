@@ -13,6 +13,7 @@ teacher with ``checkpoint:`` set is loaded from that file (and verified), never 
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,10 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
         elif retrain or not _reusable(t, cfg.data, path, log):
             todo.append((t, path))
     if todo:
+        if retrain:  # from scratch: the runs of these recipes must not resume from their last state
+            for t, _ in todo:
+                shutil.rmtree(Path(cfg.output_dir) / "ray_results" / teacher_run_config(cfg, t).distill.run_name,
+                              ignore_errors=True)
         _train_all(cfg, todo, progress, log)
     ts = TeacherSet({t.name: record(t, checkpoint_path(t, Path(cfg.output_dir) / "teachers"), cfg.data)
                      for t in cfg.teachers})
