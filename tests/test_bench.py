@@ -16,8 +16,19 @@ def _bench(script: str, *args: str) -> dict:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    start = min(i for i in (r.stdout.find("{"), r.stdout.find("[")) if i >= 0)  # the JSON after any log lines
-    return json.loads(r.stdout[start:])
+    return _last_json(r.stdout)
+
+
+def _last_json(out: str):
+    """The JSON document a bench prints last, after whatever log lines Ray's workers print."""
+    lines = out.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i][:1] in ("{", "["):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except json.JSONDecodeError:
+                continue
+    raise AssertionError(f"no JSON in the bench's output: {out[-2000:]}")
 
 
 @pytest.mark.slow
