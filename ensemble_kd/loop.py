@@ -166,6 +166,13 @@ def reported(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
 
 
+def load_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The training state in ``folder/state.pt``. Still a full unpickle (it holds numpy and Python
+    RNG states): a crafted file in an output folder could run code; issue 14 moves the state to a
+    weights-only format."""
+    return torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
+
+
 def save_state(path: Path, module: DistillModule, opt, sched, epoch: int, history: list[dict], cfg: ExperimentConfig) -> None:
     atomic_torch_save({"module": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                        "epoch": epoch, "rng": _rng_state(), "history": history, "config": to_dict(cfg)}, path)
@@ -265,10 +272,9 @@ def _saved_state(lc: LoopConfig, device: torch.device) -> dict[str, Any] | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as cdir:
-            return torch.load(Path(cdir) / STATE_FILE, map_location=device, weights_only=False)
-    own = Path(lc.state_dir) / STATE_FILE if lc.state_dir else None
-    if own is not None and own.is_file():
-        return torch.load(own, map_location=device, weights_only=False)
+            return load_state(Path(cdir), device)
+    if lc.state_dir and (Path(lc.state_dir) / STATE_FILE).is_file():
+        return load_state(Path(lc.state_dir), device)
     return None
 
 
@@ -365,9 +371,9 @@ def final_state(result: ray.train.Result, cfg: ExperimentConfig | None = None, n
     """The training state of a finished run's last checkpoint (module weights, history, config); a
     local-mode run (no Ray Train checkpoint) keeps it under ``ray_results/<name>/``."""
     if result.checkpoint is None and cfg is not None and name is not None:
-        return torch.load(Path(cfg.output_dir) / "ray_results" / name / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_state(Path(cfg.output_dir) / "ray_results" / name)
     with result.checkpoint.as_directory() as cdir:
-        return torch.load(Path(cdir) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_state(Path(cdir))
 
 
 def module_part(state: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:

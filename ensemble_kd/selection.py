@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ensemble_kd import __version__
 from ensemble_kd.checkpoint import atomic_write, file_sha256, publish_dir, read_json_manifest
 from ensemble_kd.bank import TeacherBank
-from ensemble_kd.shards import ShardError, ShardSet
+from ensemble_kd.shards import ShardError
 
 FORMAT = "ensemble-kd/selection"
 VERSION = 1
