@@ -179,7 +179,7 @@ class StudentRun:
     student_path: str | None = None  # students/<run>/student.pt once finished
     final_top1: float | None = None
     epochs: int = 0
-    checkpoint_dir: str | None = None  # the last Ray Train checkpoint
+    checkpoint_dir: str | None = None  # the folder of the final training state (state.pt, weights-only)
     mlflow_run_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list, compare=False)
 

@@ -178,6 +178,8 @@ class DistillConfig:
     use_gpu: bool = Field(False, description="one GPU per worker (CUDA clusters)")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (restart from the last checkpoint)")
     eval_every: int = Field(1, ge=1, description="evaluate the student's test top-1 every this many epochs (and at the end)")
+    checkpoint_every: int = Field(1, ge=1, description="save the training state every this many epochs (and at the end); a restart or --resume continues from the last one")
+    local_mode: bool = Field(True, description="a single-worker run executes its loop in one Ray process (Ray Train's local mode: no controller or worker group to start); false: always a Ray Train worker group")
     run_name: str | None = Field(None, description="Ray Train run name; None = a fresh unique name (a reused name resumes that run)")
     selection: str | None = Field(None, description="path of a selection (`ensemble-kd select`, DFND): train only on its rows, with its pseudo-labels as labels")
     eval_data: DataConfig | None = Field(None, description="evaluate the student's test top-1 on this dataset's test split instead of data's (DFND: the teacher's test set)")
@@ -220,7 +222,7 @@ class TuneConfig:
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of the trials at each rung")
     cpus_per_trial: float = Field(1.0, ge=0, validation_alias=_renamed("cpus_per_trial", "trial_cpus"),
-                                  description="CPUs of each trial's driver, which starts the trial's TorchTrainer (formerly trial_cpus)")
+                                  description="CPUs of a multi-worker trial's driver, which starts its TorchTrainer (a single-worker trial in local mode holds distill.cpus_per_worker instead; formerly trial_cpus)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="trials at once (None = as the cluster's CPUs allow)")
     name: str | None = Field(None, description="Tune run name (folder under <output_dir>/tune); None = <experiment>-<time>")
 

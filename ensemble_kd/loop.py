@@ -6,9 +6,23 @@ Train for DDP), and minimises ``sum(weight * term)``. There is no per-method bra
 Each loss returns its value and its metrics as device tensors; the loop sums them on the
 device and reads them once per epoch (no host synchronisation per step).
 
-Each epoch ends with a checkpoint (student, heads, memories, optimiser, scheduler, RNG states,
-epoch, metric history) reported to Ray Train; a restarted worker group (a killed worker,
-``max_failures``) or a resumed run (``--resume``: the same run name) continues from it.
+Every ``checkpoint_every`` epochs, and at the end, the loop saves its training state (student,
+heads, memories, optimiser, scheduler, RNG states, epoch, metric history), in a format that loads
+with ``torch.load(weights_only=True)`` (tensors and plain containers only: an output folder is
+often shared, and a pickle from it must never run code). A restarted worker group (a killed
+worker, ``max_failures``) or a resumed run (``--resume``: the same run name) continues from it.
+
+A run whose loss turns NaN or infinite stops at the end of that epoch, before it saves anything,
+with :class:`NonFiniteError` naming the loss part, the epoch and the first bad step; the check
+reads the device once per epoch, with the metrics.
+
+A single-worker run can execute in one Ray process that holds the worker's resources
+(``distill.local_mode``): a Ray task, or the Tune trial's own process. That is Ray Train's local mode
+done by hand: no controller or worker group to start. (Ray Train's own local mode,
+``ScalingConfig(num_workers=0)``, refuses its ``ray.train`` API inside a Tune trial in Ray 2.60, so
+the loop talks to Ray Train through a small :class:`_Session` seam: :class:`_TrainSession` in a Ray
+Train worker, :class:`_LocalSession` in one process.) A local run keeps its own state under
+``ray_results/<name>/``, and :func:`fit` restarts it after an error up to ``max_failures`` times.
 
 :class:`LoopCallback` is the loop's one extension point (``on_epoch_start``/``on_epoch_end``),
 passed in the train loop config; the tests use it to inject faults.
@@ -19,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import pickle
 import random
 import tempfile
 import time
@@ -145,19 +160,35 @@ def buffer_checksums(module: nn.Module) -> list[str]:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG's state as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = s["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
 STATE_FILE = "state.pt"
+
+
+class StateFileError(RuntimeError):
+    """A training state file that cannot be loaded safely (not weights-only, damaged)."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss (or the weights, after a step) turned NaN or infinite."""
 
 
 def reported(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -167,15 +198,27 @@ def reported(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The training state in ``folder/state.pt``. Still a full unpickle (it holds numpy and Python
-    RNG states): a crafted file in an output folder could run code; issue 14 moves the state to a
-    weights-only format."""
-    return torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
+    """The training state in ``folder/state.pt``, loaded with ``weights_only=True``: tensors and
+    plain containers only. A file that needs more (a crafted pickle, or a state written by a
+    version before 0.3) is refused, never executed."""
+    path = Path(folder) / STATE_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise StateFileError(f"refusing to load training state {path}: it is not a weights-only ensemble-kd state "
+                             f"(it would need code execution to load: {first}); if you did not write it, someone "
+                             f"else may have; delete the run's folder to start that run over") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise StateFileError(f"cannot read training state {path}: {e}; delete the run's folder to start that run over") from None
 
 
-def save_state(path: Path, module: DistillModule, opt, sched, epoch: int, history: list[dict], cfg: ExperimentConfig) -> None:
-    atomic_torch_save({"module": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "epoch": epoch, "rng": _rng_state(), "history": history, "config": to_dict(cfg)}, path)
+def save_state(path: Path, w: _Worker) -> None:
+    """The worker's training state after its last epoch (``w.history[-1]``), weights-only loadable;
+    ``timings``: seconds spent so far per part (this save's own time not yet in)."""
+    atomic_torch_save({"module": w.module.state_dict(), "optimizer": w.opt.state_dict(), "scheduler": w.sched.state_dict(),
+                       "epoch": len(w.history) - 1, "rng": _rng_state(), "history": w.history, "config": to_dict(w.cfg),
+                       "timings": dict(w.timings)}, path)
 
 
 class LoopCallback:
@@ -200,12 +243,13 @@ class LoopConfig:
     verbose: bool = True  # a line per epoch from rank 0
     label: str = "distill"  # what that line starts with
     callbacks: Sequence[LoopCallback] = ()
-    state_dir: str | None = None  # local mode: where the loop keeps its own latest state (Ray Train keeps none)
+    run_dir: str | None = None  # the run's folder under ray_results: a resumed run's state is found there
+    local: bool = False  # Ray Train's local mode: the loop saves its state in run_dir itself (Ray Train keeps none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "train_shards": dict(self.train_shards), "teachers": dict(self.teachers),
                 "mlflow": self.mlflow, "verbose": self.verbose, "label": self.label, "callbacks": list(self.callbacks),
-                "state_dir": self.state_dir}
+                "run_dir": self.run_dir, "local": self.local}
 
 
 @dataclass
@@ -224,6 +268,7 @@ class _Worker:
     sched_per_step: bool = False
     start: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part: setup_s, steps_s, eval_s, mlflow_s, ...
 
 
 def make_data(cfg: ExperimentConfig, train_ds: PairedDataset, lc: LoopConfig, device: torch.device
@@ -238,21 +283,76 @@ def make_data(cfg: ExperimentConfig, train_ds: PairedDataset, lc: LoopConfig, de
     return OnlineData(train_ds, d.student.modality, teachers, d.augment, d.seed, cfg.amp, needs_feature_maps(cfg))
 
 
-def _setup(cfg: ExperimentConfig, lc: LoopConfig) -> _Worker:
+class _Session:
+    """What the loop needs of where it runs: its rank, the world size, its device, the state a
+    restarted worker continues from, how to wrap the module, and where each epoch is reported."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def restored(self, device: torch.device) -> dict[str, Any] | None:  # a restarted worker's state
+        return None
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def report(self, metrics: dict[str, Any], folder: str | None = None) -> None:  # folder: a checkpoint
+        pass
+
+
+class _TrainSession(_Session):
+    """A Ray Train worker: DDP, Ray Train's checkpoints and reports."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world, self.device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+    def restored(self, device: torch.device) -> dict[str, Any] | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as cdir:
+            return load_state(Path(cdir), device)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        # One wrap. Memories are kept identical by the losses' own all-gather updates, so DDP must
+        # not re-broadcast buffers from rank 0 on every forward.
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    def report(self, metrics: dict[str, Any], folder: str | None = None) -> None:
+        ray.train.report(reported(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+
+class _LocalSession(_Session):
+    """This process alone (rank 0 of 1), on the GPU Ray gave it (``use_gpu``) or the CPU; the loop
+    saves its own state; epochs reach the caller through the loop callbacks."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.device = torch.device("cuda", 0) if cfg.distill.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if cfg.distill.use_gpu and self.device.type != "cuda":
+            raise RuntimeError("distill.use_gpu is set, but this process sees no CUDA device (ray.get_gpu_ids() "
+                               f"= {ray.get_gpu_ids() if ray.is_initialized() else 'n/a'})")
+
+
+def _setup(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> _Worker:
     """Build data, module and optimiser on this rank, and restore the last checkpoint if any."""
+    t0 = time.perf_counter()
     d = cfg.distill
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
+    device = session.device
     torch.set_num_threads(max(1, int(d.cpus_per_worker)))
     seed_everything(d.seed)  # same initial weights on every rank
     train_ds = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
     test_ds = eval_dataset(cfg, train_ds)  # distill.eval_data's test split, else data's
     data = make_data(cfg, train_ds, lc, device)
     module = build_module(cfg, data, train_ds.num_classes, device).to(device)
-    steps = len(epoch_rows(len(data), d.batch_size, ctx.get_world_size(), ctx.get_world_rank(), d.seed, 0))
+    steps = len(epoch_rows(len(data), d.batch_size, session.world, session.rank, d.seed, 0))
     opt, sched, per_step = build_optim(cfg, [p for p in module.parameters() if p.requires_grad], steps)
-    w = _Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, data, test_ds, module, opt, sched, per_step)
-    st = _saved_state(lc, device)
+    w = _Worker(cfg, session.rank, session.world, device, data, test_ds, module, opt, sched, per_step)
+    st = session.restored(device)
+    if st is None and lc.run_dir:
+        folder = latest_state_dir(lc.run_dir)
+        st = load_state(folder, device) if folder is not None else None
     if st is not None:
         module.load_state_dict(st["module"])
         opt.load_state_dict(st["optimizer"])
@@ -260,22 +360,18 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig) -> _Worker:
         for g, lr in zip(opt.param_groups, sched.get_lr()):  # the lr of the *current* schedule at this epoch,
             g["lr"] = lr  # not the one the optimiser state saved (a run resumed with more epochs changes it)
         _set_rng_state(st["rng"])
-        w.start, w.history = st["epoch"] + 1, st["history"]
+        w.start, w.history, w.timings = st["epoch"] + 1, st["history"], dict(st.get("timings") or {})
         if w.rank == 0:
             print(f"[{lc.label}] resumed from the checkpoint of epoch {st['epoch'] + 1}", flush=True)
+    w.timings["setup_s"] = w.timings.get("setup_s", 0.0) + time.perf_counter() - t0
     return w
 
 
-def _saved_state(lc: LoopConfig, device: torch.device) -> dict[str, Any] | None:
-    """The state to continue from: Ray Train's last checkpoint (a restarted worker group, a resumed
-    run), else, in local mode, the loop's own copy in ``state_dir``; None for a fresh start."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as cdir:
-            return load_state(Path(cdir), device)
-    if lc.state_dir and (Path(lc.state_dir) / STATE_FILE).is_file():
-        return load_state(Path(lc.state_dir), device)
-    return None
+def latest_state_dir(run_dir: str | Path) -> Path | None:
+    """The folder of the newest training state of a run (``<run_dir>/state.pt`` written in local
+    mode, or a Ray Train ``checkpoint_*`` folder), or None."""
+    cands = [f.parent for f in (Path(run_dir) / STATE_FILE, *Path(run_dir).glob(f"checkpoint_*/{STATE_FILE}")) if f.is_file()]
+    return max(cands, key=lambda f: (f / STATE_FILE).stat().st_mtime_ns) if cands else None
 
 
 def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -287,6 +383,9 @@ def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, fl
     extra: dict[str, torch.Tensor] = {}  # the losses' own metrics, likewise
     batches = epoch_rows(len(w.data), d.batch_size, w.world, w.rank, d.seed, epoch)
     step0 = epoch * len(batches)
+    names = [*w.module.losses.keys(), "total"]
+    step_ids = torch.arange(len(batches), device=w.device)  # (S,) indexed on the device: no host sync per step
+    first_bad = torch.full((len(names),), -1, dtype=torch.int64, device=w.device)  # (P,) first non-finite step
     for i, rows in enumerate(batches):
         batch = w.data.batch(rows, w.device, epoch, step0 + i)
         with autocast(w.device, w.cfg.amp):
@@ -302,59 +401,125 @@ def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, fl
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0) + v.detach().double()
         sums["total"] = sums.get("total", 0) + loss.detach().double()
+        vals = torch.stack([*(out.loss.detach().float() for out in parts.values()), loss.detach().float()])  # (P,)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(vals), step_ids[i], first_bad)
     keys = sorted(sums)
     means = dist.all_reduce_mean(torch.stack([sums[k] for k in keys]) / len(batches))  # one read per epoch
+    _check_finite(w, epoch, step0, names, first_bad.tolist())
     return ({f"loss/{k}": float(v) for k, v in zip(keys, means.tolist())},
             {k: float(v) / len(batches) for k, v in extra.items()})
 
 
-def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str, float], lc: LoopConfig) -> None:
-    """Evaluate, log (rank 0: MLflow and a line), checkpoint and report to Ray Train."""
+def _check_finite(w: _Worker, epoch: int, step0: int, names: list[str], first_bad: list[int]) -> None:
+    """Stop on a NaN/inf loss part (first bad step named) or, after the steps, a non-finite weight
+    (an infinite gradient leaves a finite loss but poisons the weights): before anything is saved."""
+    bad = [(s, n) for n, s in zip(names, first_bad) if s >= 0]
+    if bad:
+        s, n = min(bad)
+        raise NonFiniteError(f"loss part {n!r} became non-finite at epoch {epoch + 1}, step {s + 1} of the epoch "
+                             f"(global step {step0 + s}); stopping before the epoch's checkpoint (lower "
+                             f"distill.optim.lr, check the data and the loss options)")
+    params = [(k, p) for k, p in w.module.named_parameters() if p.requires_grad]
+    ok = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist() if params else []
+    if not all(ok):
+        name = next(k for (k, _), good in zip(params, ok) if not good)
+        raise NonFiniteError(f"parameter {name!r} became non-finite during epoch {epoch + 1} (a NaN/inf gradient); "
+                             f"stopping before the epoch's checkpoint (lower distill.optim.lr, check the data)")
+
+
+def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str, float], lc: LoopConfig,
+               session: _Session) -> None:
+    """Evaluate, log (rank 0: MLflow and a line), checkpoint (every ``checkpoint_every`` epochs and
+    at the end) and report; the time each part takes adds up in ``w.timings``."""
     d = w.cfg.distill
+    clock = _Clock(w.timings)
     if (epoch + 1) % d.eval_every == 0 or epoch + 1 == d.epochs:
         metrics["test_top1"] = evaluate(w.module.student, w.test_ds, d.student.modality, w.device)
     metrics.update(extra)  # per-term diagnostics (CRD's per-teacher parts and Z, ...)
     metrics["buffer_checksums"] = buffer_checksums(w.module)
     w.history.append(metrics)
+    clock.lap("eval_s")
+    save = (epoch + 1) % d.checkpoint_every == 0 or epoch + 1 == d.epochs
     if w.rank != 0:
-        ray.train.report(reported(metrics))
+        session.report(metrics)
         return
     if lc.mlflow:  # per epoch, from the worker: a trial that ASHA stops keeps the epochs it ran
         log_epoch(lc.mlflow["uri"], lc.mlflow["run_id"], metrics)
+        clock.lap("mlflow_s")
     if lc.verbose:
         print(f"[{lc.label}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
               flush=True)
-    if lc.state_dir:  # local mode: Ray Train persists nothing, so the loop keeps the state itself
-        save_state(Path(lc.state_dir) / STATE_FILE, w.module, w.opt, w.sched, epoch, w.history, w.cfg)
-        ray.train.report(reported(metrics))
+    if lc.local:  # no Ray Train to persist a checkpoint: the loop keeps its state in the run's folder
+        if save:
+            save_state(Path(lc.run_dir) / STATE_FILE, w)
+            clock.lap("checkpoint_s")
+        return
+    if not save:
+        session.report(metrics)
+        clock.lap("report_s")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_state(Path(tmp) / STATE_FILE, w.module, w.opt, w.sched, epoch, w.history, w.cfg)
+        save_state(Path(tmp) / STATE_FILE, w)
         (Path(tmp) / "history.json").write_text(json.dumps(w.history))
-        ray.train.report(reported(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, tmp)
+    clock.lap("checkpoint_s")  # the state's save and Ray Train's persistence of it
 
 
-def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (),
-        local: bool = False) -> ray.train.Result:
-    """Run the loop on Ray Train: ``distill.num_workers`` workers (DDP), ``use_gpu``, the run
-    ``name`` under ``<output_dir>/ray_results`` (a reused name resumes it), ``max_failures``
-    restarts from the last checkpoint; ``callbacks``: Ray Train user callbacks. Raises the
-    training error, if any.
+class _Clock:
+    """Adds the seconds since the last lap to a named total."""
 
-    ``local``: Ray Train's local mode, for a single worker that is already a Ray process of the
-    right resources (a Ray task): the loop runs in this process, with no controller or worker group
-    to start; its state is kept in ``ray_results/<name>/`` by the loop itself (an interrupted run
-    resumes from it); no worker restarts, no Ray Train callbacks."""
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals, self.t = totals, time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        now = time.perf_counter()
+        self.totals[key] = self.totals.get(key, 0.0) + now - self.t
+        self.t = now
+
+
+@dataclass
+class Fitted:
+    """A finished run of the loop: its final training state and the folder that holds it."""
+
+    state: dict[str, Any]  # module weights, optimiser, history, config, timings (as save_state writes them)
+    path: str  # the folder of that state (a Ray Train checkpoint folder, or the run's folder in local mode)
+
+
+def runs_locally(cfg: ExperimentConfig, callbacks: Sequence[Any] = ()) -> bool:
+    """Whether :func:`fit` runs this config in Ray Train's local mode: one worker, ``local_mode`` on,
+    and no Ray Train callbacks (local mode calls none)."""
+    return cfg.distill.local_mode and cfg.distill.num_workers == 1 and not callbacks
+
+
+def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (), here: bool = False) -> Fitted:
+    """Run the loop as the run ``name`` under ``<output_dir>/ray_results`` (a reused name resumes
+    it) and return its final state; raises the training error, if any.
+
+    ``distill.num_workers`` workers (DDP) with ``use_gpu`` on Ray Train, ``max_failures`` restarts
+    from the last checkpoint; ``callbacks``: Ray Train user callbacks. A single-worker run with
+    ``distill.local_mode`` (:func:`runs_locally`) runs in one process instead: a Ray task holding
+    the worker's resources, or, with ``here``, this process (the caller is such a Ray process
+    already: a Tune trial). No controller or worker group starts; the loop keeps its state in the
+    run's folder, an error restarts it from there (``max_failures`` times; a killed task too, by
+    Ray's task retries), and per-epoch reports reach the caller through the loop callbacks
+    (``lc.callbacks``)."""
     d = cfg.distill
+    run_dir = Path(cfg.output_dir) / "ray_results" / name
+    lc = dataclasses.replace(lc, run_dir=str(run_dir))
     quiet_train_reports(cfg.ray.train_log_level)  # in this process too: local mode runs the loop here
-    if local:
-        if d.num_workers != 1:
-            raise ValueError(f"local mode runs one worker, distill.num_workers is {d.num_workers}")
-        lc = dataclasses.replace(lc, state_dir=str(Path(cfg.output_dir) / "ray_results" / name))
+    if runs_locally(cfg, callbacks):
+        lc = dataclasses.replace(lc, local=True)
+        if here:
+            _fit_local(cfg, lc)
+        else:
+            task = ray.remote(_fit_local).options(num_cpus=d.cpus_per_worker, num_gpus=1 if d.use_gpu else 0,
+                                                 max_retries=d.max_failures)  # a killed task restarts from its state
+            ray.get(task.remote(cfg, lc))
+        return Fitted(load_state(run_dir), str(run_dir))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=lc.to_dict(),
-        scaling_config=ScalingConfig(num_workers=0 if local else d.num_workers, use_gpu=d.use_gpu,
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(Path(cfg.output_dir) / "ray_results"),
                              failure_config=FailureConfig(max_failures=d.max_failures),
@@ -364,16 +529,24 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return result
-
-
-def final_state(result: ray.train.Result, cfg: ExperimentConfig | None = None, name: str | None = None) -> dict[str, Any]:
-    """The training state of a finished run's last checkpoint (module weights, history, config); a
-    local-mode run (no Ray Train checkpoint) keeps it under ``ray_results/<name>/``."""
-    if result.checkpoint is None and cfg is not None and name is not None:
-        return load_state(Path(cfg.output_dir) / "ray_results" / name)
     with result.checkpoint.as_directory() as cdir:
-        return load_state(Path(cdir))
+        return Fitted(load_state(Path(cdir)), result.checkpoint.path)
+
+
+def _fit_local(cfg: ExperimentConfig, lc: LoopConfig) -> None:
+    """The loop in this process, restarted from its last saved state after an error, up to
+    ``max_failures`` times; a non-finite loss, an unreadable state or a bad value is final."""
+    for attempt in range(cfg.distill.max_failures + 1):
+        try:
+            _run(cfg, lc, _LocalSession(cfg))
+            return
+        except (NonFiniteError, StateFileError, ValueError, TypeError):
+            raise  # the same input fails the same way again
+        except Exception as e:
+            if attempt == cfg.distill.max_failures:
+                raise
+            print(f"[{lc.label}] attempt {attempt + 1} failed ({type(e).__name__}: {e}); restarting from the last "
+                  f"saved state ({attempt + 1}/{cfg.distill.max_failures} restarts)", flush=True)
 
 
 def module_part(state: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:
@@ -386,10 +559,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     lc = LoopConfig(**config)
     cfg = from_dict(lc.experiment)
     quiet_train_reports(cfg.ray.train_log_level)
-    w = _setup(cfg, lc)
-    # One wrap. Memories are kept identical by the losses' own all-gather updates, so DDP must not
-    # re-broadcast buffers from rank 0 on every forward.
-    model = ray.train.torch.prepare_model(w.module, parallel_strategy_kwargs={"broadcast_buffers": False})
+    _run(cfg, lc, _TrainSession())
+
+
+def _run(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> None:
+    """The epochs, from the restored one to ``distill.epochs``."""
+    w = _setup(cfg, lc, session)
+    model = session.wrap(w.module)
     for epoch in range(w.start, cfg.distill.epochs):
         for cb in lc.callbacks:
             cb.on_epoch_start(epoch, w.rank)
@@ -398,7 +574,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parts, extra = _train_epoch(w, model, epoch)
         if not w.sched_per_step:
             w.sched.step()
+        w.timings["steps_s"] = w.timings.get("steps_s", 0.0) + time.perf_counter() - t0
         metrics: dict[str, Any] = {**parts, "epoch": epoch + 1, "lr": lr, "epoch_seconds": time.perf_counter() - t0}
-        _end_epoch(w, epoch, metrics, extra, lc)
+        _end_epoch(w, epoch, metrics, extra, lc, session)
         for cb in lc.callbacks:
             cb.on_epoch_end(epoch, w.rank, metrics)

@@ -1,11 +1,14 @@
 """Ray Tune over any config field, each trial one Ray Train distillation, each trial one MLflow run.
 
-Ray 2.60 (Train V2) runs Ray Train inside Tune as a *function trainable* that starts a
-``TorchTrainer`` with ``ray.tune.integration.ray_train.TuneReportCallback`` (``Tuner(TorchTrainer)``
+Ray 2.60 (Train V2) runs Ray Train inside Tune as a *function trainable* (``Tuner(TorchTrainer)``
 is gone). :func:`distill_trial` is that function: it rebuilds the trial's
 :class:`~ensemble_kd.plan.Trial` (config, overrides, run context) and calls the same distill stage
 (:func:`ensemble_kd.stages.distill.run`) as ``ensemble-kd distill``, with the train shards the
-driver resolved once.
+driver resolved once. A single-worker trial (``distill.local_mode``) runs its loop inside the
+trial's own process, which holds the worker's resources (Ray Train's local mode: no controller or
+worker group to start per trial), and reports each epoch to Tune from a loop callback
+(:class:`TuneEpochReport`); a multi-worker trial starts a ``TorchTrainer`` whose reports reach Tune
+through ``ray.tune.integration.ray_train.TuneReportCallback``.
 
 The driver (:func:`run_trials`) creates the MLflow experiment and a parent run before any trial
 starts (two trials migrating a fresh SQLite file at once fail), every trial's run is nested under
@@ -37,6 +40,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ensemble_kd import tracking
 from ensemble_kd.checks import check_config
 from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict, with_overrides
+from ensemble_kd.loop import LoopCallback, reported, runs_locally
 from ensemble_kd.plan import Trial
 from ensemble_kd.stages import distill
 
@@ -80,14 +84,32 @@ def trial_of(config: Mapping[str, Any]) -> Trial:
     return Trial("", config["base"], tracking.RunContext(overrides=over), over)
 
 
+class TuneEpochReport(LoopCallback):
+    """Reports every epoch's metrics to Tune from the loop itself (a single-worker trial in local
+    mode, where Ray Train calls no callbacks); Tune's scheduler (ASHA) decides on them."""
+
+    def on_epoch_end(self, epoch: int, rank: int, metrics: dict[str, Any]) -> None:
+        if rank == 0:
+            ray.tune.report(reported(metrics))
+
+
 def distill_trial(config: dict[str, Any]) -> None:
-    """The Tune function trainable: one Ray Train distillation reporting every epoch to Tune."""
+    """The Tune function trainable: one distillation reporting every epoch to Tune."""
     trial_id = ray.tune.get_context().get_trial_id()
     t = trial_of(config)
     cfg = with_overrides(t.config(), {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}, "<trial>")
     ctx = t.context.replace(trial_id=trial_id, parent_run_id=config.get("parent_run_id"))
-    distill.run(cfg, config["train_shards"], ctx, callbacks=[TuneReportCallback()], verbose=False,
-                log=lambda m: None, teachers=config["teachers"])  # the driver prints a line per trial
+    report = {"loop_callbacks": [TuneEpochReport()]} if runs_locally(cfg) else {"callbacks": [TuneReportCallback()]}
+    distill.run(cfg, config["train_shards"], ctx, verbose=False, log=lambda m: None, teachers=config["teachers"],
+                here=True, **report)  # the driver prints a line per trial
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What a trial's process holds: a single-worker trial runs its loop in it (the worker's CPUs
+    and GPU); a multi-worker trial's process only drives its TorchTrainer (``tune.cpus_per_trial``)."""
+    if runs_locally(cfg):
+        return {"CPU": cfg.distill.cpus_per_worker, **({"GPU": 1} if cfg.distill.use_gpu else {})}
+    return {"CPU": cfg.tune.cpus_per_trial}
 
 
 @dataclass
@@ -199,7 +221,7 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
              "train_shards": dict(inputs.get("train_shards") or {}), "teachers": dict(inputs.get("teachers") or {})}
     lines = _ProgressLines(num_trials * num_samples, tc.metric, tc.mode, log)
     tuner = tune.Tuner(
-        tune.with_resources(distill_trial, {"CPU": tc.cpus_per_trial}),
+        tune.with_resources(distill_trial, trial_resources(cfg)),
         param_space={**fixed, **param_space},
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=_scheduler(cfg, scheduler),
                                     num_samples=num_samples, max_concurrent_trials=tc.max_concurrent_trials,
@@ -247,9 +269,11 @@ def tune_sweep(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], l
     grid_points = 1
     for v in cfg.tune.space.values():
         grid_points *= len(v["grid"]) if "grid" in v and cfg.tune.search == "grid" else 1
+    where = (f"each trial one process of {cfg.distill.cpus_per_worker} CPU (Ray Train local mode)" if runs_locally(cfg)
+             else f"{cfg.tune.cpus_per_trial} CPU per trial driver, {cfg.distill.num_workers} x "
+                  f"{cfg.distill.cpus_per_worker} CPU per trial's workers")
     log(f"tune: {name}: {grid_points * cfg.tune.num_samples} trial(s) over {list(cfg.tune.space)}, "
-        f"scheduler {cfg.tune.scheduler}, {cfg.tune.cpus_per_trial} CPU per trial driver, "
-        f"{cfg.distill.num_workers} x {cfg.distill.cpus_per_worker} CPU per trial's workers")
+        f"scheduler {cfg.tune.scheduler}, {where}")
     return run_trials(cfg, inputs, {"overrides": space}, name=name, num_trials=grid_points,
                       scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
                       parent_tags={"method": tracking.method_name(cfg), "teacher_set": tracking.teacher_set(cfg)}, log=log)

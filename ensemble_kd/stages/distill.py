@@ -22,7 +22,7 @@ from ensemble_kd import tracking
 from ensemble_kd.artifacts import StudentRun, index_path, read_index, write_index
 from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict
-from ensemble_kd.loop import LoopCallback, LoopConfig, final_state, fit, module_part
+from ensemble_kd.loop import LoopCallback, LoopConfig, fit, module_part
 from ensemble_kd.selection import check_selection, load_selection
 from ensemble_kd.shards import read_manifest
 
@@ -76,7 +76,7 @@ def _save_student(cfg: ExperimentConfig, name: str, st: dict[str, Any]) -> Path:
 def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ctx: tracking.RunContext | None = None,
         resume: bool = False, callbacks: Sequence[Any] = (), loop_callbacks: Sequence[LoopCallback] = (),
         verbose: bool = True, log: Callable[[str], None] = print,
-        teachers: Mapping[str, Mapping[str, Any]] | None = None) -> StudentRun:
+        teachers: Mapping[str, Mapping[str, Any]] | None = None, here: bool = False) -> StudentRun:
     """Distil the configured student on Ray Train (Ray must be initialised).
 
     The teachers come as ``train_shards`` (teacher -> train shard folder; the shard path) or as
@@ -84,8 +84,11 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     ``distill.teacher_outputs`` says. With tracking on,
     the MLflow run is opened before training (tagged from ``ctx``), rank 0 logs every epoch into
     it, and it is closed FINISHED with the artifacts (or FAILED). ``callbacks``: Ray Train user
-    callbacks (a Tune trial passes ``TuneReportCallback``); ``loop_callbacks``: the loop's own
-    (:class:`~ensemble_kd.loop.LoopCallback`); ``verbose``: a ``[distill]`` line per epoch."""
+    callbacks (a multi-worker Tune trial passes ``TuneReportCallback``); ``loop_callbacks``: the
+    loop's own (:class:`~ensemble_kd.loop.LoopCallback`; a single-worker Tune trial reports through
+    one); ``verbose``: a ``[distill]`` line per epoch; ``here``: this process already holds a
+    worker's resources (a Tune trial), so a single-worker loop runs in it (see
+    :func:`~ensemble_kd.loop.fit`)."""
     d = cfg.distill
     train_shards, teachers = dict(train_shards or {}), dict(teachers or {})
     check_inputs(cfg, train_shards, teachers)
@@ -102,18 +105,22 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
         mlflow_run = {"uri": tracking.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, ctx)}
     loop = LoopConfig(to_dict(cfg), shards, ckpts, mlflow_run, verbose, callbacks=tuple(loop_callbacks))
     try:
-        result = fit(cfg, loop, name, callbacks)
+        fitted = fit(cfg, loop, name, callbacks, here=here)
+    except SystemExit as e:
+        if mlflow_run and e.code not in (0, None):
+            tracking.fail_distill_run(cfg, mlflow_run["run_id"])
+        raise  # exit 0: Tune stopped the trial (ASHA); the sweep ends its run KILLED, with the scheduler's reason
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(cfg, mlflow_run["run_id"])
         raise
-    st = final_state(result)
+    st = fitted.state
     spath, hist = _save_student(cfg, name, st), st["history"]
     top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
     if mlflow_run:
         tracking.finish_distill_run(cfg, mlflow_run["run_id"], top1, len(hist), spath)
         log(f"distill: MLflow run {mlflow_run['run_id']} in experiment {tracking.experiment_name(cfg)!r} at {mlflow_run['uri']}")
     log(f"distill: run {name} done: test top-1 {top1:.4f}; student at {spath}")
-    res = StudentRun(name, str(spath), top1, len(hist), result.checkpoint.path, mlflow_run and mlflow_run["run_id"], hist)
+    res = StudentRun(name, str(spath), top1, len(hist), fitted.path, mlflow_run and mlflow_run["run_id"], hist)
     write_index(cfg.output_dir, "distill", res.to_dict())
     return res

@@ -19,12 +19,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import ray
-
 from ensemble_kd import tracking
 from ensemble_kd.artifacts import TeacherRecord, TeacherSet, write_index
 from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
-from ensemble_kd.loop import LoopConfig, final_state, fit, module_part
+from ensemble_kd.loop import LoopConfig, fit, module_part
 from ensemble_kd.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
                                             teacher_config_hash)
 from modalities import build_dataset, build_encoder
@@ -54,10 +52,9 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
     return with_overrides(cfg, over, f"<teacher {t.name}>")
 
 
-def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None],
-               local: bool = False) -> None:
-    """Train teacher ``t`` on Ray Train and write its checkpoint to ``path`` (``local``: in this
-    process, Ray Train's local mode; the caller is a Ray task holding the worker's resources)."""
+def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None]) -> None:
+    """Train teacher ``t`` through the loop (:func:`~ensemble_kd.loop.fit`: a single worker in a Ray
+    task in Ray Train's local mode, several as a Ray Train run) and write its checkpoint to ``path``."""
     tcfg = teacher_run_config(cfg, t)
     name = tcfg.distill.run_name
     log(f"teacher {t.name}: training {t.arch} on {t.modality} for {t.epochs} epochs on Ray Train ({name})")
@@ -68,7 +65,7 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
         mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
     try:
         lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}")
-        st = final_state(fit(tcfg, lc, name, local=local), tcfg, name)
+        st = fit(tcfg, lc, name).state
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
@@ -138,20 +135,16 @@ def _reusable(t: TeacherConfig, data: DataConfig, path: Path, log: Callable[[str
 
 def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], verbose: bool,
                log: Callable[[str], None]) -> None:
-    """Train the teachers concurrently, as far as the cluster has room: a single-worker teacher in
-    a Ray task of its worker's resources, running the loop in Ray Train's local mode (no controller
-    and worker group to start: on a small machine that start-up costs more than a small teacher's
-    training); a multi-worker teacher as a Ray Train run (DDP) from a driver thread that only waits."""
+    """Train the teachers concurrently, as far as the cluster has room: one driver thread per
+    teacher, which only waits on its run (a single-worker teacher runs in a Ray task of its
+    worker's resources in Ray Train's local mode: no controller or worker group to start, which on a
+    small machine costs more than a small teacher's training; a multi-worker teacher is a Ray Train
+    run with DDP)."""
     if cfg.tracking.enabled:  # the store and the experiment once, here: concurrent first writers race
         tracking.ensure_experiment(tracking.tracking_uri(cfg), f"{tracking.experiment_name(cfg)}-teachers",
                                    Path(cfg.output_dir) / "mlartifacts")
-    task = ray.remote(_train_one)
-    refs = [task.options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, max_retries=0)
-            .remote(cfg, t, path, verbose, print, True) for t, path in todo if t.num_workers == 1]
-    group = [(t, path) for t, path in todo if t.num_workers > 1]
-    with ThreadPoolExecutor(max_workers=max(1, len(group)), thread_name_prefix="teacher") as pool:
-        futures = [pool.submit(_train_one, cfg, t, path, verbose, log) for t, path in group]
-        ray.get(refs)
+    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="teacher") as pool:
+        futures = [pool.submit(_train_one, cfg, t, path, verbose, log) for t, path in todo]
         for f in futures:
             f.result()
     for t, path in todo:
