@@ -128,9 +128,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ekd-bench-") as tmp:
         cfg = load_config(None, {"output_dir": tmp, "embed.splits": ["train"],
                                  **{f"teachers.{i}.epochs": 2 for i in range(3)}})
-        teachers = pipeline.train_teachers(cfg, progress=False, log=lambda m: None)
-        paths = teachers.paths()
-        with ray_session(cfg.ray):
+        with ray_session(cfg.ray):  # teachers train on Ray (a Ray task each), then embed
+            teachers = pipeline.train_teachers(cfg, progress=False, log=lambda m: None)
+            paths = teachers.paths()
             pipeline.embed(cfg, teachers, progress=False, log=lambda m: None)
         torch.set_num_threads(1)  # one core per step, as a 1-CPU Ray Train worker runs
         ds = build_dataset("uci-mfeat", "train")
