@@ -317,3 +317,42 @@ def nce_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int,
         per_anchor = per_anchor * weights.to(per_anchor)
     return -per_anchor.sum() / B
 
+
+# Feature-map methods (FT, AB)
+# The formulas only FT and AB use; their trainable parts and stages live in ft.py and ab.py.
+
+def factor(f: torch.Tensor, p1: float = 2.0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W): FT's factor, normalize(mean_c f^p1) (the reference's
+    ``FactorTransfer.factor``; the same map as AT's attention)."""
+    return F.normalize(f.pow(p1).mean(1).view(f.size(0), -1))
+
+
+def ft(factor_s: torch.Tensor, factor_t: torch.Tensor, p1: float = 2.0, p2: float = 1.0) -> torch.Tensor:
+    """Factor transfer for one pair: the translator's output (B, C_s', H_s, W_s) and the paraphraser's
+    factor (B, C_t', H_t, W_t) (the larger pooled to the smaller) -> scalar
+    mean_{b,hw} |factor(s) - factor(t)|^p2 (the reference's ``FactorTransfer.factor_loss``: p1 = 2,
+    p2 = 1, the L1 distance; the absolute value is taken only for p2 = 1, as there)."""
+    factor_s, factor_t = pool_to_smaller(as_float(factor_s), as_float(factor_t))
+    diff = factor(factor_s, p1) - factor(factor_t, p1)  # (B, H*W)
+    return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
+
+
+def ab_criterion(source: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """AB's alternative L2 for one pair of equal-shape maps (the reference's ``criterion_alternative_l2``):
+    source (B, C, H, W) the connector's output from the student, target the teacher's map ->
+    scalar sum over every element of (s + m)^2 [s > -m and t <= 0] + (s - m)^2 [s <= m and t > 0]:
+    the student's neuron is pushed past the margin on the side where the teacher's is (in)active."""
+    source, target = as_float(source), as_float(target)
+    off = (source + margin).pow(2) * ((source > -margin) & (target <= 0)).to(source.dtype)
+    on = (source - margin).pow(2) * ((source <= margin) & (target > 0)).to(source.dtype)
+    return (off + on).abs().sum()
+
+
+def ab(g_s: list[torch.Tensor], g_t: list[torch.Tensor], margin: float = 1.0) -> list[torch.Tensor]:
+    """AB over n stage pairs (connected student maps, teacher maps), one value per pair as the
+    reference's ``ABLoss.forward``: ab_criterion * 2^(i - n + 1) / B * 3 / 1000 (the deepest
+    pair weighs 1, each shallower one half the next)."""
+    if len(g_s) != len(g_t):
+        raise ValueError(f"ab: {len(g_s)} student maps and {len(g_t)} teacher maps: they must pair up")
+    n, bsz = len(g_s), g_s[0].shape[0]
+    return [2.0 ** (i - n + 1) * ab_criterion(s, t, margin) / bsz / 1000 * 3 for i, (s, t) in enumerate(zip(g_s, g_t))]
