@@ -5,7 +5,6 @@ stage shapes, and one real online-path distillation with all of them."""
 from __future__ import annotations
 
 import math
-import shutil
 from functools import cache
 from pathlib import Path
 
@@ -264,14 +263,33 @@ FEATURE_MAP_LOSSES = [
 ]
 
 
-def test_every_feature_map_loss_trains_a_student_on_the_online_path(ray_cluster, trained, tmp_path):
-    """A cnn_small student on the pixel view (the same widths as the pix_cnn teacher, as FSP needs),
-    all seven terms at once for 2 epochs: the staged ones switch at epoch 1."""
-    cfg0, _ = trained
-    shutil.copytree(cfg0.checkpoint_dir, tmp_path / "teachers")
-    cfg = distill_cfg(tmp_path, **{"distill.teacher_outputs": "online", "distill.teachers": ["pix_cnn"],
-                                   "distill.epochs": 2,
-                                   "distill.student": {"arch": "cnn_small", "modality": "pix", "arch_kwargs": {"width": 8}},
+def _digits_teacher(path: Path) -> Path:
+    """A cnn_small (width 8) trained in-process for a few epochs on `digits` (square 8x8 maps, as
+    the reference's pooling assumes), saved as a plain state_dict: a brought-in teacher."""
+    torch.manual_seed(0)
+    ds = build_dataset("digits", "train")
+    model = build_encoder("cnn_small", ds.spec("image"), 10, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = ds.get_batch(list(range(len(ds))), ["image"])["inputs"]["image"], torch.as_tensor(ds.labels)
+    for _ in range(4):
+        for idx in torch.randperm(len(ds)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx])[1], y[idx]).backward()
+            opt.step()
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_every_feature_map_loss_trains_a_student_on_the_online_path(ray_cluster, tmp_path):
+    """A cnn_small student on `digits` with a teacher of the same widths (as FSP needs), all seven
+    terms at once for 2 epochs: the staged ones switch at epoch 1."""
+    ckpt = _digits_teacher(tmp_path / "dig.pt")
+    cfg = distill_cfg(tmp_path, **{"data": {"name": "digits"},
+                                   "teachers": [{"name": "dig", "arch": "cnn_small", "modality": "image",
+                                                 "arch_kwargs": {"width": 8}, "checkpoint": str(ckpt)}],
+                                   "distill.teacher_outputs": "online", "distill.teachers": ["dig"], "distill.epochs": 2,
+                                   "distill.augment": {"enabled": True, "crop_padding": 1, "flip": False},
+                                   "distill.student": {"arch": "cnn_small", "modality": "image", "arch_kwargs": {"width": 8}},
                                    "distill.losses": [{"name": "ce"}, *FEATURE_MAP_LOSSES]})
     res = run_distill(cfg)
     first, last = res.history
@@ -280,5 +298,5 @@ def test_every_feature_map_loss_trains_a_student_on_the_online_path(ray_cluster,
     assert first["loss/fsp"] > 0 and last["loss/fsp"] == 0  # init epoch, then the reference's loss_kd = 0
     assert first["loss/ab"] > 0 and last["loss/ab"] == 0
     assert first["loss/ft"] == 0 and last["loss/ft"] > 0  # the paraphraser epoch, then the factor transfer
-    assert first["ft/pix_cnn/rec"] > 0 and "ft/pix_cnn/rec" not in last
-    assert res.final_top1 > 0.3  # chance is 0.1
+    assert first["ft/dig/rec"] > 0 and "ft/dig/rec" not in last
+    assert res.final_top1 > 0.15  # above chance (0.1) after 2 short epochs under seven extra terms (0.24 measured)
