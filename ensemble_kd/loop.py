@@ -92,12 +92,29 @@ def needs_feature_maps(cfg: ExperimentConfig) -> bool:
     return any("feature_maps" in LOSSES.meta(t.name).get("needs", ()) for t in cfg.distill.losses)
 
 
+def stage_shapes(model: nn.Module, sample_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shapes of an encoder's ``forward_features`` outputs, from a dry forward of two zero
+    inputs in eval mode (BN statistics untouched), as the reference sizes its connectors."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.zeros(2, *sample_shape, device=next(model.parameters()).device)
+        feats, _ = model.forward_features(x)  # [stage maps ..., (2, d)]
+    model.train(was)
+    return tuple(tuple(f.shape[1:]) for f in feats)
+
+
 def build_module(cfg: ExperimentConfig, data: DistillData | OnlineData, num_classes: int,
                  device: torch.device) -> DistillModule:
     d = cfg.distill
     student = build_encoder(d.student.arch, data.spec, num_classes, **d.student.arch_kwargs)
+    shapes: dict[str, Any] = {}
+    if needs_feature_maps(cfg) and isinstance(data, OnlineData):  # feature-map losses size their parts from these
+        shapes = {"student_feat_shapes": stage_shapes(student, data.spec.shape),
+                  "teacher_feat_shapes": {n: stage_shapes(t.model, data.ds.spec(t.modality).shape)
+                                          for n, t in data.teachers.items()}}
     ctx = LossContext(student_dim=student.embed_dim, num_classes=num_classes, teacher_dims=data.teacher_dims,
-                      bank=data.bank, seed=d.seed, device=device,
+                      bank=data.bank, seed=d.seed, device=device, **shapes,
                       selection=data.selection.manifest if data.selection is not None else None)
     losses = {t.name: build_loss(t.name, ctx, **t.kwargs) for t in d.losses}
     return DistillModule(student, losses, {t.name: t.weight for t in d.losses}, needs_feature_maps(cfg))

@@ -41,6 +41,16 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def memory_update(rows: torch.Tensor, values: torch.Tensor, momentum: float) -> torch.Tensor:
+    """CRD's momentum update of memory rows, the reference ``ContrastMemory``'s: rows (U, D) the
+    memory's current rows, values (U, D) the new features -> (U, D)
+    normalize(momentum * rows + (1 - momentum) * values), to be written back (no gradient: the
+    memory holds constants). Public as ``ensemble_kd.losses.functional.memory_update``; it lives
+    here because the memory (a lower layer than the losses) applies it."""
+    with torch.no_grad():
+        return F.normalize(rows * momentum + values.to(rows) * (1.0 - momentum), dim=1)
+
+
 class MomentumMemory(nn.Module):
     """One L2-normalised vector per train row, updated with momentum (student side of CRD).
 
@@ -83,8 +93,7 @@ class MomentumMemory(nn.Module):
         pos = torch.arange(idx.shape[0], device=idx.device)  # (K,)
         last = torch.full_like(uniq, -1).scatter_reduce(0, inv, pos, reduce="amax")  # (U,)
         rows, vals = idx[last], values[last]  # (U,), (U, D)
-        new = self.memory[rows] * self.momentum + vals * (1.0 - self.momentum)  # (U, D)
-        self.memory[rows] = F.normalize(new, dim=1)
+        self.memory[rows] = memory_update(self.memory[rows], vals, self.momentum)  # (U, D)
 
     def checksum(self) -> str:
         """sha256 of the buffer's bytes (equal on every worker when the memories agree)."""

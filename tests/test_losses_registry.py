@@ -34,6 +34,8 @@ TEST_KWARGS: dict[str, dict] = {
     "crd": {"num_negatives": 64, "feat_dim": 16, "hard_pool": 8},
     "gacd": {"num_negatives": 64, "feat_dim": 16, "hard_pool": 8},
     "dfnd": {"class_accuracy": [0.8, 0.7, 0.9, 0.6, 0.75]},  # C values; else it reads a selection file
+    "hint": {"stage": 1},  # TinyStudent's one intermediate map (the default 2 is its embedding)
+    "ft": {"init_epochs": 0},  # the factor stage (its paraphraser stage: tests/test_featuremap_losses.py)
 }
 
 # Parameters that get no gradient by design, with the reason. Checked both ways: a listed
@@ -42,7 +44,8 @@ EMB_ONLY = "an embedding-level loss reads student_emb only: the student's classi
 MAPS_ONLY = "a feature-map loss reads the intermediate maps only: the embedding and the classifier head take no part"
 NO_GRAD_BY_DESIGN: dict[str, dict[str, str]] = {
     **{name: {"student.head.": EMB_ONLY} for name in ("crd", "gacd", "vid", "fitnet", "pkt", "rkd", "sp", "cc")},
-    "at": {"student.head.": MAPS_ONLY, "student.body.": MAPS_ONLY},
+    **{name: {"student.head.": MAPS_ONLY, "student.body.": MAPS_ONLY}
+       for name in ("at", "fsp", "nst", "sp_map", "hint", "vid_map", "ft", "ab")},
 }
 
 
@@ -57,6 +60,7 @@ METRIC_KEYS: dict[str, Callable[[list[str]], set[str]]] = {
     "gacd": lambda ts: _crd_keys(ts) | {f"gacd/{t}/mean_weight" for t in ts},
     "vid": lambda ts: {f"vid/{t}/{k}" for t in ts for k in ("loss", "sigma_emb")},  # default target: embedding
     "dfnd": lambda ts: {"dfnd/q_diag_mean"},
+    "vid_map": lambda ts: {f"vid_map/{t}/var" for t in ts},
 }
 
 
@@ -77,7 +81,7 @@ class TinyStudent(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         emb, logits = self(x)
         mid = torch.tanh(self.maps(x)).view(x.shape[0], *MAP)  # (B, 3, 4, 4)
-        return [x.view(x.shape[0], 1, 1, -1), mid, emb], logits
+        return [x[:, :4].reshape(x.shape[0], 1, 2, 2), mid, emb], logits  # a square stem map (1, 2, 2), as FSP needs
 
 
 def needs_maps(name: str) -> bool:
@@ -92,7 +96,9 @@ def make_ctx(num_teachers: int, seed: int = 0) -> LossContext:
     bank = TeacherBank(embeddings={n: torch.randn(M, d, generator=g) for n, d in dims.items()},
                        logits={n: 3 * torch.randn(M, C, generator=g) for n in dims},
                        labels=labels, sample_ids=torch.arange(M))
-    return LossContext(student_dim=D_S, num_classes=C, teacher_dims=dims, bank=bank, seed=seed)
+    return LossContext(student_dim=D_S, num_classes=C, teacher_dims=dims, bank=bank, seed=seed,
+                       student_feat_shapes=((1, 2, 2), MAP, (D_S,)),  # TinyStudent.forward_features
+                       teacher_feat_shapes={n: ((1, 8, 8), (MAP[0], 8, 8), (d,)) for n, d in dims.items()})  # make_batch
 
 
 def inputs_of(bank: TeacherBank) -> torch.Tensor:
@@ -104,8 +110,8 @@ def make_batch(ctx: LossContext, rows: torch.Tensor) -> dict:
     """The batch dict the training loop's DistillModule takes."""
     bank = ctx.bank
     g = torch.Generator().manual_seed(11)
-    maps = {n: torch.randn(bank.num_rows, 2 + i, 8, 8, generator=g)[rows]  # (B, C_t, 8, 8): other channels, pooled to 4
-            for i, n in enumerate(bank.embeddings)}
+    # (B, C_t, 8, 8): the student's channels (FSP needs them equal), another size (pooled to 4)
+    maps = {n: torch.randn(bank.num_rows, MAP[0], 8, 8, generator=g)[rows] for n in bank.embeddings}
     return {"x": inputs_of(bank)[rows], "labels": bank.labels[rows], "index": rows,
             "teacher_emb": {n: e[rows] for n, e in bank.embeddings.items()},
             "teacher_logits": {n: t[rows] for n, t in bank.logits.items()},

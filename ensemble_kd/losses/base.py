@@ -95,6 +95,11 @@ class LossContext:
     bank: TeacherBank
     seed: int = 0
     device: torch.device = torch.device("cpu")
+    # Per-sample shapes of each encoder's ``forward_features`` outputs (the stage maps (C, H, W), then
+    # the embedding (d,)), for feature-map losses that size connectors/regressors (FitNet's, AB's, FT's,
+    # VID's) as the reference does from a dry forward; filled by the loop on the online path, else None.
+    student_feat_shapes: tuple[tuple[int, ...], ...] | None = None
+    teacher_feat_shapes: Mapping[str, tuple[tuple[int, ...], ...]] | None = None  # teacher name -> as above
     selection: Mapping[str, Any] | None = None  # the manifest of the selection the run trains on (DFND), if any
 
     @property

@@ -42,85 +42,12 @@ from torch import nn
 from ensemble_kd import dist
 from ensemble_kd.losses._util import as_float, module_keys
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
+from ensemble_kd.losses.functional import crd_scores, nce_loss, nce_z
 from ensemble_kd.memory import MomentumMemory, NegativeSampler, stable_seed
 
-EPS = 1e-7  # as the reference ContrastLoss
 MODES = ("exact", "relax", "reference")
 TEACHER_HEAD_GRADS = ("teacher_anchor", "both")
 NEGATIVES = ("auto", "uniform", "class-aware", "hard")
-
-
-def crd_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float,
-               neg_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised critic scores exp(dot / tau) (the reference ``ContrastMemory`` output before
-    dividing by Z).
-
-    anchor (B, D), positive (B, D); negatives (B, N, D) per anchor, or (N, D) shared by the batch.
-    With ``neg_index`` given, ``negatives`` is a table (U, D) and neg_index (B, N) or (N,) picks
-    its rows (dots are computed once per table row, then gathered: no (B, N, D) tensor).
-    Returns pos (B,), neg (B, N).
-    """
-    pos = (anchor * positive).sum(-1)  # (B,)
-    if neg_index is not None:
-        table = anchor @ negatives.t()  # (B, U)
-        if neg_index.dim() == 1:
-            neg = table[:, neg_index]  # (B, N)
-        else:
-            neg = torch.gather(table, 1, neg_index)  # (B, N)
-    elif negatives.dim() == 2:
-        neg = anchor @ negatives.t()  # (B, N)
-    else:
-        neg = torch.bmm(negatives, anchor.unsqueeze(-1)).squeeze(-1)  # (B, N)
-    return torch.exp(pos / tau), torch.exp(neg / tau)
-
-
-def nce_z(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference's normalising constant: Z = mean(exp(dot/tau)) * M over the (B, 1+N)
-    scores of one batch. pos (B,), neg (B, N) -> scalar (detached). With ``counts`` (U,),
-    neg is (B, U) and column u stands for counts[u] identical negatives (N = counts.sum())."""
-    if counts is None:
-        return torch.cat([pos_score.detach()[:, None], neg_score.detach()], dim=1).mean() * n_data  # over (B, 1+N)
-    B, N = pos_score.shape[0], float(counts.sum())
-    total = pos_score.detach().sum() + (neg_score.detach() * counts[None, :]).sum()  # sum over the (B, 1+N) scores
-    return total / (B * (1.0 + N)) * n_data
-
-
-def nce_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int,
-             valid: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-             z: float | torch.Tensor = 1.0, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """CRD's NCE loss (reference ``ContrastLoss``), averaged over the B anchors.
-
-    pos_score (B,), neg_score (B, N): exp(dot/tau) as from :func:`crd_scores`; P = score / z.
-    n_data: M (noise distribution Pn = 1/M). valid (B, N) bool or None (all valid): invalid
-    negatives contribute 0 and N_i = number of valid negatives of anchor i. weights (B,) or None:
-    multiply each anchor's term (GACD); the sum is still divided by B. counts (U,) or None: the
-    compact form of shared negatives drawn with repeats: neg_score/valid are (B, U) over the
-    distinct rows and column u counts counts[u] times (exactly the expanded loss, U/N the work).
-
-        log D1_i  = log(P_pos_i / (P_pos_i + N_i*Pn + eps))
-        log D0_ij = log(N_i*Pn / (P_neg_ij + N_i*Pn + eps))
-        loss      = -(1/B) * sum_i w_i * (log D1_i + sum_{j valid} log D0_ij)
-
-    Returns a scalar.
-    """
-    B, N = neg_score.shape
-    pn = 1.0 / float(n_data)
-    p_pos, p_neg = pos_score / z, neg_score / z  # (B,), (B, N)
-    c = torch.ones(N, dtype=p_neg.dtype, device=p_neg.device) if counts is None else counts.to(p_neg)  # (N|U,)
-    if valid is None:
-        m = c.sum().expand(B, 1).to(p_neg.dtype)  # (B, 1)
-    else:
-        valid = valid.to(torch.bool)
-        m = (valid.to(p_neg.dtype) * c).sum(1, keepdim=True)  # (B, 1) valid negatives per anchor
-    log_d1 = torch.log(p_pos / (p_pos + m[:, 0] * pn + EPS))  # (B,)
-    num = (m * pn).clamp_min(torch.finfo(p_neg.dtype).tiny)  # (B, 1) no log(0) on empty rows
-    log_d0 = torch.log(num / (p_neg + m * pn + EPS))  # (B, N)
-    if valid is not None:
-        log_d0 = torch.where(valid, log_d0, torch.zeros_like(log_d0))
-    per_anchor = log_d1 + (log_d0 * c).sum(1)  # (B,)
-    if weights is not None:
-        per_anchor = per_anchor * weights.to(per_anchor)
-    return -per_anchor.sum() / B
 
 
 class Embed(nn.Module):
