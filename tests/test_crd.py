@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss, loss_options
-from ensemble_kd.losses.crd import CRDLoss, crd_scores, nce_loss, nce_z
+from ensemble_kd.losses.crd import CRDLoss
+from ensemble_kd.losses.functional import crd_scores, nce_loss, nce_z
 
 EPS = 1e-7
 
@@ -308,22 +309,23 @@ def test_aligned_pairs_lower_loss_than_shuffled():
 
 
 def test_compact_counts_form_equals_expanded_shared_negatives():
-    """Shared negatives with repeats: the (B, U) + counts form is exactly the (B, N) loss and Z."""
-    from ensemble_kd.losses.crd import nce_loss as _nce, nce_z as _z
-
+    """Shared negatives with repeats: the (B, U) + counts form gives the (B, N) loss and Z of the
+    reference formula written out (``_golden``, every drawn column counted)."""
     g = torch.Generator().manual_seed(3)
     B, U, M = 4, 6, 50
-    pos = torch.rand(B, generator=g) + 0.5
-    neg_u = torch.rand(B, U, generator=g) + 0.1
+    pos = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    neg_u = torch.rand(B, U, generator=g, dtype=torch.float64) + 0.1
     valid_u = torch.rand(B, U, generator=g) > 0.3
     counts = torch.tensor([3, 1, 4, 1, 5, 2])
     idx = torch.repeat_interleave(torch.arange(U), counts)  # (N,) the expanded draws
-    w = torch.rand(B, generator=g)
-    exp_z = _z(pos, neg_u[:, idx], M)
-    assert torch.allclose(_z(pos, neg_u, M, counts.float()), exp_z)
-    want = _nce(pos, neg_u[:, idx], M, valid=valid_u[:, idx], weights=w, z=exp_z)
-    got = _nce(pos, neg_u, M, valid=valid_u, weights=w, z=exp_z, counts=counts.float())
-    assert torch.allclose(got, want, rtol=1e-6)
+    w = torch.rand(B, generator=g, dtype=torch.float64)
+    N = int(counts.sum())
+    want_z = (sum(pos.tolist()) + sum(v for row in neg_u[:, idx].tolist() for v in row)) / (B * (1 + N)) * M
+    z = nce_z(pos, neg_u, M, counts.double())
+    assert float(z) == pytest.approx(want_z, rel=1e-12)
+    want = _golden(pos.tolist(), neg_u[:, idx].tolist(), M, want_z, valid_u[:, idx].tolist(), w.tolist())
+    got = nce_loss(pos, neg_u, M, valid=valid_u, weights=w, z=z, counts=counts.double())
+    assert float(got) == pytest.approx(want, rel=1e-9)
 
 
 # -- the teacher head's gradient (teacher_head_grad) ------------------------------------------

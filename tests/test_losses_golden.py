@@ -1,7 +1,9 @@
-"""Golden values of VID, FitNet, PKT, RKD, SP, CC and DKD: each computed here from the paper's
-formula with explicit python loops (numpy for small linear algebra), on a fixed tiny input with
-the trainable parts set to known values, and compared with the pure function and the module
-(``LossOutput.loss``; VID's metrics too)."""
+"""Golden values of VID, FitNet, PKT, RKD, SP, CC and DKD: each computed here from the formula
+(the reference's; the paper's where an option departs from it) with explicit python loops (numpy
+for small linear algebra), on a fixed tiny input with the trainable parts set to known values,
+and compared with the pure function and the module (``LossOutput.loss``; VID's metrics too). The
+reference's own outputs are replayed in tests/test_reference_losses.py; these add the ensembles,
+the options and hand-checkable cases."""
 from __future__ import annotations
 
 import math
@@ -11,14 +13,10 @@ import pytest
 import torch
 
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
-from ensemble_kd.losses.cc import cc_correlation, cc_loss
-from ensemble_kd.losses.dkd import dkd_ensemble_loss, dkd_loss, dkd_terms, warmup_factor
-from ensemble_kd.losses.fitnet import fitnet_loss
+from ensemble_kd.losses import functional as fn
+from ensemble_kd.losses.cc import taylor_cc, taylor_correlation
+from ensemble_kd.losses.dkd import dkd_ensemble_loss, dkd_loss, dkd_terms, ensemble_logits, warmup_factor
 from ensemble_kd.losses.kd import kd_loss
-from ensemble_kd.losses.pkt import pkt_loss
-from ensemble_kd.losses.rkd import rkd_loss
-from ensemble_kd.losses.sp import sp_loss
-from ensemble_kd.losses.vid import vid_loss
 
 # B = 4 samples, student dim 3, teachers "a" (dim 2) and "b" (dim 4), C = 3 classes
 S = [[0.5, -1.0, 2.0], [1.5, 0.3, -0.7], [-0.2, 0.8, 0.1], [2.5, 2.2, -1.9]]
@@ -63,24 +61,23 @@ def set_linear(lin: torch.nn.Linear, W, b) -> None:
 
 # -- VID ------------------------------------------------------------------------------------
 def vid_golden(mu, t, alpha, eps, mean=False):
-    """mean_b sum_c [log sigma_c + (t - mu)^2 / (2 sigma_c^2)], sigma_c = log(1 + exp(alpha_c)) + eps."""
-    sig = [math.log(1.0 + math.exp(a)) + eps for a in alpha]
+    """mean_b sum_c 0.5 [log var_c + (t - mu)^2 / var_c], var_c = log(1 + exp(alpha_c)) + eps the
+    VARIANCE (the reference's pred_var); divided by C when ``mean`` (the reference's element mean)."""
+    var = [math.log(1.0 + math.exp(a)) + eps for a in alpha]
     total = 0.0
     for mb, tb in zip(mu, t):
-        row = sum(math.log(sc) + (tc - mc) ** 2 / (2 * sc * sc) for mc, tc, sc in zip(mb, tb, sig))
-        total += row / (len(sig) if mean else 1)
+        row = sum(0.5 * (math.log(v) + (tc - mc) ** 2 / v) for mc, tc, v in zip(mb, tb, var))
+        total += row / (len(var) if mean else 1)
     return total / len(mu)
 
 
 def test_vid_golden_function_and_module():
     eps, alpha = 1e-5, [0.3, -1.2]
     mu = [matvec(W_REG, B_REG, s) for s in S]
+    want_mean = vid_golden(mu, TA, alpha, eps, mean=True)
+    assert fn.vid(t64(mu), t64(TA), t64(alpha), eps).item() == pytest.approx(want_mean, rel=1e-9)
+    # the module, one teacher: its regressor and alphas set to the values above; default: channel sum
     want = vid_golden(mu, TA, alpha, eps)
-    got = vid_loss(t64(mu), t64(TA), t64(alpha), eps)
-    assert got.item() == pytest.approx(want, rel=1e-9)
-    assert vid_loss(t64(mu), t64(TA), t64(alpha), eps, channel_reduction="mean").item() == pytest.approx(
-        vid_golden(mu, TA, alpha, eps, mean=True), rel=1e-9)
-    # the module, one teacher: its regressor and alphas set to the values above
     mod = build_loss("vid", ctx_of(("a",)), init_var=5.0, eps=eps).double()
     head = mod.emb_heads["a"]
     set_linear(head.regressor, W_REG, B_REG)
@@ -88,24 +85,32 @@ def test_vid_golden_function_and_module():
         head.alpha.copy_(t64(alpha))
     out = mod(inputs(("a",)))
     assert out.loss.item() == pytest.approx(want, rel=1e-9)
-    # metrics: the teacher's term and the mean sigma, from the hand values
-    sigma = [math.log(1.0 + math.exp(a)) + eps for a in alpha]
+    # metrics: the teacher's term and the mean standard deviation sqrt(var), from the hand values
+    std = [math.sqrt(math.log(1.0 + math.exp(a)) + eps) for a in alpha]
     assert set(out.metrics) == {"vid/a/loss", "vid/a/sigma_emb"}
     assert out.metrics["vid/a/loss"].item() == pytest.approx(want, rel=1e-9)
-    assert out.metrics["vid/a/sigma_emb"].item() == pytest.approx(sum(sigma) / 2, rel=1e-9)
+    assert out.metrics["vid/a/sigma_emb"].item() == pytest.approx(sum(std) / 2, rel=1e-9)
     mean_mod = build_loss("vid", ctx_of(("a",)), eps=eps, channel_reduction="mean").double()
     mean_mod.load_state_dict(mod.state_dict())
-    assert mean_mod(inputs(("a",))).loss.item() == pytest.approx(vid_golden(mu, TA, alpha, eps, mean=True), rel=1e-9)
+    assert mean_mod(inputs(("a",))).loss.item() == pytest.approx(want_mean, rel=1e-9)
 
 
-def test_vid_init_sigma_and_ensemble_with_logits():
+def test_vid_init_var_is_the_variance_and_ensemble_with_logits():
+    """init_var is the initial VARIANCE softplus(alpha) + eps (the reference's init_pred_var):
+    with a zero regressor the initial loss is 0.5 * (log 5 + t^2 / 5) per element, by hand."""
     ctx = ctx_of()
     mod = build_loss("vid", ctx, init_var=5.0, target="both", teacher_weights={"a": 1.0, "b": 3.0}).double()
     for heads in (mod.emb_heads, mod.logit_heads):
-        for h in heads.values():  # sigma starts at init_var
-            sig = torch.nn.functional.softplus(h.alpha) + 1e-5
-            assert torch.allclose(sig, torch.full_like(sig, 5.0), atol=1e-9)
+        for h in heads.values():
+            var = torch.nn.functional.softplus(h.alpha) + 1e-5
+            assert torch.allclose(var, torch.full_like(var, 5.0), atol=1e-9)
     assert mod.emb_heads["b"].regressor.weight.shape == (4, 3) and mod.logit_heads["a"].regressor.weight.shape == (3, 3)
+    one = build_loss("vid", ctx_of(("a",)), init_var=5.0, channel_reduction="mean").double()
+    with torch.no_grad():
+        one.emb_heads["a"].regressor.weight.zero_()
+        one.emb_heads["a"].regressor.bias.zero_()
+    by_hand = sum(0.5 * (math.log(5.0) + t * t / 5.0) for row in TA for t in row) / 8
+    assert one(inputs(("a",))).loss.item() == pytest.approx(by_hand, rel=1e-6)  # alpha set in float32
     x = inputs()
     want = 0.0
     for name, w, t_emb, t_log in (("a", 0.25, TA, A_LOGITS), ("b", 0.75, TB, B_LOGITS)):
@@ -116,7 +121,7 @@ def test_vid_init_sigma_and_ensemble_with_logits():
     out = mod(x)
     assert out.loss.item() == pytest.approx(want, rel=1e-9)
     assert set(out.metrics) == {f"vid/{n}/{k}" for n in "ab" for k in ("loss", "sigma_emb", "sigma_logits")}
-    assert out.metrics["vid/b/sigma_logits"].item() == pytest.approx(5.0, rel=1e-6)  # init_var (alpha set in float32)
+    assert out.metrics["vid/b/sigma_logits"].item() == pytest.approx(math.sqrt(5.0), rel=1e-6)  # sqrt(init_var)
     # an MLP regressor option, and clear errors
     mlp = build_loss("vid", ctx, hidden=5)
     assert isinstance(mlp.emb_heads["a"].regressor, torch.nn.Sequential)
@@ -129,14 +134,14 @@ def test_vid_init_sigma_and_ensemble_with_logits():
 
 
 def test_vid_learns_the_noise_scale():
-    """A perfect regressor leaves only sum log sigma: minimising drives sigma down (and the loss
-    below 0), the information-maximising direction."""
+    """A perfect regressor leaves only 0.5 mean log var: minimising drives the variance down (and
+    the loss below 0), the information-maximising direction."""
     torch.manual_seed(0)
     t = torch.randn(64, 4)
     alpha = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([alpha], lr=0.5)
     for _ in range(50):
-        loss = vid_loss(t + 0.01 * torch.randn(64, 4), t, alpha)
+        loss = fn.vid(t + 0.01 * torch.randn(64, 4), t, alpha)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -147,12 +152,12 @@ def test_vid_learns_the_noise_scale():
 def test_fitnet_golden_function_and_module():
     reg = [matvec(W_REG, B_REG, s) for s in S]
     want = sum((r - t) ** 2 for rb, tb in zip(reg, TA) for r, t in zip(rb, tb)) / (4 * 2)
-    assert fitnet_loss(t64(reg), t64(TA)).item() == pytest.approx(want, rel=1e-9)
+    assert fn.hint(t64(reg), t64(TA)).item() == pytest.approx(want, rel=1e-9)
     mod = build_loss("fitnet", ctx_of(), teacher_weights={"a": 1.0}).double()
     set_linear(mod.regressors["a"], W_REG, B_REG)
     assert mod(inputs()).loss.item() == pytest.approx(want, rel=1e-9)
-    with pytest.raises(ValueError, match="fitnet"):
-        fitnet_loss(t64(reg), t64(TB))
+    with pytest.raises(ValueError, match="hint"):
+        fn.hint(t64(reg), t64(TB))
 
 
 # -- PKT ------------------------------------------------------------------------------------
@@ -170,11 +175,11 @@ def pkt_golden(Fs, Ft, eps=1e-7):
 
 def test_pkt_golden_function_and_module():
     want_a, want_b = pkt_golden(S, TA), pkt_golden(S, TB)
-    assert pkt_loss(t64(S), t64(TA)).item() == pytest.approx(want_a, rel=1e-9)
+    assert fn.pkt(t64(S), t64(TA)).item() == pytest.approx(want_a, rel=1e-9)
     assert want_a > 0
     mod = build_loss("pkt", ctx_of())
     assert mod(inputs()).loss.item() == pytest.approx(0.5 * want_a + 0.5 * want_b, rel=1e-9)
-    assert pkt_loss(t64(TB), t64(TB)).item() == pytest.approx(0.0, abs=1e-12)
+    assert fn.pkt(t64(TB), t64(TB)).item() == pytest.approx(0.0, abs=1e-12)
 
 
 # -- RKD ------------------------------------------------------------------------------------
@@ -213,13 +218,13 @@ def test_rkd_golden_function_and_module():
     seen: set = set()
     want = rkd_golden(far, TA, 25, 50, seen)
     assert seen == {True, False}  # both Huber branches are exercised
-    assert rkd_loss(t64(far), t64(TA)).item() == pytest.approx(want, rel=1e-9)
-    assert rkd_loss(t64(S), t64(TB), 2.0, 0.5).item() == pytest.approx(rkd_golden(S, TB, 2.0, 0.5), rel=1e-9)
+    assert fn.rkd(t64(far), t64(TA)).item() == pytest.approx(want, rel=1e-9)
+    assert fn.rkd(t64(S), t64(TB), 2.0, 0.5).item() == pytest.approx(rkd_golden(S, TB, 2.0, 0.5), rel=1e-9)
     mod = build_loss("rkd", ctx_of(), w_dist=3.0, w_angle=7.0, teacher_weights={"a": 2.0, "b": 2.0})
     want_mod = 0.5 * rkd_golden(S, TA, 3.0, 7.0) + 0.5 * rkd_golden(S, TB, 3.0, 7.0)
     assert mod(inputs()).loss.item() == pytest.approx(want_mod, rel=1e-9)
     # invariant to the student's scale (distances are normalised by their mean; angles are angles)
-    assert rkd_loss(t64(S) * 7.5, t64(TA)).item() == pytest.approx(rkd_loss(t64(S), t64(TA)).item(), rel=1e-9)
+    assert fn.rkd(t64(S) * 7.5, t64(TA)).item() == pytest.approx(fn.rkd(t64(S), t64(TA)).item(), rel=1e-9)
     with pytest.raises(ValueError, match="rkd"):
         build_loss("rkd", ctx_of(), w_dist=0.0, w_angle=0.0)
 
@@ -237,10 +242,10 @@ def sp_golden(Fs, Ft):
 
 def test_sp_golden_function_and_module():
     want_a, want_b = sp_golden(S, TA), sp_golden(S, TB)
-    assert sp_loss(t64(S), t64(TA)).item() == pytest.approx(want_a, rel=1e-9)
+    assert fn.sp(t64(S), t64(TA)).item() == pytest.approx(want_a, rel=1e-9)
     mod = build_loss("sp", ctx_of(), teacher_weights={"a": 1.0, "b": 3.0})
     assert mod(inputs()).loss.item() == pytest.approx(0.25 * want_a + 0.75 * want_b, rel=1e-9)
-    assert sp_loss(t64(S), 3.0 * t64(S)).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
+    assert fn.sp(t64(S), 3.0 * t64(S)).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
 
 
 # -- CC -------------------------------------------------------------------------------------
@@ -261,24 +266,52 @@ def cc_golden(Fs, Ft, gamma=0.4, order=2):
     return sum((Ct[i][j] - Cs[i][j]) ** 2 for i in range(n) for j in range(n)) / (n * n)
 
 
-def test_cc_golden_function_and_module():
-    assert cc_loss(t64(S), t64(TA)).item() == pytest.approx(cc_golden(S, TA), rel=1e-9)
-    assert cc_loss(t64(S), t64(TB), 0.7, 3).item() == pytest.approx(cc_golden(S, TB, 0.7, 3), rel=1e-9)
+def cc_reference_golden(Fs, Ft):
+    """RepDistiller's Correlation: delta = |f_s - f_t|; mean over b < B-1 of sum_c delta_b,c delta_b+1,c."""
+    delta = [[abs(a - b) for a, b in zip(rs, rt)] for rs, rt in zip(Fs, Ft)]
+    return sum(sum(x * y for x, y in zip(delta[i], delta[i + 1])) for i in range(len(delta) - 1)) / (len(delta) - 1)
+
+
+def test_cc_reference_kernel_golden_function_and_module():
+    """The default kernel is RepDistiller's: after the heads, on consecutive rows of the batch."""
+    tb3 = [row[:3] for row in TB]
+    assert fn.cc(t64(S), t64(tb3)).item() == pytest.approx(cc_reference_golden(S, tb3), rel=1e-12)
+    mod = build_loss("cc", ctx_of(("a",)), feat_dim=2).double()
+    assert mod.kernel == "reference"
+    Ws, bs = [[1.0, 0.5, -0.5], [0.0, 2.0, 1.0]], [0.1, 0.0]
+    Wt, bt = [[0.3, -1.0], [1.0, 1.0]], [0.0, 0.2]
+    set_linear(mod.embed_s["a"], Ws, bs)
+    set_linear(mod.embed_t["a"], Wt, bt)
+    want = cc_reference_golden([matvec(Ws, bs, s) for s in S], [matvec(Wt, bt, t) for t in TA])
+    assert mod(inputs(("a",))).loss.item() == pytest.approx(want, rel=1e-9)
+    student_only = build_loss("cc", ctx_of(("a",)), feat_dim=2, embed="student").double()
+    set_linear(student_only.embed_s["a"], Ws, bs)
+    assert student_only(inputs(("a",))).loss.item() == pytest.approx(
+        cc_reference_golden([matvec(Ws, bs, s) for s in S], TA), rel=1e-9)
+    with pytest.raises(ValueError, match="cc: kernel 'reference' with embed 'none'"):
+        build_loss("cc", ctx_of(("a",)), embed="none")  # 3 student dims, 2 teacher dims
+    with pytest.raises(ValueError, match="cc: kernel must be"):
+        build_loss("cc", ctx_of(("a",)), kernel="rbf")
+
+
+def test_cc_taylor_kernel_golden_function_and_module():
+    assert taylor_cc(t64(S), t64(TA)).item() == pytest.approx(cc_golden(S, TA), rel=1e-9)
+    assert taylor_cc(t64(S), t64(TB), 0.7, 3).item() == pytest.approx(cc_golden(S, TB, 0.7, 3), rel=1e-9)
     # a high order approaches the exact Gaussian RBF kernel exp(-gamma ||x - y||^2) of the unit rows
     unit = np.array(S) / np.linalg.norm(S, axis=1, keepdims=True)
     rbf = np.exp(-0.4 * ((unit[:, None, :] - unit[None, :, :]) ** 2).sum(-1))
-    assert np.allclose(cc_correlation(t64(S), 0.4, 12).numpy(), rbf, atol=1e-9)
+    assert np.allclose(taylor_correlation(t64(S), 0.4, 12).numpy(), rbf, atol=1e-9)
     # the module without heads, then with fixed heads on both sides
-    raw = build_loss("cc", ctx_of(("b",)), embed="none")
+    raw = build_loss("cc", ctx_of(("b",)), embed="none", kernel="taylor")
     assert raw(inputs(("b",))).loss.item() == pytest.approx(cc_golden(S, TB), rel=1e-9)
-    mod = build_loss("cc", ctx_of(("a",)), feat_dim=2).double()
+    mod = build_loss("cc", ctx_of(("a",)), feat_dim=2, kernel="taylor").double()
     Ws, bs = [[1.0, 0.5, -0.5], [0.0, 2.0, 1.0]], [0.1, 0.0]
     Wt, bt = [[0.3, -1.0], [1.0, 1.0]], [0.0, 0.2]
     set_linear(mod.embed_s["a"], Ws, bs)
     set_linear(mod.embed_t["a"], Wt, bt)
     want = cc_golden([matvec(Ws, bs, s) for s in S], [matvec(Wt, bt, t) for t in TA])
     assert mod(inputs(("a",))).loss.item() == pytest.approx(want, rel=1e-9)
-    student_only = build_loss("cc", ctx_of(("a",)), feat_dim=2, embed="student").double()
+    student_only = build_loss("cc", ctx_of(("a",)), feat_dim=2, embed="student", kernel="taylor").double()
     assert len(student_only.embed_t) == 0
     set_linear(student_only.embed_s["a"], Ws, bs)
     assert student_only(inputs(("a",))).loss.item() == pytest.approx(
@@ -314,11 +347,15 @@ def test_dkd_golden_function_and_module():
     assert dkd_loss(s, a, y).item() == pytest.approx(want, rel=1e-9)
     assert dkd_loss(s, b, y, 0.5, 2.0, 2.0).item() == pytest.approx(
         dkd_golden(S_LOGITS, B_LOGITS, LABELS, 0.5, 2.0, 2.0), rel=1e-9)
-    # ensembles: per_teacher = weighted sum; mean_probs = DKD against log(sum_k w_k softmax(z_k))
+    # ensembles: per_teacher = weighted sum; mean_probs = DKD against the teachers' probabilities
+    # averaged AT T (as KD's mean_probs): logits T log(sum_k w_k softmax(z_k / T))
     per = 0.25 * dkd_golden(S_LOGITS, A_LOGITS, LABELS, 1, 8, 4) + 0.75 * dkd_golden(S_LOGITS, B_LOGITS, LABELS, 1, 8, 4)
-    ens = [[math.log(0.25 * pa + 0.75 * pb) for pa, pb in zip(softmax(ra), softmax(rb))]
+    ens = [[4.0 * math.log(0.25 * pa + 0.75 * pb) for pa, pb in zip(softmax(ra, 4.0), softmax(rb, 4.0))]
            for ra, rb in zip(A_LOGITS, B_LOGITS)]
     mean_probs = dkd_golden(S_LOGITS, ens, LABELS, 1, 8, 4)
+    ens_t1 = [[math.log(0.25 * pa + 0.75 * pb) for pa, pb in zip(softmax(ra), softmax(rb))]
+              for ra, rb in zip(A_LOGITS, B_LOGITS)]
+    assert abs(dkd_golden(S_LOGITS, ens_t1, LABELS, 1, 8, 4) - mean_probs) > 1e-3  # the old (T = 1) average differs
     mod_per = build_loss("dkd", ctx_of(), reduction="per_teacher", teacher_weights={"a": 1.0, "b": 3.0})
     mod_mean = build_loss("dkd", ctx_of(), teacher_weights={"a": 1.0, "b": 3.0})
     assert mod_per(inputs()).loss.item() == pytest.approx(per, rel=1e-9)
@@ -360,5 +397,18 @@ def test_dkd_decomposes_kd():
         s, t, y = t64([S_LOGITS[i]]), t64([A_LOGITS[i]]), torch.tensor([LABELS[i]])
         tckd, nckd = dkd_terms(s, t, y, T)
         p_y = softmax(A_LOGITS[i], T)[LABELS[i]]
-        kd = kd_loss(s, [t], temperature=T).item() / T ** 2  # kd_loss computes in float32
-        assert kd == pytest.approx(tckd.item() + (1 - p_y) * nckd.item(), rel=1e-5)
+        kd = kd_loss(s, [t], temperature=T).item() / T ** 2
+        assert kd == pytest.approx(tckd.item() + (1 - p_y) * nckd.item(), rel=1e-9)
+
+
+def test_dkd_mean_probs_decomposes_kd_mean_probs():
+    """DKD's and KD's ``mean_probs`` share one target, the teachers' probabilities averaged at T:
+    KD(ensemble) = TCKD + (1 - p_y^ens) NCKD per sample, with p^ens = sum_k w_k softmax(z_k / T)."""
+    T, w = 4.0, [0.25, 0.75]
+    for i in range(4):
+        s, y = t64([S_LOGITS[i]]), torch.tensor([LABELS[i]])
+        ts = [t64([A_LOGITS[i]]), t64([B_LOGITS[i]])]
+        tckd, nckd = dkd_terms(s, ensemble_logits(ts, w, T), y, T)
+        p_y = w[0] * softmax(A_LOGITS[i], T)[LABELS[i]] + w[1] * softmax(B_LOGITS[i], T)[LABELS[i]]
+        kd = kd_loss(s, ts, T, w, "mean_probs").item() / T ** 2
+        assert kd == pytest.approx(tckd.item() + (1 - p_y) * nckd.item(), rel=1e-9)

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from ensemble_kd.losses import functional as fn
 from ensemble_kd.losses.base import DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.crd import CRDLoss
 from tests.helpers import spawn_processes
@@ -73,6 +76,37 @@ def test_reference_mode_replays_repdistiller_crd(ref):
         worst = {k: max(v, worst.get(k, 0.0)) for k, v in diffs.items()}
     print("max abs differences against crd.pt over 3 steps:", {k: f"{v:.2e}" for k, v in worst.items()})
     assert int(loss.step) == 3
+
+
+def test_functional_pieces_replay_repdistiller_crd(ref):
+    """The public pure functions alone (heads written out as Linear + L2 normalisation): scores,
+    Z from the first step, the NCE loss of both directions and the momentum update of both
+    memories replay the fixture's three steps, gradients w.r.t. f_s and f_t included, to 1e-6."""
+    cfg, init = ref["config"], ref["init"]
+    M, tau = cfg["n_data"], cfg["nce_t"]
+    mem_s, mem_t = init["memory_v1"].clone(), init["memory_v2"].clone()  # (M, F) student, teacher side
+    z: list[torch.Tensor | None] = [None, None]
+    for i, step in enumerate(ref["steps"]):
+        f_s = step["f_s"].clone().requires_grad_(True)  # (B, s_dim)
+        f_t = step["f_t"].clone().requires_grad_(True)  # (B, t_dim)
+        s = F.normalize(f_s @ init["embed_s.weight"].t() + init["embed_s.bias"], dim=1)  # (B, F)
+        t = F.normalize(f_t @ init["embed_t.weight"].t() + init["embed_t.bias"], dim=1)  # (B, F)
+        pos_rows, neg_rows = step["contrast_idx"][:, 0], step["contrast_idx"][:, 1:]  # (B,), (B, N)
+        loss = torch.zeros((), dtype=torch.float64)
+        # out_v1: the student anchor against the teacher memory; out_v2: the teacher anchor against the student's
+        for which, (anchor, mem) in enumerate(((s, mem_t), (t, mem_s))):
+            pos, neg = fn.crd_scores(anchor, mem[pos_rows], mem[neg_rows], tau)  # (B,), (B, N)
+            if z[which] is None:
+                z[which] = fn.nce_z(pos, neg, M)
+            loss = loss + fn.nce_loss(pos, neg, M, z=z[which])
+        loss.backward()
+        idx = step["idx"]
+        mem_s[idx] = fn.memory_update(mem_s[idx], s.detach(), cfg["nce_m"])
+        mem_t[idx] = fn.memory_update(mem_t[idx], t.detach(), cfg["nce_m"])
+        got = {"loss": loss.detach(), "grad_f_s": f_s.grad, "grad_f_t": f_t.grad, "Z_v1": z[0], "Z_v2": z[1],
+               "memory_v1_after": mem_s, "memory_v2_after": mem_t}
+        diffs = {k: float((v - torch.as_tensor(step[k], dtype=torch.float64)).abs().max()) for k, v in got.items()}
+        assert all(v <= TOL for v in diffs.values()), f"step {i}: {diffs}"
 
 
 def test_reference_mode_draws_uniformly_without_bank_embeddings():

@@ -160,3 +160,103 @@ def test_registered_at_module_sums_the_intermediate_stages(ref):
         at_stages([stem, *g_s, emb], [stem, g_t[0], emb])
     with pytest.raises(ValueError, match="the online data path"):
         mod(DistillInputs(emb, torch.zeros(B, 3), torch.zeros(B, dtype=torch.int64), torch.arange(B)))
+
+
+def _identity(lin: torch.nn.Linear) -> None:
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(*lin.weight.shape, dtype=lin.weight.dtype))
+        lin.bias.zero_()
+
+
+def _module_pair(name: str, options: dict, e: dict, k_s: str = "f_s", k_t: str = "f_t", logits: bool = False,
+                 setup=None) -> None:
+    """Registered loss ``name`` (one teacher) on the entry's pair: value and both gradients."""
+    s, t = _leaves([e["inputs"][k_s], e["inputs"][k_t]])
+    B = s.shape[0]
+    mod = build_loss(name, _ctx(s.shape[1], {"t": t.shape[1]}, B, C=s.shape[1] if logits else 10), **options).double()
+    if setup is not None:
+        setup(mod)
+    zeros = torch.zeros(B, 10, dtype=torch.float64)
+    x = (DistillInputs(zeros, s, torch.zeros(B, dtype=torch.int64), torch.arange(B), teacher_logits={"t": t})
+         if logits else
+         DistillInputs(s, zeros, torch.zeros(B, dtype=torch.int64), torch.arange(B), teacher_emb={"t": t}))
+    out = mod(x)
+    _close(out.loss, torch.as_tensor(e["value"], dtype=torch.float64), f"{name} module value")
+    out.loss.backward()
+    _close(s.grad, e["grad"][k_s], f"{name} module grad {k_s}")
+    _close(t.grad, e["grad"][k_t], f"{name} module grad {k_t}")
+
+
+def test_registered_kd_equals_the_reference(ref):
+    e = ref["kd_T4"]
+    _module_pair("kd", {"temperature": e["T"]}, e, "y_s", "y_t", logits=True)
+    _module_pair("kd", {"temperature": e["T"], "reduction": "per_teacher"}, e, "y_s", "y_t", logits=True)
+
+
+def test_registered_fitnet_with_an_identity_regressor_is_the_reference_hint(ref):
+    """The reference's HintLoss is the MSE after the regressor (ConvReg there, Linear here): with
+    the regressor set to the identity the module is the hint itself, gradients included."""
+    _module_pair("fitnet", {}, ref["hint_mse"], setup=lambda m: _identity(m.regressors["t"]))
+
+
+def test_registered_cc_equals_the_reference_after_its_heads(ref):
+    """The fixture's features are already embedded (the reference's LinearEmbed heads left out):
+    ``embed: none`` is the reference's Correlation; identity heads (``both``) give the same."""
+    e = ref["cc_correlation"]
+    _module_pair("cc", {"embed": "none"}, e)
+
+    def heads(m):
+        _identity(m.embed_s["t"])
+        _identity(m.embed_t["t"])
+
+    _module_pair("cc", {"embed": "both", "feat_dim": e["inputs"]["f_s"].shape[1]}, e, setup=heads)
+
+
+def test_registered_pkt_and_rkd_equal_the_reference(ref):
+    _module_pair("pkt", {}, ref["pkt"])
+    _module_pair("rkd", {}, ref["rkd_d25_a50"])  # defaults w_dist 25, w_angle 50; no teacher gradient
+
+
+def test_registered_sp_on_flattened_maps_equals_the_reference_per_stage(ref):
+    """The module takes (B, d) features; the reference flattens each map (B, C*H*W) first, so the
+    module on the flattened maps is the reference's per-stage value and gradient."""
+    e = ref["sp"]
+    for i, (g_s, g_t) in enumerate(zip(e["inputs"]["g_s"], e["inputs"]["g_t"])):
+        B = g_s.shape[0]
+        entry = {"inputs": {"f_s": g_s.reshape(B, -1), "f_t": g_t.reshape(B, -1)}, "value": e["values_per_stage"][i],
+                 "grad": {"f_s": e["grad"]["g_s"][i].reshape(B, -1), "f_t": e["grad"]["g_t"][i].reshape(B, -1)}}
+        _module_pair("sp", {}, entry)
+
+
+def test_registered_vid_equals_the_reference_per_pixel(ref):
+    """A conv1x1 on a map is a Linear on its pixels, and the reference's mean over (B, C, H, W)
+    is the element mean over (B*H*W, C) rows: the embedding VID (``channel_reduction: mean``) with
+    the reference's regressor shape (conv1x1 - ReLU - conv1x1 - ReLU - conv1x1, no biases; ours is
+    a Linear by default: a documented difference) and alpha = log_scale replays the entry,
+    gradients w.r.t. the input and log_scale included; at init the variance is init_pred_var."""
+    e = ref["vid"]
+    x, target, params = e["inputs"]["input"], e["inputs"]["target"], e["params"]
+    B, C_s, H, W = x.shape
+    C_t = target.shape[1]
+    rows = x.permute(0, 2, 3, 1).reshape(-1, C_s).clone().requires_grad_(True)  # (B*H*W, C_s)
+    t_rows = target.permute(0, 2, 3, 1).reshape(-1, C_t)  # (B*H*W, C_t)
+    mod = build_loss("vid", _ctx(C_s, {"t": C_t}, rows.shape[0]), init_var=e["init_pred_var"], eps=e["eps"],
+                     channel_reduction="mean").double()
+    head = mod.emb_heads["t"]
+    var0 = fn.vid_variance(head.alpha.detach(), e["eps"])
+    assert torch.allclose(var0, torch.full_like(var0, e["init_pred_var"]), rtol=1e-6)
+    layers = [torch.nn.Linear(C_s, C_t, bias=False), torch.nn.ReLU(), torch.nn.Linear(C_t, C_t, bias=False),
+              torch.nn.ReLU(), torch.nn.Linear(C_t, C_t, bias=False)]
+    for lin, key in zip(layers[::2], ("regressor.0.weight", "regressor.2.weight", "regressor.4.weight")):
+        lin.weight = torch.nn.Parameter(params[key][:, :, 0, 0].clone())
+    head.regressor = torch.nn.Sequential(*layers).double()
+    with torch.no_grad():
+        head.alpha.copy_(params["log_scale"])
+    n = rows.shape[0]
+    out = mod(DistillInputs(rows, torch.zeros(n, 10, dtype=torch.float64), torch.zeros(n, dtype=torch.int64),
+                            torch.arange(n), teacher_emb={"t": t_rows}))
+    _close(out.loss, torch.as_tensor(e["value"], dtype=torch.float64), "vid module value")
+    out.loss.backward()
+    _close(rows.grad.reshape(B, H, W, C_s).permute(0, 3, 1, 2), e["grad"]["input"], "vid module grad input")
+    _close(head.alpha.grad, e["grad"]["log_scale"], "vid module grad log_scale")
+    _close(out.metrics["vid/t/sigma_emb"], e["pred_var"].sqrt().mean(), "vid module sigma metric")

@@ -1,22 +1,25 @@
 """CC: Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang, "Correlation Congruence for Knowledge
 Distillation", ICCV 2019.
 
-The student matches the teacher's correlation between the samples of a batch. Embeddings are
-L2 normalised, and the correlation is a Gaussian RBF kernel k(x, y) = exp(-gamma ||x - y||^2),
-which for unit vectors is exp(-2 gamma) exp(2 gamma x.y), approximated by its P-order Taylor
-expansion (the paper's generalised kernel):
+The student matches the teacher's correlation between the samples of a batch. ``kernel`` picks
+the correlation:
 
-    C_ij = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! * (f_i . f_j)^p          (B, B)
-    loss = ||C_t - C_s||^2 / B^2          (the mean squared difference of the two matrices)
+- ``reference`` (default): RepDistiller's ``Correlation`` (the code its author restructured from
+  the CC authors'), :func:`~ensemble_kd.losses.functional.cc`: with delta = |f_s - f_t| (B, d) on
+  the embedded features, loss = mean_{b < B-1} sum_c delta_{b,c} delta_{b+1,c} (consecutive
+  samples of the batch).
+- ``taylor``: the paper's generalised kernel (Knowledge-Distillation-Zoo's ``CC``): unit rows,
+  C_ij = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (f_i . f_j)^p (the P-order Taylor
+  expansion of the Gaussian RBF kernel), loss = ||C_t - C_s||^2 / B^2; ``gamma`` (0.4) and
+  ``order`` (P = 2) apply to it only.
 
-Defaults gamma = 0.4, P = 2 as the reference implementation (Knowledge-Distillation-Zoo ``CC``,
-the one with the P-order Taylor kernel). As RepDistiller's CC setup, each side first goes through
-a trainable linear embedding to ``feat_dim`` = 128 (``embed: both``); ``embed: student`` embeds
-only the student (the teacher's correlation then stays that of its fixed embeddings) and
-``embed: none`` uses the raw embeddings (C is (B, B) whatever the dims). With ``both`` the
-teacher-side head is learned jointly, as in RepDistiller; it could in principle shrink both
-correlations together, which ``student`` rules out. Every teacher has its own heads; an ensemble
-is sum_k w_k * CC_k. (The paper's full objective adds KD and CE: separate loss terms here.)
+As RepDistiller's CC setup, each side first goes through a trainable linear embedding to
+``feat_dim`` = 128 (``embed: both``; RepDistiller's ``LinearEmbed``, loss weight beta = 0.02
+there); ``embed: student`` embeds only the student (the teacher's correlation then stays that
+of its fixed embeddings) and ``embed: none`` uses the raw embeddings (``reference`` then needs
+equal dims). With ``both`` the teacher-side head is learned jointly, as in RepDistiller. Every
+teacher has its own heads; an ensemble is sum_k w_k * CC_k. (The paper's full objective adds KD
+and CE: separate loss terms here.)
 """
 from __future__ import annotations
 
@@ -30,12 +33,15 @@ from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
+from ensemble_kd.losses.functional import cc
 
 Embed = Literal["both", "student", "none"]
+Kernel = Literal["reference", "taylor"]
 
 
-def cc_correlation(f: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
-    """f (B, d) -> (B, B) P-order Taylor approximation of the Gaussian RBF kernel of the unit rows."""
+def taylor_correlation(f: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+    """f (B, d) -> (B, B) P-order Taylor approximation of the Gaussian RBF kernel of the unit rows
+    (``kernel: taylor`` only; not RepDistiller's formula)."""
     f = F.normalize(f, p=2, dim=1)  # (B, d)
     sim = f @ f.t()  # (B, B) cosine similarities
     corr = torch.zeros_like(sim)
@@ -44,30 +50,39 @@ def cc_correlation(f: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch
     return corr  # (B, B)
 
 
-def cc_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+def taylor_cc(student_emb: torch.Tensor, teacher_emb: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
     """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar ||C_t - C_s||^2 / B^2."""
     s = as_float(student_emb)
-    c_s = cc_correlation(s, gamma, order)  # (B, B)
-    c_t = cc_correlation(as_float(teacher_emb).to(s.dtype), gamma, order)  # (B, B)
+    c_s = taylor_correlation(s, gamma, order)  # (B, B)
+    c_t = taylor_correlation(as_float(teacher_emb).to(s.dtype), gamma, order)  # (B, B)
     return F.mse_loss(c_s, c_t)
 
 
 @LOSSES.register("cc", needs_teachers=True, paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019")
 class CCLoss(nn.Module):
-    """Per teacher: optional linear heads, then cc_loss; sum_k w_k * CC_k."""
+    """Per teacher: optional linear heads, then the ``kernel``'s CC; sum_k w_k * CC_k."""
 
     def __init__(self, ctx: LossContext, *, gamma: float = 0.4, order: int = 2, feat_dim: int = 128,
-                 embed: Embed = "both", teacher_weights: Mapping[str, float] | None = None) -> None:
+                 embed: Embed = "both", kernel: Kernel = "reference",
+                 teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if gamma <= 0:
             raise ValueError(f"cc: gamma must be > 0, got {gamma}")
         if order < 0 or int(order) != order:
             raise ValueError(f"cc: order must be an integer >= 0, got {order}")
+        if kernel not in ("reference", "taylor"):
+            raise ValueError(f"cc: kernel must be 'reference' or 'taylor', got {kernel!r}")
         if embed not in ("both", "student", "none"):
             raise ValueError(f"cc: embed must be 'both', 'student' or 'none', got {embed!r}")
         if embed != "none" and (feat_dim < 1 or int(feat_dim) != feat_dim):
             raise ValueError(f"cc: feat_dim must be an integer >= 1, got {feat_dim}")
-        self.gamma, self.order, self.embed = float(gamma), int(order), embed
+        if kernel == "reference" and embed != "both":  # delta = |f_s - f_t| needs one dim on both sides
+            s_dim = int(feat_dim) if embed == "student" else ctx.student_dim
+            bad = {n: d for n, d in ctx.teacher_dims.items() if d != s_dim}
+            if bad:
+                raise ValueError(f"cc: kernel 'reference' with embed {embed!r} compares the student's {s_dim} dims "
+                                 f"with the teacher's: teachers {bad} differ (use embed 'both' or kernel 'taylor')")
+        self.gamma, self.order, self.embed, self.kernel = float(gamma), int(order), embed, kernel
         self.teachers = ctx.teachers
         self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         feat_dim = int(feat_dim)
@@ -88,7 +103,9 @@ class CCLoss(nn.Module):
             s = self.embed_s[key](s)  # (B, feat_dim)
         if key in self.embed_t:
             t = self.embed_t[key](t)  # (B, feat_dim)
-        return cc_loss(s, t, self.gamma, self.order)
+        if self.kernel == "taylor":
+            return taylor_cc(s, t, self.gamma, self.order)
+        return cc(s, t)
 
     def forward(self, x: DistillInputs) -> LossOutput:
         return LossOutput(weighted_teacher_sum(self.weights, lambda n: self.teacher_loss(n, x), x.student_emb))

@@ -16,9 +16,11 @@ epochs >= W - 1 the full loss (mdistiller's min(epoch / W, 1) with its 1-based e
 (default): no warm-up. Without it, a large beta can swamp CE in the first epochs.
 
 Ensembles (``reduction``):
-- ``mean_probs`` (default): one DKD against the ensemble, whose logits are the log of the
-  weighted average of the teachers' probabilities (at T = 1): z^ens = log sum_k w_k softmax(z_k).
-  For one teacher this is z minus a per-row constant, so it equals plain DKD.
+- ``mean_probs`` (default): one DKD against the ensemble, whose logits at temperature T are the
+  log of the weighted average of the teachers' probabilities at T, as KD's ``mean_probs``:
+  z^ens = T log sum_k w_k softmax(z_k / T), so softmax(z^ens / T) = sum_k w_k softmax(z_k / T)
+  (and NCKD's non-target softmax is that average renormalised over the other classes). For one
+  teacher this is z minus a per-row constant, so it equals plain DKD.
 - ``per_teacher``: sum_k w_k * DKD(student, teacher k).
 """
 from __future__ import annotations
@@ -65,13 +67,16 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return (alpha * tckd + beta * nckd) * temperature ** 2
 
 
-def ensemble_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """K tensors (B, C), K weights summing to 1 -> (B, C) log sum_k w_k softmax(z_k) (stably, by
-    logsumexp over the teachers; zero-weight teachers are left out)."""
-    parts = [math.log(w) + F.log_softmax(as_float(z), dim=1) for z, w in zip(teacher_logits, weights) if w > 0]
+def ensemble_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float],
+                    temperature: float = 1.0) -> torch.Tensor:
+    """K tensors (B, C), K weights summing to 1 -> (B, C) T log sum_k w_k softmax(z_k / T): logits
+    whose softmax at T is the teachers' weighted average at T (stably, by logsumexp over the
+    teachers; zero-weight teachers are left out)."""
+    T = float(temperature)
+    parts = [math.log(w) + F.log_softmax(as_float(z) / T, dim=1) for z, w in zip(teacher_logits, weights) if w > 0]
     if not parts:
         raise ValueError("dkd: every teacher weight is 0")
-    return torch.logsumexp(torch.stack(parts), dim=0)  # (B, C)
+    return T * torch.logsumexp(torch.stack(parts), dim=0)  # (B, C)
 
 
 def dkd_ensemble_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], labels: torch.Tensor,
@@ -85,7 +90,8 @@ def dkd_ensemble_loss(student_logits: torch.Tensor, teacher_logits: Sequence[tor
     check_reduction("dkd", reduction)
     w = list(weights) if weights is not None else [1.0 / K] * K
     if reduction == "mean_probs":
-        return dkd_loss(student_logits, ensemble_logits(teacher_logits, w), labels, alpha, beta, temperature)
+        z_ens = ensemble_logits(teacher_logits, w, temperature)  # (B, C) the average taken at T
+        return dkd_loss(student_logits, z_ens, labels, alpha, beta, temperature)
     total = as_float(student_logits).new_zeros(())  # per_teacher
     for z, wk in zip(teacher_logits, w):
         if wk > 0:

@@ -15,19 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
+from ensemble_kd.losses._util import module_keys, weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
-
-
-def fitnet_loss(regressed: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
-    """regressed (B, d_t) = r(s); teacher_emb (B, d_t) -> scalar mean_{b,c} (r(s) - t)^2."""
-    if regressed.shape != teacher_emb.shape:
-        raise ValueError(f"fitnet: regressed {tuple(regressed.shape)} and teacher {tuple(teacher_emb.shape)} differ")
-    r = as_float(regressed)
-    return F.mse_loss(r, as_float(teacher_emb).to(r.dtype))
+from ensemble_kd.losses.functional import hint
 
 
 @LOSSES.register("fitnet", needs_teachers=True, paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015")
@@ -45,6 +37,6 @@ class FitNetLoss(nn.Module):
 
     def forward(self, x: DistillInputs) -> LossOutput:
         def term(name: str) -> torch.Tensor:
-            return fitnet_loss(self.regressors[self._key[name]](x.student_emb), x.teacher_emb[name])  # r(s) (B, d_t)
+            return hint(self.regressors[self._key[name]](x.student_emb), x.teacher_emb[name])  # r(s) (B, d_t)
 
         return LossOutput(weighted_teacher_sum(self.weights, term, x.student_emb))

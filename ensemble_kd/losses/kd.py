@@ -15,31 +15,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ensemble_kd.losses._util import as_float
 from ensemble_kd.losses.base import (
     LOSSES, DistillInputs, LossContext, LossOutput, Reduction, check_reduction, normalise_teacher_weights,
 )
+from ensemble_kd.losses.functional import kd, kd_to_target
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], temperature: float = 4.0,
             weights: Sequence[float] | None = None, reduction: Reduction = "mean_probs") -> torch.Tensor:
-    """student_logits (B, C); teacher_logits: K tensors (B, C); weights: K floats summing to 1.
-
-    Returns the scalar KD loss (batch mean, scaled by T^2).
-    """
+    """student_logits (B, C); teacher_logits: K tensors (B, C); weights: K floats summing to 1
+    (uniform when None). Returns the scalar KD loss of the ensemble (batch mean, scaled by T^2):
+    :func:`~ensemble_kd.losses.functional.kd` per teacher, or against the averaged target."""
     K = len(teacher_logits)
     if K == 0:
         raise ValueError("kd_loss needs at least one teacher")
     check_reduction("kd", reduction)
-    w = torch.as_tensor(list(weights) if weights is not None else [1.0 / K] * K, dtype=torch.float32,
-                        device=student_logits.device)  # (K,)
+    w = list(weights) if weights is not None else [1.0 / K] * K
+    s = as_float(student_logits)
     T = float(temperature)
-    log_ps = F.log_softmax(student_logits.float() / T, dim=1)  # (B, C)
-    pt = torch.stack([F.softmax(t.float() / T, dim=1) for t in teacher_logits])  # (K, B, C)
-    if reduction == "mean_probs":
-        target = (w[:, None, None] * pt).sum(0)  # (B, C) the ensemble's prediction
-        return F.kl_div(log_ps, target, reduction="batchmean") * T * T
-    kl = torch.stack([F.kl_div(log_ps, pt[k], reduction="batchmean") for k in range(K)])  # (K,)
-    return (w * kl).sum() * T * T
+    if reduction == "per_teacher":
+        total = s.new_zeros(())
+        for t, wk in zip(teacher_logits, w):
+            if wk != 0.0:  # a zero-weight teacher's term is not even computed
+                total = total + wk * kd(s, t, T)
+        return total
+    target = sum(wk * F.softmax(as_float(t).to(s.dtype) / T, dim=1) for t, wk in zip(teacher_logits, w))  # (B, C)
+    return kd_to_target(s, target, T)
 
 
 @LOSSES.register("kd", needs_teachers=True, paper="Hinton et al., 2015")

@@ -16,26 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
-from ensemble_kd.losses._util import as_float, weighted_teacher_sum
+from ensemble_kd.losses._util import weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
-
-
-def pkt_probabilities(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """f (B, d) -> P (B, B): rows of (cos + 1) / 2, each normalised to sum 1."""
-    f = f / (f.norm(dim=1, keepdim=True) + eps)  # (B, d) unit rows
-    k = (f @ f.t() + 1.0) / 2.0  # (B, B) cosine similarity scaled to [0, 1]
-    return k / k.sum(dim=1, keepdim=True)  # (B, B) p_{j|i}
-
-
-def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar KL(P_t || P_s) as above."""
-    s = as_float(student_emb)
-    p_s = pkt_probabilities(s, eps)  # (B, B)
-    p_t = pkt_probabilities(as_float(teacher_emb).to(s.dtype), eps)  # (B, B)
-    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
+from ensemble_kd.losses.functional import pkt
 
 
 @LOSSES.register("pkt", needs_teachers=True, paper="Passalis & Tefas, Probabilistic Knowledge Transfer, ECCV 2018")
@@ -49,4 +34,4 @@ class PKTLoss(nn.Module):
 
     def forward(self, x: DistillInputs) -> LossOutput:
         return LossOutput(weighted_teacher_sum(
-            self.weights, lambda n: pkt_loss(x.student_emb, x.teacher_emb[n], self.eps), x.student_emb))
+            self.weights, lambda n: pkt(x.student_emb, x.teacher_emb[n], eps=self.eps), x.student_emb))

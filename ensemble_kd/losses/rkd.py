@@ -18,49 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses._util import as_float, weighted_teacher_sum
+from ensemble_kd.losses._util import weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
-
-
-def pairwise_distances(f: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """f (B, d) -> (B, B) Euclidean distances, exactly 0 on the diagonal (no gradient there)."""
-    sq = f.pow(2).sum(1)  # (B,)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * f @ f.t()).clamp(min=eps)  # (B, B)
-    eye = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
-    return d2.sqrt().masked_fill(eye, 0.0)  # (B, B)
-
-
-def rkd_distance_potential(f: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """f (B, d) -> (B, B) distances divided by their mean over the off-diagonal (> 0) pairs."""
-    d = pairwise_distances(f, eps)  # (B, B)
-    return d / d[d > 0].mean()
-
-
-def rkd_angle_potential(f: torch.Tensor) -> torch.Tensor:
-    """f (B, d) -> (B, B, B): [j, i, k] = <e_ij, e_kj>, e_ij the unit vector from f_j to f_i (the
-    reference's layout; zero vectors, i = j, stay 0)."""
-    diff = f[None, :, :] - f[:, None, :]  # (B, B, d): [j, i] = f_i - f_j
-    e = F.normalize(diff, p=2, dim=2)  # (B, B, d)
-    return torch.bmm(e, e.transpose(1, 2))  # (B, B, B)
-
-
-def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float = 25.0, w_angle: float = 50.0,
-             eps: float = 1e-12) -> torch.Tensor:
-    """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar w_dist * L_D + w_angle * L_A."""
-    s = as_float(student_emb)
-    t = as_float(teacher_emb).to(s.dtype)
-    with torch.no_grad():  # the teacher's relations are targets
-        t_d, t_a = rkd_distance_potential(t, eps), rkd_angle_potential(t)  # (B, B), (B, B, B)
-    loss = s.new_zeros(())
-    if w_dist:
-        loss = loss + w_dist * F.smooth_l1_loss(rkd_distance_potential(s, eps), t_d)
-    if w_angle:
-        loss = loss + w_angle * F.smooth_l1_loss(rkd_angle_potential(s), t_a)
-    return loss
+from ensemble_kd.losses.functional import rkd
 
 
 @LOSSES.register("rkd", needs_teachers=True, paper="Park et al., Relational Knowledge Distillation, CVPR 2019")
@@ -80,5 +42,5 @@ class RKDLoss(nn.Module):
         if x.student_emb.shape[0] < 2:
             raise ValueError(f"rkd: relations need a batch of >= 2 samples, got {x.student_emb.shape[0]}")
         return LossOutput(weighted_teacher_sum(
-            self.weights, lambda n: rkd_loss(x.student_emb, x.teacher_emb[n], self.w_dist, self.w_angle, self.eps),
+            self.weights, lambda n: rkd(x.student_emb, x.teacher_emb[n], self.w_dist, self.w_angle, eps=self.eps),
             x.student_emb))

@@ -13,25 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses._util import as_float, weighted_teacher_sum
+from ensemble_kd.losses._util import weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
-
-
-def sp_gram(f: torch.Tensor) -> torch.Tensor:
-    """f (B, d) -> (B, B) Gram matrix with L2-normalised rows (F.normalize's eps = 1e-12)."""
-    return F.normalize(f @ f.t(), p=2, dim=1)
-
-
-def sp_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
-    """student_emb (B, d_s), teacher_emb (B, d_t) (any dims) -> scalar ||G_t - G_s||_F^2 / B^2."""
-    s = as_float(student_emb)
-    B = s.shape[0]
-    diff = sp_gram(as_float(teacher_emb).to(s.dtype)) - sp_gram(s)  # (B, B)
-    return (diff * diff).sum() / (B * B)
+from ensemble_kd.losses.functional import sp
 
 
 @LOSSES.register("sp", needs_teachers=True, paper="Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019")
@@ -43,4 +29,4 @@ class SPLoss(nn.Module):
 
     def forward(self, x: DistillInputs) -> LossOutput:
         return LossOutput(weighted_teacher_sum(
-            self.weights, lambda n: sp_loss(x.student_emb, x.teacher_emb[n]), x.student_emb))
+            self.weights, lambda n: sp(x.student_emb, x.teacher_emb[n]), x.student_emb))

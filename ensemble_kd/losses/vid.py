@@ -2,28 +2,30 @@
 Transfer", CVPR 2019.
 
 VID maximises a variational lower bound on the mutual information I(t; s) between a teacher
-representation t and the student's s, with a Gaussian q(t | s) = N(mu(s), diag(sigma^2)):
+representation t and the student's s, with a Gaussian q(t | s) = N(mu(s), diag(var)):
 
-    sigma_c = softplus(alpha_c) + eps              (learned, homoscedastic: one per channel)
-    loss    = mean_b sum_c [ log sigma_c + (t_bc - mu_c(s_b))^2 / (2 sigma_c^2) ]
+    var_c = softplus(alpha_c) + eps                 (learned, homoscedastic: one per channel)
+    NLL   = 0.5 * (log var_c + (t_bc - mu_c(s_b))^2 / var_c)      per element (b, c)
 
-(the negative log-likelihood up to the constant C/2 log 2 pi). mu is a small trainable
-regressor of the student's penultimate embedding: Linear(d_s, d) by default, or
-Linear-ReLU-Linear with ``hidden`` units. alpha is initialised so that sigma starts at
-``init_var`` (alpha = softplus^-1(init_var - eps)), 5.0 as the reference code's init_pred_var.
+(the negative log-likelihood up to the constant 0.5 log 2 pi), as the reference
+(RepDistiller ``VIDLoss``, whose ``log_scale`` is alpha here): the formula is
+:func:`~ensemble_kd.losses.functional.vid`, which averages over every element (``channel_reduction:
+mean``); ``sum`` (default, the paper's per-sample NLL of the vector) multiplies that by the
+channels. alpha is initialised so that the VARIANCE starts at ``init_var``
+(alpha = softplus^-1(init_var - eps)), 5.0 as the reference's ``init_pred_var``.
 
-``target`` picks what is regressed: the teacher's penultimate ``embedding`` (the paper's
-VID-I applied to the last feature layer), its ``logits`` (the paper's VID-LP: teacher logit
-layer from the student's penultimate layer), or ``both`` (two terms, each with its own
-regressor and alphas, summed). Every teacher has its own regressors and alphas; an ensemble is
-sum_k w_k * loss_k.
+mu is a small trainable regressor of the student's penultimate embedding: Linear(d_s, d) by
+default, or Linear-ReLU-Linear with ``hidden`` units. ``target`` picks what is regressed: the
+teacher's penultimate ``embedding`` (the paper's VID-I applied to the last feature layer), its
+``logits`` (the paper's VID-LP: teacher logit layer from the student's penultimate layer), or
+``both`` (two terms, each with its own regressor and alphas, summed). Every teacher has its own
+regressors and alphas; an ensemble is sum_k w_k * loss_k.
 
-Differences from the reference code (github.com/ssahn0215/variational-information-distillation),
-on purpose: the reference treats softplus(alpha) + eps as the *variance* and averages
-0.5 * (log var + (t - mu)^2 / var) over every element; this follows the paper's formula (sigma is
-the standard deviation) and sums over channels (``channel_reduction: mean`` divides by the
-channels; the option is not called ``reduction``, which in every loss means how teachers combine).
-The regressor is a Linear (with bias) on the pooled embedding instead of 1x1 convolutions.
+Differences from the reference, on purpose (docs/methods/vid.md): it regresses the pooled
+penultimate embedding (the reference: the intermediate feature maps, with a conv1x1 - ReLU -
+conv1x1 - ReLU - conv1x1 regressor without biases); the regressor is a Linear with bias (or one
+hidden layer); the channel sum by default (the option is not called ``reduction``, which in
+every loss means how teachers combine).
 """
 from __future__ import annotations
 
@@ -32,36 +34,14 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
+from ensemble_kd.losses._util import module_keys, weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
+from ensemble_kd.losses.functional import vid, vid_variance
 
 Target = Literal["embedding", "logits", "both"]
 ChannelReduction = Literal["sum", "mean"]
-
-
-def vid_sigma(alpha: torch.Tensor, eps: float) -> torch.Tensor:
-    """alpha (C,) -> sigma (C,) = softplus(alpha) + eps (one homoscedastic scale per channel)."""
-    return F.softplus(alpha) + eps
-
-
-def vid_loss(mu: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-5,
-             channel_reduction: ChannelReduction = "sum") -> torch.Tensor:
-    """Gaussian negative log-likelihood of the teacher under q(t | s).
-
-    mu (B, C): the regressor's prediction mu(s); target (B, C): the teacher's t; alpha (C,).
-    Returns mean_b sum_c [log sigma_c + (t - mu)^2 / (2 sigma_c^2)] (``channel_reduction='sum'``),
-    or the same divided by C (``'mean'``). A scalar; it is negative once sigma_c < 1 fits well.
-    """
-    if channel_reduction not in ("sum", "mean"):
-        raise ValueError(f"vid: channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
-    mu, target = as_float(mu), as_float(target).to(mu.dtype)
-    sigma = vid_sigma(as_float(alpha), eps).to(mu.dtype)  # (C,)
-    nll = torch.log(sigma)[None, :] + (target - mu) ** 2 / (2.0 * sigma[None, :] ** 2)  # (B, C)
-    per_sample = nll.sum(1) if channel_reduction == "sum" else nll.mean(1)  # (B,)
-    return per_sample.mean()
 
 
 def inverse_softplus(y: float) -> float:
@@ -77,12 +57,14 @@ def make_regressor(d_in: int, d_out: int, hidden: int) -> nn.Module:
 
 
 class VIDHead(nn.Module):
-    """One Gaussian q(t | s): a regressor for the mean and one alpha per target channel."""
+    """One Gaussian q(t | s): a regressor for the mean and one alpha per target channel (the
+    variance softplus(alpha) + eps)."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int, init_var: float, eps: float) -> None:
         super().__init__()
         self.regressor = make_regressor(d_in, d_out, hidden)
-        self.alpha = nn.Parameter(torch.full((d_out,), inverse_softplus(init_var - eps)))  # sigma = init_var
+        # the variance softplus(alpha) + eps starts at init_var, as the reference's init_pred_var
+        self.alpha = nn.Parameter(torch.full((d_out,), inverse_softplus(init_var - eps)))  # (d_out,)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.regressor(s)  # (B, d_out)
@@ -90,10 +72,11 @@ class VIDHead(nn.Module):
 
 @LOSSES.register("vid", needs_teachers=True, paper="Ahn et al., Variational Information Distillation, CVPR 2019")
 class VIDLoss(nn.Module):
-    """sum_k w_k * sum_{targets} vid_loss(head(s), t_k).
+    """sum_k w_k * sum over the targets of the head's NLL (functional ``vid``, x d for ``sum``).
 
     Metrics: ``vid/<teacher>/loss`` (that teacher's unweighted term) and
-    ``vid/<teacher>/sigma_emb|sigma_logits`` (the head's mean learned sigma: how well t is predicted).
+    ``vid/<teacher>/sigma_emb|sigma_logits`` (the head's mean learned standard deviation
+    sqrt(var_c) over the channels: how well t is predicted).
     """
 
     def __init__(self, ctx: LossContext, *, hidden: int = 0, init_var: float = 5.0, eps: float = 1e-5,
@@ -126,7 +109,9 @@ class VIDLoss(nn.Module):
         self.to(ctx.device)
 
     def _head_loss(self, head: VIDHead, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return vid_loss(head(s), t, head.alpha, self.eps, self.channel_reduction)
+        """s (B, d_s), t (B, d) -> the element mean of the NLL (the reference's), times d for ``sum``."""
+        loss = vid(head(s), t, head.alpha, self.eps)  # mean over (B, d)
+        return loss * t.shape[1] if self.channel_reduction == "sum" else loss
 
     def teacher_loss(self, name: str, x: DistillInputs) -> torch.Tensor:
         key, s = self._key[name], x.student_emb  # (B, d_s)
@@ -149,6 +134,6 @@ class VIDLoss(nn.Module):
         for name in self.teachers:
             for kind, heads in (("emb", self.emb_heads), ("logits", self.logit_heads)):
                 if self._key[name] in heads:
-                    sigma = vid_sigma(heads[self._key[name]].alpha.detach(), self.eps)  # (d,)
-                    metrics[f"vid/{name}/sigma_{kind}"] = sigma.mean()
+                    var = vid_variance(heads[self._key[name]].alpha.detach(), self.eps)  # (d,)
+                    metrics[f"vid/{name}/sigma_{kind}"] = var.sqrt().mean()
         return LossOutput(total, metrics)
