@@ -99,10 +99,17 @@ class AdversarialConfig:
     enabled: bool = Field(False, description="store PGD adversarial views made by each teacher at embed time (GACD); part of the shard id")
     num_views: int = Field(1, ge=1, description="adversarial views per sample, stored after the normal views (view ids V..V+A-1)")
     epsilon: float = Field(0.1, gt=0, description="L_inf radius of the perturbation, in the modality's standardised units")
-    steps: int = Field(5, ge=1, description="PGD steps (signed-gradient ascent on the teacher's cross-entropy)")
+    steps: int = Field(5, ge=1, description="PGD steps (signed-gradient ascent on `objective`)")
     step_size: float = Field(0.05, gt=0, description="PGD step size, in standardised units")
     seed: int = Field(0, description="seed of the random starts (one per (sample_id, view): replayable, batch-independent)")
     random_start: bool = Field(True, description="start from a uniform point of the epsilon ball (Madry et al.)")
+    objective: Literal["self-supervised", "ce"] = Field(
+        "self-supervised", description="what PGD ascends: self-supervised (GACD: the teacher's feature of the view moved "
+                                       "away from its clean view's, no label) or ce (the teacher's CE at the true label)")
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.objective == "self-supervised" and not self.random_start:
+            raise ValueError("objective 'self-supervised' needs random_start: true (its gradient is 0 at delta = 0)")
 
 
 @dataclass(config=_FROZEN)

@@ -57,6 +57,7 @@ from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
 from ensemble_kd.online_data import OnlineData
 from ensemble_kd.devices import autocast, seed_everything
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, build_loss
+from ensemble_kd.losses.base import optimizer_param_groups
 from ensemble_kd.raycluster import quiet_train_reports
 from ensemble_kd.teacher_checkpoint import load_record
 from ensemble_kd.tracking import log_epoch
@@ -123,7 +124,8 @@ def build_module(cfg: ExperimentConfig, data: DistillData | OnlineData, num_clas
 def build_optim(cfg: ExperimentConfig, params, steps_per_epoch: int = 1
                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, bool]:
     """The optimiser, its schedule and whether the schedule steps per optimisation step (onecycle)
-    rather than per epoch."""
+    rather than per epoch. ``params``: parameters, or torch parameter groups (a group's own lr or
+    weight_decay overrides the run's; the schedule scales each group's lr from its own start)."""
     o = cfg.distill.optim
     if o.name == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
@@ -132,7 +134,8 @@ def build_optim(cfg: ExperimentConfig, params, steps_per_epoch: int = 1
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.schedule == "onecycle":  # per step, over the whole run (a resumed run keeps its total)
         total = cfg.distill.epochs * steps_per_epoch
-        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=total, pct_start=o.pct_start), True
+        peaks = [g["lr"] for g in opt.param_groups]  # each group's own peak (the run's lr unless a group sets one)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=total, pct_start=o.pct_start), True
     # Closed-form multipliers of the epoch, computed from the current config: a run resumed with
     # more epochs follows the new schedule (a restored chained scheduler would keep the old one).
     epochs = cfg.distill.epochs
@@ -364,7 +367,7 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> _Worker:
     data = make_data(cfg, train_ds, lc, device)
     module = build_module(cfg, data, train_ds.num_classes, device).to(device)
     steps = len(epoch_rows(len(data), d.batch_size, session.world, session.rank, d.seed, 0))
-    opt, sched, per_step = build_optim(cfg, [p for p in module.parameters() if p.requires_grad], steps)
+    opt, sched, per_step = build_optim(cfg, optimizer_param_groups(module, module.losses.values()), steps)
     w = _Worker(cfg, session.rank, session.world, device, data, test_ds, module, opt, sched, per_step)
     st = session.restored(device)
     if st is None and lc.run_dir:

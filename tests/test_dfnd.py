@@ -11,7 +11,8 @@ import torch
 from ensemble_kd.config import ConfigError, from_dict
 from ensemble_kd.data import DistillData, eval_dataset
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
-from ensemble_kd.losses.dfnd import DFNDLoss, initial_q, noisy_adaptation_loss
+from ensemble_kd.losses.base import optimizer_param_groups
+from ensemble_kd.losses.dfnd import DFNDLoss, initial_q, noise_matrix, noisy_adaptation_loss
 from ensemble_kd import pipeline
 from ensemble_kd.selection import (
     SelectionError, check_selection, keep_count, load_selection, select_confident, write_selection,
@@ -82,7 +83,7 @@ def test_initial_q_diagonal_and_rows():
 
 def test_q_stays_row_stochastic_under_large_steps():
     torch.manual_seed(0)
-    loss = DFNDLoss(_ctx(C=5), class_accuracy=[0.8] * 5)
+    loss = DFNDLoss(_ctx(C=5), class_accuracy=[0.8, 0.5, 0.9, 0.7, 0.6])
     q0 = loss.Q.detach().clone()
     opt = torch.optim.SGD(loss.parameters(), lr=500.0)
     for _ in range(25):
@@ -95,6 +96,111 @@ def test_q_stays_row_stochastic_under_large_steps():
     assert not torch.allclose(Q, q0, atol=1e-3)  # it did train
     assert bool((Q >= 0).all()) and torch.isfinite(Q).all()
     torch.testing.assert_close(Q.sum(1), torch.ones(5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(Q.diagonal(), torch.tensor([0.8, 0.5, 0.9, 0.7, 0.6]), rtol=0, atol=1e-7)  # fixed
+
+
+def test_noise_matrix_hand_computed():
+    """Q_ii = a_i, row i's other entries (1 - a_i) * softmax(v_i) in column order, worked by hand."""
+    a = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
+    v = torch.tensor([[0.0, math.log(3.0)], [math.log(2.0), 0.0], [0.0, 0.0]], dtype=torch.float64)
+    want = torch.tensor([[0.9, 0.1 * 0.25, 0.1 * 0.75],
+                         [0.4 * 2 / 3, 0.6, 0.4 / 3],
+                         [0.35, 0.35, 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(noise_matrix(v, a), want, rtol=0, atol=1e-12)
+
+
+def test_noise_matrix_is_the_references_noisy():
+    """The reference's noisy(): per row, cat([s_i[:i], acc_i, s_i[i:]]) with s = softmax(v) * (1 - acc),
+    written out here as it is there (with one accuracy per class), on random v."""
+    g = torch.Generator().manual_seed(5)
+    C = 6
+    v = torch.randn(C, C - 1, generator=g, dtype=torch.float64)
+    a = torch.rand(C, generator=g, dtype=torch.float64)
+    soft = torch.softmax(v, dim=1) * (1 - a)[:, None]
+    rows = [torch.cat([soft[i][:i], a[i:i + 1], soft[i][i:]]) for i in range(C)]
+    torch.testing.assert_close(noise_matrix(v, a), torch.stack(rows), rtol=0, atol=1e-12)
+    # the reference's scalar teacher_acc: one float for every class
+    torch.testing.assert_close(initial_q(0.75, 4).diagonal(), torch.full((4,), 0.75))
+
+
+def _optim_setup(schedule="constant"):
+    """A student and the dfnd loss in one module, the optimiser the loop builds for them."""
+    from ensemble_kd.loop import DistillModule, build_optim
+
+    torch.manual_seed(0)
+    student = torch.nn.Linear(4, 3)
+    loss = DFNDLoss(_ctx(C=3), class_accuracy=[0.9, 0.6, 0.3])
+    module = DistillModule(student, {"dfnd": loss}, {"dfnd": 1.0})
+    cfg = from_dict({"distill": {"optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                                           "schedule": schedule}, "epochs": 2}})
+    opt, sched, _ = build_optim(cfg, optimizer_param_groups(module, module.losses.values()), steps_per_epoch=10)
+    return student, loss, opt, sched
+
+
+def test_q_has_its_own_optimiser_group_and_a_fixed_diagonal():
+    student, loss, opt, _ = _optim_setup()
+    assert len(opt.param_groups) == 2
+    g0, g1 = opt.param_groups
+    assert g1["params"] == [loss.v] and g1["lr"] == 1e-3 and g1["weight_decay"] == 0.0  # its own settings
+    assert all(p is not loss.v for p in g0["params"]) and len(g0["params"]) == 2  # the student's weight and bias
+    assert g0["lr"] == 0.05 and g0["weight_decay"] == 5e-4
+    a = torch.tensor([0.9, 0.6, 0.3])
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    v_before = loss.v.detach().clone()
+    opt.zero_grad()
+    out = loss(DistillInputs(torch.zeros(32, 2), student(x), y, torch.arange(32)))
+    out.loss.backward()
+    grad = loss.v.grad.clone()
+    assert grad.abs().max() > 0
+    opt.step()
+    # the first SGD step (momentum buffer = the gradient, no weight decay): v - lr * grad
+    torch.testing.assert_close(loss.v.detach(), v_before - 1e-3 * grad, rtol=0, atol=1e-9)
+    for _ in range(30):
+        opt.zero_grad()
+        loss(DistillInputs(torch.zeros(32, 2), student(x), y, torch.arange(32))).loss.backward()
+        opt.step()
+    Q = loss.Q.detach()
+    torch.testing.assert_close(Q.diagonal(), a, rtol=0, atol=1e-7)  # the teacher's per-class accuracy, unchanged
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert (Q[off] - initial_q(a.tolist(), 3)[off]).abs().max() > 1e-4  # the off-diagonals moved
+    torch.testing.assert_close(Q.sum(1), torch.ones(3), rtol=0, atol=1e-6)
+    assert "class_accuracy" in dict(loss.named_buffers()) and "v" in dict(loss.named_parameters())
+
+
+def test_weight_decay_does_not_pull_q():
+    """A zero gradient step: the student's weights shrink by the weight decay, lr * wd, while v (its
+    own group, weight_decay 0) stays where it is; in the student's group it would have shrunk too."""
+    student, loss, opt, _ = _optim_setup()
+    with torch.no_grad():
+        loss.v.copy_(torch.tensor([[1.0, -2.0], [0.5, 0.0], [-1.0, 3.0]]))
+    v0, w0 = loss.v.detach().clone(), student.weight.detach().clone()
+    for p in (loss.v, student.weight, student.bias):
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(loss.v.detach(), v0, rtol=0, atol=0)
+    torch.testing.assert_close(student.weight.detach(), w0 * (1 - 0.05 * 5e-4), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(student.weight.detach(), w0, rtol=0, atol=1e-6)  # it did shrink
+    control = torch.optim.SGD([loss.v], lr=0.05, momentum=0.9, weight_decay=5e-4)  # the old behaviour
+    control.step()
+    assert not torch.equal(loss.v.detach(), v0)
+
+
+def test_group_lr_under_onecycle_and_declared_params_checked():
+    _, _, opt, _ = _optim_setup("onecycle")
+    # OneCycleLR starts each group at its own peak / 25 (div_factor): 0.05 / 25 and 1e-3 / 25
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 25) and opt.param_groups[1]["lr"] == pytest.approx(1e-3 / 25)
+    from ensemble_kd.loop import DistillModule
+
+    loss = DFNDLoss(_ctx(C=3), class_accuracy=[0.9, 0.6, 0.3])
+    module = DistillModule(torch.nn.Linear(4, 3), {"dfnd": loss}, {"dfnd": 1.0})
+    with pytest.raises(ValueError, match="DFNDLoss.param_groups: .*declared twice"):
+        optimizer_param_groups(module, [loss, loss])
+    stranger = DFNDLoss(_ctx(C=3), class_accuracy=[0.9, 0.6, 0.3])  # not part of the module
+    with pytest.raises(ValueError, match="not a trainable parameter of the module"):
+        optimizer_param_groups(module, [stranger])
+    with pytest.raises(ValueError, match="dfnd: q_lr must be > 0"):
+        DFNDLoss(_ctx(C=3), class_accuracy=[0.9, 0.6, 0.3], q_lr=0.0)
 
 
 def test_noisy_adaptation_loss_golden():
@@ -260,8 +366,11 @@ def test_select_then_distill_end_to_end(ray_cluster, trained, tmp_path):
     state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["module"]
     mem = [v for k, v in state.items() if k.endswith("memory.memory")]
     assert mem and all(v.shape[0] == len(sel) for v in mem)  # CRD's memory holds exactly the selected rows
-    q = torch.softmax(state["losses.dfnd.w"], dim=1)
+    q = noise_matrix(state["losses.dfnd.v"], state["losses.dfnd.class_accuracy"])
     torch.testing.assert_close(q.sum(1), torch.ones(10), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q.diagonal(), torch.tensor(m["class_accuracy"], dtype=q.dtype), rtol=0, atol=1e-6)
+    groups = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 1  # Q's own group
 
     # a corrupt selection is refused by the driver, before any worker starts, naming its file
     bad = tmp_path / "bad-selection"

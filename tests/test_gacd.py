@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble_kd.adversarial import pgd_perturb, row_generators
-from ensemble_kd.config import AdversarialConfig, EmbedConfig, ViewsConfig, to_dict
+from ensemble_kd.config import AdversarialConfig, ConfigError, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.data import DistillData
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.crd import CRDLoss, nce_loss
@@ -79,12 +79,17 @@ def _dot(a, b):
     return sum(x * y for x, y in zip(a, b))
 
 
-def test_golden_gacd_module_value():
+@pytest.mark.parametrize("mode,positives", [("exact", "own"), ("exact", "relaxed"), ("reference", "relaxed"),
+                                            ("reference", "own")])
+def test_golden_gacd_module_value(mode, positives):
     """GACDLoss.forward on a fixed tiny batch equals CRD's formula with confidence weights,
-    recomputed here in plain python from the module's heads, memory and negative draws."""
+    recomputed here in plain python from the module's heads, memories and draws. Relaxed
+    positives: the positive row of anchor i is another row of its class, read from the student
+    memory in (b) and from the teacher side of that row in (a) (its bank embedding through the
+    current teacher head in ``exact``, the teacher memory in ``reference``)."""
     ctx, g = _tiny_ctx()
     tau, N = 0.1, 3
-    loss = build_loss("gacd", ctx, num_negatives=N, feat_dim=4, per_sample=True)
+    loss = build_loss("gacd", ctx, num_negatives=N, feat_dim=4, per_sample=True, mode=mode, positives=positives)
     assert isinstance(loss, GACDLoss) and loss.tau == tau and loss.samplers["ta"].mode == "class-aware"
     loss.eval()  # no memory update: the expected value reads the same memory
     index = torch.tensor([0, 4, 7, 10])
@@ -101,11 +106,22 @@ def test_golden_gacd_module_value():
         term = loss.terms[name]
         negs, valid = loss.samplers[name].sample(index, 0)  # (B, N): the draws CRD uses at step 0
         assert valid.all()  # class-aware per-sample draws: all from other classes
+        if positives == "relaxed":
+            prow = [int(r) for r in loss.samplers[name].sample_positives(index, 0)]  # the draw at step 0
+            labels = ctx.bank.labels.tolist()
+            assert all(p != int(i) and labels[p] == labels[int(i)] for p, i in zip(prow, index))  # same class, not itself
+        else:
+            prow = [int(i) for i in index]
         mem = term.memory.memory.double().tolist()
         bank = ctx.bank.embeddings[name].double().tolist()
         logits = ctx.bank.logits[name].tolist()
         s = [_head(term.embed_s, x.student_emb[i].double().tolist()) for i in range(B)]
         t = [_head(term.embed_t, bank[int(r)]) for r in index]
+        if mode == "reference":  # direction (a) reads the teacher memory at the positive and negative rows
+            mem_t = term.memory_t.memory.double().tolist()
+            t_row = lambda r: mem_t[r]  # noqa: E731
+        else:  # the bank's teacher embedding of the row through the current teacher head
+            t_row = lambda r: _head(term.embed_t, bank[r])  # noqa: E731
         w = [_softmax_at(logits[int(r)], int(ctx.bank.labels[r])) for r in index]
         assert all(0.0 <= v <= 1.0 for v in w)
         parts = []
@@ -113,11 +129,12 @@ def test_golden_gacd_module_value():
             pos, neg = [], []
             for i in range(B):
                 rows = [int(r) for r in negs[i]]
-                if side == "a":  # student anchor vs teacher positive / negatives (current teacher head)
-                    pos.append(math.exp(_dot(s[i], t[i]) / tau))
-                    neg.append([math.exp(_dot(s[i], _head(term.embed_t, bank[r])) / tau) for r in rows])
+                if side == "a":  # student anchor vs teacher positive / negatives
+                    tp = t[i] if (mode, positives) == ("exact", "own") else t_row(prow[i])
+                    pos.append(math.exp(_dot(s[i], tp) / tau))
+                    neg.append([math.exp(_dot(s[i], t_row(r)) / tau) for r in rows])
                 else:  # teacher anchor vs student memory
-                    pos.append(math.exp(_dot(t[i], mem[int(index[i])]) / tau))
+                    pos.append(math.exp(_dot(t[i], mem[prow[i]]) / tau))
                     neg.append([math.exp(_dot(t[i], mem[r]) / tau) for r in rows])
             z = (sum(pos) + sum(map(sum, neg))) / (B * (1 + N)) * M  # Z fixed from this first batch
             total = 0.0
@@ -132,6 +149,52 @@ def test_golden_gacd_module_value():
         expected += 0.5 * (parts[0] + parts[1])  # uniform teacher weights
         assert out.metrics[f"gacd/{name}/mean_weight"].item() == pytest.approx(sum(w) / B, rel=1e-6)
     assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_mode_and_positives_options():
+    ctx, _ = _tiny_ctx()
+    d = build_loss("gacd", ctx, num_negatives=4, feat_dim=4)
+    assert d.positives == "relaxed" and d.mode == "relax"  # the paper's default: exact teacher side, relaxed positive
+    assert build_loss("gacd", ctx, num_negatives=4, feat_dim=4, mode="relax").positives == "relaxed"
+    assert build_loss("gacd", ctx, num_negatives=4, feat_dim=4, positives="own").mode == "exact"
+    ref = build_loss("gacd", ctx, num_negatives=4, feat_dim=4, mode="reference")
+    assert ref.mode == "reference" and ref.positives == "relaxed" and ref.terms["ta"].memory_t is not None
+    with pytest.raises(ValueError, match="gacd: mode 'relax' is mode 'exact' with positives 'relaxed'"):
+        build_loss("gacd", ctx, mode="relax", positives="own")
+    with pytest.raises(ValueError, match="gacd: positives must be one of"):
+        build_loss("gacd", ctx, positives="class")
+    with pytest.raises(ValueError, match="gacd: mode must be one of"):
+        build_loss("gacd", ctx, mode="nope")
+
+
+def test_float32_under_bf16_autocast():
+    """Under a CPU bf16 autocast GACD's loss is float32 and equals the float32 computation of the
+    same inputs; a bf16 student embedding (a student run under autocast) is cast to float32 inside."""
+    ctx, g = _tiny_ctx(3)
+    index = torch.tensor([0, 2, 4, 5, 7, 9])
+    B = len(index)
+    emb = torch.randn(B, 5, generator=g)
+    tlog = {n: t[index] for n, t in ctx.bank.logits.items()}
+    temb = {n: e[index] for n, e in ctx.bank.embeddings.items()}
+    loss = build_loss("gacd", ctx, num_negatives=4, feat_dim=4, per_sample=False)
+    loss.eval()  # memories unchanged, so every call below sees the same state (Z is fixed by the first)
+    want = loss(DistillInputs(emb, torch.zeros(B, 3), ctx.bank.labels[index], index, temb, tlog))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss.terms["ta"].embed_s.linear(emb).dtype == torch.bfloat16  # autocast is live for a Linear here
+        got = loss(DistillInputs(emb, torch.zeros(B, 3), ctx.bank.labels[index], index, temb, tlog))
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    for k in want.metrics:
+        torch.testing.assert_close(got.metrics[k], want.metrics[k], rtol=1e-6, atol=1e-6)
+    # bf16 inputs: the loss is the float32 loss of the bf16 values, not a bf16 computation
+    e16 = emb.bfloat16()
+    t16 = {n: v.bfloat16() for n, v in temb.items()}
+    want16 = loss(DistillInputs(e16.float(), torch.zeros(B, 3), ctx.bank.labels[index], index,
+                                {n: v.float() for n, v in t16.items()}, tlog))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got16 = loss(DistillInputs(e16, torch.zeros(B, 3), ctx.bank.labels[index], index, t16, tlog))
+    assert got16.loss.dtype == torch.float32
+    torch.testing.assert_close(got16.loss, want16.loss, rtol=1e-6, atol=1e-6)
 
 
 def test_weights_are_the_teachers_softmax_at_the_label():
@@ -165,7 +228,7 @@ def test_fully_confident_teacher_gives_plain_crd_and_defaults_are_the_papers():
                       {n: e[index] for n, e in ctx.bank.embeddings.items()}, sure)
     kw = {"num_negatives": 8, "feat_dim": 4, "tau": 0.1, "per_sample": False}
     torch.manual_seed(0)  # the heads' init draws from the global RNG
-    gacd = build_loss("gacd", ctx, **kw)
+    gacd = build_loss("gacd", ctx, positives="own", **kw)
     torch.manual_seed(0)
     crd = build_loss("crd", ctx, **kw)
     g_out, c_out = gacd(x), crd(x)
@@ -176,6 +239,7 @@ def test_fully_confident_teacher_gives_plain_crd_and_defaults_are_the_papers():
     assert meta["needs_teachers"] and "2009.09922" in meta["paper"]
     d = build_loss("gacd", ctx)
     assert d.num_negatives == 16384 and d.tau == 0.1 and d.samplers["ta"].mode == "class-aware"
+    assert d.positives == "relaxed" and d.confidence_temperature == 1.0
     import inspect
 
     crd_opts = set(inspect.signature(CRDLoss).parameters)
@@ -193,8 +257,8 @@ def test_pgd_is_projected_frozen_and_deterministic():
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     gens = lambda: row_generators(3, np.arange(32), np.ones(32))  # noqa: E731
-    d1 = pgd_perturb(model, x, y, 0.2, 5, 0.05, gens(), random_start=True)
-    d2 = pgd_perturb(model, x, y, 0.2, 5, 0.05, gens(), random_start=True)
+    d1 = pgd_perturb(model, x, y, 0.2, 5, 0.05, gens(), random_start=True, objective="ce")
+    d2 = pgd_perturb(model, x, y, 0.2, 5, 0.05, gens(), random_start=True, objective="ce")
     assert d1.shape == x.shape and not d1.requires_grad and torch.equal(d1, d2)
     assert d1.abs().max() <= 0.2 and d1.abs().max() > 0.1
     assert model.training and all(p.grad is None for p in model.parameters())
@@ -204,11 +268,74 @@ def test_pgd_is_projected_frozen_and_deterministic():
         ce = lambda z: F.cross_entropy(model(z), y).item()  # noqa: E731
         assert ce(x + d1) > ce(x)
     # a row's start depends on (seed, sample_id, view) only, not on its batch
-    part = pgd_perturb(model, x[:4], y[:4], 0.2, 1, 0.05, row_generators(3, np.arange(4), np.ones(4)), True)
-    full = pgd_perturb(model, x, y, 0.2, 1, 0.05, gens(), True)
+    part = pgd_perturb(model, x[:4], y[:4], 0.2, 1, 0.05, row_generators(3, np.arange(4), np.ones(4)), True, "ce")
+    full = pgd_perturb(model, x, y, 0.2, 1, 0.05, gens(), True, "ce")
     torch.testing.assert_close(part, full[:4])
+    # without a random start CE still moves (its gradient at delta = 0 is not 0)
+    d0 = pgd_perturb(model, x, y, 0.2, 1, 0.05, random_start=False, objective="ce")
+    assert torch.equal(d0.abs(), torch.full_like(d0, 0.05))
     with pytest.raises(ValueError, match="epsilon must be > 0"):
         pgd_perturb(model, x, y, 0.0, 1, 0.1)
+    with pytest.raises(ValueError, match="the ce objective needs the labels"):
+        pgd_perturb(model, x, None, 0.2, 1, 0.1, objective="ce")
+
+
+class _Identity(torch.nn.Module):
+    """(embedding, logits) = (x, x @ W): a model whose feature is its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(2, 3)
+
+    def forward(self, x):
+        return x, self.head(x)
+
+
+def test_self_supervised_pgd_hand_computed_step():
+    """One step of -cos(f(x + delta), f(x)) ascent with f = identity, worked by hand: at x = (1, 0)
+    and v = x + delta, d(-cos)/d delta_1 = -delta_2^2 / |v|^3 < 0 and d(-cos)/d delta_2 =
+    (1 + delta_1) delta_2 / |v|^3 (the sign of delta_2): the step rotates v away from x."""
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    eps, step = 0.3, 0.1
+    gens = row_generators(7, np.array([11, 12]), np.array([1, 1]))
+    start = [(2.0 * torch.rand(2, generator=g) - 1.0) * eps for g in row_generators(7, np.array([11, 12]), np.array([1, 1]))]
+    got = pgd_perturb(_Identity(), x, None, eps, 1, step, gens)  # the default objective, no label
+    for b in range(2):
+        d1, d2 = float(start[b][0]), float(start[b][1])
+        assert d2 != 0.0
+        want = [min(max(d1 - step, -eps), eps), min(max(d2 + step * math.copysign(1.0, d2), -eps), eps)]
+        assert got[b].tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_self_supervised_pgd_needs_no_label_and_moves_the_feature():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+    x = torch.randn(64, 8)
+    gens = lambda: row_generators(1, np.arange(64), np.full(64, 2))  # noqa: E731
+    d = pgd_perturb(model, x, None, 0.25, 6, 0.06, gens())
+    assert d.abs().max() <= 0.25 and not d.requires_grad
+    # the labels play no part: any y (or none) gives the same delta
+    torch.testing.assert_close(pgd_perturb(model, x, torch.randint(0, 6, (64,)), 0.25, 6, 0.06, gens()), d, rtol=0, atol=0)
+    # a row's delta depends on that row only (a stored shard must not depend on the embed batch)
+    torch.testing.assert_close(pgd_perturb(model, x[10:13], None, 0.25, 6, 0.06, gens()[10:13]), d[10:13])
+    with torch.no_grad():
+        cos = lambda dd: F.cosine_similarity(model(x + dd), model(x), dim=1)  # noqa: E731
+        noise = (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(9)) - 1) * 0.25  # same radius
+        assert cos(d).mean() < cos(noise).mean() - 0.05  # PGD turned the features away, beyond random noise
+    with pytest.raises(ValueError, match="self-supervised objective needs random_start"):
+        pgd_perturb(model, x, None, 0.25, 1, 0.1, random_start=False)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        pgd_perturb(model, x, None, 0.25, 1, 0.1, gens(), objective="kl")
+
+
+def test_config_objective_field(tmp_path):
+    assert AdversarialConfig().objective == "self-supervised"
+    assert AdversarialConfig(enabled=True, objective="ce", random_start=False).random_start is False
+    assert AdversarialConfig(enabled=False, random_start=False).objective == "self-supervised"  # off: not checked
+    with pytest.raises(ConfigError, match=r"embed.adversarial: .*needs random_start"):
+        tiny_config(tmp_path, **{"embed.adversarial": {"enabled": True, "random_start": False}})
+    with pytest.raises(ConfigError, match=r"embed.adversarial.objective"):
+        tiny_config(tmp_path, **{"embed.adversarial": {"enabled": True, "objective": "kl"}})
 
 
 # -- stored adversarial views ------------------------------------------------------------------
@@ -250,8 +377,11 @@ def _teacher_adv_inputs(teacher, ds, views, adv):
                         views.crop_padding)
     ids, vids = np.repeat(sid, A), np.tile(V + np.arange(A), n)
     delta = pgd_perturb(teacher.model, xs, y.repeat_interleave(A), adv.epsilon, adv.steps, adv.step_size,
-                        row_generators(adv.seed, ids, vids), adv.random_start)
-    return xs + delta, xs, y.repeat_interleave(A)
+                        row_generators(adv.seed, ids, vids), adv.random_start, adv.objective)
+    # the random start alone: uniform in the epsilon ball from the same per-row generators
+    start = torch.stack([(2.0 * torch.rand(xs.shape[1:], generator=g) - 1.0) * adv.epsilon
+                         for g in row_generators(adv.seed, ids, vids)])
+    return xs + delta, xs, y.repeat_interleave(A), xs + start
 
 
 @pytest.mark.parametrize("student", ["pix", "kar"])
@@ -272,7 +402,7 @@ def test_adversarial_rows_replay_exactly_and_raise_the_teachers_loss(adv_shards,
     dd = DistillData(ds, student, dirs)  # infers the teacher of the student's modality
     adv_rows = torch.nonzero(ss.views["view"] >= V)[:, 0]  # (n*A,) sample-major like the recomputation
     got = dd.batch(adv_rows, torch.device("cpu"))["x"]
-    want, clean, y = _teacher_adv_inputs(t, ds, VIEWS, ADV)
+    want, clean, y, started = _teacher_adv_inputs(t, ds, VIEWS, ADV)
     assert got.dtype == want.dtype == torch.float32
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit for bit
     # normal rows are the plain replayed views, untouched by the deltas
@@ -282,12 +412,19 @@ def test_adversarial_rows_replay_exactly_and_raise_the_teachers_loss(adv_shards,
         vp = draw_views(ds.sample_ids, V, VIEWS.crop_padding, VIEWS.flip, VIEWS.include_clean, VIEWS.seed)
         xn = apply_view(xn, torch.from_numpy(vp.top), torch.from_numpy(vp.left), torch.from_numpy(vp.flip), VIEWS.crop_padding)
     assert torch.equal(dd.batch(normal, torch.device("cpu"))["x"].view(torch.int32), xn.view(torch.int32))
-    # the stored teacher outputs are the teacher's on that input, and PGD raised its loss
+    # the stored teacher outputs are the teacher's on that input, and PGD raised its objective (the
+    # default, self-supervised: the teacher's feature of the view turned away from the clean view's)
+    # beyond where its random start had it
+    t.model.eval()
     with torch.no_grad():
-        _, logits_adv = t.model(got)
-        _, logits_clean = t.model(clean)
+        emb_adv, logits_adv = t.model(got)
+        emb_clean, _ = t.model(clean)
+        emb_start, _ = t.model(started)
     torch.testing.assert_close(s.logits[adv_rows], logits_adv, rtol=1e-4, atol=1e-4)
-    assert F.cross_entropy(logits_adv, y).item() > F.cross_entropy(logits_clean, y).item() + 0.1
+    assert ADV.objective == "self-supervised"
+    cos_adv = F.cosine_similarity(emb_adv.flatten(1), emb_clean.flatten(1), dim=1).mean().item()
+    cos_start = F.cosine_similarity(emb_start.flatten(1), emb_clean.flatten(1), dim=1).mean().item()
+    assert cos_adv < cos_start - 0.01
 
 
 def test_replay_teacher_choice_is_explicit_when_needed(adv_shards):
@@ -331,9 +468,10 @@ def test_shard_id_changes_with_the_adversarial_recipe(trained, tmp_path):
         sid(base, AdversarialConfig(enabled=True, steps=7)),
         sid(base, AdversarialConfig(enabled=True, seed=1)),
         sid(base, AdversarialConfig(enabled=True, num_views=2)),
-        sid(base, AdversarialConfig(enabled=True, random_start=False)),
+        sid(base, AdversarialConfig(enabled=True, objective="ce")),
+        sid(base, AdversarialConfig(enabled=True, objective="ce", random_start=False)),
     }
-    assert len(ids) == 7
+    assert len(ids) == 8
     assert sid(base, AdversarialConfig(enabled=False, epsilon=0.2)) == sid(base, None)
     # the planner puts the config's adversarial recipe in every key
     _, paths = trained

@@ -14,7 +14,12 @@ default (no ``**kwargs``): config validation reads the options from ``inspect.si
 (skipping ``ctx``), and :class:`LossRegistry` refuses a class of another shape at import time.
 Option values are checked in the constructor, which raises ``ValueError`` naming the loss and the
 option. Trainable parts (CRD heads, VID regressors, DFND's Q) and buffers (CRD's memory) live
-in the module, which the loop puts into the one trainable module next to the student.
+in the module, which the loop puts into the one trainable module next to the student. They are
+trained by the run's optimiser (``distill.optim``) unless the loss declares other settings for
+some of them: a method ``param_groups(self) -> list[dict]`` returning torch optimiser parameter
+groups (``{"params": [...], "lr": ..., "weight_decay": ...}``: the options it gives override the
+run's; the schedule scales every group's lr alike), gathered by :func:`optimizer_param_groups`
+(DFND's noise matrix: its own lr, no weight decay).
 
 Calling: ``module(x: DistillInputs) -> LossOutput``. ``LossOutput.loss`` is the term's 0-d
 value, unweighted (the loop multiplies by the configured weight and sums the terms);
@@ -36,7 +41,7 @@ teachers (:data:`REDUCTIONS`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,7 +52,8 @@ from ensemble_kd.bank import TeacherBank
 from modalities.registry import Registry
 
 __all__ = ["LOSSES", "REDUCTIONS", "DistillInputs", "LossContext", "LossOutput", "LossRegistry", "Reduction",
-           "TeacherBank", "build_loss", "check_reduction", "loss_options", "normalise_teacher_weights"]
+           "TeacherBank", "build_loss", "check_reduction", "loss_options", "normalise_teacher_weights",
+           "optimizer_param_groups"]
 
 
 @dataclass
@@ -194,3 +200,27 @@ def normalise_teacher_weights(names: list[str], weights: Mapping[str, float] | N
     if total <= 0 or any(v < 0 for v in w.values()):
         raise ValueError(f"teacher weights must be >= 0 and not all 0, got {w}")
     return {n: v / total for n, v in w.items()}
+
+
+def optimizer_param_groups(module: nn.Module, losses: Iterable[nn.Module]) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups for ``module`` (everything trainable, ``losses`` among its
+    submodules): first every trainable parameter no loss claims, with the run's settings, then the
+    groups the losses declare with ``param_groups()`` (see the module doc). A declared parameter
+    must be a trainable parameter of ``module`` and be declared once."""
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    declared: list[dict[str, Any]] = []
+    claimed: set[int] = set()
+    for loss in losses:
+        declare = getattr(loss, "param_groups", None)
+        if not callable(declare):
+            continue
+        for group in declare():
+            params = list(group["params"])
+            for p in params:
+                if id(p) not in trainable or id(p) in claimed:
+                    raise ValueError(f"{type(loss).__name__}.param_groups: a parameter of shape {tuple(p.shape)} "
+                                     "is not a trainable parameter of the module, or is declared twice")
+                claimed.add(id(p))
+            declared.append({**group, "params": params})
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in claimed]
+    return [{"params": rest}, *declared]

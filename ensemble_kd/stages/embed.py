@@ -51,7 +51,7 @@ def embed_rows(teacher: Teacher, ds: PairedDataset, positions: np.ndarray, views
     """Teacher outputs for every view of the samples at ``positions``: one shard batch (sample-major).
 
     With ``adversarial`` enabled each sample gets A more rows after its V normal views: view
-    V + a is PGD (against this teacher, on the true label) applied to normal view a % V, with that
+    V + a is PGD (against this teacher, ``adversarial.objective``) applied to normal view a % V, with that
     view's crop/flip parameters; the row's ``adv_delta`` is the perturbation that was added
     (zeros on normal rows), and the teacher's outputs are on view + delta.
     """
@@ -96,7 +96,7 @@ def _with_adversarial_rows(teacher: Teacher, x: torch.Tensor, V: int, A: int, ad
     view[:] = V + np.tile(np.arange(A, dtype=view.dtype), B)  # ids continue after the normal views
     gens = row_generators(adv.seed, sid, view) if adv.random_start else None
     delta = pgd_perturb(teacher.model, x_base.to(device), torch.from_numpy(lab).to(device), adv.epsilon, adv.steps,
-                        adv.step_size, gens, adv.random_start).float().cpu()  # (B*A, ...)
+                        adv.step_size, gens, adv.random_start, adv.objective).float().cpu()  # (B*A, ...)
     x_adv = x_base + delta  # on the CPU in float32: the very op the student's pipeline replays
     x_all = torch.cat([x.reshape(B, V, *shape).float().cpu(), x_adv.reshape(B, A, *shape)], 1)  # (B, V+A, ...)
     d_all = torch.cat([torch.zeros(B, V, *shape), delta.reshape(B, A, *shape)], 1)  # (B, V+A, ...)
