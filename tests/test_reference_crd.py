@@ -157,7 +157,8 @@ def test_reference_mode_refusals():
 
 
 def test_gacd_in_reference_mode():
-    """GACD keeps working in reference mode: its weights multiply both directions' anchors."""
+    """GACD keeps working in reference mode: its weights multiply both directions' anchors, so with
+    certain teachers and its own positives it is CRD (whose reference mode replays crd.pt above)."""
     ctx = _bare_ctx(30, 4, {"t0": 3}, C=3)
     index = torch.tensor([0, 4, 8])
     g = torch.Generator().manual_seed(1)
@@ -166,7 +167,7 @@ def test_gacd_in_reference_mode():
                       {"t0": torch.randn(3, 3, generator=g)}, {"t0": sure})
     kw = {"mode": "reference", "feat_dim": 4, "num_negatives": 6, "negatives": "uniform", "tau": 0.1}
     torch.manual_seed(0)
-    gacd = build_loss("gacd", ctx, **kw)
+    gacd = build_loss("gacd", ctx, positives="own", **kw)  # CRD's own positives (GACD's default is relaxed)
     torch.manual_seed(0)
     crd = build_loss("crd", ctx, **kw)
     torch.testing.assert_close(gacd(x).loss, crd(x).loss)
