@@ -46,24 +46,30 @@ def plot_comparison(groups: Mapping[str, Mapping], sweep: Sequence[Mapping], pat
 
 
 def _bars(ax, groups: Mapping[str, Mapping], title: str, reference: tuple[str, float] | None) -> None:
+    """One bar per group; groups of another label setting after a gap, under a heading of their own."""
     names = list(groups)
-    for i, name in enumerate(names):
+    setting = [str(groups[n].get("labels", "all")) for n in names]
+    xs = [i + 0.6 * sum(setting[j] != setting[j - 1] for j in range(1, i + 1)) for i in range(len(names))]
+    for x, name, lab in zip(xs, names, setting):
         vals = np.asarray(groups[name]["values"], dtype=float)
         colour = SET_COLOURS.get(str(groups[name].get("teacher_set")), "#55a868")
-        subset = groups[name].get("labels", "all") != "all"
         std = vals.std(ddof=1) if len(vals) > 1 else 0.0
-        ax.bar(i, vals.mean(), yerr=std, color=colour, alpha=0.85, capsize=4, hatch="//" if subset else None,
-               edgecolor="white" if subset else None)
-        ax.scatter(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, color="k", s=10, zorder=3)
-        ax.text(i, max(vals.mean() + std, vals.max()) + 0.004, f"{vals.mean():.3f}", ha="center", va="bottom", fontsize=8)
+        ax.bar(x, vals.mean(), yerr=std, color=colour, alpha=0.85, capsize=4, hatch=None if lab == "all" else "//",
+               edgecolor=None if lab == "all" else "white")
+        ax.scatter(np.full(len(vals), x) + np.linspace(-0.15, 0.15, len(vals)), vals, color="k", s=10, zorder=3)
+        ax.text(x, max(vals.mean() + std, vals.max()) + 0.004, f"{vals.mean():.3f}", ha="center", va="bottom", fontsize=8)
+    if len(set(setting)) > 1:  # say which bars are which label setting
+        for lab in dict.fromkeys(setting):
+            at = [x for x, s in zip(xs, setting) if s == lab]
+            ax.text((at[0] + at[-1]) / 2, 0.985, "all labels" if lab == "all" else f"labels: {lab}", ha="center",
+                    va="top", fontsize=8, style="italic")
     lo = min(float(np.min(g["values"])) for g in groups.values()) if groups else 0.0
     if reference is not None:
         ax.axhline(reference[1], color="k", ls="--", lw=1, label=f"{reference[0]}: {reference[1]:.3f}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.93))
         lo = min(lo, reference[1])
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.set_xticks(range(len(names)), [n + ("\n" + groups[n]["labels"] if groups[n].get("labels", "all") != "all" else "")
-                                      for n in names], rotation=25, ha="right", fontsize=8)
+    ax.set_xticks(xs, names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("student test top-1 (mean +- std over seeds)")
     ax.set_title(title or "student top-1 by arm")
 
@@ -76,7 +82,7 @@ def _paired_panel(ax, paired: Mapping[str, Mapping], title: str) -> None:
         ci = p.get("ci95")
         err = None if not ci else [[p["mean_diff"] - ci[0]], [ci[1] - p["mean_diff"]]]
         ax.errorbar(p["mean_diff"], i, xerr=err, fmt="o", color="#4c72b0", capsize=4)
-        ax.text(p["mean_diff"], i + 0.18, f"{p['mean_diff']:+.3f}  {p['improved']}/{p['n']}", ha="center", fontsize=7)
+        ax.text(p["mean_diff"], i - 0.15, f"{p['mean_diff']:+.3f}  {p['improved']}/{p['n']}", ha="center", va="bottom", fontsize=7)
     ax.axvline(0.0, color="k", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_ylim(-0.6, len(names) - 0.4)

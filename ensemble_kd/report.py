@@ -163,10 +163,14 @@ def format_table(summary: dict[str, Any]) -> list[str]:
 def _arm_lines(summary: dict[str, Any]) -> list[str]:
     s = summary["student"]
     lines = ["", f"student {s['arch']} on {s['modality']}, {summary['epochs']} epochs; top-1 mean +- std over the seeds that finished",
-             f"{'arm':<20} {'labels':<11} {'set':<9} {'method':<12} {'teachers':<26} {'top-1':<17} seeds"]
+             f"{'arm':<20} {'labels':<11} {'set':<9} {'method':<12} {'teachers':<26} {'top-1':<17} {'seeds':<5} of ref"]
     for n, a in summary["arms"].items():
+        ref = f"{a['of_reference']:.1%}" if a.get("of_reference") else "-"
         lines.append(f"{n:<20} {a.get('labels', 'all'):<11} {a['teacher_set']:<9} {a['method']:<12} "
-                     f"{','.join(a['teachers']) or '-':<26} {a['mean_top1']:.4f} +- {a['std_top1']:.4f} {len(a['seeds'])}")
+                     f"{','.join(a['teachers']) or '-':<26} {a['mean_top1']:.4f} +- {a['std_top1']:.4f} {len(a['seeds']):<5} {ref}")
+    if summary.get("reference"):
+        lines.append(f"(of ref: the arm's mean top-1 as a fraction of {summary['reference']['arm']}'s, the student alone "
+                     "with every label)")
     return lines
 
 
