@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
+from ensemble_kd.checks import check_config
 from ensemble_kd.config import ConfigError, LabelsConfig, load_config
 from ensemble_kd.data import DistillData
 from ensemble_kd.labels import UNLABELLED, class_quotas, draw_labelled, ensemble_prediction
@@ -16,6 +17,7 @@ from ensemble_kd.shards import ShardKey, ShardWriter
 from ensemble_kd.teacher_checkpoint import Teacher
 from ensemble_kd.tracking import start_distill_run, tracking_uri
 from modalities import build_dataset, build_encoder
+from tests.helpers import distill_cfg, run_distill
 
 C = 10
 
@@ -59,6 +61,12 @@ def test_config_refuses_both_and_bad_values_naming_the_field():
         load_config(None, {"distill.labels.count": 0})
     with pytest.raises(ConfigError, match=r"distill.labels.fraction: .*less than or equal to 1"):
         load_config(None, {"distill.labels.fraction": 1.5})
+
+
+def test_a_label_subset_and_a_dfnd_selection_are_refused_together(tmp_path):
+    cfg = load_config(None, {"distill.labels.count": 50, "distill.selection": str(tmp_path / "sel")})
+    with pytest.raises(ConfigError, match=r"distill.labels: a label subset does not apply to a DFND selection"):
+        check_config(cfg)
 
 
 def test_an_arm_sets_its_labels_and_other_fields():
@@ -182,3 +190,19 @@ def test_mlflow_records_the_label_setting(tmp_path):
     full = load_config(None, {"output_dir": str(tmp_path)})
     r2 = MlflowClient(tracking_uri(full)).get_run(start_distill_run(full, "r2"))
     assert r2.data.tags["labels"] == "all" and "labels_seed" not in r2.data.tags
+
+
+# --- through the loop on Ray Train (one tiny run) -----------------------------------------------
+
+
+def test_a_student_alone_with_fifty_labels_trains_on_them_and_says_so(ray_cluster, tmp_path):
+    cfg = distill_cfg(tmp_path, **{"distill.teachers": [], "distill.losses": [{"name": "ce"}], "distill.epochs": 1,
+                                   "distill.labels": {"count": 50}, "distill.seed": 1, "tracking.enabled": True})
+    res = run_distill(cfg)
+    r = MlflowClient(tracking_uri(cfg)).get_run(res.mlflow_run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["labels"] == "count=50" and r.data.tags["labels_seed"] == "1"
+    # labelled rows per batch, averaged over the epoch's 23 batches of 64 (the last 28 of 1,500 rows dropped):
+    # at most the 50 drawn, spread over the batches
+    per_batch = r.data.metrics["ce/labelled_rows"]
+    assert 40 <= per_batch * 23 <= 50
+    assert 0.0 <= res.final_top1 <= 1.0
