@@ -101,6 +101,9 @@ def _check_select(cfg: ExperimentConfig) -> list[str]:
                         f"{cfg.distill.student.modality!r} (the student's); it has: {', '.join(mods)}")
     if cfg.distill.selection is not None and not cfg.distill.teachers:
         errs.append("distill.selection: training on a selection needs distill.teachers (its rows are rows of their shards)")
+    if cfg.distill.selection is not None and cfg.distill.labels.subset:  # every selected row carries a pseudo-label
+        errs.append("distill.labels: a label subset does not apply to a DFND selection (distill.selection), whose rows "
+                    "are labelled by the teachers' pseudo-labels; unset one of them")
     if cfg.distill.selection is not None and cfg.distill.teacher_outputs != "shards":
         errs.append("distill.selection: a selection is rows of the teachers' shards: it needs distill.teacher_outputs: shards")
     return errs

@@ -6,7 +6,7 @@
     ensemble-kd select [--config FILE]                DFND: keep the pool rows the teachers are sure of
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
     ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
-    ensemble-kd compare [--experiment NAME] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
+    ensemble-kd compare [--experiment NAME] [--baseline GROUP] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
     ensemble-kd list datasets|encoders|losses         registered names
     ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
@@ -144,24 +144,36 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     # here, not at the top, for the reason _pipeline() gives (MLflow and matplotlib: about 4 s)
     from ensemble_kd.plots import plot_comparison
+    from ensemble_kd.stats import format_paired
     from ensemble_kd.tracking import compare, experiment_name, tracking_uri
 
     cfg = _config(args)
     uri = args.uri or tracking_uri(cfg)
-    res = compare(uri, args.experiment or experiment_name(cfg), args.group_by)
+    res = compare(uri, args.experiment or experiment_name(cfg), args.group_by, baseline=args.baseline)
     if args.plot:
-        groups = {g: {"values": r["values"], "teacher_set": r.get("teacher_set")} for g, r in res["groups"].items()}
+        groups = {g: {"values": r["values"], "teacher_set": r.get("teacher_set"), "labels": r.get("labels") or "all"}
+                  for g, r in res["groups"].items()}
         axes = [k for k in res["sweep"][0] if k not in ("top1", "runs")] if res["sweep"] else None
         res["plot"] = str(plot_comparison(groups, res["sweep"], args.plot, title=f"{res['experiment']} by {args.group_by}",
-                                          axes=axes))
+                                          axes=axes, paired={g: r.get("paired") for g, r in res["groups"].items()},
+                                          paired_title=f"paired difference to {args.baseline}"))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"experiment {res['experiment']} at {uri}, grouped by {args.group_by}")
-    print(f"{args.group_by:<24} {'runs':>4}  {'top-1 mean +- std':<18} best run")
+    base = f"  vs {args.baseline}: mean [95% t interval] improved/pairs" if args.baseline else ""
+    print(f"{args.group_by:<24} {'labels':<11} {'runs':>4}  {'top-1 mean +- std':<18} best run{base}")
     for g, r in res["groups"].items():
         b = r["best_run"]
-        print(f"{g:<24} {r['runs']:>4}  {r['mean_top1']:.4f} +- {r['std_top1']:.4f}  {r['best_top1']:.4f} {b['run_name']} ({b['method']})")
+        vs = ("  " + format_paired(r.get("paired"))) if args.baseline else ""
+        print(f"{g:<24} {r.get('labels') or 'mixed':<11} {r['runs']:>4}  {r['mean_top1']:.4f} +- {r['std_top1']:.4f}  "
+              f"{r['best_top1']:.4f} {b['run_name']} ({b['method']}){vs}")
+    if res["unfinished"]:
+        print("did not finish (shown apart, not averaged):")
+        for u in res["unfinished"]:
+            last = u["last_test_top1"]
+            print(f"  {u['group']:<24} seed {u['seed']}  {u['status']:<9} {u['run_name']}"
+                  + (f"  last top-1 {last:.4f}" if last is not None else ""))
     return 0
 
 
@@ -217,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default="teacher_set", help="tag to group by (teacher_set, method, teachers, ...)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG: top-1 by group, and against CRD tau and N where they vary")
+    p.add_argument("--baseline", metavar="GROUP", help="paired differences of every group to this one (e.g. an arm, with "
+                   "--group-by arm), seed by seed: mean, 95%% t interval, seeds improved")
     _verb(sub, "tune", "Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)", cmd_tune)
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
     p = _verb(s, "inspect", "print a JSON summary of the shards under DIR", cmd_shards_inspect, config=False)

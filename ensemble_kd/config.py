@@ -171,6 +171,22 @@ class AugmentConfig:
 
 
 @dataclass(config=_FROZEN)
+class LabelsConfig:
+    count: int | None = Field(None, ge=1, description="labelled train samples (e.g. 50), drawn per seed, stratified by class; the other rows are unlabelled")
+    fraction: float | None = Field(None, gt=0, le=1, description="labelled fraction of the train samples, drawn like count (exclusive with count); neither = every row labelled")
+    seed: int | None = Field(None, description="seed of the draw; None = distill.seed (a new labelled subset per seed, the same in every arm)")
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.fraction is not None:
+            raise ValueError(f"count ({self.count}) and fraction ({self.fraction}) are exclusive: set one")
+
+    @property
+    def subset(self) -> bool:
+        """Whether only some rows are labelled."""
+        return self.count is not None or self.fraction is not None
+
+
+@dataclass(config=_FROZEN)
 class DistillConfig:
     teachers: tuple[str, ...] = Field((), description="names of the teachers (from `teachers`) to distil from; empty = student alone")
     student: StudentConfig = Field(default_factory=StudentConfig, description="the student")
@@ -195,6 +211,7 @@ class DistillConfig:
         "shards", description="shards: precomputed teacher outputs, stored views replayed (cheapest step); online: the frozen "
                               "teachers run in each worker on a fresh augmentation every step (feature maps available)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="the online path's fresh augmentation (ignored on the shard path, whose views are stored)")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="labels on a subset: supervised terms (CE) see only the labelled rows, teacher terms every row")
 
     def __post_init__(self) -> None:
         _absolute(self, "selection")
@@ -240,6 +257,8 @@ class ArmConfig:
     teachers: Literal["none", "best", "all"] | tuple[str, ...] = Field(
         "all", description="none, best (the single teacher with the best test top-1), all (the ensemble), or a list of names")
     losses: tuple[LossTerm, ...] | None = Field(None, description="loss terms of this arm; None = distill.losses")
+    labels: LabelsConfig | None = Field(None, description="labels of this arm (e.g. {count: 50}; {} = every row); None = distill.labels")
+    set: dict[str, Any] = Field(default_factory=dict, description="other dotted overrides of this arm's config (e.g. distill.epochs: 30), applied last")
 
 
 @dataclass(config=_FROZEN)

@@ -8,6 +8,8 @@ Adversarial rows (GACD's PGD views, made at embed time) also get the stored pert
 teacher that reads the student's modality added, bit for bit the input that teacher embedded
 (see :meth:`DistillData._adv_replay`).
 Without teachers (a CE-only baseline) the rows are the dataset's own samples.
+With ``distill.labels`` only the drawn samples' rows keep their ground truth (``labelled``); the
+others carry the teachers' ensemble prediction (see :mod:`ensemble_kd.labels`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ensemble_kd.bank import TeacherBank
-from ensemble_kd.config import ExperimentConfig
+from ensemble_kd.config import ExperimentConfig, LabelsConfig
+from ensemble_kd.labels import labelled_rows, row_labels
 from ensemble_kd.selection import Selection, check_selection, load_selection, restrict_bank
 from ensemble_kd.shards import ShardSet
 from ensemble_kd.views import apply_view, num_adv_views
@@ -28,7 +31,8 @@ class DistillData:
     """Row-indexed access to (student input, label, teacher outputs) for the train split."""
 
     def __init__(self, ds: PairedDataset, modality: str, shard_dirs: Mapping[str, str | Path] | None = None,
-                 adv_replay_teacher: str | None = None, selection: str | Path | None = None) -> None:
+                 adv_replay_teacher: str | None = None, selection: str | Path | None = None,
+                 labels: LabelsConfig | None = None, seed: int = 0) -> None:
         self.ds, self.modality = ds, modality
         self.spec = ds.spec(modality)
         self.adv_delta: torch.Tensor | None = None  # (R, numel) PGD perturbations replayed on adversarial rows
@@ -59,7 +63,20 @@ class DistillData:
             self.replay = False
         if selection is not None:
             self._restrict_to_selection(selection, ss if shard_dirs else None)
+        self.labelled: torch.Tensor | None = None  # (R,) bool: row keeps its ground truth; None = every row
+        if labels is not None and labels.subset:
+            self._label_subset(labels, seed)
         self.labels = self.bank.labels
+
+    def _label_subset(self, labels: LabelsConfig, seed: int) -> None:
+        """``distill.labels``: keep the ground truth on the drawn samples' rows only; the other rows
+        are labelled (in the bank too, so class-aware negatives use it) with the teachers' ensemble
+        prediction on that row (:func:`ensemble_kd.labels.row_labels`)."""
+        if self.selection is not None:
+            raise ValueError("distill.labels: a label subset does not apply to a DFND selection (distill.selection)")
+        self.labelled = labelled_rows(self.bank.sample_ids, self.ds.sample_ids, self.ds.labels, labels, seed)  # (R,)
+        b = self.bank
+        self.bank = TeacherBank(b.embeddings, b.logits, row_labels(b.labels, self.labelled, b.logits), b.sample_ids)
 
     def _restrict_to_selection(self, path: str | Path, ss: ShardSet | None) -> None:
         """DFND (``distill.selection``): keep only the selected shard rows, labelled with the
@@ -116,8 +133,9 @@ class DistillData:
         return {n: int(e.shape[1]) for n, e in self.bank.embeddings.items()}
 
     def batch(self, rows: torch.Tensor, device: torch.device, epoch: int = 0, step: int = 0) -> dict:
-        """Inputs of the given rows: x (B, *shape), labels (B,), index (B,), teacher emb/logits dicts.
-        The views are the stored ones, the same every epoch (``epoch``/``step`` are not needed)."""
+        """Inputs of the given rows: x (B, *shape), labels (B,), index (B,), teacher emb/logits dicts,
+        and with a label subset ``labelled`` (B,) bool. The views are the stored ones, the same
+        every epoch (``epoch``/``step`` are not needed)."""
         rows = rows.long()
         b = self.ds.get_batch(self.positions[rows].numpy(), [self.modality])
         x = b["inputs"][self.modality]
@@ -133,6 +151,7 @@ class DistillData:
             "teacher_emb": {n: e[rows].float().to(device) for n, e in self.bank.embeddings.items()},
             "teacher_logits": {n: t[rows].float().to(device) for n, t in self.bank.logits.items()},
             "teacher_feats": {},
+            **({"labelled": self.labelled[rows].to(device)} if self.labelled is not None else {}),
         }
 
 

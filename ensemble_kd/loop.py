@@ -84,7 +84,8 @@ class DistillModule(nn.Module):
         else:
             emb, logits = self.student(batch["x"])  # (B, d_s), (B, C)
         x = DistillInputs(emb, logits, batch["labels"], batch["index"], batch["teacher_emb"], batch["teacher_logits"],
-                          epoch=epoch, step=step, student_feats=feats, teacher_feats=batch.get("teacher_feats") or {})
+                          epoch=epoch, step=step, student_feats=feats, teacher_feats=batch.get("teacher_feats") or {},
+                          labelled=batch.get("labelled"))
         return {name: loss(x) for name, loss in self.losses.items()}
 
 
@@ -298,9 +299,10 @@ def make_data(cfg: ExperimentConfig, train_ds: PairedDataset, lc: LoopConfig, de
     d = cfg.distill
     if d.teacher_outputs == "shards":
         return DistillData(train_ds, d.student.modality, lc.train_shards, adv_replay_teacher=d.adv_replay_teacher,
-                           selection=d.selection)
+                           selection=d.selection, labels=d.labels, seed=d.seed)
     teachers = {n: load_record(lc.teachers[n], train_ds, device) for n in d.teachers}
-    return OnlineData(train_ds, d.student.modality, teachers, d.augment, d.seed, cfg.amp, needs_feature_maps(cfg))
+    return OnlineData(train_ds, d.student.modality, teachers, d.augment, d.seed, cfg.amp, needs_feature_maps(cfg),
+                      labels=d.labels)
 
 
 class _Session:

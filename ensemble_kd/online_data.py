@@ -18,8 +18,9 @@ from collections.abc import Mapping
 import torch
 
 from ensemble_kd.bank import TeacherBank
-from ensemble_kd.config import AugmentConfig
+from ensemble_kd.config import AugmentConfig, LabelsConfig
 from ensemble_kd.devices import autocast
+from ensemble_kd.labels import labelled_rows, row_labels
 from ensemble_kd.memory import stable_seed
 from ensemble_kd.teacher_checkpoint import Teacher
 from ensemble_kd.views import apply_view, draw_views
@@ -30,7 +31,7 @@ class OnlineData:
     """Row-indexed access to (fresh view, label, teacher outputs on that view) for the train split."""
 
     def __init__(self, ds: PairedDataset, modality: str, teachers: Mapping[str, Teacher], augment: AugmentConfig,
-                 seed: int = 0, amp: bool = False, feature_maps: bool = False) -> None:
+                 seed: int = 0, amp: bool = False, feature_maps: bool = False, labels: LabelsConfig | None = None) -> None:
         self.ds, self.modality = ds, modality
         self.spec = ds.spec(modality)
         self.teachers = dict(teachers)
@@ -42,6 +43,11 @@ class OnlineData:
         self.augment, self.seed, self.amp, self.feature_maps = augment, int(seed), amp, feature_maps
         self.bank = TeacherBank({}, {}, torch.from_numpy(ds.labels), torch.from_numpy(ds.sample_ids))
         self.selection = None  # DFND selections are rows of shards: the shard path only
+        self.labelled: torch.Tensor | None = None  # (N,) bool: row keeps its ground truth; None = every row
+        if labels is not None and labels.subset:
+            self.labelled = labelled_rows(ds.sample_ids, ds.sample_ids, ds.labels, labels, self.seed)  # (N,)
+            b = self.bank  # the others: the teachers' ensemble prediction on the clean sample (fixed, like a label)
+            self.bank = TeacherBank({}, {}, row_labels(b.labels, self.labelled, self._clean_logits()), b.sample_ids)
 
     @property
     def teacher_dims(self) -> dict[str, int]:
@@ -67,6 +73,20 @@ class OnlineData:
         return {"labels": b["label"], **{f"in:{m}": v for m, v in x.items()}}
 
     @torch.no_grad()
+    def _clean_logits(self, batch_size: int = 512) -> dict[str, torch.Tensor]:
+        """Every teacher's logits (N, C) on the un-augmented train samples, on the CPU: one pass when
+        the source starts, only with a label subset (the unlabelled rows' pseudo-labels)."""
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in self.teachers}
+        for s in range(0, len(self.ds), batch_size):
+            b = self.ds.get_batch(list(range(s, min(s + batch_size, len(self.ds)))), [t.modality for t in self.teachers.values()])
+            for name, t in self.teachers.items():
+                dev = next(t.model.parameters()).device
+                with autocast(dev, self.amp):
+                    _, lg = t.model(b["inputs"][t.modality].to(dev))  # (b, C)
+                out[name].append(lg.float().cpu())
+        return {n: torch.cat(v) for n, v in out.items()}
+
+    @torch.no_grad()
     def _teacher_outputs(self, x: dict[str, torch.Tensor], device: torch.device) -> dict[str, dict]:
         emb, logits, feats = {}, {}, {}
         for name, t in self.teachers.items():
@@ -82,12 +102,16 @@ class OnlineData:
 
     def batch(self, rows: torch.Tensor, device: torch.device, epoch: int = 0, step: int = 0) -> dict:
         """Inputs of the given rows under this step's views: x (B, *shape), labels (B,), index (B,),
-        teacher emb/logits (and feature maps) dicts computed on that very batch."""
+        teacher emb/logits (and feature maps) dicts computed on that very batch, and with a label
+        subset ``labelled`` (B,) bool (``labels`` then come from the bank: ground truth or pseudo)."""
         rows = rows.long()
         x = self._views(rows, epoch, step)
+        extra = {} if self.labelled is None else {"labels": self.bank.labels[rows].to(device),
+                                                  "labelled": self.labelled[rows].to(device)}
         return {
             "x": x[f"in:{self.modality}"].to(device, non_blocking=True),
             "labels": x["labels"].to(device),
             "index": rows.to(device),
             **self._teacher_outputs(x, device),
+            **extra,
         }

@@ -2,7 +2,8 @@
 one :class:`Trial` per distillation.
 
 An :class:`~ensemble_kd.config.ArmConfig` says which teachers (none, the best single one, all, a
-list) and which loss terms; :func:`arm_config` turns it into the config of one distillation at one
+list), which loss terms, which labels (all, or a subset: ``labels: {count: 50}``) and any other
+overrides (``set``); :func:`arm_config` turns it into the config of one distillation at one
 seed, through the config's one override mechanism. :func:`plan_trials` lists the trials of a run
 (every arm x seed, then the sweep's grid points); each Trial carries its own config and the
 :class:`~ensemble_kd.tracking.RunContext` its MLflow run is tagged from.
@@ -33,11 +34,15 @@ def arm_teachers(cfg: ExperimentConfig, arm: ArmConfig, best_teacher: str | None
 
 
 def arm_config(cfg: ExperimentConfig, arm: ArmConfig, best_teacher: str | None, seed: int) -> ExperimentConfig:
-    """The config of one arm at one seed: its teachers and losses, the seed, no arms of its own."""
+    """The config of one arm at one seed: its teachers, losses and labels, the seed, its own ``set``
+    overrides (applied last), no arms of its own."""
     over: dict[str, Any] = {"distill.teachers": arm_teachers(cfg, arm, best_teacher), "distill.seed": seed,
                             "run": {"arms": [], "seeds": [seed], "sweep": None}}
     if arm.losses is not None:
         over["distill.losses"] = [to_dict(t) for t in arm.losses]
+    if arm.labels is not None:
+        over["distill.labels"] = to_dict(arm.labels)
+    over.update(arm.set)
     return check_config(with_overrides(cfg, over, f"<arm {arm.name}>"), f"<arm {arm.name}>")
 
 

@@ -13,40 +13,79 @@ from ensemble_kd.config import ExperimentConfig
 from ensemble_kd.plan import arm_config, effective_arms
 from ensemble_kd.plots import plot_comparison
 from ensemble_kd.sweep import TrialOutcome
-from ensemble_kd.tracking import experiment_name, mean_std, method_name, sweep_axes, teacher_set
+from ensemble_kd.stats import INTERVAL, format_paired, paired_difference
+from ensemble_kd.tracking import experiment_name, label_setting, mean_std, method_name, sweep_axes, teacher_set
 
 SUMMARY = "summary.json"
 PLOT = "summary.png"
 
 
 def _arm_rows(cfg: ExperimentConfig, trials: Sequence[TrialOutcome], best: str | None) -> dict[str, Any]:
-    """Each arm (in the config's order): teacher set, method, mean +- std of top-1 over seeds."""
-    acc: dict[str, dict[str, list]] = {}
+    """Each arm (in the config's order): teacher set, labels, method, mean +- std of top-1 over the
+    seeds that finished (TERMINATED); a trial that did not is left to :func:`_unfinished`."""
+    acc: dict[str, dict[int, float]] = {}
     for t in trials:
-        if t.trial.context.kind != "arm" or "test_top1" not in t.metrics:
-            continue
-        a = acc.setdefault(t.trial.context.arm or "", {"values": [], "seeds": []})
-        a["values"].append(float(t.metrics["test_top1"]))
-        a["seeds"].append(t.seed)
+        if t.trial.context.kind == "arm" and _finished(t):
+            acc.setdefault(t.trial.context.arm or "", {})[t.seed] = float(t.metrics["test_top1"])
     rows = {}
     for arm in effective_arms(cfg):
         if arm.name not in acc:
             continue
-        values, seeds = acc[arm.name]["values"], acc[arm.name]["seeds"]
-        c = arm_config(cfg, arm, best, seeds[0])
-        mean, std = mean_std(values)
-        order = sorted(range(len(seeds)), key=lambda i: seeds[i])
+        by_seed = dict(sorted(acc[arm.name].items()))
+        c = arm_config(cfg, arm, best, next(iter(by_seed)))
+        mean, std = mean_std(list(by_seed.values()))
         rows[arm.name] = {"teacher_set": teacher_set(c), "teachers": list(c.distill.teachers), "method": method_name(c),
-                          "mean_top1": mean, "std_top1": std, "seeds": [seeds[i] for i in order],
-                          "top1": [values[i] for i in order]}
+                          "labels": label_setting(c), "mean_top1": mean, "std_top1": std, "seeds": list(by_seed),
+                          "top1": list(by_seed.values())}
     return rows
+
+
+def _finished(t: TrialOutcome) -> bool:
+    """Ran every epoch and reported a top-1: the only trials averaged."""
+    return t.status == "TERMINATED" and "test_top1" in t.metrics
+
+
+def _unfinished(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]]:
+    """Trials that did not finish (ERROR, STOPPED, no top-1), shown apart and never averaged in."""
+    return [{"trial": t.trial.label, "arm": t.trial.context.arm, "seed": t.seed, "status": t.status, "epochs": t.epochs,
+             "last_test_top1": t.metrics.get("test_top1")} for t in trials if not _finished(t)]
+
+
+def _baseline(rows: dict[str, Any], name: str, fits) -> str | None:
+    """The first other arm (config order) that ``fits`` this arm's row, with the same label setting."""
+    me = rows[name]
+    return next((n for n, r in rows.items() if n != name and r["labels"] == me["labels"] and fits(r, me)), None)
+
+
+BASELINES = {
+    # the student alone: no teacher, same labels
+    "vs_student": lambda r, me: r["teacher_set"] == "none",
+    # KD with the same teacher set: exactly CE + KD, the same teachers, same labels
+    "vs_kd": lambda r, me: r["method"] == "ce+kd" and r["teachers"] == me["teachers"] and bool(me["teachers"]),
+}
+
+
+def _add_paired(rows: dict[str, Any]) -> dict[str, Any] | None:
+    """Each arm's paired differences (same seed, same labelled subset) to its baselines
+    (:data:`BASELINES`), and its top-1 as a fraction of the reference: the first fully labelled
+    arm without teachers (returned)."""
+    for name, row in rows.items():
+        for key, fits in BASELINES.items():
+            base = _baseline(rows, name, fits)
+            p = paired_difference(dict(zip(row["seeds"], row["top1"])),
+                                  dict(zip(rows[base]["seeds"], rows[base]["top1"]))) if base else None
+            row[key] = {"baseline": base, **p} if p else None
+    ref = next((n for n, r in rows.items() if r["teacher_set"] == "none" and r["labels"] == "all"), None)
+    for row in rows.values():
+        row["of_reference"] = row["mean_top1"] / rows[ref]["mean_top1"] if ref and rows[ref]["mean_top1"] else None
+    return {"arm": ref, "mean_top1": rows[ref]["mean_top1"], "labels": "all"} if ref else None
 
 
 def _sweep_points(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]]:
     """Each sweep trial's overrides (also under their last key component: ``tau``) and top-1."""
     points = []
     for t in trials:
-        if t.trial.context.kind == "sweep" and "test_top1" in t.metrics:
+        if t.trial.context.kind == "sweep" and _finished(t):
             points.append({"overrides": t.overrides, "top1": float(t.metrics["test_top1"]),
                            **{k.rsplit(".", 1)[-1]: v for k, v in t.overrides.items()}})
     return points
@@ -63,14 +102,17 @@ def _sweep(cfg: ExperimentConfig, trials: Sequence[TrialOutcome], best: str | No
 
 def summarise(cfg: ExperimentConfig, teachers: TeacherSet, best: str | None, trials: Sequence[TrialOutcome],
               uri: str | None, parent: str | None, seconds: float) -> dict[str, Any]:
-    """summary.json: teachers, arms (mean +- std over seeds), sweep points, where MLflow is."""
+    """summary.json: teachers, arms (mean +- std over seeds, paired differences to their baselines),
+    the reference line, sweep points, the trials that did not finish (apart), where MLflow is."""
+    arms = _arm_rows(cfg, trials, best)
+    reference = _add_paired(arms)
     return {
         "experiment": experiment_name(cfg), "mlflow_tracking_uri": uri, "parent_run_id": parent,
         "dataset": cfg.data.name, "student": {"arch": cfg.distill.student.arch, "modality": cfg.distill.student.modality},
         "epochs": cfg.distill.epochs,
         "teachers": {n: {"modality": t.modality, "arch": t.arch, "test_top1": t.test_top1} for n, t in teachers.items()},
-        "best_single_teacher": best, "arms": _arm_rows(cfg, trials, best),
-        "sweep": _sweep(cfg, trials, best),
+        "best_single_teacher": best, "arms": arms, "reference": reference, "interval": f"95% {INTERVAL} interval",
+        "unfinished": _unfinished(trials), "sweep": _sweep(cfg, trials, best),
         "seconds": seconds,
     }
 
@@ -80,32 +122,66 @@ def write_summary(out: Path, summary: dict[str, Any]) -> tuple[Path, Path | None
     out.mkdir(parents=True, exist_ok=True)
     plot = None
     if summary["arms"]:
-        groups = {n: {"values": a["top1"], "teacher_set": a["teacher_set"]} for n, a in summary["arms"].items()}
+        groups = {n: {"values": a["top1"], "teacher_set": a["teacher_set"], "labels": a.get("labels", "all")}
+                  for n, a in summary["arms"].items()}
+        paired = {n: a["vs_student"] for n, a in summary["arms"].items() if a.get("vs_student")}
+        ref = summary.get("reference")
         sw = summary.get("sweep") or {}
         axes = tuple(sw.get("axes") or ())
         pts = [p for p in sw.get("points", []) if len(axes) == 2 and all(a in p for a in axes)]
         plot = plot_comparison(groups, pts, out / PLOT, title=f"{summary['dataset']}: student "
-                               f"{summary['student']['arch']} on {summary['student']['modality']}", axes=axes or None)
+                               f"{summary['student']['arch']} on {summary['student']['modality']}", axes=axes or None,
+                               reference=(f"{ref['arm']} (all labels)", ref["mean_top1"]) if ref else None,
+                               paired=paired, paired_title="paired difference to the student alone, same labels")
         summary = {**summary, "plot": str(plot)}
     path = atomic_write(out / SUMMARY, lambda f: f.write(json.dumps(summary, indent=2).encode()))
     return path, plot
 
 
 def format_table(summary: dict[str, Any]) -> list[str]:
+    """The printed summary: teachers, arms, paired differences, the trials that did not finish, the sweep."""
     lines = [f"{'teacher':<16} {'arch':<11} {'modality':<9} test top-1"]
     for n, t in summary["teachers"].items():
         star = "  (best single)" if n == summary["best_single_teacher"] else ""
         lines.append(f"{n:<16} {t['arch']:<11} {t['modality']:<9} {t['test_top1']:.4f}{star}")
     if summary["arms"]:
-        s = summary["student"]
-        lines += ["", f"student {s['arch']} on {s['modality']}, {summary['epochs']} epochs; top-1 mean +- std over seeds",
-                  f"{'arm':<18} {'set':<9} {'method':<12} {'teachers':<26} {'top-1':<17} seeds"]
-        for n, a in summary["arms"].items():
-            lines.append(f"{n:<18} {a['teacher_set']:<9} {a['method']:<12} {','.join(a['teachers']) or '-':<26} "
-                         f"{a['mean_top1']:.4f} +- {a['std_top1']:.4f} {len(a['seeds'])}")
+        lines += _arm_lines(summary) + _paired_lines(summary["arms"])
+    if summary.get("unfinished"):
+        lines += ["", "did not finish (shown apart, not averaged):"]
+        for u in summary["unfinished"]:
+            last = u.get("last_test_top1")
+            lines.append(f"  {u['trial']:<28} {u['status']:<10} after {u['epochs']} epochs"
+                         + (f", last top-1 {last:.4f}" if isinstance(last, (int, float)) else ""))
     sw = summary.get("sweep")
     if sw and sw["points"]:
         lines += ["", f"sweep on {sw['arm']}:"]
         for p in sorted(sw["points"], key=lambda p: -p["top1"]):
             lines.append("  " + " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p["overrides"].items()) + f"  top-1 {p['top1']:.4f}")
+    return lines
+
+
+def _arm_lines(summary: dict[str, Any]) -> list[str]:
+    s = summary["student"]
+    lines = ["", f"student {s['arch']} on {s['modality']}, {summary['epochs']} epochs; top-1 mean +- std over the seeds that finished",
+             f"{'arm':<20} {'labels':<11} {'set':<9} {'method':<12} {'teachers':<26} {'top-1':<17} {'seeds':<5} of ref"]
+    for n, a in summary["arms"].items():
+        ref = f"{a['of_reference']:.1%}" if a.get("of_reference") else "-"
+        lines.append(f"{n:<20} {a.get('labels', 'all'):<11} {a['teacher_set']:<9} {a['method']:<12} "
+                     f"{','.join(a['teachers']) or '-':<26} {a['mean_top1']:.4f} +- {a['std_top1']:.4f} {len(a['seeds']):<5} {ref}")
+    if summary.get("reference"):
+        lines.append(f"(of ref: the arm's mean top-1 as a fraction of {summary['reference']['arm']}'s, the student alone "
+                     "with every label)")
+    return lines
+
+
+def _paired_lines(arms: dict[str, Any]) -> list[str]:
+    """Each arm against the student alone and against KD from the same teachers (same labels)."""
+    if not any(a.get("vs_student") or a.get("vs_kd") for a in arms.values()):
+        return []
+    lines = ["", f"paired differences over seeds (same seed, same labelled subset): mean [95% {INTERVAL} interval] "
+                 "seeds improved/pairs",
+             f"{'arm':<20} {'vs the student alone':<46} vs KD from the same teachers"]
+    for n, a in arms.items():
+        cols = [f"{format_paired(p)} ({p['baseline']})" if p else "-" for p in (a.get("vs_student"), a.get("vs_kd"))]
+        lines.append(f"{n:<20} {cols[0]:<46} {cols[1]}")
     return lines

@@ -8,7 +8,7 @@ before any run starts (two processes migrating a fresh SQLite file at once fail)
 Per run: params = the flattened config; metrics = every numeric per-epoch value of the
 history (step = epoch) plus ``final/test_top1``; tags = ``teacher_set`` (none / single /
 ensemble), ``teachers``, ``teacher_modalities``, ``student_modality``, ``student_arch``,
-``dataset``, ``method`` (from the config) and ``arm``, ``ekd.kind``, ``tune_trial``,
+``dataset``, ``method``, ``labels`` (all / count=50 / fraction=0.1) and ``labels_seed`` (from the config) and ``arm``, ``ekd.kind``, ``tune_trial``,
 ``sweep.<key>`` (from the :class:`RunContext` the run is part of), all written by :func:`run_tags`;
 artifacts = the config YAML and the final student checkpoint. :func:`client` is the one way to get
 an MLflow client.
@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import loss_options
 from ensemble_kd.config import ConfigError, ExperimentConfig, flatten, to_yaml
+from ensemble_kd.stats import paired_difference
 
 class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
@@ -107,6 +108,12 @@ def teacher_set(cfg: ExperimentConfig) -> str:
     return "none" if k == 0 else "single" if k == 1 else "ensemble"
 
 
+def label_setting(cfg: ExperimentConfig) -> str:
+    """The ``labels`` tag: ``all``, ``count=<n>`` or ``fraction=<f>`` (distill.labels)."""
+    lb = cfg.distill.labels
+    return f"count={lb.count}" if lb.count is not None else f"fraction={lb.fraction:g}" if lb.fraction is not None else "all"
+
+
 def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str | None = None) -> dict[str, str]:
     """Every tag of a distillation's MLflow run: the config's (what makes comparisons a filter),
     then the context's (arm, kind, trial, sweep point, parent)."""
@@ -121,7 +128,10 @@ def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str
         "dataset": cfg.data.name,
         "method": ctx.method or method_name(cfg),
         "seed": str(d.seed),
+        "labels": label_setting(cfg),
     }
+    if d.labels.subset:  # with the setting and the train labels, this seed fixes the labelled samples
+        tags["labels_seed"] = str(d.seed if d.labels.seed is None else d.labels.seed)
     if ctx.arm is not None:
         tags["arm"] = ctx.arm
     if ctx.kind is not None:
@@ -253,45 +263,89 @@ def mean_std(vals: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def compare(uri: str, experiment: str, group_by: str = "teacher_set") -> dict[str, Any]:
+def compare(uri: str, experiment: str, group_by: str = "teacher_set", baseline: str | None = None) -> dict[str, Any]:
     """Mean +- std (sample std over the runs, e.g. seeds) of the final test top-1 per value of tag
     ``group_by``, the best run of each, and ``sweep``: the runs' points on their loss's sweep axes
-    (CRD: tau, N) with top-1, where an axis varies across the experiment (for the plot)."""
+    (CRD: tau, N) with top-1, where an axis varies across the experiment (for the plot).
+
+    Only distillations that FINISHED with a final top-1 are averaged; every other one (FAILED,
+    KILLED, still RUNNING, no final metric) is listed under ``unfinished``, never averaged in. A
+    group whose runs differ in their ``labels`` tag is split, one group per label setting
+    (``ensemble [labels count=50]``). With ``baseline`` (a group), every other group gets
+    ``paired``: the paired difference to it over the seeds both have (:func:`ensemble_kd.stats.paired_difference`;
+    each seed's latest finished run)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         known = [e.name for e in c.search_experiments()]
         raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {known}")
+    runs = [r for r in c.search_runs([exp.experiment_id], max_results=50_000) if RUN_NAME_TAG in r.data.tags]  # distillations
+    done = [r for r in runs if r.info.status == "FINISHED" and "final/test_top1" in r.data.metrics]
+    done_ids = {r.info.run_id for r in done}
+    keys = _group_keys(runs, group_by)
     groups: dict[str, list[Any]] = {}
     points = []
-    for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50_000):
-        top1 = r.data.metrics.get("final/test_top1")
-        if top1 is None:
-            continue
-        groups.setdefault(r.data.tags.get(group_by, "(untagged)"), []).append((top1, r))
+    for r in done:
+        top1 = r.data.metrics["final/test_top1"]
+        groups.setdefault(keys[r.info.run_id], []).append((top1, r))
         pt = sweep_point(r.data.params)
         if pt is not None:
             points.append({**pt, "top1": top1})
-    rows = {}
-    for g, runs in sorted(groups.items()):
-        vals = [v for v, _ in runs]
-        best_v, best = max(runs, key=lambda x: x[0])
-        sets = {r.data.tags.get("teacher_set") for _, r in runs}
-        mean, std = mean_std(vals)
-        rows[g] = {
-            "runs": len(vals),
-            "mean_top1": mean,
-            "std_top1": std,
-            "best_top1": best_v,
-            "values": vals,
-            "teacher_set": sets.pop() if len(sets) == 1 else None,
-            "best_run": {"run_id": best.info.run_id, "run_name": best.info.run_name, "method": best.data.tags.get("method"),
-                         "teachers": best.data.tags.get("teachers")},
-        }
+    rows = {g: _group_row(runs_g) for g, runs_g in sorted(groups.items())}
+    if baseline is not None:
+        if baseline not in rows:
+            raise TrackingError(f"--baseline {baseline!r} is not a group of finished runs grouped by {group_by!r}; "
+                                f"groups: {list(rows)}")
+        for g, row in rows.items():
+            row["paired"] = None if g == baseline else paired_difference(row["by_seed"], rows[baseline]["by_seed"])
+    unfinished = [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+                   "group": keys[r.info.run_id], "seed": r.data.tags.get("seed"),
+                   "last_test_top1": r.data.metrics.get("test_top1")}
+                  for r in runs if r.info.run_id not in done_ids]
     axes = [k for k in points[0] if k != "top1"] if points else []
     varied = any(len({p.get(a) for p in points}) > 1 for a in axes)
     sweep = _mean_points(points, axes) if varied else []
-    return {"tracking_uri": uri, "experiment": experiment, "group_by": group_by, "groups": rows, "sweep": sweep}
+    return {"tracking_uri": uri, "experiment": experiment, "group_by": group_by, "baseline": baseline, "groups": rows,
+            "unfinished": unfinished, "sweep": sweep}
+
+
+def _group_keys(runs: list[Any], group_by: str) -> dict[str, str]:
+    """run id -> its group: the ``group_by`` tag's value, with the label setting added where runs of
+    one value differ in their ``labels`` tag (runs from before the tag count as ``all``)."""
+    value = {r.info.run_id: r.data.tags.get(group_by, "(untagged)") for r in runs}
+    labels = {r.info.run_id: r.data.tags.get("labels", "all") for r in runs}
+    mixed = {v for v in value.values() if len({labels[i] for i in value if value[i] == v}) > 1}
+    return {i: f"{v} [labels {labels[i]}]" if v in mixed and group_by != "labels" else v for i, v in value.items()}
+
+
+def _group_row(runs: list[tuple[float, Any]]) -> dict[str, Any]:
+    """One group's row: count, mean +- std, best run, its label setting and each seed's latest top-1."""
+    vals = [v for v, _ in runs]
+    best_v, best = max(runs, key=lambda x: x[0])
+    sets = {r.data.tags.get("teacher_set") for _, r in runs}
+    labels = {r.data.tags.get("labels", "all") for _, r in runs}
+    mean, std = mean_std(vals)
+    by_seed: dict[str, tuple[int, float]] = {}
+    for v, r in runs:  # a seed run twice (a rerun into the same store) pairs by its latest finished run
+        sd = r.data.tags.get("seed")
+        if sd is not None and (sd not in by_seed or r.info.start_time > by_seed[sd][0]):
+            by_seed[sd] = (r.info.start_time, v)
+    return {
+        "runs": len(vals),
+        "mean_top1": mean,
+        "std_top1": std,
+        "best_top1": best_v,
+        "values": vals,
+        "teacher_set": sets.pop() if len(sets) == 1 else None,
+        "labels": labels.pop() if len(labels) == 1 else None,
+        "by_seed": {sd: v for sd, (_, v) in sorted(by_seed.items(), key=lambda kv: _seed_order(kv[0]))},
+        "best_run": {"run_id": best.info.run_id, "run_name": best.info.run_name, "method": best.data.tags.get("method"),
+                     "teachers": best.data.tags.get("teachers")},
+    }
+
+
+def _seed_order(seed: str) -> tuple[int, Any]:
+    return (0, int(seed)) if seed.lstrip("-").isdigit() else (1, seed)
 
 
 def _mean_points(points: list[dict[str, float]], axes: list[str]) -> list[dict[str, float]]:

@@ -225,12 +225,12 @@ def test_registry_refuses_what_breaks_the_contract():
 
 def test_interface_fields():
     """The loop builds DistillInputs positionally up to teacher_logits; epoch, step, the feature
-    maps (online path) and the optional contrast_idx (CRD) come last."""
+    maps (online path), the optional contrast_idx (CRD) and labelled mask (labels on a subset) come last."""
     assert [f.name for f in fields(DistillInputs)] == ["student_emb", "student_logits", "labels", "index",
                                                        "teacher_emb", "teacher_logits", "epoch", "step",
-                                                       "student_feats", "teacher_feats", "contrast_idx"]
+                                                       "student_feats", "teacher_feats", "contrast_idx", "labelled"]
     x = DistillInputs(torch.zeros(1, 2), torch.zeros(1, 3), torch.zeros(1), torch.zeros(1))
-    assert (x.epoch, x.step, x.teacher_emb, x.teacher_logits, x.contrast_idx) == (0, 0, {}, {}, None)
+    assert (x.epoch, x.step, x.teacher_emb, x.teacher_logits, x.contrast_idx, x.labelled) == (0, 0, {}, {}, None, None)
     assert (x.student_feats, x.teacher_feats) == (None, {})
     assert [f.name for f in fields(LossOutput)] == ["loss", "metrics"]
     assert [f.name for f in fields(LossContext)][-1] == "selection" and make_ctx(1).selection is None

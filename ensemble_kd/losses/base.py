@@ -33,7 +33,10 @@ embeddings and logits of those rows, and the position in training (``epoch``, 0-
 ``step``, the global optimisation step) for losses with a schedule (DKD's warm-up); when a
 configured loss declares ``needs=(..., "feature_maps")`` in its registration, the student's and the
 teachers' stage outputs (the encoders' ``forward_features``; the online data path only); and
-optionally ``contrast_idx``, contrastive rows given with the batch (CRD; drawn by the loss when None).
+optionally ``contrast_idx``, contrastive rows given with the batch (CRD; drawn by the loss when None);
+and ``labelled``, which rows keep their ground-truth label when only some do (``distill.labels``:
+``labels`` is the teachers' ensemble prediction on the others; a loss that reads labels as
+ground truth averages over the labelled rows only, as CE does).
 
 ``reduction``, wherever a loss has it, means one thing: how a multi-teacher loss combines its
 teachers (:data:`REDUCTIONS`).
@@ -73,6 +76,10 @@ class DistillInputs:
     # (B, 1+N) int64 or None: contrastive rows given with the batch (RepDistiller's contrast_idx):
     # column 0 each anchor's positive row, the rest its N negative rows; None = the loss draws them
     contrast_idx: torch.Tensor | None = None
+    # (B,) bool or None: rows that keep their ground-truth label (``distill.labels``); None = every row.
+    # ``labels`` holds the ground truth where True and the teachers' ensemble prediction elsewhere:
+    # supervised terms (CE) read only the True rows, teacher terms every row
+    labelled: torch.Tensor | None = None
 
 
 @dataclass
