@@ -204,6 +204,10 @@ class CRDLoss(nn.Module):
         sampler = self.samplers[name]
         neg, valid = sampler.sample(index, step)  # (B, N) | (N,), (B, N)
         pos = sampler.sample_positives(index, step) if self.mode == "relax" else index  # (B,)
+        if neg.dim() == 2 and neg.numel() >= self.num_rows:
+            # B x N per-anchor draws reach about every row anyway: score all M rows once and pick
+            # by row id, rather than sort the (B, N) draws to find the distinct ones
+            return Draws(pos, torch.arange(self.num_rows, device=neg.device), neg, None, valid)
         uniq, inv = torch.unique(neg, return_inverse=True)  # (U,), same shape as neg
         if neg.dim() == 2:
             return Draws(pos, uniq, inv, None, valid)
