@@ -300,19 +300,28 @@ def nce_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int,
     """
     B, N = neg_score.shape
     pn = 1.0 / float(n_data)
-    p_pos, p_neg = pos_score / z, neg_score / z  # (B,), (B, N)
-    c = torch.ones(N, dtype=p_neg.dtype, device=p_neg.device) if counts is None else counts.to(p_neg)  # (N|U,)
+    dt = neg_score.dtype
+    z = torch.as_tensor(z, dtype=dt, device=neg_score.device)
+    c = None if counts is None else counts.to(neg_score)  # (U,)
     if valid is None:
-        m = c.sum().expand(B, 1).to(p_neg.dtype)  # (B, 1)
+        m = (torch.full((B, 1), float(N), dtype=dt, device=neg_score.device) if c is None
+             else c.sum().expand(B, 1))  # (B, 1)
     else:
         valid = valid.to(torch.bool)
-        m = (valid.to(p_neg.dtype) * c).sum(1, keepdim=True)  # (B, 1) valid negatives per anchor
-    log_d1 = torch.log(p_pos / (p_pos + m[:, 0] * pn + NCE_EPS))  # (B,)
-    num = (m * pn).clamp_min(torch.finfo(p_neg.dtype).tiny)  # (B, 1) no log(0) on empty rows
-    log_d0 = torch.log(num / (p_neg + m * pn + NCE_EPS))  # (B, N)
+        vf = valid.to(dt)
+        m = (vf if c is None else vf * c).sum(1, keepdim=True)  # (B, 1) valid negatives per anchor
+    k = m * pn + NCE_EPS  # (B, 1) N_i*Pn + eps
+    p_pos = pos_score / z  # (B,)
+    log_d1 = torch.log(p_pos / (p_pos + k[:, 0]))  # (B,)
+    # log D0_ij = log(num_i / k_i) - log1p(P_neg_ij / k_i), num_i = N_i*Pn: one fused pass over the
+    # (B, N) scores (mul, log1p, sum) instead of seven, and no large terms that cancel in float32
+    log_den = torch.log1p(neg_score * (1.0 / (z * k)))  # (B, N)
     if valid is not None:
-        log_d0 = torch.where(valid, log_d0, torch.zeros_like(log_d0))
-    per_anchor = log_d1 + (log_d0 * c).sum(1)  # (B,)
+        log_den = torch.where(valid, log_den, 0.0)
+    den = (log_den * c).sum(1) if c is not None else log_den.sum(1)  # (B,)
+    num = (m[:, 0] * pn).clamp_min(torch.finfo(dt).tiny)  # (B,) no log(0) on empty rows
+    log_d0_sum = m[:, 0] * torch.log(num / k[:, 0]) - den  # (B,)
+    per_anchor = log_d1 + log_d0_sum  # (B,)
     if weights is not None:
         per_anchor = per_anchor * weights.to(per_anchor)
     return -per_anchor.sum() / B
