@@ -170,7 +170,7 @@ class NegativeSampler:
     def _build_hard(self, teacher_emb, hard_pool: int, use_gpu: bool) -> None:
         faiss = _faiss()
         x = teacher_emb.detach().cpu().float().numpy() if torch.is_tensor(teacher_emb) else np.asarray(teacher_emb)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.array(x, dtype=np.float32, order="C", copy=True)  # normalize_L2 writes in place: never into the shard's read-only map
         if x.shape[0] != self.num_rows:
             raise ValueError(f"teacher_emb has {x.shape[0]} rows, labels {self.num_rows}")
         faiss.normalize_L2(x)

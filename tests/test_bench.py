@@ -57,3 +57,18 @@ def test_negative_sampling_runs():
 def test_online_step_cost_runs():
     res = _bench("online_step_cost.py", "--setting", "mlp", "--steps", "1", "--batch", "16", "--negatives", "64")
     assert res[0]["ce_ms"] > 0 and res[0]["ratio_online_over_ce"] > 0 and res[0]["ratio_shards_over_ce"] > 0
+
+
+@pytest.mark.slow
+def test_trial_overhead_runs_and_splits_the_wall_time():
+    res = _bench("trial_overhead.py", "--trials", "1", "--epochs", "1", "--teacher-epochs", "1", "--arm", "kd-ensemble")
+    assert res["statuses"] == ["TERMINATED"] and res["loop_steps_s"] > 0 and res["trial_wall_s"] >= res["loop_steps_s"]
+    assert res["ratio_wall_over_steps"] >= 1.0
+
+
+@pytest.mark.slow
+def test_gpu_smoke_runs_every_part_on_cpu():
+    res = _bench("gpu_smoke.py", "--device", "cpu", "--epochs", "1")
+    for part in ("teachers", "embed", "shards", "online", "faiss"):
+        assert res[part]["status"] == "ok", (part, res[part])
+    assert res["status"] == "ok" and res["faiss"]["index"] == "faiss-cpu"
