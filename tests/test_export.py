@@ -214,3 +214,18 @@ def test_an_export_that_differs_from_the_checkpoint_is_refused_and_nothing_is_pu
                                           r"max abs difference .* > 0.0001 on 64 test rows"):
         export_student(find_run(tmp_path, "branchy"), dest, log=lambda m: None)
     assert not dest.exists() and sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+
+
+def test_an_image_student_exports_with_its_image_shape_and_without_a_store(tmp_path):
+    cfg = student_cfg(tmp_path, **{"distill.student": {"arch": "cnn_small", "modality": "pix", "arch_kwargs": {"width": 8}}})
+    path, _ = train_student(cfg, "img", epochs=1)
+    logs = []
+    res = export_student(find_run(tmp_path, "img"), log=logs.append)
+    assert res.model_uri is None and "img has no MLflow run" in logs[0]  # no store under tmp_path: files only
+    x, ref = reference_logits(path)
+    assert x.shape[1:] == (1, 16, 15)
+    assert (torch.jit.load(res.torchscript)(x) - ref).abs().max() <= 1e-4
+    sess = onnxruntime.InferenceSession(res.onnx, providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [1, 16, 15]
+    assert np.abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - ref.numpy()).max() <= 1e-4
+    assert "shape (batch, 1, 16, 15): modality `pix`" in open(res.card).read()
