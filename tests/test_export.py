@@ -14,7 +14,7 @@ from mlflow import pyfunc
 
 from ensemble_kd import tracking
 from ensemble_kd.cli import main
-from ensemble_kd.config import to_dict, to_yaml
+from ensemble_kd.config import ConfigError, to_dict, to_yaml
 from ensemble_kd.export import ExportError, best_of_arm, export_student, find_run
 from ensemble_kd.stages.distill import _save_student
 from modalities import ENCODERS, Encoder, build_dataset, build_encoder
@@ -188,6 +188,8 @@ def test_unknown_run_arm_and_wrong_files_are_refused_and_nothing_is_written(stor
     with pytest.raises(ExportError, match=r"p.pt cannot be read .* with weights_only=True"):
         export_student(find_run(out, str(pickled)), tmp_path / "dest")
     assert not dest.exists() and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+    with pytest.raises(ConfigError, match=r"run.export_arm: 'nope' is not an arm; arms: \['student-ce', 'crd\+kd-ensemble'\]"):
+        student_cfg(tmp_path, **{"run.export_arm": "nope"})
 
 
 class _BatchBranch(Encoder):
