@@ -301,10 +301,12 @@ def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
 @contextlib.contextmanager
 def _fluent(uri: str, experiment_id: str | None = None) -> Iterator[None]:
     """mlflow.pytorch.log_model works through MLflow's process-wide store and experiment (3.17 puts
-    the model under the active experiment, not its run's): set both for the call, then put the
-    store back."""
-    had = mlflow.tracking.is_tracking_uri_set()
-    old = mlflow.get_tracking_uri()
+    the model under the active experiment, not its run's): set both for the call, then put both back
+    (each is also an environment variable that Ray workers started later would inherit). MLflow has
+    no public way to unset the active experiment, hence its private global."""
+    fluent = mlflow.tracking.fluent
+    had, old = mlflow.tracking.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    old_exp, old_env = fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")
     mlflow.set_tracking_uri(uri)
     try:
         if experiment_id is not None:
@@ -312,6 +314,11 @@ def _fluent(uri: str, experiment_id: str | None = None) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(old if had else None)
+        fluent._active_experiment_id = old_exp
+        if old_env is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = old_env
 
 
 def log_mlflow_model(model: LogitsOnly, x: torch.Tensor, num_classes: int, uri: str, run_id: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@ distill stage's own writer, exported as TorchScript, ONNX and an MLflow model in
 each export's logits are checked against the eager encoder built from the checkpoint by hand."""
 import argparse
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -101,6 +102,7 @@ def store(tmp_path_factory):
 def test_exports_reproduce_the_checkpoint_logits(store):
     out, cfg, uri, runs = store
     name, path, top1, rid = runs[("crd+kd-ensemble", 1)]
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     res = export_student(find_run(out, name), log=lambda m: None)
     assert res.model_uri is not None and res.mlflow_run_id == rid
     x, ref = reference_logits(path)
@@ -115,6 +117,8 @@ def test_exports_reproduce_the_checkpoint_logits(store):
     assert set(res.max_abs_diff) == {"torchscript", "onnx", "mlflow"} and max(res.max_abs_diff.values()) <= 1e-4
     assert ref.argmax(1).eq(torch.as_tensor(build_dataset("uci-mfeat", "test").labels[:64])).float().mean() > 0.5  # trained
 
+    assert {k: os.environ.get(k) for k in env} == env  # the export put MLflow's process-wide settings back
+
     # the MLflow model: in the run, with a tensor signature and an input example; pyfunc predicts the same
     client = MlflowClient(uri)
     model = client.get_logged_model(res.model_uri.rsplit("/", 1)[-1])
@@ -128,7 +132,7 @@ def test_exports_reproduce_the_checkpoint_logits(store):
         for xb, rb in ((x, ref), (x1, ref1)):
             assert np.abs(np.asarray(m.predict(xb.numpy())) - rb.numpy()).max() <= 1e-4
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     arts = {a.path for a in client.list_artifacts(rid, "export")}
     assert arts == {f"export/{name}.torchscript.pt", f"export/{name}.onnx", f"export/{name}.model_card.md"}
     assert client.get_run(rid).info.status == "FINISHED"
