@@ -261,6 +261,19 @@ def _max_diff(a: np.ndarray | torch.Tensor, ref: torch.Tensor, what: str, path: 
 
 
 @contextlib.contextmanager
+def _failing_as(what: str, path: Path) -> Iterator[None]:
+    """An exporter's or runtime's own failure (an op it cannot express, a shape guard, a graph the
+    runtime refuses) as an ExportError naming the format and the checkpoint."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"{what} export of {path} failed: {type(e).__name__}: {first}") from e
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """torch 2.14 marks torch.jit deprecated and warns when a trace reads a shape as a Python value;
     the numerical check against the eager model is what tells a good export from a bad one."""
@@ -453,23 +466,21 @@ def export_student(src: StudentSource, dest: str | Path | None = None, name: str
     model_id = None
     try:
         diffs = {}
-        try:
+        with _failing_as("TorchScript", src.path):
             write_torchscript(model, x, files["torchscript"])
             diffs["torchscript"] = _max_diff(load_torchscript(files["torchscript"])(x), ref, "TorchScript", src.path)
+        with _failing_as("ONNX", src.path):
             write_onnx(model, x, files["onnx"])
             onnx.checker.check_model(str(files["onnx"]))
             diffs["onnx"] = _max_diff(run_onnx(files["onnx"], x), ref, "ONNX", src.path)
-        except ExportError:
-            raise
-        except Exception as e:  # the exporters' own failures (an op they cannot express, a shape guard)
-            raise ExportError(f"exporting {src.path} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         opset = next((o.version for o in onnx.load(str(files["onnx"]), load_external_data=False).opset_import
                       if o.domain in ("", "ai.onnx")), None)
         model_uri, tags = None, {}
         if mlflow_model and src.mlflow_run_id and _store(src.mlflow_uri):
             tags = tracking.client(src.mlflow_uri).get_run(src.mlflow_run_id).data.tags
-            model_uri, model_id = log_mlflow_model(model, x, num_classes, src.mlflow_uri, src.mlflow_run_id)
-            diffs["mlflow"] = _max_diff(predict_mlflow(model_uri, src.mlflow_uri, x), ref, "MLflow", src.path)
+            with _failing_as("MLflow", src.path):
+                model_uri, model_id = log_mlflow_model(model, x, num_classes, src.mlflow_uri, src.mlflow_run_id)
+                diffs["mlflow"] = _max_diff(predict_mlflow(model_uri, src.mlflow_uri, x), ref, "MLflow", src.path)
         elif mlflow_model:
             log(f"export: {src.run_name} has no MLflow run in {src.mlflow_uri or 'any store'}: no MLflow model logged")
         summary = _summary(src.output_dir) if src.output_dir is not None else None
