@@ -7,6 +7,7 @@
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
     ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
     ensemble-kd compare [--experiment NAME] [--baseline GROUP] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
+    ensemble-kd export [--run NAME|PATH | --arm ARM] [--dest DIR]  the student as TorchScript, ONNX, MLflow model
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
     ensemble-kd list datasets|encoders|losses         registered names
     ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
@@ -177,6 +178,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    # here, not at the top, for the reason _pipeline() gives (torch, MLflow, ONNX)
+    from ensemble_kd import export
+    from ensemble_kd.tracking import experiment_name, tracking_uri
+
+    cfg = _config(args)
+    out = Path(cfg.output_dir)
+    uri = tracking_uri(cfg) if cfg.tracking.enabled else None
+    if args.run:
+        src = export.find_run(out, args.run, uri)
+    elif args.arm or export.headline_arm(cfg):
+        src = export.best_of_arm(out, args.arm or export.headline_arm(cfg), uri, experiment_name(cfg))
+    else:
+        src = export.last_run(out, uri)
+    res = export.export_student(src, args.dest, log=_log)
+    print(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
     print(json.dumps(inspect_shards(args.dir, verify=args.verify), indent=2))
     return 0
@@ -231,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="also write a PNG: top-1 by group, and against CRD tau and N where they vary")
     p.add_argument("--baseline", metavar="GROUP", help="paired differences of every group to this one (e.g. an arm, with "
                    "--group-by arm), seed by seed: mean, 95%% t interval, seeds improved")
+    p = _verb(sub, "export", "the student of a run (or the best of an arm) as TorchScript, ONNX and an MLflow model, "
+                             "each checked against the checkpoint, with a model card", cmd_export)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--run", help="run name (students/NAME/student.pt under the output folder) or a student.pt path")
+    g.add_argument("--arm", help="the arm whose best finished run to export (default: run.export_arm, else the last arm; "
+                                 "without arms: the last distillation)")
+    p.add_argument("--dest", help="folder for the files (default: <output_dir>/exports/<arm or run>)")
     _verb(sub, "tune", "Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)", cmd_tune)
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
     p = _verb(s, "inspect", "print a JSON summary of the shards under DIR", cmd_shards_inspect, config=False)

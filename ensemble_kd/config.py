@@ -273,6 +273,13 @@ class RunJobConfig:
     arms: tuple[ArmConfig, ...] = Field((), description="arms of `ensemble-kd run`, each over every seed; empty = one run of `distill`")
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="seeds each arm runs with (distill.seed)")
     sweep: SweepConfig | None = Field(None, description="a small grid sweep on one arm, run with the arms")
+    export: bool = Field(True, description="at the end, export the best student of the headline arm (TorchScript, ONNX, MLflow model, model card) under <output_dir>/exports/")
+    export_arm: str | None = Field(None, description="the headline arm `run` exports; None = the last of run.arms")
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.arms]
+        if self.export_arm is not None and self.export_arm not in names:
+            raise ValueError(f"run.export_arm: {self.export_arm!r} is not an arm; arms: {names}")
 
 
 @dataclass(config=_FROZEN)

@@ -24,6 +24,7 @@ from ensemble_kd import tracking
 from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherSet, read_index
 from ensemble_kd.checks import check_config
 from ensemble_kd.config import AdversarialConfig, ConfigError, ExperimentConfig, ViewsConfig, load_config, to_dict
+from ensemble_kd.export import export_after_run
 from ensemble_kd.plan import Trial, best_teacher, check_run_section, plan_trials
 from ensemble_kd.raycluster import ray_session
 from ensemble_kd.report import format_table, summarise, write_summary
@@ -166,6 +167,8 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     for line in format_table(summary):
         log(line)
     log(f"\nsummary: {path}" + (f"; plot: {plot}" if plot else ""))
+    if cfg.run.export:  # the headline arm's best student as TorchScript, ONNX and an MLflow model
+        export_after_run(cfg, summary, log)
     if uri:
         log(f"MLflow: experiment {tracking.experiment_name(cfg)!r} at {uri}; compare with: ensemble-kd compare --out "
             f"{cfg.output_dir} --group-by arm; open the UI with: mlflow ui --backend-store-uri {uri}")

@@ -55,6 +55,9 @@ def test_run_writes_summary_table_and_plot(ran, capsys):
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "crd+kd-single" in text and "+-" in text and "sweep on crd+kd-single" in text
     assert "mlflow ui --backend-store-uri" in text and text.count("[tune ") == 6
+    exported = out / "exports" / "crd+kd-single"  # the end of `run`: the headline (last) arm's best student, exported
+    assert sorted(f.name for f in exported.iterdir()) == [f"crd+kd-single.{x}" for x in ("model_card.md", "onnx", "torchscript.pt")]
+    assert f"this run: test top-1 {max(crd['top1']):.4f}" in (exported / "crd+kd-single.model_card.md").read_text()
 
     client = MlflowClient(s["mlflow_tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
