@@ -42,7 +42,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in p:
             raise ConfigError(f"--set needs key=value, got {p!r}")
         k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:  # one line, not YAML's multi-line report with carets
+            col = f" at column {e.problem_mark.column + 1}" if getattr(e, "problem_mark", None) else ""
+            raise ConfigError(f"--set {p}: the value {v!r} is not valid YAML "
+                              f"({getattr(e, 'problem', None) or type(e).__name__}{col})") from None
     return out
 
 
@@ -85,6 +90,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _config(args)
     teachers = p.existing_teachers(cfg)
+    p.check_existing_shards(cfg, teachers)  # a mismatched shard is refused before Ray starts
     with p.ray_session(cfg.ray):
         shards = p.embed(cfg, teachers, progress=not args.no_progress, log=_log)
     _log(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
@@ -119,8 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _config(args)
+    inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
     with p.ray_session(cfg.ray):
-        res = p.sweep(cfg, log=_log)
+        res = p.sweep(cfg, log=_log, inputs=inputs)
     _log(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
          + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
     if res.best is not None:
@@ -135,8 +142,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _config(args)
+    inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
     with p.ray_session(cfg.ray):
-        res = p.distill(cfg, resume=args.resume, log=_log)
+        res = p.distill(cfg, resume=args.resume, log=_log, inputs=inputs)
     _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0
 

@@ -1,0 +1,178 @@
+"""Faults and bad inputs a user meets (issue 14): damaged shards, bad option values, a bad `--set`,
+concurrent and disk-full first use of an output folder, Ctrl-C. Each test fails on the code
+before the fix; the CLI ones run the real command in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble_kd.artifacts import ShardIndex, ShardRecord, write_index
+from ensemble_kd.checks import check_config
+from ensemble_kd.config import ConfigError, from_dict, to_yaml
+from ensemble_kd.stages.embed import plan_shards, write_shard
+from ensemble_kd.stages.teachers import checkpoint_path, existing
+from ensemble_kd.teacher_checkpoint import load_record, save_teacher
+from modalities import build_dataset, build_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def folder_config(out: Path, **over) -> dict:
+    """One small untrained teacher (an MLP on uci-mfeat's `kar`), a student MLP on `fou`, 1 epoch."""
+    d = {
+        "name": "faults", "output_dir": str(out), "device": "cpu",
+        "teachers": [{"name": "kar", "arch": "mlp", "modality": "kar", "epochs": 1, "arch_kwargs": {"hidden": [16]}}],
+        "embed": {"splits": ["train"], "batch_size": 512, "cpus_per_actor": 0.5},
+        "distill": {"teachers": ["kar"], "student": {"arch": "mlp", "modality": "fou", "arch_kwargs": {"hidden": [16]}},
+                    "losses": [{"name": "ce"}, {"name": "kd"}], "epochs": 1, "batch_size": 64, "cpus_per_worker": 0.5,
+                    "max_failures": 0},
+        "ray": {"num_cpus": 2},
+    }
+    for k, v in over.items():
+        cur = d
+        *head, last = k.split(".")
+        for p in head:
+            cur = cur.setdefault(p, {})
+        cur[last] = v
+    return d
+
+
+def make_folder(out: Path, **over) -> tuple[Path, object]:
+    """An output folder as `teachers train` + `embed` leave it, made without Ray: the teacher's
+    (untrained) checkpoint and its train shard with the shard index. Returns (config file, config)."""
+    cfg = check_config(from_dict(folder_config(out, **over)))
+    t = cfg.teachers[0]
+    ds = build_dataset(cfg.data.name, "train")
+    torch.manual_seed(0)
+    model = build_encoder(t.arch, ds.spec(t.modality), ds.num_classes, **t.arch_kwargs)
+    save_teacher(checkpoint_path(t, cfg.checkpoint_dir), model, t, cfg.data, ds.spec(t.modality), ds.num_classes,
+                 {"test_top1": 0.1})
+    ts = existing(cfg.teachers, cfg.checkpoint_dir, cfg.data)
+    recs = []
+    for name, split, key, _n in plan_shards(ts, cfg.data, ["train"], cfg.embed):
+        teacher = load_record(asdict(ts[name]), ds)
+        *_, manifest = write_shard(teacher, ds, key, cfg.shard_dir, cfg.embed, torch.device("cpu"), False)
+        recs.append(ShardRecord(name, split, str(cfg.shard_dir / key.dirname), key.shard_id, manifest["num_rows"], False, 0.0))
+    write_index(out, "shards", ShardIndex(tuple(recs)).to_dict())
+    p = out / "config.yaml"
+    p.write_text(to_yaml(cfg))
+    return p, cfg
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ensemble_kd.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout, cwd=REPO)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The command's error: exit 2, no traceback, the message on stderr's last line(s)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.stderr
+
+
+def main_error(capsys, *args: str) -> tuple[str, str]:
+    """``ensemble-kd ARGS`` in this process: (stdout, stderr) of a command that must exit 2
+    with the error on stderr (the CLI's error path, no traceback)."""
+    from ensemble_kd.cli import main
+
+    assert main(list(args)) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return out, err
+
+
+def part_of(out: Path) -> Path:
+    (shard,) = [p for p in (out / "shards").iterdir() if not p.name.startswith(".")]
+    return shard / "part-00000.arrow"
+
+
+def damage(path: Path) -> None:
+    """Overwrite bytes in the middle of a file with others, keeping its size (and its mtime)."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = bytes(b ^ 0xFF for b in raw[mid : mid + 64])
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# -- shards ----------------------------------------------------------------------------------
+
+def test_damaged_shard_bytes_are_refused_by_distill_before_ray(tmp_path, capsys):
+    cfg_path, _ = make_folder(tmp_path / "out")
+    part = part_of(tmp_path / "out")
+    damage(part)
+    out, err = main_error(capsys, "distill", "--config", str(cfg_path), "--no-progress")
+    assert str(part) in err and "sha256" in err and "manifest" in err
+    assert "Ray" not in out + err.replace("ensemble-kd", "")  # refused before Ray started (no Ray log line)
+    assert not (tmp_path / "out" / "ray_results").exists()
+
+
+def test_edited_manifest_checkpoint_hash_is_refused_by_distill(tmp_path, capsys):
+    cfg_path, _ = make_folder(tmp_path / "out")
+    mpath = part_of(tmp_path / "out").parent / "manifest.json"
+    m = json.loads(mpath.read_text())
+    real = m["key"]["checkpoint_sha256"]
+    m["key"]["checkpoint_sha256"] = m["teacher"]["checkpoint_sha256"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    _, err = main_error(capsys, "distill", "--config", str(cfg_path), "--no-progress")
+    assert str(mpath.parent) in err and "checkpoint_sha256" in err and "0" * 64 in err and real in err
+
+
+def test_embed_rewrites_a_damaged_shard_and_refuses_an_edited_one(ray_cluster, tmp_path):
+    from ensemble_kd import pipeline
+
+    _, cfg = make_folder(tmp_path / "out")
+    part = part_of(tmp_path / "out")
+    good = part.read_bytes()
+    damage(part)
+    logs: list[str] = []
+    res = pipeline.embed(cfg, pipeline.existing_teachers(cfg), progress=False, log=logs.append)
+    assert [r.reused for r in res] == [False] and any("rewriting" in m and "damaged" in m for m in logs), logs
+    assert part.read_bytes() == good  # written again by the same teacher: the same bytes
+    mpath = part.parent / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["key"]["checkpoint_sha256"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(Exception, match="checkpoint_sha256"):
+        pipeline.embed(cfg, pipeline.existing_teachers(cfg), progress=False, log=logs.append)
+
+
+# -- config values ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,field", [
+    ("distill.losses.crd.kwargs.tau", "0", "distill.losses.crd.kwargs.tau"),
+    ("distill.losses.crd.kwargs.tau", "abc", "distill.losses.crd.kwargs.tau"),
+    ("distill.losses.crd.kwargs.num_negatives", "-5", "distill.losses.crd.kwargs.num_negatives"),
+    ("distill.losses.kd.kwargs.temperature", "-4", "distill.losses.kd.kwargs.temperature"),
+    ("distill.losses.kd.kwargs.temperature", ".nan", "distill.losses.kd.kwargs.temperature"),
+    ("distill.optim.lr", ".inf", "distill.optim.lr"),
+])
+def test_bad_values_fail_at_load_naming_the_field(capsys, key, value, field):
+    _, err = main_error(capsys, "config", "show", "--set", f"{key}={value}")  # the embedded default has ce + kd + crd
+    assert field in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_valid_loss_options_still_load():
+    from ensemble_kd.checks import loss_option_errors
+
+    assert loss_option_errors("crd", {"tau": 0.1, "num_negatives": 4096, "feat_dim": 64}, ("a", "b")) == []
+    assert loss_option_errors("kd", {"temperature": 2, "reduction": "per_teacher"}) == []
+
+
+def test_unparsable_set_value_is_one_line(capsys):
+    _, err = main_error(capsys, "config", "show", "--set", "distill.epochs=[1")
+    assert len(err.strip().splitlines()) == 1 and "distill.epochs=[1" in err and "YAML" in err, err
