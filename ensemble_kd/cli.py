@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from ensemble_kd import config
+from ensemble_kd.checkpoint import disk_full_cause
 from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, to_yaml
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.shards import ShardError, inspect as inspect_shards
@@ -246,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError) as e:  # TrackingError is a ConfigError
         print(f"ensemble-kd: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        full = disk_full_cause(e)  # shards, checkpoints, MLflow's SQLite: one line, not a traceback
+        if full is None:
+            raise
+        print(f"ensemble-kd: error: {full if full.startswith('the disk is full') else 'the disk is full: ' + full}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

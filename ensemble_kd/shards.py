@@ -45,7 +45,7 @@ import pyarrow as pa
 import torch
 
 from ensemble_kd import __version__
-from ensemble_kd.checkpoint import atomic_write, file_sha256, publish_dir, read_json_manifest
+from ensemble_kd.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
 
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
@@ -183,7 +183,7 @@ class ShardWriter:
         batch = pa.RecordBatch.from_arrays(cols, schema=self.schema)
         name = f"part-{len(self._parts):05d}.arrow"
         path = self.tmp / name
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.schema) as w:
+        with naming_full_disk(path), pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.schema) as w:
             w.write_batch(batch)
         self._parts.append({"file": name, "rows": batch.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 

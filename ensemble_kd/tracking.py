@@ -15,22 +15,31 @@ an MLflow client.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import math
 import os
 import re
+import sqlite3
 import statistics
+import sys
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import loss_options
+from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.config import ConfigError, ExperimentConfig, flatten, to_yaml
 
 class TrackingError(ConfigError):
@@ -63,13 +72,119 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
     loc = None
     if uri.startswith("sqlite:///") and artifact_root is not None:
         loc = (artifact_root / name).resolve().as_uri()  # keep artifacts beside the database, not in the CWD
-    return c.create_experiment(name, artifact_location=loc)
+    try:
+        return c.create_experiment(name, artifact_location=loc)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # a concurrent command created it first
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @functools.lru_cache(maxsize=None)
 def client(uri: str) -> MlflowClient:
-    """The MLflow client of a tracking URI (one per URI and process)."""
+    """The MLflow client of a tracking URI (one per URI and process); a local SQLite store is made
+    ready first (:func:`ensure_sqlite_store`)."""
+    path = sqlite_path(uri)
+    if path is not None:
+        ensure_sqlite_store(path)
     return MlflowClient(uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/file -> /abs/file; sqlite:///rel -> rel
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if needed), held for the ``with`` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_sqlite_store(path: Path) -> None:
+    """Make the SQLite MLflow store at ``path`` ready, safe under concurrency and full disks.
+
+    Behind an exclusive lock (``<path>.lock``), so two commands starting at once on a new output
+    folder do not both run MLflow's schema migration on one file (one of them lost its run to an
+    alembic error): a missing store is created in a temp file in the same folder, migrated to
+    MLflow's head schema there and renamed into place, so ``path`` is either absent or whole. A
+    store left half-created by an earlier version (a full disk during the migration) has no runs:
+    it is moved aside to ``<path>.broken-<time>`` and made again, with a line on stderr; a store
+    with runs at another schema is refused with what to do. A full disk is one error naming the file.
+    """
+    with _file_lock(path.with_name(path.name + ".lock")):
+        if path.exists():
+            problem = _store_problem(path)
+            if problem is None:
+                return
+            if _has_runs(path):
+                raise TrackingError(f"MLflow store {path} cannot be used: {problem}. Back it up, then run "
+                                    f"`mlflow db upgrade sqlite:///{path}`, or move it away to start a new store")
+            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            print(f"ensemble-kd: MLflow store {path} was half-created ({problem}) and holds no runs: moved it to "
+                  f"{aside} and made a new one", file=sys.stderr)
+        _create_sqlite_store(path)
+
+
+def _create_sqlite_store(path: Path) -> None:
+    from mlflow.store.db.utils import _initialize_tables  # the schema MLflow itself creates on first use
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # SQLite creates it (umask mode, as MLflow would)
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+        engine.dispose()
+        os.replace(tmp, path)
+    except BaseException as e:
+        engine.dispose()
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        cause = disk_full_cause(e)
+        if cause is not None:
+            raise DiskFullError(f"the disk is full: cannot create the MLflow store {path} ({cause})") from None
+        if isinstance(e, sqlalchemy.exc.SQLAlchemyError):  # e.g. SQLite's "disk I/O error" at a file-size limit
+            raise TrackingError(f"cannot create the MLflow store {path}: {getattr(e, 'orig', None) or e} "
+                                "(nothing was left behind; is the disk full?)") from None
+        raise
+
+
+def _store_problem(path: Path) -> str | None:
+    """None when the SQLite file at ``path`` is an MLflow store at this MLflow's head schema;
+    else what is wrong with it."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        return f"unreadable as an MLflow database: {e}"
+    head = _get_latest_schema_revision()
+    if [r[0] for r in rows] != [head]:
+        return f"its schema revision is {[r[0] for r in rows] or 'not recorded'}, this MLflow's is {head!r}"
+    if not {"experiments", "runs", "metrics", "params", "tags"} <= tables:
+        return "tables are missing"
+    return None
+
+
+def _has_runs(path: Path) -> bool:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False  # no readable runs table: nothing to lose
 
 
 @dataclass(frozen=True)

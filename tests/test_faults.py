@@ -176,3 +176,99 @@ def test_valid_loss_options_still_load():
 def test_unparsable_set_value_is_one_line(capsys):
     _, err = main_error(capsys, "config", "show", "--set", "distill.epochs=[1")
     assert len(err.strip().splitlines()) == 1 and "distill.epochs=[1" in err and "YAML" in err, err
+
+
+# -- first use of an output folder: the MLflow store -----------------------------------------
+
+RACER = """
+import pathlib, sys, time
+from ensemble_kd import tracking
+uri, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+exp = tracking.ensure_experiment(uri, "race")
+print(tracking.client(uri).create_run(exp).info.run_id)
+"""
+
+
+def test_concurrent_first_use_of_a_folder_both_succeed(tmp_path):
+    """Three processes, imports done, released at once on a folder without mlflow.db: every one
+    gets its run (on the code before the fix, MLflow's schema migration raced: alembic errors)."""
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    (tmp_path / "out").mkdir()
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(tmp_path / f"ready{i}"), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name("race")
+    assert len(MlflowClient(uri).search_runs([exp.experiment_id])) == 3
+
+
+HALF_CREATE = """
+import resource, signal, sys
+from mlflow.tracking import MlflowClient
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+MlflowClient(sys.argv[1]).search_experiments()  # MLflow's own first use, as the code before the fix did it
+"""
+
+
+def test_half_created_store_is_repaired(tmp_path):
+    """A store whose creation ran out of disk (no runs in it) is moved aside and made again."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    r = subprocess.run([sys.executable, "-c", HALF_CREATE, uri], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and db.exists()  # the disk "filled" during MLflow's migration
+    from ensemble_kd import tracking
+
+    exp = tracking.ensure_experiment(uri, "after")
+    assert tracking.client(uri).create_run(exp).info.status == "RUNNING"
+    assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1  # kept, not deleted
+
+
+def test_full_disk_on_first_use_is_one_line(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk (no small filesystem can be mounted here): past the
+    limit a write fails with EFBIG, which the command reports like ENOSPC, naming the file."""
+    pre = ("import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+           "sys.argv = ['ensemble-kd'] + sys.argv[1:]; runpy.run_module('ensemble_kd.cli', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", pre, "compare", "--out", str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]  # SQLite reports EFBIG as "disk I/O error", ENOSPC as "disk is full"
+    assert last.startswith("ensemble-kd: error:") and str(tmp_path / "out" / "mlflow.db") in last and "disk" in last
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing half-made is left to break the next command
+    assert not list((tmp_path / "out").glob(".mlflow.db.*"))
+
+
+def test_full_disk_while_writing_a_shard_names_the_part(tmp_path):
+    code = """
+import resource, signal, sys
+import numpy as np
+from ensemble_kd.checkpoint import DiskFullError
+from ensemble_kd.shards import ShardKey, ShardWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+k = ShardKey("t", "c" * 64, "toy", "train", "f" * 64, {"num_views": 1}, "float32")
+n = 2000
+try:
+    with ShardWriter(sys.argv[1], k, 16, 4, rows_per_part=n) as w:
+        w.write(np.arange(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, bool),
+                np.ones((n, 16), np.float32), np.ones((n, 4), np.float32))
+except DiskFullError as e:
+    print(e)
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("the disk is full: cannot write ") and "part-00000.arrow" in r.stdout, r.stdout
+    assert list(tmp_path.iterdir()) == []  # no half shard, no temp folder

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ensemble_kd.adversarial import pgd_perturb, row_generators
 from ensemble_kd.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, TeacherSet, read_index, write_index
+from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.devices import autocast, resolve_device
 from ensemble_kd.shards import Shard, ShardCorruptError, ShardKey, ShardWriter, check_manifest, discard_shard
@@ -247,6 +248,11 @@ class _EmbedActors:
             name, split, key = self.gens[g]
             try:
                 item = ray.get(next(g))
+            except ray.exceptions.RayTaskError as e:
+                cause = disk_full_cause(e)
+                if cause is not None:  # one line naming the file, not the actor's traceback
+                    raise DiskFullError(cause) from None
+                raise
             except StopIteration:
                 del self.gens[g]
                 if self.pending[name]:
