@@ -25,9 +25,9 @@ from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, Teach
 from ensemble_kd.checks import check_config
 from ensemble_kd.config import AdversarialConfig, ConfigError, ExperimentConfig, ViewsConfig, load_config, to_dict
 from ensemble_kd.plan import Trial, best_teacher, check_run_section, plan_trials
-from ensemble_kd.raycluster import ray_session
+from ensemble_kd.raycluster import clean_stale_checkpoints, ray_session
 from ensemble_kd.report import format_table, summarise, write_summary
-from ensemble_kd.shards import Shard, check_manifest
+from ensemble_kd.shards import Shard, check_manifest, clean_stale_temp_dirs
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages import embed as embed_stage
 from ensemble_kd.stages import select as select_stage
@@ -35,6 +35,22 @@ from ensemble_kd.stages import teachers as teachers_stage
 from ensemble_kd.sweep import SweepResult, TrialOutcome, run_trials, tune_sweep
 
 Log = Callable[[str], None]
+
+
+def tidy_output(cfg: ExperimentConfig, log: Log = print) -> None:
+    """What killed commands left in the output folder, dealt with when the next command starts on
+    it: MLflow runs still RUNNING whose process is gone are ended KILLED (not only on ``--resume``,
+    which reopens its run as before), shard writers' temp folders and Ray Train checkpoint folders
+    that no run will read are removed. Live commands' runs and files are never touched."""
+    gone = clean_stale_temp_dirs(cfg.shard_dir) if cfg.shard_dir.is_dir() else []
+    gone += clean_stale_checkpoints(Path(cfg.output_dir) / "ray_results")
+    if gone:
+        log(f"removed {len(gone)} folder(s) left by killed commands: {[str(g) for g in gone]}")
+    if cfg.tracking.enabled:
+        uri = tracking.tracking_uri(cfg)
+        db = tracking.sqlite_path(uri)
+        if db is None or db.exists():  # no store yet: nothing to end (and none is made here)
+            tracking.end_orphaned_runs(uri, log)
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -50,6 +51,7 @@ from ensemble_kd.checkpoint import atomic_write, file_sha256, naming_full_disk, 
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
 MANIFEST = "manifest.json"
+OWNER = ".owner"  # in a writer's temp directory: "<host>:<pid>" of the writing process
 _ROW_FIELDS = ("sample_id", "label", "view", "aug_top", "aug_left", "aug_flip", "embedding", "logits")
 
 
@@ -142,6 +144,7 @@ class ShardWriter:
         self.final = self.root / key.dirname
         self.tmp = self.root / f".{key.dirname}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True)
+        (self.tmp / OWNER).write_text(f"{socket.gethostname()}:{os.getpid()}")  # see clean_stale_temp_dirs
         self.adv_dim = int(adv_dim)  # > 0: every row carries an adv_delta (PGD perturbation, 0 on normal rows)
         self.schema = make_schema(key.teacher, embed_dim, num_classes, key.embedding_dtype, self.adv_dim)
         self._fields = _ROW_FIELDS + (("adv_delta",) if self.adv_dim else ())
@@ -233,6 +236,7 @@ class ShardWriter:
             "ensemble_kd_version": __version__,
         }
         atomic_write(self.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        (self.tmp / OWNER).unlink()  # a published shard has no writer
         publish_dir(self.tmp, self.final, MANIFEST)
         return manifest
 
@@ -450,6 +454,25 @@ class ShardSet:
 
     def __len__(self) -> int:
         return self.first.num_rows
+
+
+def clean_stale_temp_dirs(root: str | Path) -> list[Path]:
+    """Remove the temp directories of shard writers that were killed (an interrupted or killed
+    `embed`): their :data:`OWNER` names a process of this host that is gone. A live writer's, and
+    other hosts' (a shared folder), are left alone."""
+    host, gone = socket.gethostname(), []
+    for d in Path(root).glob(".*.tmp-*"):
+        try:
+            h, _, pid = (d / OWNER).read_text().rpartition(":")
+            if h != host:
+                continue
+            os.kill(int(pid), 0)  # raises ProcessLookupError when the writer is gone
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except (OSError, ValueError):  # no owner (an older writer), another user's live process, ...
+            continue
+    return gone
 
 
 def discard_shard(shard_dir: Path) -> None:

@@ -21,13 +21,14 @@ import functools
 import math
 import os
 import re
+import socket
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import loss_options
 from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.config import ConfigError, ExperimentConfig, flatten, to_yaml
+from ensemble_kd.interrupts import reason_of as interrupt_reason
 
 class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
@@ -249,6 +251,7 @@ def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str
         tags["mlflow.parentRunId"] = ctx.parent_run_id
     if run_name is not None:
         tags[RUN_NAME_TAG] = run_name
+    tags[OWNER_TAG] = owner()  # the process that holds the run while it is RUNNING
     return tags
 
 
@@ -268,7 +271,7 @@ def start_parent_run(cfg: ExperimentConfig, name: str, kind: str, tags: Mapping[
     experiment before any trial; returns (uri, experiment id, run id)."""
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
-    run = client(uri).create_run(exp_id, run_name=name, tags={"ekd.kind": kind, **(tags or {})})
+    run = client(uri).create_run(exp_id, run_name=name, tags={"ekd.kind": kind, OWNER_TAG: owner(), **(tags or {})})
     return uri, exp_id, run.info.run_id
 
 
@@ -322,19 +325,70 @@ def finish_distill_run(cfg: ExperimentConfig, run_id: str, final_top1: float | N
         raise
 
 
-def fail_distill_run(cfg: ExperimentConfig, run_id: str) -> None:
-    client(tracking_uri(cfg)).set_terminated(run_id, "FAILED")
+STOPPED_REASON_TAG = "stopped_reason"
+OWNER_TAG = "ekd.owner"  # "<host>:<pid>" of the process that holds a RUNNING run (see end_orphaned_runs)
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_distill_run(cfg: ExperimentConfig, run_id: str, error: BaseException | None = None) -> None:
+    """End a distillation's run that did not finish: KILLED with ``stopped_reason`` = "interrupted
+    (SIGINT)" when ``error`` (default: the exception being handled) is Ctrl-C/SIGTERM, else FAILED."""
+    end_stopped_run(tracking_uri(cfg), run_id, error if error is not None else sys.exc_info()[1])
+
+
+def end_stopped_run(uri: str, run_id: str, error: BaseException | None) -> None:
+    """KILLED with the interrupt as ``stopped_reason`` when ``error`` is one, else FAILED."""
+    c = client(uri)
+    reason = interrupt_reason(error)
+    if reason is not None:
+        c.set_tag(run_id, STOPPED_REASON_TAG, reason)
+    c.set_terminated(run_id, "KILLED" if reason is not None else "FAILED")
+
+
+def end_orphaned_runs(uri: str, log: Callable[[str], None] = print) -> list[str]:
+    """Runs left RUNNING by a process of this host that is gone (a driver or trial killed with
+    SIGKILL, a crashed machine never comes back here) are ended KILLED, ``stopped_reason`` saying so.
+    Runs of live processes and of other hosts are left alone; ``--resume`` reopens a run as before."""
+    c = client(uri)
+    host = socket.gethostname()
+    ended = []
+    for exp in c.search_experiments():
+        for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000):
+            who = r.data.tags.get(OWNER_TAG, "")
+            h, _, pid = who.rpartition(":")
+            if h != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            c.set_tag(r.info.run_id, STOPPED_REASON_TAG, f"its process ({who}) ended without closing the run (killed)")
+            c.set_terminated(r.info.run_id, "KILLED")
+            ended.append(r.info.run_id)
+    if ended:
+        log(f"MLflow: ended {len(ended)} run(s) left RUNNING by killed processes as KILLED: {ended}")
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED",
                             reason: str = "stopped early by the Tune scheduler") -> list[str]:
     """Children of a sweep left RUNNING (trials that ASHA stopped are killed mid-epoch, before
-    their own code could end the run) get ``status`` and a ``stopped_reason`` tag."""
+    their own code could end the run; every trial when the sweep is interrupted, with ``reason``
+    "interrupted (SIGINT)") get ``status`` and a ``stopped_reason`` tag."""
     c = client(uri)
     runs = c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
                               "and attributes.status = 'RUNNING'", max_results=10_000)
     for r in runs:
-        c.set_tag(r.info.run_id, "stopped_reason", reason)
+        c.set_tag(r.info.run_id, STOPPED_REASON_TAG, reason)
         c.set_terminated(r.info.run_id, status)
     return [r.info.run_id for r in runs]
 

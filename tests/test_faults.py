@@ -272,3 +272,101 @@ except DiskFullError as e:
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("the disk is full: cannot write ") and "part-00000.arrow" in r.stdout, r.stdout
     assert list(tmp_path.iterdir()) == []  # no half shard, no temp folder
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+
+def _db_rows(db: Path, sql: str) -> list[tuple]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+            return c.execute(sql).fetchall()
+    except sqlite3.Error:  # not created yet, or busy
+        return []
+
+
+def _ray_processes(base: Path) -> list[str]:
+    """Command lines of live processes that belong to the Ray session under ``base``."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(base) in cmd:
+                out.append(cmd)
+    return out
+
+
+def _interrupt_when(proc: subprocess.Popen, ready, what: str, limit: float = 900) -> None:
+    deadline = time.monotonic() + limit
+    while not ready():
+        assert proc.poll() is None, f"the command ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {limit}s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short private base for the command's Ray temp dir (socket paths must stay short)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="ekdf-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _start(args: list[str], ray_tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "EKD_RAY_TMPDIR": str(ray_tmp)}
+    return subprocess.Popen([sys.executable, "-m", "ensemble_kd.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_stopped_cleanly(proc: subprocess.Popen, ray_tmp: Path) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (proc.returncode, err[-4000:])
+    assert "interrupted (SIGINT)" in err
+    left = _ray_processes(ray_tmp)
+    for _ in range(20):  # processes Ray's shutdown signalled may take a moment to be reaped
+        if not left:
+            break
+        time.sleep(0.5)
+        left = _ray_processes(ray_tmp)
+    assert left == [], left
+    assert list(ray_tmp.iterdir()) == []  # the session's temp dir is gone too
+    return out + err
+
+
+def test_sigint_during_distill_exits_130_run_killed_no_ray_left(tmp_path, ray_tmp):
+    cfg_path, _ = make_folder(tmp_path / "out", **{"distill.epochs": 200})
+    db = tmp_path / "out" / "mlflow.db"
+    proc = _start(["distill", "--config", str(cfg_path), "--no-progress"], ray_tmp)
+    _interrupt_when(proc, lambda: _db_rows(db, "SELECT count(*) FROM metrics WHERE key = 'loss/total'") not in ([], [(0,)]),
+                    "first epoch logged")
+    _assert_stopped_cleanly(proc, ray_tmp)
+    rows = _db_rows(db, "SELECT r.status, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                        "AND t.key = 'stopped_reason'")
+    assert rows == [("KILLED", "interrupted (SIGINT)")], _db_rows(db, "SELECT status FROM runs")
+
+
+def test_sigint_during_run_keeps_the_summary_and_kills_every_trial(tmp_path, ray_tmp):
+    arms = [{"name": "a", "teachers": "all", "losses": [{"name": "ce"}, {"name": "kd"}]},
+            {"name": "b", "teachers": "none", "losses": [{"name": "ce"}]}]
+    cfg_path, _ = make_folder(tmp_path / "out", **{"distill.epochs": 200, "run.arms": arms, "run.seeds": [0],
+                                                   "embed.splits": ["train", "test"]})
+    out = tmp_path / "out"
+    summary = out / "summary.json"
+    summary.write_text('{"complete": "from an earlier run"}')
+    db = out / "mlflow.db"
+    proc = _start(["run", "--config", str(cfg_path), "--no-progress"], ray_tmp)
+    _interrupt_when(proc, lambda: _db_rows(db, "SELECT count(*) FROM metrics WHERE key = 'loss/total'") not in ([], [(0,)]),
+                    "a trial's first epoch logged")
+    _assert_stopped_cleanly(proc, ray_tmp)
+    assert summary.read_text() == '{"complete": "from an earlier run"}' and not (out / "summary.png").exists()
+    statuses = _db_rows(db, "SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
+                            "AND t.key = 'stopped_reason'")
+    assert statuses and all(s == ("KILLED", "interrupted (SIGINT)") for s in statuses), statuses
