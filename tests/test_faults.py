@@ -357,14 +357,15 @@ def test_sigint_during_run_keeps_the_summary_and_kills_every_trial(tmp_path, ray
     arms = [{"name": "a", "teachers": "all", "losses": [{"name": "ce"}, {"name": "kd"}]},
             {"name": "b", "teachers": "none", "losses": [{"name": "ce"}]}]
     cfg_path, _ = make_folder(tmp_path / "out", **{"distill.epochs": 200, "run.arms": arms, "run.seeds": [0],
-                                                   "embed.splits": ["train", "test"]})
+                                                   "embed.splits": ["train", "test"], "tune.cpus_per_trial": 0.5,
+                                                   "tune.max_concurrent_trials": 1})
     out = tmp_path / "out"
     summary = out / "summary.json"
     summary.write_text('{"complete": "from an earlier run"}')
     db = out / "mlflow.db"
     proc = _start(["run", "--config", str(cfg_path), "--no-progress"], ray_tmp)
-    _interrupt_when(proc, lambda: _db_rows(db, "SELECT count(*) FROM metrics WHERE key = 'loss/total'") not in ([], [(0,)]),
-                    "a trial's first epoch logged")
+    _interrupt_when(proc, lambda: _db_rows(db, "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId'") not in ([], [(0,)]),
+                    "a trial's MLflow run")  # Tune is running trials
     _assert_stopped_cleanly(proc, ray_tmp)
     assert summary.read_text() == '{"complete": "from an earlier run"}' and not (out / "summary.png").exists()
     statuses = _db_rows(db, "SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
