@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
@@ -96,7 +97,7 @@ class VIDLoss(nn.Module):
     ``vid/<teacher>/sigma_emb|sigma_logits`` (the head's mean learned sigma: how well t is predicted).
     """
 
-    def __init__(self, ctx: LossContext, *, hidden: int = 0, init_var: float = 5.0, eps: float = 1e-5,
+    def __init__(self, ctx: LossContext, *, hidden: NonNegativeInt = 0, init_var: PositiveFloat = 5.0, eps: PositiveFloat = 1e-5,
                  target: Target = "embedding", channel_reduction: ChannelReduction = "sum",
                  teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
