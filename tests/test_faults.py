@@ -371,3 +371,41 @@ def test_sigint_during_run_keeps_the_summary_and_kills_every_trial(tmp_path, ray
     statuses = _db_rows(db, "SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
                             "AND t.key = 'stopped_reason'")
     assert statuses and all(s == ("KILLED", "interrupted (SIGINT)") for s in statuses), statuses
+
+
+# -- leftovers of a killed command -------------------------------------------------------------
+
+def test_next_command_ends_runs_of_killed_processes_and_removes_their_temp_folders(tmp_path, capsys):
+    """What a SIGKILLed driver leaves (a RUNNING run, a shard writer's temp folder, a checkpoint
+    folder its snapshot does not name) is dealt with by the next command on the folder, here
+    `compare`; a live process's run is left alone."""
+    import socket
+
+    from ensemble_kd import tracking
+    from ensemble_kd.cli import main
+
+    out = tmp_path / "out"
+    cfg = from_dict(folder_config(out))
+    uri = tracking.tracking_uri(cfg)
+    exp = tracking.ensure_experiment(uri, cfg.name)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    c = tracking.client(uri)
+    orphan = c.create_run(exp, tags={tracking.OWNER_TAG: f"{host}:{dead.stdout.strip()}"}).info.run_id
+    live = c.create_run(exp, tags={tracking.OWNER_TAG: f"{host}:{os.getpid()}"}).info.run_id
+    writer = out / "shards" / ".kar__train__x.tmp-1234abcd"
+    writer.mkdir(parents=True)
+    (writer / ".owner").write_text(f"{host}:{dead.stdout.strip()}")
+    run_dir = out / "ray_results" / "r1"
+    (run_dir / "checkpoint_2020-01-01_00-00-00.000000").mkdir(parents=True)  # half-copied, never registered
+    kept = run_dir / "checkpoint_2020-01-01_00-00-01.000000"
+    kept.mkdir()
+    os.utime(run_dir / "checkpoint_2020-01-01_00-00-00.000000", (1, 1))
+    os.utime(kept, (1, 1))
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoints": [kept.name]}))
+    assert main(["compare", "--out", str(out), "--experiment", cfg.name, "--json"]) == 0
+    capsys.readouterr()
+    assert c.get_run(orphan).info.status == "KILLED" and "killed" in c.get_run(orphan).data.tags["stopped_reason"]
+    assert c.get_run(live).info.status == "RUNNING"
+    assert not writer.exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == [kept.name, "checkpoint_manager_snapshot.json"]
