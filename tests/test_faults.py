@@ -126,10 +126,10 @@ def test_edited_manifest_checkpoint_hash_is_refused_by_distill(tmp_path, capsys)
     mpath = part_of(tmp_path / "out").parent / "manifest.json"
     m = json.loads(mpath.read_text())
     real = m["key"]["checkpoint_sha256"]
-    m["key"]["checkpoint_sha256"] = m["teacher"]["checkpoint_sha256"] = "0" * 64
+    m["teacher"]["checkpoint_sha256"] = "0" * 64  # the teacher record's hash (an edited key was refused already)
     mpath.write_text(json.dumps(m))
     _, err = main_error(capsys, "distill", "--config", str(cfg_path), "--no-progress")
-    assert str(mpath.parent) in err and "checkpoint_sha256" in err and "0" * 64 in err and real in err
+    assert str(mpath.parent) in err and "teacher.checkpoint_sha256" in err and "0" * 64 in err and real in err
 
 
 def test_embed_rewrites_a_damaged_shard_and_refuses_an_edited_one(ray_cluster, tmp_path):
@@ -145,9 +145,9 @@ def test_embed_rewrites_a_damaged_shard_and_refuses_an_edited_one(ray_cluster, t
     assert part.read_bytes() == good  # written again by the same teacher: the same bytes
     mpath = part.parent / "manifest.json"
     m = json.loads(mpath.read_text())
-    m["key"]["checkpoint_sha256"] = "0" * 64
+    m["teacher"]["checkpoint_sha256"] = "0" * 64
     mpath.write_text(json.dumps(m))
-    with pytest.raises(Exception, match="checkpoint_sha256"):
+    with pytest.raises(Exception, match="teacher.checkpoint_sha256"):
         pipeline.embed(cfg, pipeline.existing_teachers(cfg), progress=False, log=logs.append)
 
 
@@ -391,8 +391,8 @@ def test_next_command_ends_runs_of_killed_processes_and_removes_their_temp_folde
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()
     c = tracking.client(uri)
-    orphan = c.create_run(exp, tags={tracking.OWNER_TAG: f"{host}:{dead.stdout.strip()}"}).info.run_id
-    live = c.create_run(exp, tags={tracking.OWNER_TAG: f"{host}:{os.getpid()}"}).info.run_id
+    orphan = c.create_run(exp, tags={"ekd.owner": f"{host}:{dead.stdout.strip()}"}).info.run_id
+    live = c.create_run(exp, tags={"ekd.owner": f"{host}:{os.getpid()}"}).info.run_id
     writer = out / "shards" / ".kar__train__x.tmp-1234abcd"
     writer.mkdir(parents=True)
     (writer / ".owner").write_text(f"{host}:{dead.stdout.strip()}")
