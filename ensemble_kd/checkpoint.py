@@ -6,6 +6,7 @@ the same directory, fsynced, then renamed over the final name (atomic on POSIX).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -19,21 +20,66 @@ from typing import Any
 import torch
 
 
+# No space left, a quota, or the process's file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored):
+# to the user all three are "the disk is full" for that file.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFullError(OSError):
+    """A write that failed for lack of space; the message names the file (one line for the CLI)."""
+
+    def __reduce__(self):  # picklable with its message (it crosses from Ray actors to the driver)
+        return (DiskFullError, (str(self),))
+
+
+def disk_full_cause(e: BaseException | None) -> str | None:
+    """What says "disk full" in ``e`` or the errors it wraps (``__cause__``/``__context__``, a Ray
+    task error's ``cause``): an OSError with ENOSPC/EDQUOT/EFBIG, or SQLite's "database or disk is
+    full"; None if nothing does."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):
+            return str(e)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        if "database or disk is full" in str(e):
+            return "database or disk is full"
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | Path):
+    """Turn a disk-full OSError raised in the block into a :class:`DiskFullError` naming ``path``
+    (Python's and Arrow's write errors do not say which file)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:  # Arrow's write errors carry the errno too
+            raise DiskFullError(f"the disk is full: cannot write {path} ({e.strerror or e})") from e
+        raise
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, then rename it to ``path``."""
+    """Call ``write(f)`` on a temp file next to ``path``, then rename it to ``path``. A full disk
+    raises :class:`DiskFullError` naming ``path`` (the temp file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with naming_full_disk(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     return path
 
 

@@ -8,9 +8,21 @@ field and the file.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import re
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, ValidationError, create_model
+
+from ensemble_kd.bank import TeacherBank
 from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig
 from ensemble_kd.losses import LOSSES
-from ensemble_kd.losses.base import loss_options
+from ensemble_kd.losses.base import LossContext, loss_options
 from modalities import DATASETS, ENCODERS
 
 
@@ -75,7 +87,97 @@ def _check_losses(cfg: ExperimentConfig) -> list[str]:
             if bad:
                 errs.append(f"distill.losses.{i}.kwargs: loss {term.name!r} has no option(s) {bad}; "
                             f"options: {list(loss_options(term.name))}")
+            else:
+                found = loss_option_errors(term.name, term.kwargs, cfg.distill.teachers)
+                if not found and path == "online" and cfg.distill.teachers:
+                    found = _online_probe_errors(i, term.name, term.kwargs, cfg.distill.teachers)
+                errs += found
     return errs
+
+
+def _online_probe_errors(i: int, name: str, options: Mapping[str, Any], teachers: tuple[str, ...]) -> list[str]:
+    """The online path keeps no table of the teachers' embeddings over the train rows (its bank
+    holds labels only): a loss whose options need one (CRD/GACD modes exact and relax, hard
+    negatives) is refused here, naming it, rather than in a Ray worker. The constructor is probed
+    on a bank like the online path's."""
+    try:
+        LOSSES.get(name)(_probe_context(tuple(teachers), embeddings=False), **options)
+    except Exception as e:  # noqa: BLE001 - only the missing-embeddings refusal is the path's
+        if "no embeddings" in str(e):
+            return [f"distill.losses.{i}: loss {name!r} with options {dict(options)} needs the teachers' stored "
+                    f"embeddings of every train row, which only the shard data path keeps; distill.teacher_outputs is "
+                    f"'online' (for CRD/GACD there, set mode: reference: the teacher side from a teacher memory) ({e})"]
+    return []
+
+
+def loss_option_errors(name: str, options: Mapping[str, Any], teachers: tuple[str, ...] | list[str] = ("t",)) -> list[str]:
+    """Problems of the values of registered loss ``name``'s ``options``, each naming the field
+    (``distill.losses.crd.kwargs.tau: ...``), found at load time rather than in a Ray worker:
+
+    1. types and ranges from the constructor's keyword annotations (``tau: PositiveFloat``,
+       ``reduction: Reduction``), validated by pydantic against ``inspect.signature``;
+    2. finiteness of every float, annotated or not (nan/inf anywhere in the value);
+    3. the constructor's own checks, for options not (yet) annotated: the class is built on a
+       tiny synthetic :class:`LossContext` (8-dim features, 16 bank rows: microseconds, no data,
+       no files) with the numeric options given, and an error whose message names one of them
+       is reported. Other errors of that probe (about the synthetic context, or options that
+       need real inputs) are left to the real run, so the probe never refuses a valid config.
+    """
+    field = f"distill.losses.{name}.kwargs"
+    errs = [f"{field}.{k}: must be a finite number (got {v!r})" for k, v in options.items() if not _finite(v)]
+    if errs:
+        return errs
+    try:
+        _options_model(name).model_validate(dict(options))
+    except ValidationError as e:
+        return [f"{field}.{'.'.join(str(p) for p in x['loc'])}: {x['msg']} (got {x.get('input')!r})" for x in e.errors()]
+    numeric = {k: v for k, v in options.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not numeric:
+        return []
+    try:
+        LOSSES.get(name)(_probe_context(tuple(teachers) or ("t",)), **numeric)
+    except Exception as e:  # noqa: BLE001 - any constructor error that names a given option is the option's
+        named = [k for k in numeric if re.search(rf"\b{re.escape(k)}\b", str(e))]
+        if named:
+            return [f"{field}.{named[0]}: {e}"]
+    return []
+
+
+def _finite(v: Any) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, Mapping):
+        return all(_finite(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _options_model(name: str) -> Any:
+    """A pydantic model of loss ``name``'s keyword options: each annotated type (with its
+    ``Field``/annotated-types constraints) and default; an annotation that does not resolve is Any."""
+    cls = LOSSES.get(name)
+    try:
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    except Exception:  # noqa: BLE001 - a forward reference that does not resolve: check the values only
+        hints = {}
+    params = list(inspect.signature(cls).parameters.values())[1:]  # [0] is ctx
+    fields = {p.name: (hints.get(p.name, Any), p.default) for p in params}
+    return create_model(f"{name}_options", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
+                                                                allow_inf_nan=False), **fields)
+
+
+def _probe_context(teachers: tuple[str, ...], dim: int = 8, classes: int = 4, rows: int = 16,
+                   embeddings: bool = True) -> LossContext:
+    """A tiny synthetic context for running a loss constructor's own option checks (``embeddings``
+    False: a bank like the online path's, without the teachers' embeddings)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(rows) % classes  # (M,) every class present
+    bank = TeacherBank(embeddings={t: torch.randn(rows, dim, generator=g) for t in teachers} if embeddings else {},
+                       logits={t: torch.randn(rows, classes, generator=g) for t in teachers},
+                       labels=labels, sample_ids=torch.arange(rows))
+    return LossContext(student_dim=dim, num_classes=classes, teacher_dims={t: dim for t in teachers}, bank=bank)
 
 
 def _check_select(cfg: ExperimentConfig) -> list[str]:

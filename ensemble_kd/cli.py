@@ -21,13 +21,16 @@ import argparse
 import dataclasses
 import inspect
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ensemble_kd import config
+from ensemble_kd import config, interrupts
+from ensemble_kd.checkpoint import disk_full_cause
 from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, to_yaml
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.shards import ShardError, inspect as inspect_shards
@@ -43,7 +46,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in p:
             raise ConfigError(f"--set needs key=value, got {p!r}")
         k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:  # one line, not YAML's multi-line report with carets
+            col = f" at column {e.problem_mark.column + 1}" if getattr(e, "problem_mark", None) else ""
+            raise ConfigError(f"--set {p}: the value {v!r} is not valid YAML "
+                              f"({getattr(e, 'problem', None) or type(e).__name__}{col})") from None
     return out
 
 
@@ -52,6 +60,14 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     if getattr(args, "out", None):
         over["output_dir"] = args.out
     return _pipeline().load(args.config, over)
+
+
+def _folder_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The config of a verb that works in the output folder, after tidying what killed commands
+    left there (runs still RUNNING, temp and stale checkpoint folders: ``pipeline.tidy_output``)."""
+    cfg = _config(args)
+    _pipeline().tidy_output(cfg, _log)
+    return cfg
 
 
 def _pipeline():
@@ -75,7 +91,7 @@ def _log(msg: str) -> None:
 
 def cmd_teachers_train(args: argparse.Namespace) -> int:
     p = _pipeline()
-    cfg = _config(args)
+    cfg = _folder_config(args)
     with p.ray_session(cfg.ray):  # each teacher trains as a Ray Train run
         ts = p.train_teachers(cfg, retrain=args.retrain, progress=not args.no_progress, log=_log)
     print(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
@@ -84,8 +100,9 @@ def cmd_teachers_train(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     p = _pipeline()
-    cfg = _config(args)
+    cfg = _folder_config(args)
     teachers = p.existing_teachers(cfg)
+    p.check_existing_shards(cfg, teachers)  # a mismatched shard is refused before Ray starts
     with p.ray_session(cfg.ray):
         shards = p.embed(cfg, teachers, progress=not args.no_progress, log=_log)
     _log(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
@@ -95,7 +112,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     """DFND: score the pool (`data`) with the teachers, keep the confident rows, write the selection."""
     p = _pipeline()
-    cfg = _config(args)
+    cfg = _folder_config(args)
     with p.ray_session(cfg.ray):
         res = p.select(cfg, progress=not args.no_progress, log=_log)
     m = res.manifest
@@ -113,15 +130,16 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _pipeline().run(_config(args), progress=not args.no_progress, log=_log)
+    _pipeline().run(_folder_config(args), progress=not args.no_progress, log=_log)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     p = _pipeline()
-    cfg = _config(args)
+    cfg = _folder_config(args)
+    inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
     with p.ray_session(cfg.ray):
-        res = p.sweep(cfg, log=_log)
+        res = p.sweep(cfg, log=_log, inputs=inputs)
     _log(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
          + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
     if res.best is not None:
@@ -135,9 +153,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     p = _pipeline()
-    cfg = _config(args)
+    cfg = _folder_config(args)
+    inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
     with p.ray_session(cfg.ray):
-        res = p.distill(cfg, resume=args.resume, log=_log)
+        res = p.distill(cfg, resume=args.resume, log=_log, inputs=inputs)
     _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0
 
@@ -148,7 +167,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ensemble_kd.stats import format_paired
     from ensemble_kd.tracking import compare, experiment_name, tracking_uri
 
-    cfg = _config(args)
+    cfg = _folder_config(args)
     uri = args.uri or tracking_uri(cfg)
     res = compare(uri, args.experiment or experiment_name(cfg), args.group_by, baseline=args.baseline)
     if args.plot:
@@ -274,11 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = {s: signal.getsignal(s) for s in interrupts.SIGNALS} if main_thread else {}
+    if main_thread:
+        interrupts.install()  # Ctrl-C/SIGTERM unwind through every finally: runs KILLED, Ray shut down
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        stop = e if isinstance(e, interrupts.Interrupted) else interrupts.Interrupted(signal.SIGINT)
+        print(f"ensemble-kd: {stop.reason}: stopped; what was complete is kept (a rerun reuses it, "
+              "`ensemble-kd distill --resume` continues a distillation)", file=sys.stderr, flush=True)
+        return stop.exit_code
     except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError) as e:  # TrackingError is a ConfigError
         print(f"ensemble-kd: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        full = disk_full_cause(e)  # shards, checkpoints, MLflow's SQLite: one line, not a traceback
+        if full is None:
+            raise
+        print(f"ensemble-kd: error: {full if full.startswith('the disk is full') else 'the disk is full: ' + full}",
+              file=sys.stderr)
+        return 1
+    finally:
+        for s, h in before.items():  # a caller's own handlers (tests call main in-process)
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import yaml
 from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+# allow_inf_nan=False: an lr or a weight of inf/nan is refused at load (it would train to NaN and "succeed")
+_FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _RENAMED: dict[str, str] = {}  # old field name -> new one (a dotted override with an old name is renamed too)

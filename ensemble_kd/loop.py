@@ -56,6 +56,7 @@ from ensemble_kd.config import ExperimentConfig, from_dict, to_dict
 from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
 from ensemble_kd.online_data import OnlineData
 from ensemble_kd.devices import autocast, seed_everything
+from ensemble_kd.interrupts import ray_train_fit
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, build_loss
 from ensemble_kd.losses.base import optimizer_param_groups
 from ensemble_kd.raycluster import quiet_train_reports
@@ -548,7 +549,8 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
                              logging_config=LoggingConfig(log_level=cfg.ray.train_log_level)),
     )
-    result = trainer.fit()
+    with ray_train_fit():  # Ray Train takes SIGINT over during fit: a Ctrl-C still ends as Interrupted
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as cdir:

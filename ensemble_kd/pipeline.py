@@ -26,9 +26,9 @@ from ensemble_kd.checks import check_config
 from ensemble_kd.config import AdversarialConfig, ConfigError, ExperimentConfig, ViewsConfig, load_config, to_dict
 from ensemble_kd.export import export_after_run
 from ensemble_kd.plan import Trial, best_teacher, check_run_section, plan_trials
-from ensemble_kd.raycluster import ray_session
+from ensemble_kd.raycluster import clean_stale_checkpoints, ray_session
 from ensemble_kd.report import format_table, summarise, write_summary
-from ensemble_kd.shards import check_manifest
+from ensemble_kd.shards import Shard, check_manifest, clean_stale_temp_dirs
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages import embed as embed_stage
 from ensemble_kd.stages import select as select_stage
@@ -36,6 +36,22 @@ from ensemble_kd.stages import teachers as teachers_stage
 from ensemble_kd.sweep import SweepResult, TrialOutcome, run_trials, tune_sweep
 
 Log = Callable[[str], None]
+
+
+def tidy_output(cfg: ExperimentConfig, log: Log = print) -> None:
+    """What killed commands left in the output folder, dealt with when the next command starts on
+    it: MLflow runs still RUNNING whose process is gone are ended KILLED (not only on ``--resume``,
+    which reopens its run as before), shard writers' temp folders and Ray Train checkpoint folders
+    that no run will read are removed. Live commands' runs and files are never touched."""
+    gone = clean_stale_temp_dirs(cfg.shard_dir) if cfg.shard_dir.is_dir() else []
+    gone += clean_stale_checkpoints(Path(cfg.output_dir) / "ray_results")
+    if gone:
+        log(f"removed {len(gone)} folder(s) left by killed commands: {[str(g) for g in gone]}")
+    if cfg.tracking.enabled:
+        uri = tracking.tracking_uri(cfg)
+        db = tracking.sqlite_path(uri)
+        if db is None or db.exists():  # no store yet: nothing to end (and none is made here)
+            tracking.end_orphaned_runs(uri, log)
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -65,6 +81,15 @@ def embed(cfg: ExperimentConfig, teachers: TeacherSet, progress: bool = True, lo
                            progress, log)
 
 
+def check_existing_shards(cfg: ExperimentConfig, teachers: TeacherSet) -> None:
+    """Before `embed` starts Ray: refuse a shard already on disk whose manifest does not match
+    this config (a teacher retrained, a hash edited), naming both sides. Damaged bytes are not
+    refused here: the embed stage rewrites such a shard."""
+    for _name, _split, key, _n in embed_stage.plan_shards(teachers, cfg.data, cfg.embed.splits, cfg.embed):
+        if (cfg.shard_dir / key.dirname).exists():
+            check_manifest(cfg.shard_dir / key.dirname, key)
+
+
 def train_shards(cfg: ExperimentConfig, teachers: TeacherSet | None = None) -> dict[str, str]:
     """Train shard folder of every distill teacher, from the embed stage's index, each checked to
     be the shard of this config's teacher checkpoint, data and view recipe (both sides named)."""
@@ -79,6 +104,7 @@ def train_shards(cfg: ExperimentConfig, teachers: TeacherSet | None = None) -> d
     dirs = index.dirs("train", names)
     for name, _split, key, _n in embed_stage.plan_shards(ts, cfg.data, ["train"], cfg.embed):
         check_manifest(dirs[name], key)  # a stale index (teacher retrained, recipe changed) is refused here
+        Shard(dirs[name])  # and damaged bytes (sha256 of every part), before any Ray work
     return dirs
 
 
@@ -106,15 +132,18 @@ def distill_inputs(cfg: ExperimentConfig, teachers: TeacherSet | None = None,
             "teachers": {}}
 
 
-def distill(cfg: ExperimentConfig, resume: bool = False, log: Log = print) -> StudentRun:
+def distill(cfg: ExperimentConfig, resume: bool = False, log: Log = print,
+            inputs: dict[str, dict[str, str]] | None = None) -> StudentRun:
     """The distill stage on the shards the embed stage recorded, or on the teachers' checkpoints
-    (the online path) (Ray must be up)."""
-    return distill_stage.run(cfg, resume=resume, log=log, **distill_inputs(cfg))
+    (the online path) (Ray must be up). ``inputs``: :func:`distill_inputs`, when the caller
+    checked them before starting Ray."""
+    return distill_stage.run(cfg, resume=resume, log=log, **(inputs if inputs is not None else distill_inputs(cfg)))
 
 
-def sweep(cfg: ExperimentConfig, log: Log = print) -> SweepResult:
-    """``ensemble-kd tune``: the distill stage as Ray Tune trials over ``tune.space`` (Ray must be up)."""
-    return tune_sweep(cfg, distill_inputs(cfg), log)
+def sweep(cfg: ExperimentConfig, log: Log = print, inputs: dict[str, dict[str, str]] | None = None) -> SweepResult:
+    """``ensemble-kd tune``: the distill stage as Ray Tune trials over ``tune.space`` (Ray must be up;
+    ``inputs`` as for :func:`distill`)."""
+    return tune_sweep(cfg, inputs if inputs is not None else distill_inputs(cfg), log)
 
 
 def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardIndex | None, best: str | None,

@@ -5,13 +5,16 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 
 from ensemble_kd.config import RayConfig
+from ensemble_kd.interrupts import is_ours
 
 # Quiet, quick local clusters: no usage reports, no token auth on a private local cluster, and
 # no ~2 s health-check stall on every ray.train.report on small machines.
@@ -27,6 +30,9 @@ RAY_ENV_DEFAULTS = {
     # Tune's legacy reporter honours verbose=0 (no banner, no status tables): the job prints its
     # own line per trial.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune's own SIGINT handler stops the experiment and returns normally (the command then went
+    # on as if it had finished); without it Ctrl-C raises in the driver (ensemble_kd.interrupts).
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 
 
@@ -69,10 +75,63 @@ def set_ray_env() -> None:
         os.environ.setdefault(k, v)
 
 
+OWNER = "ekd-owner"  # in a local Ray's temp dir while the command that started it runs: its pid
+
+
 def short_temp_dir() -> str:
-    """Ray's socket paths must stay under ~107 bytes: keep its temp dir short."""
+    """Ray's socket paths must stay under ~107 bytes: keep its temp dir short. It holds an
+    :data:`OWNER` file with this process's id until the command ends (see :func:`clean_stale_temp_dirs`)."""
     base = os.environ.get("EKD_RAY_TMPDIR", "/tmp")
-    return tempfile.mkdtemp(prefix="ekd-ray-", dir=base)
+    clean_stale_temp_dirs(base)
+    tmp = tempfile.mkdtemp(prefix="ekd-ray-", dir=base)
+    Path(tmp, OWNER).write_text(str(os.getpid()))
+    return tmp
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(base: str | Path) -> list[Path]:
+    """Remove the local Ray temp dirs of commands that were killed (SIGKILL, a lost node): their
+    :data:`OWNER` file names a process that is gone. Dirs kept on purpose after a failure (their
+    logs) have no owner file, and a live command's dir is never touched."""
+    gone = []
+    for d in Path(base).glob("ekd-ray-*"):
+        try:
+            pid = int((d / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if not pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def clean_stale_checkpoints(results: str | Path) -> list[Path]:
+    """Ray Train checkpoint folders under ``results`` (``<output_dir>/ray_results``) that no run
+    will read: a ``checkpoint_*`` folder that its run's ``checkpoint_manager_snapshot.json`` does
+    not name and that is older than the snapshot (a copy a killed driver left half done, or an
+    evicted one whose deletion was cut short). A checkpoint being written now is newer than its
+    snapshot and stays."""
+    gone = []
+    for snap in Path(results).glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            text, t = snap.read_text(), snap.stat().st_mtime
+        except OSError:
+            continue
+        for d in snap.parent.glob("checkpoint_*"):
+            with contextlib.suppress(OSError):
+                if d.is_dir() and d.name not in text and d.stat().st_mtime < t:
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone.append(d)
+    return gone
 
 
 @contextlib.contextmanager
@@ -87,29 +146,36 @@ def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
         yield False
         return
     cfg = cfg or RayConfig()
+    sigterm = signal.getsignal(signal.SIGTERM)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     tmp = None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        tmp = short_temp_dir()
-        for k, v in LOCAL_RAY_ENV_DEFAULTS.items():
-            os.environ.setdefault(k, v)
-        kwargs = {"include_dashboard": False, "_temp_dir": tmp, "log_to_driver": True,
-                  "runtime_env": {"worker_process_setup_hook": "ensemble_kd.raycluster.quiet_ray_worker"}}
-        if cfg.num_cpus is not None:
-            kwargs["num_cpus"] = cfg.num_cpus
-        if cfg.object_store_memory is not None:
-            kwargs["object_store_memory"] = cfg.object_store_memory
-        ray.init(**kwargs)
-    ok = False
+    ok = False  # finished, or stopped by Ctrl-C/SIGTERM: the session's files go; after a failure its logs stay
     try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            tmp = short_temp_dir()
+            for k, v in LOCAL_RAY_ENV_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+            kwargs = {"include_dashboard": False, "_temp_dir": tmp, "log_to_driver": True,
+                      "runtime_env": {"worker_process_setup_hook": "ensemble_kd.raycluster.quiet_ray_worker"}}
+            if cfg.num_cpus is not None:
+                kwargs["num_cpus"] = cfg.num_cpus
+            if cfg.object_store_memory is not None:
+                kwargs["object_store_memory"] = cfg.object_store_memory
+            ray.init(**kwargs)
+        if is_ours(sigterm):  # ray.init sets SIGTERM to sys.exit(15): keep ours (exit 143, runs KILLED)
+            signal.signal(signal.SIGTERM, sigterm)
         yield True
         ok = True
+    except KeyboardInterrupt:
+        ok = True
+        raise
     finally:
         ray.shutdown()
-        if tmp is not None:  # keep /tmp bounded: a local cluster's session files go, but not after a failure
+        if tmp is not None:  # keep /tmp bounded
             if ok and not os.environ.get("EKD_KEEP_RAY_LOGS"):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
+                Path(tmp, OWNER).unlink(missing_ok=True)  # kept on purpose: not a stale dir
                 print(f"Ray's logs of this run: {tmp}/session_latest/logs", file=sys.stderr)

@@ -41,6 +41,7 @@ from ensemble_kd import tracking
 from ensemble_kd.checks import check_config
 from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict, with_overrides
 from ensemble_kd.loop import LoopCallback, reported, runs_locally
+from ensemble_kd.interrupts import reason_of as interrupt_reason
 from ensemble_kd.plan import Trial
 from ensemble_kd.stages import distill
 
@@ -229,17 +230,21 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0, callbacks=[lines.make()]),
     )
-    status = "FINISHED"
+    stopped: BaseException | None = None
     try:
         grid = tuner.fit()
-    except BaseException:
-        status = "FAILED"
+    except BaseException as e:
+        stopped = e
         raise
     finally:
         killed: list[str] = []
-        if parent is not None:
-            killed = tracking.end_unfinished_children(uri, exp_id, parent)
-            tracking.client(uri).set_terminated(parent, status)
+        if parent is not None:  # Ctrl-C/SIGTERM: every unfinished trial KILLED as interrupted, not as ASHA's
+            reason = interrupt_reason(stopped) or ("the sweep failed" if stopped else "stopped early by the Tune scheduler")
+            killed = tracking.end_unfinished_children(uri, exp_id, parent, reason=reason)
+            if stopped is None:
+                tracking.client(uri).set_terminated(parent, "FINISHED")
+            else:
+                tracking.end_stopped_run(uri, parent, stopped)
     res = SweepResult(parent, tracking.experiment_name(cfg), uri, _outcomes(grid), killed_runs=killed)
     _record_best(res, cfg)
     res.seconds = time.perf_counter() - t0

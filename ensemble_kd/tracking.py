@@ -15,24 +15,35 @@ an MLflow client.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import math
 import os
 import re
+import socket
+import sqlite3
 import statistics
+import sys
 import tempfile
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import loss_options
+from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.config import ConfigError, ExperimentConfig, flatten, to_yaml
 from ensemble_kd.stats import paired_difference
+from ensemble_kd.interrupts import reason_of as interrupt_reason
 
 class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
@@ -64,13 +75,119 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
     loc = None
     if uri.startswith("sqlite:///") and artifact_root is not None:
         loc = (artifact_root / name).resolve().as_uri()  # keep artifacts beside the database, not in the CWD
-    return c.create_experiment(name, artifact_location=loc)
+    try:
+        return c.create_experiment(name, artifact_location=loc)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # a concurrent command created it first
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @functools.lru_cache(maxsize=None)
 def client(uri: str) -> MlflowClient:
-    """The MLflow client of a tracking URI (one per URI and process)."""
+    """The MLflow client of a tracking URI (one per URI and process); a local SQLite store is made
+    ready first (:func:`ensure_sqlite_store`)."""
+    path = sqlite_path(uri)
+    if path is not None:
+        ensure_sqlite_store(path)
     return MlflowClient(uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/file -> /abs/file; sqlite:///rel -> rel
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if needed), held for the ``with`` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_sqlite_store(path: Path) -> None:
+    """Make the SQLite MLflow store at ``path`` ready, safe under concurrency and full disks.
+
+    Behind an exclusive lock (``<path>.lock``), so two commands starting at once on a new output
+    folder do not both run MLflow's schema migration on one file (one of them lost its run to an
+    alembic error): a missing store is created in a temp file in the same folder, migrated to
+    MLflow's head schema there and renamed into place, so ``path`` is either absent or whole. A
+    store left half-created by an earlier version (a full disk during the migration) has no runs:
+    it is moved aside to ``<path>.broken-<time>`` and made again, with a line on stderr; a store
+    with runs at another schema is refused with what to do. A full disk is one error naming the file.
+    """
+    with _file_lock(path.with_name(path.name + ".lock")):
+        if path.exists():
+            problem = _store_problem(path)
+            if problem is None:
+                return
+            if _has_runs(path):
+                raise TrackingError(f"MLflow store {path} cannot be used: {problem}. Back it up, then run "
+                                    f"`mlflow db upgrade sqlite:///{path}`, or move it away to start a new store")
+            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            print(f"ensemble-kd: MLflow store {path} was half-created ({problem}) and holds no runs: moved it to "
+                  f"{aside} and made a new one", file=sys.stderr)
+        _create_sqlite_store(path)
+
+
+def _create_sqlite_store(path: Path) -> None:
+    from mlflow.store.db.utils import _initialize_tables  # the schema MLflow itself creates on first use
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # SQLite creates it (umask mode, as MLflow would)
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+        engine.dispose()
+        os.replace(tmp, path)
+    except BaseException as e:
+        engine.dispose()
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        cause = disk_full_cause(e)
+        if cause is not None:
+            raise DiskFullError(f"the disk is full: cannot create the MLflow store {path} ({cause})") from None
+        if isinstance(e, sqlalchemy.exc.SQLAlchemyError):  # e.g. SQLite's "disk I/O error" at a file-size limit
+            raise TrackingError(f"cannot create the MLflow store {path}: {getattr(e, 'orig', None) or e} "
+                                "(nothing was left behind; is the disk full?)") from None
+        raise
+
+
+def _store_problem(path: Path) -> str | None:
+    """None when the SQLite file at ``path`` is an MLflow store at this MLflow's head schema;
+    else what is wrong with it."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        return f"unreadable as an MLflow database: {e}"
+    head = _get_latest_schema_revision()
+    if [r[0] for r in rows] != [head]:
+        return f"its schema revision is {[r[0] for r in rows] or 'not recorded'}, this MLflow's is {head!r}"
+    if not {"experiments", "runs", "metrics", "params", "tags"} <= tables:
+        return "tables are missing"
+    return None
+
+
+def _has_runs(path: Path) -> bool:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False  # no readable runs table: nothing to lose
 
 
 @dataclass(frozen=True)
@@ -144,6 +261,7 @@ def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str
         tags["mlflow.parentRunId"] = ctx.parent_run_id
     if run_name is not None:
         tags[RUN_NAME_TAG] = run_name
+    tags[OWNER_TAG] = owner()  # the process that holds the run while it is RUNNING
     return tags
 
 
@@ -163,7 +281,7 @@ def start_parent_run(cfg: ExperimentConfig, name: str, kind: str, tags: Mapping[
     experiment before any trial; returns (uri, experiment id, run id)."""
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
-    run = client(uri).create_run(exp_id, run_name=name, tags={"ekd.kind": kind, **(tags or {})})
+    run = client(uri).create_run(exp_id, run_name=name, tags={"ekd.kind": kind, OWNER_TAG: owner(), **(tags or {})})
     return uri, exp_id, run.info.run_id
 
 
@@ -217,19 +335,70 @@ def finish_distill_run(cfg: ExperimentConfig, run_id: str, final_top1: float | N
         raise
 
 
-def fail_distill_run(cfg: ExperimentConfig, run_id: str) -> None:
-    client(tracking_uri(cfg)).set_terminated(run_id, "FAILED")
+STOPPED_REASON_TAG = "stopped_reason"
+OWNER_TAG = "ekd.owner"  # "<host>:<pid>" of the process that holds a RUNNING run (see end_orphaned_runs)
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_distill_run(cfg: ExperimentConfig, run_id: str, error: BaseException | None = None) -> None:
+    """End a distillation's run that did not finish: KILLED with ``stopped_reason`` = "interrupted
+    (SIGINT)" when ``error`` (default: the exception being handled) is Ctrl-C/SIGTERM, else FAILED."""
+    end_stopped_run(tracking_uri(cfg), run_id, error if error is not None else sys.exc_info()[1])
+
+
+def end_stopped_run(uri: str, run_id: str, error: BaseException | None) -> None:
+    """KILLED with the interrupt as ``stopped_reason`` when ``error`` is one, else FAILED."""
+    c = client(uri)
+    reason = interrupt_reason(error)
+    if reason is not None:
+        c.set_tag(run_id, STOPPED_REASON_TAG, reason)
+    c.set_terminated(run_id, "KILLED" if reason is not None else "FAILED")
+
+
+def end_orphaned_runs(uri: str, log: Callable[[str], None] = print) -> list[str]:
+    """Runs left RUNNING by a process of this host that is gone (a driver or trial killed with
+    SIGKILL, a crashed machine never comes back here) are ended KILLED, ``stopped_reason`` saying so.
+    Runs of live processes and of other hosts are left alone; ``--resume`` reopens a run as before."""
+    c = client(uri)
+    host = socket.gethostname()
+    ended = []
+    for exp in c.search_experiments():
+        for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000):
+            who = r.data.tags.get(OWNER_TAG, "")
+            h, _, pid = who.rpartition(":")
+            if h != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            c.set_tag(r.info.run_id, STOPPED_REASON_TAG, f"its process ({who}) ended without closing the run (killed)")
+            c.set_terminated(r.info.run_id, "KILLED")
+            ended.append(r.info.run_id)
+    if ended:
+        log(f"MLflow: ended {len(ended)} run(s) left RUNNING by killed processes as KILLED: {ended}")
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED",
                             reason: str = "stopped early by the Tune scheduler") -> list[str]:
     """Children of a sweep left RUNNING (trials that ASHA stopped are killed mid-epoch, before
-    their own code could end the run) get ``status`` and a ``stopped_reason`` tag."""
+    their own code could end the run; every trial when the sweep is interrupted, with ``reason``
+    "interrupted (SIGINT)") get ``status`` and a ``stopped_reason`` tag."""
     c = client(uri)
     runs = c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
                               "and attributes.status = 'RUNNING'", max_results=10_000)
     for r in runs:
-        c.set_tag(r.info.run_id, "stopped_reason", reason)
+        c.set_tag(r.info.run_id, STOPPED_REASON_TAG, reason)
         c.set_terminated(r.info.run_id, status)
     return [r.info.run_id for r in runs]
 

@@ -258,7 +258,7 @@ def test_many_negatives_with_replacement(negatives, per_sample):
     """N = 16384 > M = 300: per-sample draws repeat rows within an anchor's (B, N); shared draws
     repeat rows and go through the compact (B, U) + counts form. Both equal the expanded loss."""
     ctx = make_ctx(1, M=300, C=10)
-    loss_mod = CRDLoss(ctx, feat_dim=16, num_negatives=16384, negatives=negatives, per_sample=per_sample)
+    loss_mod = CRDLoss(ctx, feat_dim=16, num_negatives=16384, mode="exact", negatives=negatives, per_sample=per_sample)
     neg, _ = loss_mod.samplers["t0"].sample(torch.arange(8), 0)
     assert torch.unique(neg.reshape(-1, 16384)[0]).numel() <= 300 < 16384  # one anchor's N draws repeat rows
     _check_against_expanded(loss_mod, make_inputs(ctx, torch.arange(8)))

@@ -230,7 +230,7 @@ def test_fully_confident_teacher_gives_plain_crd_and_defaults_are_the_papers():
     torch.manual_seed(0)  # the heads' init draws from the global RNG
     gacd = build_loss("gacd", ctx, positives="own", **kw)
     torch.manual_seed(0)
-    crd = build_loss("crd", ctx, **kw)
+    crd = build_loss("crd", ctx, mode="exact", **kw)  # GACD's default mode
     g_out, c_out = gacd(x), crd(x)
     torch.testing.assert_close(g_out.loss, c_out.loss)  # same seeds: same heads, memory and draws
     assert all(g_out.metrics[f"gacd/{n}/mean_weight"].item() == pytest.approx(1.0) for n in ctx.teachers)

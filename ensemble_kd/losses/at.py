@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from pydantic import PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import weighted_teacher_sum
@@ -33,7 +34,7 @@ def at_stages(g_s: list[torch.Tensor], g_t: list[torch.Tensor], p: float = 2.0) 
 class ATLoss(nn.Module):
     """sum_k w_k * sum over stage pairs of at(student stage, teacher_k stage)."""
 
-    def __init__(self, ctx: LossContext, *, p: float = 2.0, teacher_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, ctx: LossContext, *, p: PositiveFloat = 2.0, teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if not p > 0:
             raise ValueError(f"at: p must be > 0, got {p}")

@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
@@ -62,7 +63,7 @@ def taylor_cc(student_emb: torch.Tensor, teacher_emb: torch.Tensor, gamma: float
 class CCLoss(nn.Module):
     """Per teacher: optional linear heads, then the ``kernel``'s CC; sum_k w_k * CC_k."""
 
-    def __init__(self, ctx: LossContext, *, gamma: float = 0.4, order: int = 2, feat_dim: int = 128,
+    def __init__(self, ctx: LossContext, *, gamma: PositiveFloat = 0.4, order: NonNegativeInt = 2, feat_dim: PositiveInt = 128,
                  embed: Embed = "both", kernel: Kernel = "reference",
                  teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()

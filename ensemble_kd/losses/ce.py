@@ -4,8 +4,11 @@ With a label subset (``distill.labels``, ``DistillInputs.labelled``) it averages
 rows of the batch only; a batch without one gives 0 (and no gradient), never NaN."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput
@@ -28,7 +31,7 @@ def masked_ce_loss(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.T
 
 @LOSSES.register("ce", needs_teachers=False, paper="cross-entropy with the labels")
 class CELoss(nn.Module):
-    def __init__(self, ctx: LossContext, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, ctx: LossContext, *, label_smoothing: Annotated[float, Field(ge=0, le=1)] = 0.0) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"ce: label_smoothing must be in [0, 1], got {label_smoothing}")

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd import dist
@@ -124,10 +126,10 @@ class CRDLoss(nn.Module):
     :meth:`weight_metrics` to log them (GACD).
     """
 
-    def __init__(self, ctx: LossContext, *, feat_dim: int = 128, tau: float = 0.07, num_negatives: int = 16384,
-                 momentum: float = 0.5, mode: str = "exact", negatives: str = "auto",
+    def __init__(self, ctx: LossContext, *, feat_dim: PositiveInt = 128, tau: PositiveFloat = 0.07, num_negatives: PositiveInt = 16384,
+                 momentum: Annotated[float, Field(ge=0, le=1)] = 0.5, mode: str = "reference", negatives: str = "auto",
                  per_sample: bool = True, teacher_weights: Mapping[str, float] | None = None,
-                 hard_pool: int = 512, use_gpu_faiss: bool = False, teacher_head_grad: str = "teacher_anchor") -> None:
+                 hard_pool: PositiveInt = 512, use_gpu_faiss: bool = False, teacher_head_grad: str = "teacher_anchor") -> None:
         super().__init__()
         _check_options(mode, tau, feat_dim, num_negatives, negatives, teacher_head_grad)
         if negatives == "auto":  # the reference draws uniformly; the paper's exact CRD, class-aware

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import as_float
@@ -109,9 +110,9 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
 
 @LOSSES.register("dkd", needs_teachers=True, paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
 class DKDLoss(nn.Module):
-    def __init__(self, ctx: LossContext, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+    def __init__(self, ctx: LossContext, *, alpha: NonNegativeFloat = 1.0, beta: NonNegativeFloat = 8.0, temperature: PositiveFloat = 4.0,
                  reduction: Reduction = "mean_probs", teacher_weights: Mapping[str, float] | None = None,
-                 warmup_epochs: int = 0) -> None:
+                 warmup_epochs: NonNegativeInt = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"dkd: temperature must be > 0, got {temperature}")

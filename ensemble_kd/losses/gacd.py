@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (checks.py)
 
 from ensemble_kd.losses._util import as_float
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput
@@ -82,11 +84,12 @@ class GACDLoss(CRDLoss):
     every mode; the loss is computed in float32 (see the module doc).
     """
 
-    def __init__(self, ctx: LossContext, *, feat_dim: int = 128, tau: float = 0.1, num_negatives: int = 16384,
-                 momentum: float = 0.5, mode: str = "exact", positives: str = "relaxed", negatives: str = "class-aware",
+    def __init__(self, ctx: LossContext, *, feat_dim: PositiveInt = 128, tau: PositiveFloat = 0.1, num_negatives: PositiveInt = 16384,
+                 momentum: Annotated[float, Field(ge=0, le=1)] = 0.5, mode: str = "exact", positives: str = "relaxed",
+                 negatives: str = "class-aware",
                  per_sample: bool = True, teacher_weights: Mapping[str, float] | None = None,
-                 hard_pool: int = 512, use_gpu_faiss: bool = False, teacher_head_grad: str = "teacher_anchor",
-                 confidence_temperature: float = 1.0) -> None:
+                 hard_pool: PositiveInt = 512, use_gpu_faiss: bool = False, teacher_head_grad: str = "teacher_anchor",
+                 confidence_temperature: PositiveFloat = 1.0) -> None:
         if confidence_temperature <= 0:
             raise ValueError(f"gacd: confidence_temperature must be > 0, got {confidence_temperature}")
         super().__init__(ctx, feat_dim=feat_dim, tau=tau, num_negatives=num_negatives, momentum=momentum,

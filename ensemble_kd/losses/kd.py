@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import as_float
@@ -46,7 +47,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]
 
 @LOSSES.register("kd", needs_teachers=True, paper="Hinton et al., 2015")
 class KDLoss(nn.Module):
-    def __init__(self, ctx: LossContext, *, temperature: float = 4.0, reduction: Reduction = "mean_probs",
+    def __init__(self, ctx: LossContext, *, temperature: PositiveFloat = 4.0, reduction: Reduction = "mean_probs",
                  teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if temperature <= 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pydantic import PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import weighted_teacher_sum
@@ -25,7 +26,7 @@ from ensemble_kd.losses.functional import pkt
 
 @LOSSES.register("pkt", needs_teachers=True, paper="Passalis & Tefas, Probabilistic Knowledge Transfer, ECCV 2018")
 class PKTLoss(nn.Module):
-    def __init__(self, ctx: LossContext, *, eps: float = 1e-7, teacher_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, ctx: LossContext, *, eps: PositiveFloat = 1e-7, teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if eps <= 0:
             raise ValueError(f"pkt: eps must be > 0, got {eps}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pydantic import NonNegativeFloat, PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import weighted_teacher_sum
@@ -27,7 +28,7 @@ from ensemble_kd.losses.functional import rkd
 
 @LOSSES.register("rkd", needs_teachers=True, paper="Park et al., Relational Knowledge Distillation, CVPR 2019")
 class RKDLoss(nn.Module):
-    def __init__(self, ctx: LossContext, *, w_dist: float = 25.0, w_angle: float = 50.0, eps: float = 1e-12,
+    def __init__(self, ctx: LossContext, *, w_dist: NonNegativeFloat = 25.0, w_angle: NonNegativeFloat = 50.0, eps: PositiveFloat = 1e-12,
                  teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if w_dist < 0 or w_angle < 0 or w_dist + w_angle == 0:

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+from pydantic import NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import module_keys, weighted_teacher_sum
@@ -79,7 +80,7 @@ class VIDLoss(nn.Module):
     sqrt(var_c) over the channels: how well t is predicted).
     """
 
-    def __init__(self, ctx: LossContext, *, hidden: int = 0, init_var: float = 5.0, eps: float = 1e-5,
+    def __init__(self, ctx: LossContext, *, hidden: NonNegativeInt = 0, init_var: PositiveFloat = 5.0, eps: PositiveFloat = 1e-5,
                  target: Target = "embedding", channel_reduction: ChannelReduction = "sum",
                  teacher_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()

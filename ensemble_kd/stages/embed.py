@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from ensemble_kd.adversarial import pgd_perturb, row_generators
 from ensemble_kd.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, TeacherSet, read_index, write_index
+from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.devices import autocast, resolve_device
-from ensemble_kd.shards import Shard, ShardKey, ShardWriter, check_manifest
+from ensemble_kd.shards import Shard, ShardCorruptError, ShardKey, ShardWriter, check_manifest, discard_shard
 from ensemble_kd.teacher_checkpoint import Teacher, load_record
 from ensemble_kd.views import apply_view, draw_views, num_adv_views, view_recipe
 from modalities import PairedDataset, build_dataset
@@ -173,11 +174,16 @@ def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: Emb
         d = root / key.dirname
         if d.exists():
             m = check_manifest(d, key)  # refuses a tampered/mismatched manifest, naming both sides
-            Shard(d)  # cheap integrity check (sizes, schema, rows): a truncated shard is reported, not reused
-            log(f"shard {d.name}: reused ({m['num_rows']} rows)")
-            results.append(ShardRecord(name, split, str(d), key.shard_id, m["num_rows"], True, 0.0))
-        else:
-            todo.setdefault(name, []).append((split, key, num_samples * (ecfg.views.num_views + num_adv_views(key.views))))
+            try:
+                Shard(d)  # sizes, sha256 of every part, schema, rows
+            except ShardCorruptError as e:  # damaged bytes: never reused, rewritten from the teacher
+                log(f"shard {d.name}: rewriting, the existing one is damaged: {e}")
+                discard_shard(d)
+            else:
+                log(f"shard {d.name}: reused ({m['num_rows']} rows)")
+                results.append(ShardRecord(name, split, str(d), key.shard_id, m["num_rows"], True, 0.0))
+                continue
+        todo.setdefault(name, []).append((split, key, num_samples * (ecfg.views.num_views + num_adv_views(key.views))))
     if todo:
         written = _EmbedActors(teachers, data, ecfg, root, device, amp, progress).run(todo)
         for r in written:
@@ -242,6 +248,11 @@ class _EmbedActors:
             name, split, key = self.gens[g]
             try:
                 item = ray.get(next(g))
+            except ray.exceptions.RayTaskError as e:
+                cause = disk_full_cause(e)
+                if cause is not None:  # one line naming the file, not the actor's traceback
+                    raise DiskFullError(cause) from None
+                raise
             except StopIteration:
                 del self.gens[g]
                 if self.pending[name]:
