@@ -10,7 +10,7 @@ import torch
 from ensemble_kd.artifacts import ShardIndex, read_index
 from ensemble_kd.cli import main
 from ensemble_kd.data import DistillData
-from ensemble_kd.shards import Shard, ShardCorruptError, ShardMismatchError, ShardSet
+from ensemble_kd.shards import Shard, ShardMismatchError, ShardSet
 from ensemble_kd.teacher_checkpoint import load_teacher
 from ensemble_kd.views import apply_view
 from modalities import build_dataset
@@ -75,14 +75,17 @@ def test_tampered_manifest_is_refused_naming_both_sides(embedded, tmp_path):
         mf.write_text(orig)
 
 
-def test_truncated_shard_is_reported_not_reused(embedded):
+def test_truncated_shard_is_rewritten_not_reused(embedded):
     cfg, paths, res = embedded
     part = Path(res[("pix_cnn", "test")].dir) / "part-00000.arrow"
     orig = part.read_bytes()
     part.write_bytes(orig[: len(orig) // 2])
+    logs = []
     try:
-        with pytest.raises(ShardCorruptError, match=str(part)):
-            _results(cfg, paths)
+        again = _results(cfg, paths, logs)
+        assert not again[("pix_cnn", "test")].reused and again[("kar_mlp", "test")].reused
+        assert any("rewriting" in m and str(part) in m for m in logs), logs
+        assert part.read_bytes() == orig  # the same teacher writes the same bytes again
     finally:
         part.write_bytes(orig)
 
