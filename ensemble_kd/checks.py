@@ -132,8 +132,8 @@ def loss_option_errors(name: str, options: Mapping[str, Any], teachers: tuple[st
     except ValidationError as e:
         return [f"{field}.{'.'.join(str(p) for p in x['loc'])}: {x['msg']} (got {x.get('input')!r})" for x in e.errors()]
     numeric = {k: v for k, v in options.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if not numeric:
-        return []
+    if not numeric or "feature_maps" in LOSSES.meta(name).get("needs", ()):
+        return []  # a feature-map loss's constructor needs the real stage shapes (a dry forward in the loop)
     try:
         LOSSES.get(name)(_probe_context(tuple(teachers) or ("t",)), **numeric)
     except Exception as e:  # noqa: BLE001 - any constructor error that names a given option is the option's

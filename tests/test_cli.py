@@ -17,7 +17,7 @@ def test_run_trains_embeds_then_reuses(ray_cluster, tmp_path, capsys):
     assert "4 shards under" in out and "(0 reused)" in out and "pix_cnn" in out
     assert "student mlp on fou, 2 epochs" in out
     row = next(ln for ln in out.splitlines() if ln.startswith("distill "))
-    assert row.split()[1:4] == ["single", "ce+kd", "kar_mlp"]
+    assert row.split()[1:5] == ["all", "single", "ce+kd", "kar_mlp"]  # labels, teacher set, method, teachers
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'out' / 'mlflow.db'}" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["arms"]["distill"]["teacher_set"] == "single" and summary["arms"]["distill"]["seeds"] == [0]

@@ -252,6 +252,7 @@ def test_full_disk_on_first_use_is_one_line(tmp_path):
 def test_full_disk_while_writing_a_shard_names_the_part(tmp_path):
     code = """
 import resource, signal, sys
+import numpy as np
 from ensemble_kd.checkpoint import DiskFullError
 from ensemble_kd.shards import ShardKey, ShardWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

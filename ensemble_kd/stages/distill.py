@@ -106,16 +106,12 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     loop = LoopConfig(to_dict(cfg), shards, ckpts, mlflow_run, verbose, callbacks=tuple(loop_callbacks))
     try:
         fitted = fit(cfg, loop, name, callbacks, here=here)
-    except SystemExit as e:
-        if mlflow_run and e.code not in (0, None):
-            tracking.fail_distill_run(cfg, mlflow_run["run_id"])
-        raise  # exit 0: Tune stopped the trial (ASHA); the sweep ends its run KILLED, with the scheduler's reason
-    except BaseException:
-        if mlflow_run:
+    except BaseException as e:
+        # SystemExit(0): Tune stopped the trial (ASHA); the sweep ends its run KILLED, with the scheduler's reason
+        if mlflow_run and not (isinstance(e, SystemExit) and e.code in (0, None)):
             tracking.fail_distill_run(cfg, mlflow_run["run_id"])
         raise
-    st = fitted.state
-    spath, hist = _save_student(cfg, name, st), st["history"]
+    spath, hist = _save_student(cfg, name, fitted.state), fitted.state["history"]
     top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
     if mlflow_run:
         tracking.finish_distill_run(cfg, mlflow_run["run_id"], top1, len(hist), spath)
