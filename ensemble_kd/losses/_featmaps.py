@@ -45,6 +45,16 @@ def check_pairs(loss: str, teacher: str, s: Shapes, t: Shapes) -> None:
                          f"they must pair up (student {list(s)}, teacher {list(t)})")
 
 
+def paired_maps(loss: str, teacher: str, s: Shapes, t: Shapes, first: int = 1) -> list[tuple[tuple[int, ...], ...]]:
+    """The student's and teacher ``teacher``'s stage shapes paired up, each checked to be a map;
+    ``first``: the number of the first stage in the messages."""
+    check_pairs(loss, teacher, s, t)
+    for i, (a, b) in enumerate(zip(s, t), start=first):
+        check_map(loss, f"student stage {i}", a)
+        check_map(loss, f"teacher {teacher!r} stage {i}", b)
+    return list(zip(s, t))
+
+
 class ConvReg(nn.Module):
     """The reference's ``ConvReg`` (FitNet's regressor, AB's connector): a student map (C_s, H_s, W_s)
     -> the teacher's (C_t, H_t, W_t) by a stride-2 3x3 conv (H_s = 2 H_t), a stride-2 4x4 transposed

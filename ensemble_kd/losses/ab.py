@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ensemble_kd.losses._featmaps import ConvReg, check_map, check_pairs, context_shapes, require_maps, zero_touching
+from ensemble_kd.losses._featmaps import ConvReg, context_shapes, paired_maps, require_maps, zero_touching
 from ensemble_kd.losses._util import module_keys, weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 from ensemble_kd.losses.functional import ab
@@ -66,13 +66,9 @@ class ABLoss(nn.Module):
         s_shapes, t_shapes = context_shapes("ab", ctx)
         self.connectors = nn.ModuleDict()
         for name in self.teachers:
-            s, t = s_shapes[1:-1], t_shapes[name][1:-1]
-            check_pairs("ab", name, s, t)
-            for i, (a, b) in enumerate(zip(s, t), start=1):
-                check_map("ab", f"student stage {i}", a)
-                check_map("ab", f"teacher {name!r} stage {i}", b)
+            pairs = paired_maps("ab", name, s_shapes[1:-1], t_shapes[name][1:-1])
             try:
-                self.connectors[self._key[name]] = nn.ModuleList([connector(a, b) for a, b in zip(s, t)])
+                self.connectors[self._key[name]] = nn.ModuleList([connector(a, b) for a, b in pairs])
             except ValueError as e:
                 raise ValueError(f"ab: teacher {name!r}: {e}") from None
         self.to(ctx.device)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ensemble_kd.losses._featmaps import check_map, check_pairs, context_shapes, require_maps
+from ensemble_kd.losses._featmaps import context_shapes, paired_maps, require_maps
 from ensemble_kd.losses._util import weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 from ensemble_kd.losses.functional import fsp
@@ -45,11 +45,8 @@ class FSPLoss(nn.Module):
         self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         s_shapes, t_shapes = context_shapes("fsp", ctx)
         for name in self.teachers:
-            s, t = s_shapes[:-1], t_shapes[name][:-1]  # every stage map; the embedding is not one
-            check_pairs("fsp", name, s, t)
-            for i, (a, b) in enumerate(zip(s, t)):
-                check_map("fsp", f"student stage {i}", a)
-                check_map("fsp", f"teacher {name!r} stage {i}", b)
+            # every stage map; the embedding is not one
+            for i, (a, b) in enumerate(paired_maps("fsp", name, s_shapes[:-1], t_shapes[name][:-1], first=0)):
                 if a[0] != b[0]:
                     raise ValueError(f"fsp: stage {i} has {a[0]} channels in the student and {b[0]} in teacher "
                                      f"{name!r}: FSP matrices need equal channels (the reference refuses this too)")

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from ensemble_kd.losses._featmaps import check_map, check_pairs, context_shapes, require_maps
+from ensemble_kd.losses._featmaps import context_shapes, paired_maps, require_maps
 from ensemble_kd.losses._util import weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 from ensemble_kd.losses.functional import nst
@@ -35,11 +35,7 @@ class NSTLoss(nn.Module):
         self.weights = normalise_teacher_weights(self.teachers, teacher_weights)
         s_shapes, t_shapes = context_shapes("nst", ctx)
         for name in self.teachers:
-            s, t = s_shapes[1:-1], t_shapes[name][1:-1]
-            check_pairs("nst", name, s, t)
-            for i, (a, b) in enumerate(zip(s, t), start=1):
-                check_map("nst", f"student stage {i}", a)
-                check_map("nst", f"teacher {name!r} stage {i}", b)
+            paired_maps("nst", name, s_shapes[1:-1], t_shapes[name][1:-1])
 
     def forward(self, x: DistillInputs) -> LossOutput:
         require_maps("nst", x, self.teachers)

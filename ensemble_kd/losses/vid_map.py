@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.losses._featmaps import check_map, check_pairs, context_shapes, require_maps
+from ensemble_kd.losses._featmaps import context_shapes, paired_maps, require_maps
 from ensemble_kd.losses._util import module_keys, weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
 from ensemble_kd.losses.functional import pool_to_smaller, vid
@@ -71,13 +71,9 @@ class VIDMapLoss(nn.Module):
         s_shapes, t_shapes = context_shapes("vid_map", ctx)
         self.heads = nn.ModuleDict()
         for name in self.teachers:
-            s, t = s_shapes[1:-1], t_shapes[name][1:-1]
-            check_pairs("vid_map", name, s, t)
-            for i, (a, b) in enumerate(zip(s, t), start=1):
-                check_map("vid_map", f"student stage {i}", a)
-                check_map("vid_map", f"teacher {name!r} stage {i}", b)
+            pairs = paired_maps("vid_map", name, s_shapes[1:-1], t_shapes[name][1:-1])
             self.heads[self._key[name]] = nn.ModuleList(
-                [VIDMapHead(a[0], b[0], b[0], float(init_pred_var), self.eps) for a, b in zip(s, t)])
+                [VIDMapHead(a[0], b[0], b[0], float(init_pred_var), self.eps) for a, b in pairs])
         self.to(ctx.device)
 
     def forward(self, x: DistillInputs) -> LossOutput:
