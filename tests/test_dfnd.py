@@ -361,15 +361,15 @@ def test_select_then_distill_end_to_end(ray_cluster, trained, tmp_path):
     out = run_distill(dcfg)
     last = out.history[-1]
     assert len(out.history) == 1 and all(math.isfinite(last[k]) for k in ("loss/dfnd", "loss/kd", "loss/crd", "test_top1"))
-    st = torch.load(out.student_path, weights_only=False)
+    st = torch.load(out.student_path, weights_only=True)
     assert st["config"]["distill"]["selection"] == str(res.dir)
-    state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["module"]
+    state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=True)["module"]
     mem = [v for k, v in state.items() if k.endswith("memory.memory")]
     assert mem and all(v.shape[0] == len(sel) for v in mem)  # CRD's memory holds exactly the selected rows
     q = noise_matrix(state["losses.dfnd.v"], state["losses.dfnd.class_accuracy"])
     torch.testing.assert_close(q.sum(1), torch.ones(10), rtol=0, atol=1e-5)
     torch.testing.assert_close(q.diagonal(), torch.tensor(m["class_accuracy"], dtype=q.dtype), rtol=0, atol=1e-6)
-    groups = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["optimizer"]["param_groups"]
+    groups = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=True)["optimizer"]["param_groups"]
     assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 1  # Q's own group
 
     # a corrupt selection is refused by the driver, before any worker starts, naming its file

@@ -27,7 +27,7 @@ def test_one_worker_ce_kd_crd_beats_chance(shards):
     for k in ("loss/ce", "loss/kd", "loss/crd", "loss/total", "lr", "test_top1"):
         assert k in last and torch.isfinite(torch.tensor(float(last[k])))
     assert res.history[-1]["loss/total"] < res.history[0]["loss/total"]
-    st = torch.load(res.student_path, weights_only=False)
+    st = torch.load(res.student_path, weights_only=True)
     assert st["arch"] == "mlp" and st["modality"] == "fou" and st["state_dict"]
 
 
@@ -48,8 +48,8 @@ def test_resume_equals_uninterrupted(shards):
     assert len(resumed.history) == 2
     assert resumed.history[0] == part.history[0]  # epoch 1 came from the checkpoint, not a rerun
     assert resumed.history[1]["lr"] == full.history[1]["lr"]
-    a = torch.load(full.student_path, weights_only=False)["state_dict"]
-    b = torch.load(resumed.student_path, weights_only=False)["state_dict"]
+    a = torch.load(full.student_path, weights_only=True)["state_dict"]
+    b = torch.load(resumed.student_path, weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert resumed.history[-1]["test_top1"] == full.history[-1]["test_top1"]

@@ -78,7 +78,7 @@ def test_two_workers_on_the_online_path_keep_crd_memories_identical(ray_cluster,
     sums = res.history[0]["buffer_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert res.final_top1 > 0.3 and res.history[0]["loss/crd"] > 0  # chance is 0.1
-    state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=False)["module"]
+    state = torch.load(next((tmp_path / "ray_results").rglob("state.pt")), weights_only=True)["module"]
     assert any(k.endswith("memory_t.memory") for k in state)  # the teacher side is a memory, not the shards
 
 

@@ -84,11 +84,11 @@ def test_retrain_starts_from_scratch_not_from_the_last_state(trained, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(cfg.output_dir, out, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "tune", "shards"))
     (run,) = list((out / "ray_results").glob("teacher-kar_mlp-*"))  # the session's finished training of kar_mlp
-    st = torch.load(run / "state.pt", weights_only=False)
+    st = torch.load(run / "state.pt", weights_only=True)
     st["history"][0]["marker"] = "carried over"  # a resumed run would keep its history
     torch.save(st, run / "state.pt")
     same = tiny_config(out, teachers=[dict(name="kar_mlp", arch="mlp", modality="kar", epochs=2, seed=1,
                                            arch_kwargs={"hidden": [32]})])
     train_teachers(same, retrain=True, progress=False, log=lambda m: None)
-    new = torch.load(run / "state.pt", weights_only=False)
+    new = torch.load(run / "state.pt", weights_only=True)
     assert [h["epoch"] for h in new["history"]] == [1, 2] and "marker" not in new["history"][0]
