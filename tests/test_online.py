@@ -121,6 +121,21 @@ def test_a_feature_map_loss_on_the_shard_path_is_refused_at_config_time(tmp_path
     assert ok.distill.teacher_outputs == "online"
 
 
+def test_a_crd_mode_that_needs_the_shards_embeddings_is_refused_on_the_online_path_at_config_time(tmp_path):
+    from ensemble_kd.config import ConfigError
+
+    for mode in ("exact", "relax"):  # both project the shards' stored teacher embeddings
+        with pytest.raises(ConfigError, match=r"distill.losses.1: loss 'crd' .* needs the teachers' stored embeddings.*"
+                                              r"set mode: reference"):
+            distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "crd", "kwargs": {"mode": mode}}],
+                                     "distill.teacher_outputs": "online"})
+    ok = distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "crd", "kwargs": {"mode": "reference"}}],
+                                  "distill.teacher_outputs": "online"})
+    assert ok.distill.losses[1].kwargs["mode"] == "reference"
+    shards = distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "crd", "kwargs": {"mode": "exact"}}]})
+    assert shards.distill.teacher_outputs == "shards"  # the shard path keeps them: accepted
+
+
 def test_attention_transfer_reads_the_feature_maps_on_the_online_path(ray_cluster, trained, tmp_path):
     """A cnn_small student on the pixel view learns from the pix_cnn teacher's intermediate maps."""
     cfg0, _ = trained

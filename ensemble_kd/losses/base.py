@@ -54,7 +54,7 @@ from torch import nn
 from ensemble_kd.bank import TeacherBank
 from modalities.registry import Registry
 
-__all__ = ["LOSSES", "REDUCTIONS", "DistillInputs", "LossContext", "LossOutput", "LossRegistry", "Reduction",
+__all__ = ["LOSSES", "REDUCTIONS", "DistillInputs", "LossContext", "LossOutput", "LossRegistry", "NeedsStoredEmbeddings", "Reduction",
            "TeacherBank", "build_loss", "check_reduction", "loss_options", "normalise_teacher_weights",
            "optimizer_param_groups"]
 
@@ -80,6 +80,11 @@ class DistillInputs:
     # ``labels`` holds the ground truth where True and the teachers' ensemble prediction elsewhere:
     # supervised terms (CE) read only the True rows, teacher terms every row
     labelled: torch.Tensor | None = None
+
+
+class NeedsStoredEmbeddings(ValueError):
+    """A loss whose options need the teachers' stored embeddings of every train row (the shard
+    path's bank), built where the bank has none (the online path)."""
 
 
 @dataclass

@@ -43,7 +43,8 @@ from torch import nn
 
 from ensemble_kd import dist
 from ensemble_kd.losses._util import as_float, module_keys
-from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights
+from ensemble_kd.losses.base import (LOSSES, DistillInputs, LossContext, LossOutput, NeedsStoredEmbeddings,
+                                     normalise_teacher_weights)
 from ensemble_kd.losses.functional import crd_scores, nce_loss, nce_z
 from ensemble_kd.memory import MomentumMemory, NegativeSampler, stable_seed
 
@@ -160,7 +161,7 @@ class CRDLoss(nn.Module):
         """The bank's teacher embeddings, where present (or needed), are (M, d_t) per teacher."""
         missing = [n for n in self.teachers if n not in ctx.bank.embeddings]
         if need and missing:
-            raise ValueError(f"CRD: teacher bank has no embeddings for {missing}; it has {ctx.bank.teachers} "
+            raise NeedsStoredEmbeddings(f"CRD: teacher bank has no embeddings for {missing}; it has {ctx.bank.teachers} "
                              "(mode 'reference' with negatives other than 'hard' needs none)")
         for name in self.teachers:
             emb = ctx.bank.embeddings.get(name)
