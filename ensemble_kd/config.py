@@ -78,6 +78,7 @@ class TeacherConfig:
     augment: bool = Field(False, description="a fresh random crop (+ flip) every step (image modalities only)")
     crop_padding: int = Field(2, ge=0, description="zero padding of the random crop, in pixels (CIFAR: 4)")
     flip: bool = Field(False, description="random horizontal flips with augment (on for natural images, off for digits)")
+    eval_every: int = Field(1, ge=1, description="evaluate the teacher's test top-1 every this many epochs (and at the end; each is a pass over the test split)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of this teacher's training run")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker of this teacher's training run")
     use_gpu: bool = Field(False, description="one GPU per worker of this teacher's training run")

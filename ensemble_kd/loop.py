@@ -37,17 +37,14 @@ import pickle
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
-import ray.train.torch
+import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from torch import nn
 
 from ensemble_kd import dist
@@ -328,6 +325,8 @@ class _TrainSession(_Session):
     """A Ray Train worker: DDP, Ray Train's checkpoints and reports."""
 
     def __init__(self) -> None:
+        import ray.train.torch  # here, not at the top: a local run's process never pays for ray.train's import
+
         ctx = ray.train.get_context()
         self.rank, self.world, self.device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
@@ -514,7 +513,8 @@ def runs_locally(cfg: ExperimentConfig, callbacks: Sequence[Any] = ()) -> bool:
     return cfg.distill.local_mode and cfg.distill.num_workers == 1 and not callbacks
 
 
-def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (), here: bool = False) -> Fitted:
+def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (), here: bool = False,
+        submitted: Callable[[], None] | None = None) -> Fitted:
     """Run the loop as the run ``name`` under ``<output_dir>/ray_results`` (a reused name resumes
     it) and return its final state; raises the training error, if any.
 
@@ -525,20 +525,27 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
     already: a Tune trial). No controller or worker group starts; the loop keeps its state in the
     run's folder, an error restarts it from there (``max_failures`` times; a killed task too, by
     Ray's task retries), and per-epoch reports reach the caller through the loop callbacks
-    (``lc.callbacks``)."""
+    (``lc.callbacks``). ``submitted``: called once the run has asked Ray for its resources."""
     d = cfg.distill
+    submitted = submitted or (lambda: None)
     run_dir = Path(cfg.output_dir) / "ray_results" / name
     lc = dataclasses.replace(lc, run_dir=str(run_dir))
-    quiet_train_reports(cfg.ray.train_log_level)  # in this process too: local mode runs the loop here
     if runs_locally(cfg, callbacks):
         lc = dataclasses.replace(lc, local=True)
         if here:
+            submitted()
             _fit_local(cfg, lc)
         else:
             task = ray.remote(_fit_local).options(num_cpus=d.cpus_per_worker, num_gpus=1 if d.use_gpu else 0,
                                                  max_retries=d.max_failures)  # a killed task restarts from its state
-            ray.get(task.remote(cfg, lc))
+            ref = task.remote(cfg, lc)
+            submitted()
+            ray.get(ref)
         return Fitted(load_state(run_dir), str(run_dir))
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    quiet_train_reports(cfg.ray.train_log_level)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=lc.to_dict(),
@@ -549,6 +556,7 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
                              logging_config=LoggingConfig(log_level=cfg.ray.train_log_level)),
     )
+    submitted()  # (the controller asks for the workers' resources as fit starts)
     with ray_train_fit():  # Ray Train takes SIGINT over during fit: a Ctrl-C still ends as Interrupted
         result = trainer.fit()
     if result.error is not None:

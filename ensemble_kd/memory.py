@@ -73,6 +73,12 @@ class MomentumMemory(nn.Module):
         """idx (...) int64 -> (..., D) rows of the memory (no gradient flows into the memory)."""
         return self.memory[idx.to(self.memory.device)].detach()
 
+    def table(self) -> torch.Tensor:
+        """(M, D) a copy of every row, what ``gather(arange(M))`` gives, as one memcpy instead of an
+        indexed read (a copy: the update after the loss writes the buffer in place, and autograd
+        keeps what the scores were computed from)."""
+        return self.memory.detach().clone()
+
     @torch.no_grad()
     def update(self, idx: torch.Tensor, values: torch.Tensor) -> None:
         """``mem[idx] = normalize(momentum * mem[idx] + (1 - momentum) * values)`` on every worker.
@@ -253,9 +259,12 @@ class NegativeSampler:
             valid &= self.labels[neg] != self.labels[anchors][:, None]
         return valid
 
-    def sample(self, anchor_idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, anchor_idx: torch.Tensor, step: int, with_valid: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """anchor_idx (B,) int64 rows -> (neg_idx (B, N) | (N,) int64, valid (B, N) bool), both
-        on ``anchor_idx``'s device. Deterministic given (seed, step, anchors)."""
+        on ``anchor_idx``'s device. Deterministic given (seed, step, anchors). ``with_valid=False``
+        skips the (B, N) mask of shared negatives (valid None): a caller that scores only the
+        distinct rows asks :meth:`valid_mask` for those (B, U) instead."""
         device = anchor_idx.device
         anchors = anchor_idx.detach().reshape(-1).to("cpu", torch.int64)  # (B,)
         g, N, M = self.generator(step), self.num_negatives, self.num_rows
@@ -278,6 +287,8 @@ class NegativeSampler:
             else:
                 pick = torch.randint(n_cand, (N,), generator=g)  # (N,) with replacement
             neg = pick if cand is None else cand[pick]  # (N,)
+            if not with_valid:
+                return neg.to(device), None
             valid = self.valid_mask(anchors, neg)  # (B, N)
         return neg.to(device), valid.to(device)
 

@@ -12,7 +12,9 @@ config before any Ray work.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 from ray import tune
 
 from ensemble_kd import tracking
-from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherSet, read_index
+from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index
 from ensemble_kd.checks import check_config
 from ensemble_kd.config import AdversarialConfig, ConfigError, ExperimentConfig, ViewsConfig, load_config, to_dict
 from ensemble_kd.export import export_after_run
@@ -79,6 +81,32 @@ def embed(cfg: ExperimentConfig, teachers: TeacherSet, progress: bool = True, lo
     """The embed stage on the config's data, splits and recipe (Ray must be up)."""
     return embed_stage.run(teachers, cfg.data, cfg.embed.splits, cfg.embed, cfg.output_dir, cfg.device, cfg.amp,
                            progress, log)
+
+
+def teachers_and_shards(cfg: ExperimentConfig, progress: bool = True, log: Log = print
+                        ) -> tuple[TeacherSet, ShardIndex | None]:
+    """The teachers stage with the embed stage right behind it, teacher by teacher (Ray must be
+    up): a teacher's shards are written as soon as that teacher is trained (or found), while slower
+    teachers still train, so a small teacher's embedding overlaps a big one's training. On the
+    online path there are no shards (None)."""
+    if cfg.distill.teacher_outputs != "shards":  # the online path runs the teachers in its workers
+        return train_teachers(cfg, progress=progress, log=log), None
+    order = {t.name: i for i, t in enumerate(cfg.teachers)}
+    pool = ThreadPoolExecutor(max_workers=max(1, len(cfg.teachers)), thread_name_prefix="embed")
+    futures: list[Future[ShardIndex]] = []
+
+    def ready(name: str, rec: TeacherRecord) -> None:
+        futures.append(pool.submit(embed_stage.run, TeacherSet({name: rec}), cfg.data, cfg.embed.splits, cfg.embed,
+                                   cfg.output_dir, cfg.device, cfg.amp, progress, log, None, order[name]))
+
+    try:
+        teachers = teachers_stage.run(cfg, progress=progress, log=log, on_ready=ready)
+        parts = [f.result() for f in futures]
+    finally:  # an error or Ctrl-C: no new embedding starts; the running ones end with Ray
+        pool.shutdown(wait=False, cancel_futures=True)
+    shards = ShardIndex(tuple(r for part in parts for r in part))
+    embed_stage.record_index(cfg.output_dir, shards)
+    return teachers, shards
 
 
 def check_existing_shards(cfg: ExperimentConfig, teachers: TeacherSet) -> None:
@@ -170,6 +198,20 @@ def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardInde
     return res.parent_run_id, res.trials
 
 
+def _prepare_store(uri: str | None) -> Future[Any]:
+    """The MLflow client of ``uri``, its SQLite store created, made in a thread (None: no tracking)."""
+    fut: Future[Any] = Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(tracking.client(uri) if uri else None)
+        except BaseException as e:  # handed to the caller by fut.result()
+            fut.set_exception(e)
+
+    threading.Thread(target=work, name="mlflow-store", daemon=True).start()
+    return fut
+
+
 def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[str, Any]:
     """`ensemble-kd run`: teachers -> shards -> every arm x seed (+ sweep) -> summary; returns the
     summary (also written to <output_dir>/summary.json and .png)."""
@@ -177,12 +219,12 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     out = Path(cfg.output_dir)
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
+    store = _prepare_store(uri)  # MLflow's schema (about 2 s of migrations) in a thread while Ray starts
     with ray_session(cfg.ray):
-        teachers = train_teachers(cfg, progress=progress, log=log)
+        store.result()
+        teachers, shards = teachers_and_shards(cfg, progress, log)
         best = best_teacher(teachers)
-        shards = None
-        if cfg.distill.teacher_outputs == "shards":  # the online path runs the teachers in its workers
-            shards = embed(cfg, teachers, progress, log)
+        if shards is not None:
             log(f"{len(shards)} shards under {out / 'shards'} ({sum(r.reused for r in shards)} reused); "
                 f"inspect them with: ensemble-kd shards inspect {out / 'shards'}")
         parent, trials = _distill_arms(cfg, teachers, shards, best, log)

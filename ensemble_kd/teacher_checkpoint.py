@@ -116,7 +116,7 @@ def save_teacher(path: str | Path, model: Encoder, cfg: TeacherConfig, data: Dat
 def teacher_config_hash(cfg: TeacherConfig, data: DataConfig) -> str:
     """What decides a trained checkpoint: the teacher's recipe and the dataset (not its name)."""
     d = to_dict(cfg)
-    for k in ("name", "checkpoint", "num_workers", "cpus_per_worker", "use_gpu"):  # resources do not decide the weights
+    for k in ("name", "checkpoint", "num_workers", "cpus_per_worker", "use_gpu", "eval_every"):  # nor do resources or evaluation
         d.pop(k)
     return config_hash({"teacher": d, "data": to_dict(data)})
 

@@ -1,4 +1,5 @@
 """Teacher checkpoints: training records accuracy, content hashes are checked, reuse works."""
+import json
 import shutil
 
 import pytest
@@ -92,3 +93,31 @@ def test_retrain_starts_from_scratch_not_from_the_last_state(trained, tmp_path):
     train_teachers(same, retrain=True, progress=False, log=lambda m: None)
     new = torch.load(run / "state.pt", weights_only=True)
     assert [h["epoch"] for h in new["history"]] == [1, 2] and "marker" not in new["history"][0]
+
+
+def test_each_teacher_is_announced_when_ready_and_its_shards_follow(trained, tmp_path):
+    """teachers.run calls on_ready for a reused teacher at once and for a trained one when its
+    training ends; teachers_and_shards writes each teacher's shards behind it, the same shards
+    (keys, rows) as the embed stage alone, and one index with all of them."""
+    from ensemble_kd.pipeline import embed, teachers_and_shards
+    from ensemble_kd.stages import teachers as teachers_stage
+
+    cfg, paths = trained
+    out = tmp_path / "out"
+    (out / "teachers").mkdir(parents=True)
+    shutil.copy(paths["pix_cnn"], out / "teachers" / "pix_cnn.pt")  # reused; kar_mlp trains
+    cfg2 = tiny_config(out)
+    heard = []
+    ts = teachers_stage.run(cfg2, progress=False, log=lambda m: None, on_ready=lambda n, rec: heard.append((n, rec)))
+    assert [n for n, _ in heard] == ["pix_cnn", "kar_mlp"]  # the reused one before the one that had to train
+    assert {n: rec for n, rec in heard} == dict(ts.items())
+
+    logs = []
+    teachers, shards = teachers_and_shards(cfg2, progress=False, log=logs.append)  # both reused now
+    assert dict(teachers.items()) == dict(ts.items())
+    assert sorted((r.teacher, r.split) for r in shards) == sorted(
+        (n, s) for n in ("pix_cnn", "kar_mlp") for s in ("train", "test"))
+    again = embed(cfg2, teachers, progress=False, log=logs.append)  # the stage alone finds every shard written
+    assert all(r.reused for r in again) and {r.dir for r in again} == {r.dir for r in shards}
+    index = json.loads((out / "index" / "shards.json").read_text())
+    assert len(index["shards"]) == 4

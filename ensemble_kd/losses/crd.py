@@ -82,6 +82,18 @@ class CRDTerm(nn.Module):
         self.memory_t = (None if teacher_seed is None
                          else MomentumMemory(num_rows, feat_dim, momentum=momentum, seed=teacher_seed))
         self.register_buffer("z", torch.full((2,), -1.0))
+        # which Z entries are known to be fixed, kept on the host so that a step does not read
+        # the (device) buffer back: one read per process, again after a state is loaded
+        self.z_fixed = [False, False]
+        self.register_load_state_dict_post_hook(_forget_host_copies)
+
+
+def _forget_host_copies(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict replaced the buffers: re-read them once instead of trusting the host copies."""
+    if isinstance(module, CRDTerm):
+        module.z_fixed = [False, False]
+    else:
+        module.host_step = None
 
 
 @dataclass
@@ -93,6 +105,11 @@ class Draws:
     neg_index: torch.Tensor | None  # (B, N) column in `uniq` of each negative; None: shared, (B, U) scored
     counts: torch.Tensor | None  # (U,) draws of each distinct row (shared negatives); None: per anchor
     valid: torch.Tensor | None  # (B, N) | (B, U) bool: which negatives count; None: all
+    all_rows: bool = False  # uniq is every row, 0..M-1 (memories are read whole)
+
+    def rows(self, memory: MomentumMemory) -> torch.Tensor:
+        """(U, F) the memory's rows of ``uniq``."""
+        return memory.table() if self.all_rows else memory.gather(self.uniq)
 
 
 def _check_options(mode: str, tau: float, feat_dim: int, num_negatives: int, negatives: str,
@@ -155,6 +172,8 @@ class CRDLoss(nn.Module):
                                                   seed=stable_seed(ctx.seed, "crd-neg", name),
                                                   hard_pool=hard_pool, use_gpu=use_gpu_faiss)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.host_step: int | None = None  # the step buffer's value on the host (None: read it once)
+        self.register_load_state_dict_post_hook(_forget_host_copies)
         self.to(ctx.device)
 
     def _check_bank(self, ctx: LossContext, need: bool) -> None:
@@ -169,6 +188,12 @@ class CRDLoss(nn.Module):
                 raise ValueError(f"CRD: bank embeddings of {name!r} are {tuple(emb.shape)}, expected "
                                  f"({ctx.num_rows}, {ctx.teacher_dims[name]})")
 
+    def current_step(self) -> int:
+        """The step that seeds this batch's draws, without reading the device buffer every step."""
+        if self.host_step is None:
+            self.host_step = int(self.step)
+        return self.host_step
+
     def anchor_weights(self, name: str, x: DistillInputs) -> torch.Tensor | None:
         """Per-anchor weights (B,) for teacher ``name``'s terms; None = uniform (plain CRD)."""
         return None
@@ -179,9 +204,12 @@ class CRDLoss(nn.Module):
 
     def _set_z(self, term: CRDTerm, which: int, pos: torch.Tensor, neg: torch.Tensor,
                counts: torch.Tensor | None = None) -> None:
+        if term.z_fixed[which]:
+            return
         if float(term.z[which]) < 0:  # first batch: fix Z, identical on every worker
             z = dist.all_reduce_mean(nce_z(pos, neg, self.num_rows, counts).reshape(1))
             term.z[which] = z.to(term.z)[0]
+        term.z_fixed[which] = True
 
     def _teacher_raw(self, name: str, x: DistillInputs, index: torch.Tensor) -> torch.Tensor:
         """(B, d_t) the teacher's embedding of the batch: from the batch, else from the bank."""
@@ -205,24 +233,27 @@ class CRDLoss(nn.Module):
             uniq, inv = torch.unique(ci[:, 1:], return_inverse=True)  # (U,), (B, N)
             return Draws(ci[:, 0], uniq, inv, None, None)  # the reference counts every given column
         sampler = self.samplers[name]
-        neg, valid = sampler.sample(index, step)  # (B, N) | (N,), (B, N)
+        neg, valid = sampler.sample(index, step, with_valid=sampler.per_sample)  # (B, N) | (N,), (B, N) | None
         pos = sampler.sample_positives(index, step) if self.mode == "relax" else index  # (B,)
         if neg.dim() == 2 and neg.numel() >= self.num_rows:
             # B x N per-anchor draws reach about every row anyway: score all M rows once and pick
             # by row id, rather than sort the (B, N) draws to find the distinct ones
-            return Draws(pos, torch.arange(self.num_rows, device=neg.device), neg, None, valid)
-        uniq, inv = torch.unique(neg, return_inverse=True)  # (U,), same shape as neg
+            return Draws(pos, torch.arange(self.num_rows, device=neg.device), neg, None, valid, all_rows=True)
         if neg.dim() == 2:
+            uniq, inv = torch.unique(neg, return_inverse=True)  # (U,), (B, N)
             return Draws(pos, uniq, inv, None, valid)
         # Shared negatives: N draws from M rows repeat rows (N = 16384 > M here). Score each
-        # distinct row once and weight it by its count: the same loss and Z, (B, U) work.
-        counts = torch.bincount(inv, minlength=uniq.numel())  # (U,)
-        return Draws(pos, uniq, None, counts, sampler.valid_mask(index, uniq.to(index.device)))  # valid (B, U)
+        # distinct row once and weight it by its count: the same loss and Z, (B, U) work. A
+        # bincount over the M rows finds them in O(N + M), where sorting the N draws costs more.
+        per_row = torch.bincount(neg, minlength=self.num_rows)  # (M,) draws of each row
+        uniq = per_row.nonzero().squeeze(1)  # (U,) the distinct rows, ascending
+        return Draws(pos, uniq, None, per_row[uniq], sampler.valid_mask(index, uniq.to(index.device)),  # valid (B, U)
+                     all_rows=uniq.numel() == self.num_rows)
 
     def teacher_side(self, term: CRDTerm, name: str, d: Draws, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Direction (a)'s teacher side: positives (B, F) and the negatives' table (U, F)."""
         if term.memory_t is not None:  # reference: the teacher memory, detached
-            return term.memory_t.gather(d.pos).to(t.dtype), term.memory_t.gather(d.uniq).to(t.dtype)
+            return term.memory_t.gather(d.pos).to(t.dtype), d.rows(term.memory_t).to(t.dtype)
         bank = self.ctx_bank.embeddings[name]
         detach = self.teacher_head_grad == "teacher_anchor"
         # detached: as the reference, the teacher head learns from the teacher-anchor direction
@@ -233,13 +264,15 @@ class CRDLoss(nn.Module):
         return (t_pos.detach(), t_neg.detach()) if detach else (t_pos, t_neg)
 
     def _direction(self, term: CRDTerm, which: int, anchor: torch.Tensor, pos: torch.Tensor,
-                   neg: torch.Tensor, d: Draws, w: torch.Tensor | None) -> torch.Tensor:
-        """One NCE direction: anchor (B, F) vs pos (B, F) and the negatives' table (U, F)."""
-        counts = None if d.counts is None else d.counts.to(anchor.dtype)  # (U,)
+                   neg: torch.Tensor, d: Draws, w: torch.Tensor | None, mult: torch.Tensor | None) -> torch.Tensor:
+        """One NCE direction: anchor (B, F) vs pos (B, F) and the negatives' table (U, F);
+        ``mult`` (B, U) | (U,): shared negatives' counts, the invalid ones zeroed (None: per anchor)."""
         pos_sc, neg_sc = crd_scores(anchor, pos, neg, self.tau, neg_index=d.neg_index)  # (B,), (B, N|U)
-        self._set_z(term, which, pos_sc, neg_sc, counts)
+        self._set_z(term, which, pos_sc, neg_sc, None if d.counts is None else d.counts.to(anchor.dtype))
         z = term.z[which].clone()  # a copy: the other direction's _set_z writes into the same buffer
-        return nce_loss(pos_sc, neg_sc, self.num_rows, valid=d.valid, weights=w, z=z, counts=counts)
+        if mult is not None:
+            return nce_loss(pos_sc, neg_sc, self.num_rows, weights=w, z=z, counts=mult)
+        return nce_loss(pos_sc, neg_sc, self.num_rows, valid=d.valid, weights=w, z=z)
 
     def teacher_loss(self, name: str, x: DistillInputs) -> LossOutput:
         """loss_a + loss_b of one teacher, with its metrics; updates its memories in training mode."""
@@ -248,12 +281,16 @@ class CRDLoss(nn.Module):
         index = x.index.to(device=f_s.device, dtype=torch.int64)  # (B,)
         s = term.embed_s(f_s)  # (B, F)
         t = term.embed_t(self._teacher_raw(name, x, index).to(f_s))  # (B, F)
-        d = self.draws(name, x, index, int(self.step))
+        d = self.draws(name, x, index, self.current_step())
         t_pos, t_neg = self.teacher_side(term, name, d, t)  # (B, F), (U, F)
-        s_pos, s_neg = term.memory.gather(d.pos).to(s.dtype), term.memory.gather(d.uniq).to(s.dtype)  # (B, F), (U, F)
+        s_pos, s_neg = term.memory.gather(d.pos).to(s.dtype), d.rows(term.memory).to(s.dtype)  # (B, F), (U, F)
         w = self.anchor_weights(name, x)  # (B,) or None
-        loss_a = self._direction(term, 0, s, t_pos, t_neg, d, w)  # (a) student anchor vs teacher side
-        loss_b = self._direction(term, 1, t, s_pos, s_neg, d, w)  # (b) teacher anchor vs student memory
+        mult = None  # shared negatives: each distinct row's count where it counts for the anchor, else 0
+        if d.counts is not None:  # once for both directions (they share the draws)
+            c = d.counts.to(s.dtype)  # (U,)
+            mult = c if d.valid is None else d.valid.to(s.dtype) * c  # (U,) | (B, U)
+        loss_a = self._direction(term, 0, s, t_pos, t_neg, d, w, mult)  # (a) student anchor vs teacher side
+        loss_b = self._direction(term, 1, t, s_pos, s_neg, d, w, mult)  # (b) teacher anchor vs student memory
         if self.training:
             term.memory.update(index, s.detach())
             if term.memory_t is not None:
@@ -280,5 +317,6 @@ class CRDLoss(nn.Module):
             z = self.terms[self._key[name]].z.detach().clone()  # (2,)
             metrics[f"crd/{name}/z_a"], metrics[f"crd/{name}/z_b"] = z[0], z[1]
         if self.training:
+            self.host_step = self.current_step() + 1
             self.step += 1
         return LossOutput(total, metrics)

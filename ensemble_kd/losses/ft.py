@@ -121,10 +121,9 @@ class ParaphraserStage(nn.Module):
             g = dist.all_reduce_mean(torch.cat([x.reshape(-1) for x in grads]))  # (n,) one paraphraser on every rank
             flat = torch.cat([p.reshape(-1) for p in params.values()])  # (n,)
             d = g + self.weight_decay * flat
-            if int(self.steps) == 0:
-                self.momentum_buffer.copy_(d)
-            else:
-                self.momentum_buffer.mul_(self.momentum).add_(d)
+            # the first step starts the buffer at d (torch.optim.SGD's rule), decided on the device:
+            # no read of the step count back to the host on every step
+            self.momentum_buffer.copy_(torch.where(self.steps == 0, d, self.momentum_buffer * self.momentum + d))
             self.steps += 1
             off = 0
             for p in params.values():

@@ -291,6 +291,8 @@ def nce_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int,
     multiply each anchor's term (GACD); the sum is still divided by B. counts (U,) or None: the
     compact form of shared negatives drawn with repeats: neg_score/valid are (B, U) over the
     distinct rows and column u counts counts[u] times (exactly the expanded loss, U/N the work).
+    counts may also be (B, U), per anchor, with ``valid`` folded in (0 where a negative does not
+    count): the same loss, without the mask passes (CRD computes it once for both directions).
 
         log D1_i  = log(P_pos_i / (P_pos_i + N_i*Pn + eps))
         log D0_ij = log(N_i*Pn / (P_neg_ij + N_i*Pn + eps))
@@ -302,8 +304,12 @@ def nce_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int,
     pn = 1.0 / float(n_data)
     dt = neg_score.dtype
     z = torch.as_tensor(z, dtype=dt, device=neg_score.device)
-    c = None if counts is None else counts.to(neg_score)  # (U,)
-    if valid is None:
+    c = None if counts is None else counts.to(neg_score)  # (U,) | (B, U)
+    if c is not None and c.dim() == 2:
+        if valid is not None:
+            raise ValueError("nce_loss: per-anchor counts (B, U) already hold the valid mask; pass valid=None")
+        m = c.sum(1, keepdim=True)  # (B, 1) valid negatives per anchor
+    elif valid is None:
         m = (torch.full((B, 1), float(N), dtype=dt, device=neg_score.device) if c is None
              else c.sum().expand(B, 1))  # (B, 1)
     else:

@@ -162,10 +162,11 @@ def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], e
 
 def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig, output_dir: str | Path,
         device: str = "auto", amp: bool = True, progress: bool = True, log: Callable[[str], None] = print,
-        index: str | None = "shards") -> ShardIndex:
+        index: str | None = "shards", bar_position: int = 0) -> ShardIndex:
     """Write (or reuse) the shard of every teacher x split; one Ray actor per teacher (Ray must be
     initialised). Records the result in ``<output_dir>/index/<index>.json`` (merged with what is
-    there: other teachers' shards stay), unless ``index`` is None."""
+    there: other teachers' shards stay), unless ``index`` is None. ``bar_position``: the first
+    progress bar's line (runs side by side keep their bars apart)."""
     root = Path(output_dir) / "shards"
     root.mkdir(parents=True, exist_ok=True)
     results: list[ShardRecord] = []
@@ -185,18 +186,23 @@ def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: Emb
                 continue
         todo.setdefault(name, []).append((split, key, num_samples * (ecfg.views.num_views + num_adv_views(key.views))))
     if todo:
-        written = _EmbedActors(teachers, data, ecfg, root, device, amp, progress).run(todo)
+        written = _EmbedActors(teachers, data, ecfg, root, device, amp, progress, bar_position).run(todo)
         for r in written:
             log(f"shard {Path(r.dir).name}: wrote {r.rows} rows in {r.seconds:.1f}s")
         results += written
     out = ShardIndex(tuple(results))
     if index is not None:
-        try:
-            old = ShardIndex.from_dict(read_index(output_dir, index, "embed"))
-        except (ArtifactIndexError, KeyError, TypeError):
-            old = ShardIndex()
-        write_index(output_dir, index, old.merged(out).to_dict())
+        record_index(output_dir, out, index)
     return out
+
+
+def record_index(output_dir: str | Path, shards: ShardIndex, index: str = "shards") -> None:
+    """Merge ``shards`` into ``<output_dir>/index/<index>.json`` (other teachers' shards stay)."""
+    try:
+        old = ShardIndex.from_dict(read_index(output_dir, index, "embed"))
+    except (ArtifactIndexError, KeyError, TypeError):
+        old = ShardIndex()
+    write_index(output_dir, index, old.merged(shards).to_dict())
 
 
 class _EmbedActors:
@@ -205,9 +211,9 @@ class _EmbedActors:
     its CPUs/GPU for teachers still waiting for a slot)."""
 
     def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, root: Path, device: str,
-                 amp: bool, progress: bool) -> None:
+                 amp: bool, progress: bool, bar_position: int = 0) -> None:
         self.teachers, self.data, self.ecfg, self.root = teachers, data, ecfg, root
-        self.device, self.amp, self.progress = device, amp, progress
+        self.device, self.amp, self.progress, self.bar_position = device, amp, progress, bar_position
         self.actors: dict[str, Any] = {}
         self.gens: dict[Any, tuple[str, str, ShardKey]] = {}
         self.started: dict[Any, float] = {}
@@ -227,7 +233,7 @@ class _EmbedActors:
             self.actors[name] = actor_cls.options(num_cpus=self.ecfg.cpus_per_actor,
                                                   num_gpus=self.ecfg.gpus_per_actor).remote(
                 asdict(self.teachers[name]), to_dict(self.data), self.device, self.amp, threads)
-            bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row", position=i,
+            bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row", position=self.bar_position + i,
                               disable=not self.progress, leave=True)
         self.pending = {name: list(jobs) for name, jobs in todo.items()}
         for name in todo:

@@ -14,6 +14,7 @@ teacher with ``checkpoint:`` set is loaded from that file (and verified), never 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,9 @@ from ensemble_kd.teacher_checkpoint import (CheckpointError, file_format, inspec
 from modalities import build_dataset, build_encoder
 
 
+OnReady = Callable[[str, TeacherRecord], None]
+
+
 def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentConfig:
     """The loop's config for training teacher ``t``: no teachers, CE only, the teacher's recipe.
     The run name carries the recipe hash, so an interrupted training resumes (the same name) and
@@ -37,7 +41,7 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
         "distill": {
             "teachers": [], "student": {"arch": t.arch, "modality": t.modality, "arch_kwargs": dict(t.arch_kwargs)},
             "losses": [{"name": "ce", "kwargs": {"label_smoothing": t.label_smoothing}}],
-            "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
+            "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed, "eval_every": t.eval_every,
             "optim": {"name": t.optimizer, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
                       "schedule": t.schedule, "decay_epochs": list(t.decay_epochs), "nesterov": t.optimizer == "sgd"},
             "num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "use_gpu": t.use_gpu,
@@ -52,9 +56,11 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
     return with_overrides(cfg, over, f"<teacher {t.name}>")
 
 
-def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None]) -> None:
+def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None],
+               turn: tuple[threading.Event, threading.Event] | None = None) -> None:
     """Train teacher ``t`` through the loop (:func:`~ensemble_kd.loop.fit`: a single worker in a Ray
-    task in Ray Train's local mode, several as a Ray Train run) and write its checkpoint to ``path``."""
+    task in Ray Train's local mode, several as a Ray Train run) and write its checkpoint to ``path``.
+    ``turn``: (wait for this event before asking Ray for resources, set this one after)."""
     tcfg = teacher_run_config(cfg, t)
     name = tcfg.distill.run_name
     log(f"teacher {t.name}: training {t.arch} on {t.modality} for {t.epochs} epochs on Ray Train ({name})")
@@ -65,7 +71,9 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
         mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
     try:
         lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}")
-        st = fit(tcfg, lc, name).state
+        if turn is not None:
+            turn[0].wait()
+        st = fit(tcfg, lc, name, submitted=turn[1].set if turn is not None else None).state
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
@@ -134,17 +142,30 @@ def _reusable(t: TeacherConfig, data: DataConfig, path: Path, log: Callable[[str
 
 
 def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], verbose: bool,
-               log: Callable[[str], None]) -> None:
+               log: Callable[[str], None], on_ready: OnReady | None = None) -> None:
     """Train the teachers concurrently, as far as the cluster has room: one driver thread per
     teacher, which only waits on its run (a single-worker teacher runs in a Ray task of its
     worker's resources in Ray Train's local mode: no controller or worker group to start, which on a
     small machine costs more than a small teacher's training; a multi-worker teacher is a Ray Train
-    run with DDP)."""
+    run with DDP). ``on_ready`` hears of each teacher from its thread as soon as it is trained."""
     if cfg.tracking.enabled:  # the store and the experiment once, here: concurrent first writers race
         tracking.ensure_experiment(tracking.tracking_uri(cfg), f"{tracking.experiment_name(cfg)}-teachers",
                                    Path(cfg.output_dir) / "mlartifacts")
+
+    def one(t: TeacherConfig, path: Path, turn: tuple[threading.Event, threading.Event]) -> None:
+        try:
+            _train_one(cfg, t, path, verbose, log, turn)
+        finally:
+            turn[1].set()  # an early failure does not hold the next teacher back
+        if on_ready is not None:
+            on_ready(t.name, record(t, path, cfg.data))
+
+    # Each asks Ray for its resources in the config's order (put the longest first): when the
+    # cluster has no room for all, they start in that order, not in the threads' race.
+    events = [threading.Event() for _ in range(len(todo) + 1)]
+    events[0].set()
     with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="teacher") as pool:
-        futures = [pool.submit(_train_one, cfg, t, path, verbose, log) for t, path in todo]
+        futures = [pool.submit(one, t, path, (events[i], events[i + 1])) for i, (t, path) in enumerate(todo)]
         for f in futures:
             f.result()
     for t, path in todo:
@@ -152,10 +173,13 @@ def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], ve
 
 
 def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print) -> TeacherSet:
+        log: Callable[[str], None] = print, on_ready: OnReady | None = None) -> TeacherSet:
     """Train every configured teacher that has no up-to-date checkpoint (concurrently, each on Ray
     Train; Ray must be up), reuse the others, take given checkpoints as they are; record the set in
-    ``<output_dir>/index/teachers.json``. ``progress``: a line per teacher epoch."""
+    ``<output_dir>/index/teachers.json``. ``progress``: a line per teacher epoch. ``on_ready(name,
+    record)``: called once per teacher as soon as it can be used (a reused or given one at once, a
+    trained one from its thread when its training ends), so that a caller can start on it while
+    slower teachers still train."""
     todo: list[tuple[TeacherConfig, Path]] = []
     for t in cfg.teachers:
         path = checkpoint_path(t, Path(cfg.output_dir) / "teachers")
@@ -165,12 +189,17 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
                 f"test top-1 {rec.test_top1})")
         elif retrain or not _reusable(t, cfg.data, path, log):
             todo.append((t, path))
+            continue
+        else:
+            rec = record(t, path, cfg.data)
+        if on_ready is not None:
+            on_ready(t.name, rec)
     if todo:
         if retrain:  # from scratch: the runs of these recipes must not resume from their last state
             for t, _ in todo:
                 shutil.rmtree(Path(cfg.output_dir) / "ray_results" / teacher_run_config(cfg, t).distill.run_name,
                               ignore_errors=True)
-        _train_all(cfg, todo, progress, log)
+        _train_all(cfg, todo, progress, log, on_ready)
     ts = TeacherSet({t.name: record(t, checkpoint_path(t, Path(cfg.output_dir) / "teachers"), cfg.data)
                      for t in cfg.teachers})
     write_index(cfg.output_dir, "teachers", ts.to_dict())
