@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +32,7 @@ from ensemble_kd.config import with_overrides  # noqa: E402
 from ensemble_kd.memory import _faiss_gpu_available  # noqa: E402
 from ensemble_kd.raycluster import ray_session  # noqa: E402
 from ensemble_kd.stages import distill as distill_stage  # noqa: E402
+from _workdir import add_workdir_arg, workdir  # noqa: E402
 
 
 def _part(out: dict, name: str, fn) -> None:
@@ -61,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--epochs", type=int, default=2)
+    add_workdir_arg(ap)
     args = ap.parse_args()
     gpu = args.device == "cuda"
     out: dict = {"device": args.device, "torch": torch.__version__,
@@ -69,7 +70,7 @@ def main() -> None:
         out["status"] = "skipped: torch sees no CUDA device"
         print(json.dumps(out, indent=2))
         return
-    with tempfile.TemporaryDirectory(prefix="ekd-gpu-smoke-") as tmp:
+    with workdir(args.workdir, "ekd-gpu-smoke-") as tmp:
         over = {"output_dir": tmp, "embed.splits": ["train", "test"], "embed.gpus_per_actor": 1 if gpu else 0,
                 "amp": gpu, "distill.epochs": args.epochs, "run.arms": [], "run.sweep": None, "ray.num_cpus": None,
                 **{f"teachers.{i}.epochs": args.epochs for i in range(3)},

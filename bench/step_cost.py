@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from ensemble_kd.loop import build_module  # noqa: E402
 from ensemble_kd.raycluster import ray_session  # noqa: E402
 from ensemble_kd.teacher_checkpoint import load_teacher  # noqa: E402
 from modalities import build_dataset  # noqa: E402
+from _workdir import add_workdir_arg, workdir  # noqa: E402
 
 
 def time_steps(step, n: int) -> float:
@@ -122,12 +122,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--student", default="mlp", help="student encoder (e.g. resnet8x4 on --modality pix)")
     ap.add_argument("--modality", default="fou", help="student modality of uci-mfeat")
+    ap.add_argument("--teacher-epochs", type=int, default=2, help="epochs of the default's teachers (trained first)")
+    add_workdir_arg(ap)
     args = ap.parse_args()
     N = args.negatives
     STUDENT["distill.student"] = {"arch": args.student, "modality": args.modality, "arch_kwargs": {}}
-    with tempfile.TemporaryDirectory(prefix="ekd-bench-") as tmp:
+    with workdir(args.workdir, "ekd-bench-") as tmp:
         cfg = load_config(None, {"output_dir": tmp, "embed.splits": ["train"],
-                                 **{f"teachers.{i}.epochs": 2 for i in range(3)}})
+                                 **{f"teachers.{i}.epochs": args.teacher_epochs for i in range(3)}})
         with ray_session(cfg.ray):  # teachers train on Ray (a Ray task each), then embed
             teachers = pipeline.train_teachers(cfg, progress=False, log=lambda m: None)
             paths = teachers.paths()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ensemble_kd.plan import best_teacher, plan_trials  # noqa: E402
 from ensemble_kd.raycluster import ray_session  # noqa: E402
 from ensemble_kd.sweep import run_trials  # noqa: E402
 from ray import tune  # noqa: E402
+from _workdir import add_workdir_arg, workdir  # noqa: E402
 
 PARTS = ("setup_s", "steps_s", "eval_s", "mlflow_s", "checkpoint_s", "report_s")
 
@@ -45,8 +45,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=("local", "group"), default="local")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default: the default's)")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the default's)")
+    add_workdir_arg(ap)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ekd-bench-") as tmp:
+    with workdir(args.workdir, "ekd-bench-") as tmp:
         over = {"output_dir": tmp, "run.seeds": list(range(args.trials)), "run.sweep": None,
                 "distill.local_mode": args.mode == "local", "tune.max_concurrent_trials": 1}
         if args.epochs:

@@ -35,6 +35,7 @@ from typing import Any
 import ray.tune
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ensemble_kd import tracking
@@ -228,7 +229,8 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
                                     num_samples=num_samples, max_concurrent_trials=tc.max_concurrent_trials,
                                     reuse_actors=True,  # a trial driver process serves the next trial: no new start
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0, callbacks=[lines.make()]),
+        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0,  # result.json (not CSV, TBX):
+                                  callbacks=[lines.make(), JsonLoggerCallback()]),  # Tune reads it on a failed trial
     )
     stopped: BaseException | None = None
     try:

@@ -10,9 +10,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(script: str, *args: str) -> dict:
+@pytest.fixture(scope="session")
+def shared(ray_cluster, tmp_path_factory):
+    """What the benches that train the default's teachers share: the session's Ray (joined through
+    RAY_ADDRESS, as on a cluster: no Ray start per bench) and one --workdir, so only the first of
+    them trains the teachers and writes the shards; the others reuse them. These tests run in one
+    xdist group (one worker, one after another)."""
+    return {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+            "workdir": str(tmp_path_factory.mktemp("bench-work"))}
+
+
+def _bench(script: str, *args: str, ray_address: str | None = None) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    env.pop("RAY_ADDRESS", None)  # each bench starts (and stops) its own local Ray
+    env.pop("RAY_ADDRESS", None)  # a bench starts (and stops) its own local Ray, unless given one
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -32,8 +44,10 @@ def _last_json(out: str):
 
 
 @pytest.mark.slow
-def test_step_cost_runs_and_keeps_its_keys():
-    res = _bench("step_cost.py", "--negatives", "64", "--batch", "32", "--steps", "1")
+@pytest.mark.xdist_group("bench-workdir")
+def test_step_cost_runs_and_keeps_its_keys(shared):
+    res = _bench("step_cost.py", "--negatives", "64", "--batch", "32", "--steps", "1", "--teacher-epochs", "1",
+                 "--workdir", shared["workdir"], ray_address=shared["RAY_ADDRESS"])
     for k in ("a_ce_ms", "b_crd_kd_1t_shared_ms", "b_crd_kd_3t_per_sample_ms", "c_reference_3t_ms",
               "ratio_b_shared_1t_over_a", "ratio_b_shared_3t_over_a", "ratio_c_over_b_per_sample_3t"):
         assert isinstance(res[k], float) and res[k] > 0, k
@@ -60,15 +74,19 @@ def test_online_step_cost_runs():
 
 
 @pytest.mark.slow
-def test_trial_overhead_runs_and_splits_the_wall_time():
-    res = _bench("trial_overhead.py", "--trials", "1", "--epochs", "1", "--teacher-epochs", "1", "--arm", "kd-ensemble")
+@pytest.mark.xdist_group("bench-workdir")
+def test_trial_overhead_runs_and_splits_the_wall_time(shared):
+    res = _bench("trial_overhead.py", "--trials", "1", "--epochs", "1", "--teacher-epochs", "1", "--arm", "kd-ensemble",
+                 "--workdir", shared["workdir"], ray_address=shared["RAY_ADDRESS"])
     assert res["statuses"] == ["TERMINATED"] and res["loop_steps_s"] > 0 and res["trial_wall_s"] >= res["loop_steps_s"]
     assert res["ratio_wall_over_steps"] >= 1.0
 
 
 @pytest.mark.slow
-def test_gpu_smoke_runs_every_part_on_cpu():
-    res = _bench("gpu_smoke.py", "--device", "cpu", "--epochs", "1")
+@pytest.mark.xdist_group("bench-workdir")
+def test_gpu_smoke_runs_every_part_on_cpu(shared):
+    res = _bench("gpu_smoke.py", "--device", "cpu", "--epochs", "1", "--workdir", shared["workdir"],
+                 ray_address=shared["RAY_ADDRESS"])
     for part in ("teachers", "embed", "shards", "online", "faiss"):
         assert res[part]["status"] == "ok", (part, res[part])
     assert res["status"] == "ok" and res["faiss"]["index"] == "faiss-cpu"

@@ -65,7 +65,7 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     try:
         submit = ["job", "submit", "--address", address, "--submission-id", "ekd-tiny", "--no-wait", "--",
                   sys.executable, str(JOBS / "entrypoint.py"), "--config", str(JOBS / "configs" / "tiny-uci-mfeat.yaml"),
-                  "--out", str(out), "--no-progress"]
+                  "--out", str(out), "--no-progress", "--set", "run.export=false"]  # export: tests/test_runjob.py
         deadline = time.time() + 180
         while True:  # the dashboard answers first; the job agent on the node comes up a little later
             sub = _ray(*submit, env=env, check=False)
