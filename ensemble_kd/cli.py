@@ -92,7 +92,7 @@ def _log(msg: str) -> None:
 def cmd_teachers_train(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
-    with p.ray_session(cfg.ray):  # each teacher trains as a Ray Train run
+    with p.session(cfg):  # each teacher trains as a Ray Train run
         ts = p.train_teachers(cfg, retrain=args.retrain, progress=not args.no_progress, log=_log)
     print(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
     return 0
@@ -103,7 +103,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     cfg = _folder_config(args)
     teachers = p.existing_teachers(cfg)
     p.check_existing_shards(cfg, teachers)  # a mismatched shard is refused before Ray starts
-    with p.ray_session(cfg.ray):
+    with p.session(cfg, mlflow=False):
         shards = p.embed(cfg, teachers, progress=not args.no_progress, log=_log)
     _log(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
     return 0
@@ -113,7 +113,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     """DFND: score the pool (`data`) with the teachers, keep the confident rows, write the selection."""
     p = _pipeline()
     cfg = _folder_config(args)
-    with p.ray_session(cfg.ray):
+    with p.session(cfg, mlflow=False):
         res = p.select(cfg, progress=not args.no_progress, log=_log)
     m = res.manifest
     _log(f"kept {m['num_rows']} of {m['pool_rows']} pool rows; per pseudo-class (kept/pool):")
@@ -138,7 +138,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
-    with p.ray_session(cfg.ray):
+    with p.session(cfg):
         res = p.sweep(cfg, log=_log, inputs=inputs)
     _log(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
          + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
@@ -155,7 +155,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
-    with p.ray_session(cfg.ray):
+    with p.session(cfg):
         res = p.distill(cfg, resume=args.resume, log=_log, inputs=inputs)
     _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0

@@ -11,12 +11,13 @@ config before any Ray work.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,8 @@ def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardInde
 
 
 def _prepare_store(uri: str | None) -> Future[Any]:
-    """The MLflow client of ``uri``, its SQLite store created, made in a thread (None: no tracking)."""
+    """The MLflow client of ``uri``, its SQLite store created (about 2 s of schema migrations),
+    made in a thread, so that it overlaps Ray's start (None: no tracking)."""
     fut: Future[Any] = Future()
 
     def work() -> None:
@@ -212,6 +214,16 @@ def _prepare_store(uri: str | None) -> Future[Any]:
     return fut
 
 
+@contextlib.contextmanager
+def session(cfg: ExperimentConfig, mlflow: bool = True) -> Iterator[None]:
+    """Ray up for a command (``raycluster.ray_session``) and, for one that logs runs (``mlflow``),
+    the MLflow store made meanwhile."""
+    store = _prepare_store(tracking.tracking_uri(cfg) if mlflow and cfg.tracking.enabled else None)
+    with ray_session(cfg.ray):
+        store.result()
+        yield
+
+
 def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[str, Any]:
     """`ensemble-kd run`: teachers -> shards -> every arm x seed (+ sweep) -> summary; returns the
     summary (also written to <output_dir>/summary.json and .png)."""
@@ -219,9 +231,7 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     out = Path(cfg.output_dir)
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
-    store = _prepare_store(uri)  # MLflow's schema (about 2 s of migrations) in a thread while Ray starts
-    with ray_session(cfg.ray):
-        store.result()
+    with session(cfg):
         teachers, shards = teachers_and_shards(cfg, progress, log)
         best = best_teacher(teachers)
         if shards is not None:
