@@ -10,7 +10,7 @@ import ray
 
 from ensemble_kd import pipeline
 from ensemble_kd.raycluster import LOCAL_RAY_ENV_DEFAULTS, set_ray_env
-from tests.helpers import tiny_config
+from tests.helpers import distill_cfg, embed, out_with_teachers, tiny_config
 
 set_ray_env()
 for _k, _v in LOCAL_RAY_ENV_DEFAULTS.items():  # the session's Ray is local, like a command's own
@@ -37,3 +37,12 @@ def trained(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(out)
     return cfg, pipeline.train_teachers(cfg, progress=False, log=lambda m: None).paths()
+
+
+@pytest.fixture(scope="session")
+def shard_cache(trained, tmp_path_factory):
+    """A folder with the tiny teachers' shards (the embed recipe of helpers.distill_cfg), embedded
+    once per session; modules copy them (helpers.out_with_teachers(shards_from=...))."""
+    out = out_with_teachers(trained, tmp_path_factory, "shard-cache")
+    embed(distill_cfg(out))
+    return out

@@ -90,11 +90,15 @@ def by_key(index: ShardIndex) -> dict[tuple[str, str], object]:
     return {(r.teacher, r.split): r for r in index}
 
 
-def out_with_teachers(trained, tmp_path_factory, name: str) -> Path:
-    """A fresh output dir holding copies of the session's trained teachers (reused, not retrained)."""
+def out_with_teachers(trained, tmp_path_factory, name: str, shards_from: Path | None = None) -> Path:
+    """A fresh output dir holding copies of the session's trained teachers (reused, not retrained)
+    and, with ``shards_from`` (the ``shard_cache`` fixture), of their shards: the embed stage then
+    finds them and only records them in this folder's index (no actor starts)."""
     cfg, _ = trained
     out = tmp_path_factory.mktemp(name)
     shutil.copytree(cfg.checkpoint_dir, out / "teachers")
+    if shards_from is not None:
+        shutil.copytree(Path(shards_from) / "shards", out / "shards")
     return out
 
 

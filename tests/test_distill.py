@@ -12,9 +12,9 @@ from ensemble_kd.shards import ShardMismatchError
 from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 @pytest.fixture(scope="module")
-def shards(ray_cluster, trained, tmp_path_factory):
+def shards(ray_cluster, trained, shard_cache, tmp_path_factory):
     """An output dir of its own (the session's teachers copied in), with the train shards."""
-    out = out_with_teachers(trained, tmp_path_factory, "distill")
+    out = out_with_teachers(trained, tmp_path_factory, "distill", shards_from=shard_cache)
     embed(distill_cfg(out))
     return str(out)
 

@@ -366,10 +366,10 @@ E2E_LOSSES = ["ce", "vid", "rkd", "sp", "pkt", "cc", "fitnet", "dkd"]
 
 
 @pytest.fixture(scope="module")
-def e2e_shards(ray_cluster, trained, tmp_path_factory):
+def e2e_shards(ray_cluster, trained, shard_cache, tmp_path_factory):
     """Like tests/test_distill.py's `shards`: an output dir with the session's teachers and their
     train shards (module-scoped there, so built again here)."""
-    out = out_with_teachers(trained, tmp_path_factory, "distill-registry")
+    out = out_with_teachers(trained, tmp_path_factory, "distill-registry", shards_from=shard_cache)
     embed(distill_cfg(out))
     return str(out)
 

@@ -22,9 +22,9 @@ def cfg_for(out, arm, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tracked(ray_cluster, trained, tmp_path_factory):
+def tracked(ray_cluster, trained, shard_cache, tmp_path_factory):
     """Three arms (two seeds of the ensemble) distilled and logged to one SQLite MLflow store."""
-    out = out_with_teachers(trained, tmp_path_factory, "tracked")
+    out = out_with_teachers(trained, tmp_path_factory, "tracked", shards_from=shard_cache)
     c0 = cfg_for(out, "ensemble")
     embed(c0)
     runs = {}

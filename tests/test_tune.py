@@ -24,8 +24,8 @@ def sweep_cfg(out, **over):
 
 
 @pytest.fixture(scope="module")
-def out(ray_cluster, trained, tmp_path_factory):
-    out = out_with_teachers(trained, tmp_path_factory, "tune")
+def out(ray_cluster, trained, shard_cache, tmp_path_factory):
+    out = out_with_teachers(trained, tmp_path_factory, "tune", shards_from=shard_cache)
     c = sweep_cfg(out)
     embed(c)
     return out
