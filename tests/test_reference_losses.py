@@ -41,6 +41,13 @@ def _close(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> No
     assert diff <= TOL, f"{what}: max abs difference {diff:.3e}"
 
 
+def _close_map_grads(g_s: list, g_t: list, want: dict, what: str) -> None:
+    """Each student and teacher map leaf's gradient against the reference's (``want["g_s"|"g_t"]``)."""
+    for side, leaves in (("g_s", g_s), ("g_t", g_t)):
+        for i, (leaf, w) in enumerate(zip(leaves, want[side])):
+            _close(leaf.grad, w, f"{what} grad {side}[{i}]")
+
+
 def test_the_fixture_holds_the_entries_replayed_here(ref):
     assert set(ref) == ENTRIES
 
@@ -83,9 +90,7 @@ def test_map_pair_functions_equal_the_reference_per_stage(ref, name, func):
     for i, (got, want) in enumerate(zip(values, e["values_per_stage"])):
         _close(got, torch.as_tensor(want, dtype=torch.float64), f"{name} stage {i}")
     sum(values).backward()
-    for side, leaves in (("g_s", g_s), ("g_t", g_t)):
-        for i, (got, want) in enumerate(zip(leaves, e["grad"][side])):
-            _close(got.grad, want, f"{name} grad {side}[{i}]")
+    _close_map_grads(g_s, g_t, e["grad"], name)
 
 
 def test_fsp_equals_the_reference(ref):
@@ -96,9 +101,7 @@ def test_fsp_equals_the_reference(ref):
     for i, (got, want) in enumerate(zip(values, e["values"])):
         _close(got, torch.as_tensor(want, dtype=torch.float64), f"fsp pair {i}")
     sum(values).backward()
-    for side, leaves in (("g_s", g_s), ("g_t", g_t)):
-        for i, (got, want) in enumerate(zip(leaves, e["grad"][side])):
-            _close(got.grad, want, f"fsp grad {side}[{i}]")
+    _close_map_grads(g_s, g_t, e["grad"], "fsp")
     with pytest.raises(ValueError, match="channels must agree"):
         fn.fsp([g_s[0], g_s[1]], [g_t[0], g_t[2]])
 
@@ -153,9 +156,7 @@ def test_registered_at_module_sums_the_intermediate_stages(ref):
     out = mod(x)
     _close(out.loss, torch.as_tensor(sum(e["values_per_stage"]), dtype=torch.float64), "at module value")
     out.loss.backward()
-    for side, leaves in (("g_s", g_s), ("g_t", g_t)):
-        for i, (got, want) in enumerate(zip(leaves, e["grad"][side])):
-            _close(got.grad, want, f"at module grad {side}[{i}]")
+    _close_map_grads(g_s, g_t, e["grad"], "at module")
     with pytest.raises(ValueError, match="2 intermediate stages, the teacher 1"):
         at_stages([stem, *g_s, emb], [stem, g_t[0], emb])
     with pytest.raises(ValueError, match="the online data path"):
