@@ -203,10 +203,13 @@ def _prepare_store(uri: str | None) -> Future[Any]:
     """The MLflow client of ``uri``, its SQLite store created (about 2 s of schema migrations),
     made in a thread, so that it overlaps Ray's start (None: no tracking)."""
     fut: Future[Any] = Future()
+    if not uri:
+        fut.set_result(None)
+        return fut
 
     def work() -> None:
         try:
-            fut.set_result(tracking.client(uri) if uri else None)
+            fut.set_result(tracking.client(uri))
         except BaseException as e:  # handed to the caller by fut.result()
             fut.set_exception(e)
 

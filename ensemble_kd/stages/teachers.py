@@ -57,7 +57,7 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
 
 
 def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None],
-               turn: tuple[threading.Event, threading.Event] | None = None) -> None:
+               turn: tuple[threading.Event, threading.Event]) -> None:
     """Train teacher ``t`` through the loop (:func:`~ensemble_kd.loop.fit`: a single worker in a Ray
     task in Ray Train's local mode, several as a Ray Train run) and write its checkpoint to ``path``.
     ``turn``: (wait for this event before asking Ray for resources, set this one after)."""
@@ -71,9 +71,8 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
         mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
     try:
         lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}")
-        if turn is not None:
-            turn[0].wait()
-        st = fit(tcfg, lc, name, submitted=turn[1].set if turn is not None else None).state
+        turn[0].wait()
+        st = fit(tcfg, lc, name, submitted=turn[1].set).state
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
