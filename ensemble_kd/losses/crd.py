@@ -85,15 +85,17 @@ class CRDTerm(nn.Module):
         # which Z entries are known to be fixed, kept on the host so that a step does not read
         # the (device) buffer back: one read per process, again after a state is loaded
         self.z_fixed = [False, False]
-        self.register_load_state_dict_post_hook(_forget_host_copies)
+        self.register_load_state_dict_post_hook(_forget_z_fixed)
 
 
-def _forget_host_copies(module: nn.Module, incompatible_keys) -> None:
-    """load_state_dict replaced the buffers: re-read them once instead of trusting the host copies."""
-    if isinstance(module, CRDTerm):
-        module.z_fixed = [False, False]
-    else:
-        module.host_step = None
+def _forget_z_fixed(term: CRDTerm, incompatible_keys) -> None:
+    """load_state_dict replaced ``z``: read it once again rather than trust the host copy."""
+    term.z_fixed = [False, False]
+
+
+def _forget_host_step(loss: CRDLoss, incompatible_keys) -> None:
+    """load_state_dict replaced ``step``: read it once again rather than trust the host copy."""
+    loss.host_step = None
 
 
 @dataclass
@@ -173,7 +175,7 @@ class CRDLoss(nn.Module):
                                                   hard_pool=hard_pool, use_gpu=use_gpu_faiss)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.host_step: int | None = None  # the step buffer's value on the host (None: read it once)
-        self.register_load_state_dict_post_hook(_forget_host_copies)
+        self.register_load_state_dict_post_hook(_forget_host_step)
         self.to(ctx.device)
 
     def _check_bank(self, ctx: LossContext, need: bool) -> None:
@@ -207,7 +209,8 @@ class CRDLoss(nn.Module):
         if term.z_fixed[which]:
             return
         if float(term.z[which]) < 0:  # first batch: fix Z, identical on every worker
-            z = dist.all_reduce_mean(nce_z(pos, neg, self.num_rows, counts).reshape(1))
+            c = None if counts is None else counts.to(pos.dtype)  # (U,)
+            z = dist.all_reduce_mean(nce_z(pos, neg, self.num_rows, c).reshape(1))
             term.z[which] = z.to(term.z)[0]
         term.z_fixed[which] = True
 
@@ -268,7 +271,7 @@ class CRDLoss(nn.Module):
         """One NCE direction: anchor (B, F) vs pos (B, F) and the negatives' table (U, F);
         ``mult`` (B, U) | (U,): shared negatives' counts, the invalid ones zeroed (None: per anchor)."""
         pos_sc, neg_sc = crd_scores(anchor, pos, neg, self.tau, neg_index=d.neg_index)  # (B,), (B, N|U)
-        self._set_z(term, which, pos_sc, neg_sc, None if d.counts is None else d.counts.to(anchor.dtype))
+        self._set_z(term, which, pos_sc, neg_sc, d.counts)
         z = term.z[which].clone()  # a copy: the other direction's _set_z writes into the same buffer
         if mult is not None:
             return nce_loss(pos_sc, neg_sc, self.num_rows, weights=w, z=z, counts=mult)
