@@ -266,7 +266,10 @@ def crd_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
         neg = anchor @ negatives.t()  # (B, N)
     else:
         neg = torch.bmm(negatives, anchor.unsqueeze(-1)).squeeze(-1)  # (B, N)
-    return torch.exp(pos / tau), torch.exp(neg / tau)
+    # in place: the dots are fresh tensors that no backward needs (mm, gather and sum keep their
+    # inputs), so exp(dot / tau) costs no new (B, N) buffers; the values are those of the
+    # out-of-place form, bit for bit
+    return pos.div_(tau).exp_(), neg.div_(tau).exp_()
 
 
 def nce_z(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int, counts: torch.Tensor | None = None) -> torch.Tensor:
