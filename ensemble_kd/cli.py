@@ -86,7 +86,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    sys.stdout.write(msg + "\n")  # one write per line: stages log from several threads (print writes twice)
+    sys.stdout.flush()
 
 
 def cmd_teachers_train(args: argparse.Namespace) -> int:
