@@ -204,6 +204,7 @@ class DistillConfig:
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (restart from the last checkpoint)")
     eval_every: int = Field(1, ge=1, description="evaluate the student's test top-1 every this many epochs (and at the end)")
     checkpoint_every: int = Field(1, ge=1, description="save the training state every this many epochs (and at the end); a restart or --resume continues from the last one")
+    metrics_flush_s: float = Field(5.0, ge=0, description="send the per-epoch MLflow metrics at most every this many seconds, all epochs since the last send in one batch (and at every checkpoint, at the end and on an error); 0: every epoch. A sweep with an early-stopping scheduler sends every epoch, so that a stopped trial keeps each epoch Tune saw")
     local_mode: bool = Field(True, description="a single-worker run executes its loop in one Ray process (Ray Train's local mode: no controller or worker group to start); false: always a Ray Train worker group")
     run_name: str | None = Field(None, description="Ray Train run name; None = a fresh unique name (a reused name resumes that run)")
     selection: str | None = Field(None, description="path of a selection (`ensemble-kd select`, DFND): train only on its rows, with its pseudo-labels as labels")

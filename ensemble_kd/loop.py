@@ -29,6 +29,7 @@ passed in the train loop config; the tests use it to inject faults.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -58,7 +59,7 @@ from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, b
 from ensemble_kd.losses.base import optimizer_param_groups
 from ensemble_kd.raycluster import quiet_train_reports
 from ensemble_kd.teacher_checkpoint import load_record
-from ensemble_kd.tracking import log_epoch
+from ensemble_kd.tracking import log_epochs
 from modalities import PairedDataset, build_dataset, build_encoder
 
 
@@ -288,6 +289,8 @@ class _Worker:
     start: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part: setup_s, steps_s, eval_s, mlflow_s, ...
+    unsent: list[dict[str, Any]] = field(default_factory=list)  # epochs' metrics not yet sent to MLflow (rank 0)
+    sent_at: float = field(default_factory=time.perf_counter)  # when metrics were last sent
 
 
 def make_data(cfg: ExperimentConfig, train_ds: PairedDataset, lc: LoopConfig, device: torch.device
@@ -465,8 +468,10 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
     if w.rank != 0:
         session.report(metrics)
         return
-    if lc.mlflow:  # per epoch, from the worker: a trial that ASHA stops keeps the epochs it ran
-        log_epoch(lc.mlflow["uri"], lc.mlflow["run_id"], metrics)
+    if lc.mlflow:  # from the worker, batched: one call per metrics_flush_s, checkpoint, the end
+        w.unsent.append(metrics)
+        if save or time.perf_counter() - w.sent_at >= d.metrics_flush_s:
+            _send_metrics(w, lc)
         clock.lap("mlflow_s")
     if lc.verbose:
         print(f"[{lc.label}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
@@ -485,6 +490,13 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
         (Path(tmp) / "history.json").write_text(json.dumps(w.history))
         session.report(metrics, tmp)
     clock.lap("checkpoint_s")  # the state's save and Ray Train's persistence of it
+
+
+def _send_metrics(w: _Worker, lc: LoopConfig) -> None:
+    """The epochs' metrics not yet in MLflow, in one batch (rank 0, with an MLflow run)."""
+    if w.unsent and lc.mlflow:
+        log_epochs(lc.mlflow["uri"], lc.mlflow["run_id"], w.unsent)
+    w.unsent, w.sent_at = [], time.perf_counter()
 
 
 class _Clock:
@@ -597,6 +609,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _run(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> None:
     """The epochs, from the restored one to ``distill.epochs``."""
     w = _setup(cfg, lc, session)
+    try:
+        _epochs(cfg, lc, session, w)
+    except BaseException:  # the epochs the failed run did finish still reach MLflow (the error is what counts)
+        with contextlib.suppress(Exception):
+            _send_metrics(w, lc)
+        raise
+
+
+def _epochs(cfg: ExperimentConfig, lc: LoopConfig, session: _Session, w: _Worker) -> None:
     model = session.wrap(w.module)
     for epoch in range(w.start, cfg.distill.epochs):
         for cb in lc.callbacks:

@@ -99,7 +99,10 @@ def distill_trial(config: dict[str, Any]) -> None:
     """The Tune function trainable: one distillation reporting every epoch to Tune."""
     trial_id = ray.tune.get_context().get_trial_id()
     t = trial_of(config)
-    cfg = with_overrides(t.config(), {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}, "<trial>")
+    over = {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}
+    if config.get("early_stopping"):  # the scheduler may stop it after any epoch: each is sent as it ends
+        over["distill.metrics_flush_s"] = 0.0
+    cfg = with_overrides(t.config(), over, "<trial>")
     ctx = t.context.replace(trial_id=trial_id, parent_run_id=config.get("parent_run_id"))
     report = {"loop_callbacks": [TuneEpochReport()]} if runs_locally(cfg) else {"callbacks": [TuneReportCallback()]}
     distill.run(cfg, config["train_shards"], ctx, verbose=False, log=lambda m: None, teachers=config["teachers"],
@@ -219,7 +222,7 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
     parent, uri, exp_id = None, None, None
     if cfg.tracking.enabled:
         uri, exp_id, parent = tracking.start_parent_run(cfg, name, kind, parent_tags)
-    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name,
+    fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name, "early_stopping": scheduler == "asha",
              "train_shards": dict(inputs.get("train_shards") or {}), "teachers": dict(inputs.get("teachers") or {})}
     lines = _ProgressLines(num_trials * num_samples, tc.metric, tc.mode, log)
     tuner = tune.Tuner(

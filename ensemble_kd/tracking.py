@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +289,8 @@ def start_distill_run(cfg: ExperimentConfig, run_name: str, ctx: RunContext | No
     """Create (or, for a resumed Ray Train run of the same name, reopen) the MLflow run of one
     distillation, with its params and tags, before training starts; returns the run id.
 
-    Per-epoch metrics are then logged by the training loop (:func:`log_epoch`), so a trial that
-    ASHA stops keeps the epochs it ran; :func:`finish_distill_run` adds the final metric and artifacts."""
+    Per-epoch metrics are then logged by the training loop (:func:`log_epochs`, batched every
+    ``distill.metrics_flush_s``; every epoch in an ASHA sweep, so a trial it stops keeps the epochs it ran); :func:`finish_distill_run` adds the final metric and artifacts."""
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
     c = client(uri)
@@ -309,10 +309,16 @@ def start_distill_run(cfg: ExperimentConfig, run_name: str, ctx: RunContext | No
     return rid
 
 
-def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """Log one epoch's numeric metrics (step = epoch). Called by rank 0 of the training loop."""
-    step = int(metrics.get("epoch", 0))
-    client(uri).log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in _numeric_metrics(metrics).items()])
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on one log_batch call
+
+
+def log_epochs(uri: str, run_id: str, epochs: Sequence[Mapping[str, Any]]) -> None:
+    """Log the numeric metrics of several epochs (step = each one's ``epoch``) in as few calls as
+    MLflow allows. Called by rank 0 of the training loop."""
+    batch = [Metric(k, v, 0, int(m.get("epoch", 0))) for m in epochs for k, v in _numeric_metrics(m).items()]
+    c = client(uri)
+    for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+        c.log_batch(run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
 
 
 def finish_distill_run(cfg: ExperimentConfig, run_id: str, final_top1: float | None, epochs: int,

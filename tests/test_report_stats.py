@@ -12,7 +12,7 @@ from ensemble_kd.plan import Trial, arm_config
 from ensemble_kd.report import format_table, summarise, write_summary
 from ensemble_kd.stats import format_paired, paired_difference
 from ensemble_kd.sweep import TrialOutcome
-from ensemble_kd.tracking import RunContext, compare, finish_distill_run, log_epoch, start_distill_run, tracking_uri
+from ensemble_kd.tracking import RunContext, compare, finish_distill_run, log_epochs, start_distill_run, tracking_uri
 
 
 def test_paired_difference_against_hand_computed_numbers():
@@ -111,7 +111,7 @@ def _run(cfg, arm, seed, top1, status="FINISHED", labels=None):
     if status == "FINISHED":
         finish_distill_run(c, rid, top1, 15, None)
     elif status == "FAILED":
-        log_epoch(tracking_uri(c), rid, {"epoch": 3, "test_top1": top1})
+        log_epochs(tracking_uri(c), rid, [{"epoch": 3, "test_top1": top1}])
         finish_distill_run(c, rid, None, 3, None, status="FAILED")
     return rid  # "RUNNING": left as a killed driver leaves it
 

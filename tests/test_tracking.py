@@ -53,6 +53,18 @@ def test_runs_land_with_params_metrics_tags_artifacts(tracked):
     assert client.get_run(runs[("none", 0)].mlflow_run_id).data.tags["teacher_set"] == "none"
 
 
+def test_epochs_sent_in_batches_all_reach_mlflow(tracked):
+    """With a long metrics_flush_s the loop sends at checkpoints and at the end only: every epoch,
+    at its own step, still lands (epoch 1 with the checkpoint of epoch 2, epoch 3 at the end)."""
+    out, _, _ = tracked
+    cfg = distill_cfg(out, **{**ARMS["single"], "distill.epochs": 3, "distill.checkpoint_every": 2,
+                              "distill.metrics_flush_s": 3600, "tracking.enabled": True, "tracking.experiment": "batched"})
+    r = run_distill(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    assert [m.step for m in client.get_metric_history(r.mlflow_run_id, "loss/kd")] == [1, 2, 3]
+    assert [m.value for m in client.get_metric_history(r.mlflow_run_id, "test_top1")] == [h["test_top1"] for h in r.history]
+
+
 def test_compare_groups_by_teacher_set_and_other_tags(tracked, capsys):
     out, cfg, runs = tracked
     res = compare(tracking_uri(cfg), "arms")
