@@ -493,8 +493,8 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
 
 
 def _send_metrics(w: _Worker, lc: LoopConfig) -> None:
-    """The epochs' metrics not yet in MLflow, in one batch (rank 0, with an MLflow run)."""
-    if w.unsent and lc.mlflow:
+    """The epochs' metrics not yet in MLflow, in one batch (only rank 0 with an MLflow run has any)."""
+    if w.unsent:
         log_epochs(lc.mlflow["uri"], lc.mlflow["run_id"], w.unsent)
     w.unsent, w.sent_at = [], time.perf_counter()
 

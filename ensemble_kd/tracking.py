@@ -290,7 +290,8 @@ def start_distill_run(cfg: ExperimentConfig, run_name: str, ctx: RunContext | No
     distillation, with its params and tags, before training starts; returns the run id.
 
     Per-epoch metrics are then logged by the training loop (:func:`log_epochs`, batched every
-    ``distill.metrics_flush_s``; every epoch in an ASHA sweep, so a trial it stops keeps the epochs it ran); :func:`finish_distill_run` adds the final metric and artifacts."""
+    ``distill.metrics_flush_s``; every epoch in an ASHA sweep, so a trial it stops keeps the epochs
+    it ran); :func:`finish_distill_run` adds the final metric and artifacts."""
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(uri, experiment_name(cfg), Path(cfg.output_dir) / "mlartifacts")
     c = client(uri)

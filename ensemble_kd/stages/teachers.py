@@ -141,23 +141,26 @@ def _reusable(t: TeacherConfig, data: DataConfig, path: Path, log: Callable[[str
 
 
 def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], verbose: bool,
-               log: Callable[[str], None], on_ready: OnReady | None = None) -> None:
+               log: Callable[[str], None], on_ready: OnReady | None = None) -> dict[str, TeacherRecord]:
     """Train the teachers concurrently, as far as the cluster has room: one driver thread per
     teacher, which only waits on its run (a single-worker teacher runs in a Ray task of its
     worker's resources in Ray Train's local mode: no controller or worker group to start, which on a
     small machine costs more than a small teacher's training; a multi-worker teacher is a Ray Train
-    run with DDP). ``on_ready`` hears of each teacher from its thread as soon as it is trained."""
+    run with DDP). ``on_ready`` hears of each teacher from its thread as soon as it is trained.
+    Returns the trained teachers' records."""
     if cfg.tracking.enabled:  # the store and the experiment once, here: concurrent first writers race
         tracking.ensure_experiment(tracking.tracking_uri(cfg), f"{tracking.experiment_name(cfg)}-teachers",
                                    Path(cfg.output_dir) / "mlartifacts")
 
-    def one(t: TeacherConfig, path: Path, turn: tuple[threading.Event, threading.Event]) -> None:
+    def one(t: TeacherConfig, path: Path, turn: tuple[threading.Event, threading.Event]) -> TeacherRecord:
         try:
             _train_one(cfg, t, path, verbose, log, turn)
         finally:
             turn[1].set()  # an early failure does not hold the next teacher back
+        rec = record(t, path, cfg.data)
         if on_ready is not None:
-            on_ready(t.name, record(t, path, cfg.data))
+            on_ready(t.name, rec)
+        return rec
 
     # Each asks Ray for its resources in the config's order (put the longest first): when the
     # cluster has no room for all, they start in that order, not in the threads' race.
@@ -165,10 +168,10 @@ def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], ve
     events[0].set()
     with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="teacher") as pool:
         futures = [pool.submit(one, t, path, (events[i], events[i + 1])) for i, (t, path) in enumerate(todo)]
-        for f in futures:
-            f.result()
+        recs = {t.name: f.result() for (t, _), f in zip(todo, futures)}
     for t, path in todo:
-        log(f"teacher {t.name}: test top-1 {read_checkpoint(path).get('test_top1'):.4f} ({path})")
+        log(f"teacher {t.name}: test top-1 {recs[t.name].test_top1:.4f} ({path})")
+    return recs
 
 
 def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
@@ -180,6 +183,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
     trained one from its thread when its training ends), so that a caller can start on it while
     slower teachers still train."""
     todo: list[tuple[TeacherConfig, Path]] = []
+    recs: dict[str, TeacherRecord] = {}  # each teacher's record, made once
     for t in cfg.teachers:
         path = checkpoint_path(t, Path(cfg.output_dir) / "teachers")
         if t.checkpoint:
@@ -191,6 +195,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
             continue
         else:
             rec = record(t, path, cfg.data)
+        recs[t.name] = rec
         if on_ready is not None:
             on_ready(t.name, rec)
     if todo:
@@ -198,8 +203,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
             for t, _ in todo:
                 shutil.rmtree(Path(cfg.output_dir) / "ray_results" / teacher_run_config(cfg, t).distill.run_name,
                               ignore_errors=True)
-        _train_all(cfg, todo, progress, log, on_ready)
-    ts = TeacherSet({t.name: record(t, checkpoint_path(t, Path(cfg.output_dir) / "teachers"), cfg.data)
-                     for t in cfg.teachers})
+        recs.update(_train_all(cfg, todo, progress, log, on_ready))
+    ts = TeacherSet({t.name: recs[t.name] for t in cfg.teachers})
     write_index(cfg.output_dir, "teachers", ts.to_dict())
     return ts
