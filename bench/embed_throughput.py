@@ -1,9 +1,9 @@
-"""Embed-stage throughput: the Ray actor pipeline against a bare single-process torch loop.
+"""Embed-stage throughput: the embed stage's Ray task against a bare single-process torch loop.
 
-Same teacher, same data, same views, one core each (the actor reserves 1 CPU and runs torch
+Same teacher, same data, same views, one core each (the task reserves 1 CPU and runs torch
 on 1 thread; the bare loop runs on 1 thread). Reports rows/s of both and their ratio, both
-end to end (actor start, dataset load, shard write included) and in steady state (from the
-actor's first finished batch to its last). Target: ratio >= 0.8 per core used.
+end to end (the task's start, teacher and dataset load, shard write included) and in steady
+state (from the task's first finished batch to its last). Target: ratio >= 0.8 per core used.
 
     python bench/embed_throughput.py                  # mnist-5k train, cnn_medium, 8 views (32k rows)
     python bench/embed_throughput.py --views 2 --arch cnn_small
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensemble_kd.config import from_dict, to_dict  # noqa: E402
 from ensemble_kd.raycluster import ray_session  # noqa: E402
-from ensemble_kd.stages.embed import TeacherEmbedder, embed_rows, plan_shards  # noqa: E402
+from ensemble_kd.stages.embed import embed_rows, embed_task, plan_shards  # noqa: E402
 from ensemble_kd.stages.teachers import existing  # noqa: E402
 from ensemble_kd.teacher_checkpoint import load_teacher, save_teacher  # noqa: E402
 from modalities import build_dataset, build_encoder  # noqa: E402
@@ -72,29 +72,29 @@ def main() -> None:
 
         e2e, steady = [], []
         with ray_session(cfg.ray):
-            actor_cls = ray.remote(TeacherEmbedder)
+            task = embed_task(cfg.embed)
             teachers = existing(cfg.teachers, out, cfg.data)
             (_, _, key, _), = plan_shards(teachers, cfg.data, ["train"], cfg.embed)
             for r in range(args.repeats):
                 root = out / f"shards{r}"
                 t0 = time.perf_counter()
-                a = actor_cls.options(num_cpus=1).remote(asdict(teachers["t"]), to_dict(cfg.data), "cpu", False, 1)
+                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), "cpu", False, 1,
+                                  [("train", key.to_dict(), str(root), to_dict(cfg.embed))])
                 first = None
                 first_rows = 0
-                for ref in a.embed.remote("train", key.to_dict(), str(root), to_dict(cfg.embed)):
+                for ref in gen:
                     item = ray.get(ref)
                     if first is None and not isinstance(item, dict):
                         first, first_rows = time.perf_counter(), item
                 t1 = time.perf_counter()
-                ray.kill(a)
                 e2e.append(rows / (t1 - t0))
                 steady.append((rows - first_rows) / (t1 - first))
 
     res = {
         "dataset": args.dataset, "arch": args.arch, "views": args.views, "rows": rows, "torch": torch.__version__,
         "bare_rows_per_s": round(max(bare), 1),
-        "actor_rows_per_s_end_to_end": round(max(e2e), 1),
-        "actor_rows_per_s_steady": round(max(steady), 1),
+        "task_rows_per_s_end_to_end": round(max(e2e), 1),
+        "task_rows_per_s_steady": round(max(steady), 1),
         "ratio_end_to_end": round(max(e2e) / max(bare), 3),
         "ratio_steady": round(max(steady) / max(bare), 3),
         "target_ratio": 0.8,

@@ -3,7 +3,7 @@ minutes, with its step times against the same on CPU.
 
 Parts (each reported with a status and, where it trains, its mean step time):
   teachers   the embedded default's three teachers, 2 epochs each, trained with use_gpu (Ray tasks)
-  embed      the embed stage with a GPU actor (embed.gpus_per_actor: 1), AMP on
+  embed      the embed stage with a GPU task (embed.gpus_per_actor: 1), AMP on
   shards     a 2-epoch CE + KD + CRD distillation with AMP (bf16 autocast) on the shard path
   online     the same on the online path (the frozen teachers run on every step's fresh view)
   faiss      CRD with hard negatives on faiss-gpu when installed (else faiss-cpu, said so)

@@ -2,7 +2,7 @@
 
     ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards -> distilled student)
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
-    ensemble-kd embed [--config FILE]                 teachers -> Arrow shards through Ray actors
+    ensemble-kd embed [--config FILE]                 teachers -> Arrow shards (a Ray task per teacher)
     ensemble-kd select [--config FILE]                DFND: keep the pool rows the teachers are sure of
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
     ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teachers", help="teacher checkpoints").add_subparsers(dest="action", required=True)
     p = _verb(t, "train", "train (or reuse) every teacher of the config", cmd_teachers_train)
     p.add_argument("--retrain", action="store_true", help="train even where an up-to-date checkpoint exists")
-    _verb(sub, "embed", "write teacher embeddings and logits to Arrow shards (Ray actors)", cmd_embed)
+    _verb(sub, "embed", "write teacher embeddings and logits to Arrow shards (a Ray task per teacher)", cmd_embed)
     _verb(sub, "select", "DFND: keep the pool rows the teachers are most confident on, with their pseudo-labels", cmd_select)
     p = _verb(sub, "distill", "distil the configured student from the teachers' shards (Ray Train)", cmd_distill)
     p.add_argument("--resume", action="store_true", help="continue the last run from its last epoch checkpoint")

@@ -117,13 +117,13 @@ class AdversarialConfig:
 @dataclass(config=_FROZEN)
 class EmbedConfig:
     splits: tuple[Literal["train", "test"], ...] = Field(("train", "test"), min_length=1, description="dataset splits to embed")
-    batch_size: int = Field(512, ge=1, description="inference batch size inside each teacher actor")
+    batch_size: int = Field(512, ge=1, description="inference batch size inside each teacher's embed task")
     embedding_dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of embeddings (logits stay float32)")
     rows_per_part: int = Field(65536, ge=1, description="rows per Arrow part file (one record batch each; bounds writer memory)")
     cpus_per_actor: float = Field(1.0, gt=0, validation_alias=_renamed("cpus_per_actor", "num_cpus_per_actor"),
-                                  description="CPUs reserved by each teacher actor (formerly num_cpus_per_actor)")
+                                  description="CPUs reserved by each teacher's embed task, one per teacher (formerly num_cpus_per_actor)")
     gpus_per_actor: float = Field(0.0, ge=0, validation_alias=_renamed("gpus_per_actor", "num_gpus_per_actor"),
-                                  description="GPU fraction of each teacher actor, 0 = CPU (formerly num_gpus_per_actor)")
+                                  description="GPU fraction of each teacher's embed task, 0 = CPU (formerly num_gpus_per_actor)")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="augmented views stored per sample")
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="PGD adversarial views stored per sample (GACD)")
 
@@ -293,7 +293,7 @@ class ExperimentConfig:
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset")
     teachers: tuple[TeacherConfig, ...] = Field((), description="teachers to train (or load) and embed")
-    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (Ray actors -> Arrow shards)")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (a Ray task per teacher -> Arrow shards)")
     select: SelectConfig = Field(default_factory=SelectConfig, description="DFND: confident rows of an unlabeled pool (`ensemble-kd select`)")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="student distillation (Ray Train)")

@@ -57,7 +57,7 @@ def test_step_cost_runs_and_keeps_its_keys(shared):
 def test_embed_throughput_runs():
     res = _bench("embed_throughput.py", "--dataset", "uci-mfeat", "--modality", "pix", "--arch", "cnn_small",
                  "--views", "1", "--repeats", "1")
-    assert res["rows"] == 1500 and res["bare_rows_per_s"] > 0 and res["actor_rows_per_s_steady"] > 0
+    assert res["rows"] == 1500 and res["bare_rows_per_s"] > 0 and res["task_rows_per_s_steady"] > 0
 
 
 def test_negative_sampling_runs():

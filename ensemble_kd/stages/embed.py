@@ -1,17 +1,27 @@
-"""The embed stage: one Ray actor per teacher streams the dataset and writes Arrow shards.
+"""The embed stage: one Ray task per teacher streams the dataset and writes Arrow shards.
 
-Each :class:`TeacherEmbedder` actor loads one frozen teacher (on a GPU fraction on clusters,
-a CPU here), reads the dataset itself (so no sample crosses the object store), runs batched
-inference, and writes the shard through :class:`~ensemble_kd.shards.ShardWriter` (temp dir,
-then rename). Its ``embed`` method is a Ray streaming generator: it yields the number of rows
-done after every batch, which the driver turns into one progress bar per teacher, then the
-manifest.
+Each teacher's task (:func:`embed_teacher`) loads the frozen teacher once (on a GPU fraction on
+clusters, a CPU here), reads the dataset itself (so no sample crosses the object store), runs
+batched inference, and writes the shard of each requested split through
+:class:`~ensemble_kd.shards.ShardWriter` (temp dir, then rename), one split after another. The
+task is a Ray streaming generator: it yields the number of rows done after every batch, which
+the driver turns into one progress bar per teacher, then each shard's manifest.
 
-Why plain actors and not Ray Data ``map_batches``: the teachers read their inputs from the
-dataset registry inside the actor and write whole files, so there is nothing for Ray Data to
-shuffle or stream between stages; a measured bare actor stays at the bare-loop speed per core
-(``bench/embed_throughput.py``) where a Ray Data pipeline on a 2-core machine spends its
-cores on scheduling. The actors are still Ray's (placement, GPU fractions, retries).
+Why a task and not an actor: Ray starts a new Python process for every actor, and on a small
+machine its imports (torch, Ray, this package) cost about 4 s of a core per teacher, more than
+embedding a small dataset does. A task runs in one of Ray's pooled worker processes, usually
+the one that has just trained the teacher, with everything imported already (measured: the
+suite's 27 embed actors used 108 core-seconds). The task still holds one teacher for all its
+splits, reserves its CPUs/GPU fraction while it runs (``embed.cpus_per_actor``,
+``embed.gpus_per_actor``, named when this was an actor), and frees them when it ends. A task
+with a GPU runs in a fresh process each time (``max_calls=1``): CUDA's device list is fixed when a
+process first uses it, and a pooled process could be handed another GPU next time.
+
+Why not Ray Data ``map_batches``: the teachers read their inputs from the dataset registry
+inside the task and write whole files, so there is nothing for Ray Data to shuffle or stream
+between stages; a measured bare task stays at the bare-loop speed per core
+(``bench/embed_throughput.py``) where a Ray Data pipeline on a 2-core machine spends its cores
+on scheduling.
 
 The stage takes its inputs explicitly (a :class:`~ensemble_kd.artifacts.TeacherSet`, a dataset,
 the splits and the embed recipe) and returns a :class:`~ensemble_kd.artifacts.ShardIndex`; the
@@ -19,6 +29,7 @@ select stage's callers use it the same way for the pool and the teachers' own te
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -123,26 +134,30 @@ def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, 
         yield w.close(num_samples=len(ds), dataset_name=ds.name)
 
 
-class TeacherEmbedder:
-    """Ray actor body: one frozen teacher, writes its shards for each requested split."""
-
-    def __init__(self, teacher: dict[str, Any], data: dict[str, Any], device: str, amp: bool, num_threads: int) -> None:
-        torch.set_num_threads(max(1, num_threads))
-        self.device = resolve_device(device)
-        self.data = DataConfig(**data)
-        ds = build_dataset(self.data.name, "train", self.data.root, **self.data.kwargs)  # the input spec and classes
-        self.teacher = load_record(teacher, ds, self.device)
-        self.amp = amp
-
-    def embed(self, split: str, key: dict[str, Any], root: str, ecfg: dict[str, Any]):
-        ds = build_dataset(self.data.name, split, self.data.root, **self.data.kwargs)
+def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], device: str, amp: bool, num_threads: int,
+                  jobs: Sequence[tuple[str, dict[str, Any], str, dict[str, Any]]]):
+    """Ray task body (a streaming generator): load one frozen teacher (a TeacherRecord as a dict)
+    once, then write its shard for each job ``(split, shard key, shards root, embed config)`` in
+    order; yields the rows done after every batch and each shard's manifest when it is published."""
+    torch.set_num_threads(max(1, num_threads))  # a pooled worker keeps the last task's setting otherwise
+    dev = resolve_device(device)
+    dc = DataConfig(**data)
+    t = load_record(teacher, build_dataset(dc.name, "train", dc.root, **dc.kwargs), dev)  # the spec and classes
+    for split, key, root, ecfg in jobs:
+        ds = build_dataset(dc.name, split, dc.root, **dc.kwargs)
         k = ShardKey(**key)
         fp = ds.fingerprint()
         if fp != k.dataset_fingerprint:  # e.g. a cluster node whose copy of the data differs
             raise ValueError(f"dataset {ds.name!r} ({split}) on this node has fingerprint {fp[:16]}, the driver's has "
                              f"{k.dataset_fingerprint[:16]}: the nodes do not see the same data")
-        ec = EmbedConfig(**ecfg)
-        yield from write_shard(self.teacher, ds, k, Path(root), ec, self.device, self.amp)
+        yield from write_shard(t, ds, k, Path(root), EmbedConfig(**ecfg), dev, amp)
+
+
+def embed_task(ecfg: EmbedConfig) -> Any:
+    """:func:`embed_teacher` as a Ray remote function with the embed config's resources. No retry:
+    a failed teacher is reported, not run again. With a GPU, a fresh worker process per task."""
+    return ray.remote(max_calls=1 if ecfg.gpus_per_actor > 0 else 0)(embed_teacher).options(
+        num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor, max_retries=0)
 
 
 def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig
@@ -163,7 +178,7 @@ def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], e
 def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig, output_dir: str | Path,
         device: str = "auto", amp: bool = True, progress: bool = True, log: Callable[[str], None] = print,
         index: str | None = "shards", bar_position: int = 0) -> ShardIndex:
-    """Write (or reuse) the shard of every teacher x split; one Ray actor per teacher (Ray must be
+    """Write (or reuse) the shard of every teacher x split; one Ray task per teacher (Ray must be
     initialised). Records the result in ``<output_dir>/index/<index>.json`` (merged with what is
     there: other teachers' shards stay), unless ``index`` is None. ``bar_position``: the first
     progress bar's line (runs side by side keep their bars apart)."""
@@ -186,7 +201,7 @@ def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: Emb
                 continue
         todo.setdefault(name, []).append((split, key, num_samples * (ecfg.views.num_views + num_adv_views(key.views))))
     if todo:
-        written = _EmbedActors(teachers, data, ecfg, root, device, amp, progress, bar_position).run(todo)
+        written = _EmbedTasks(teachers, data, ecfg, root, device, amp, progress, bar_position).run(todo)
         for r in written:
             log(f"shard {Path(r.dir).name}: wrote {r.rows} rows in {r.seconds:.1f}s")
         results += written
@@ -205,70 +220,59 @@ def record_index(output_dir: str | Path, shards: ShardIndex, index: str = "shard
     write_index(output_dir, index, old.merged(shards).to_dict())
 
 
-class _EmbedActors:
-    """One :class:`TeacherEmbedder` actor per teacher with work, each streaming its shards one
-    after another; a progress bar per teacher; an actor is killed as soon as it is done (freeing
-    its CPUs/GPU for teachers still waiting for a slot)."""
+class _EmbedTasks:
+    """One :func:`embed_teacher` task per teacher with work, each streaming its shards one after
+    another, and a progress bar per teacher; the unfinished tasks are cancelled if the stage fails."""
 
     def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, root: Path, device: str,
                  amp: bool, progress: bool, bar_position: int = 0) -> None:
         self.teachers, self.data, self.ecfg, self.root = teachers, data, ecfg, root
         self.device, self.amp, self.progress, self.bar_position = device, amp, progress, bar_position
-        self.actors: dict[str, Any] = {}
-        self.gens: dict[Any, tuple[str, str, ShardKey]] = {}
-        self.started: dict[Any, float] = {}
-        self.pending: dict[str, list[tuple[str, ShardKey, int]]] = {}
-
-    def _launch(self, name: str) -> None:
-        split, key, _ = self.pending[name].pop(0)
-        g = self.actors[name].embed.remote(split, key.to_dict(), str(self.root), to_dict(self.ecfg))
-        self.gens[g] = (name, split, key)
-        self.started[g] = time.perf_counter()
 
     def run(self, todo: dict[str, list[tuple[str, ShardKey, int]]]) -> list[ShardRecord]:
-        actor_cls = ray.remote(TeacherEmbedder)
+        task = embed_task(self.ecfg)
         threads = max(1, int(self.ecfg.cpus_per_actor))
+        gens: dict[Any, str] = {}  # generator -> teacher
         bars = {}
         for i, (name, jobs) in enumerate(todo.items()):
-            self.actors[name] = actor_cls.options(num_cpus=self.ecfg.cpus_per_actor,
-                                                  num_gpus=self.ecfg.gpus_per_actor).remote(
-                asdict(self.teachers[name]), to_dict(self.data), self.device, self.amp, threads)
-            bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row", position=self.bar_position + i,
-                              disable=not self.progress, leave=True)
-        self.pending = {name: list(jobs) for name, jobs in todo.items()}
-        for name in todo:
-            self._launch(name)
+            g = task.remote(asdict(self.teachers[name]), to_dict(self.data), self.device, self.amp, threads,
+                            [(split, key.to_dict(), str(self.root), to_dict(self.ecfg)) for split, key, _ in jobs])
+            gens[g] = name
+            bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row",
+                              position=self.bar_position + i, disable=not self.progress, leave=True)
         try:
-            return self._drain(bars)
+            return self._drain(gens, {name: list(jobs) for name, jobs in todo.items()}, bars)
         finally:
             for b in bars.values():
                 b.close()
-            for a in self.actors.values():
-                ray.kill(a)
+            for g in gens:  # what is left after an error or Ctrl-C: stop it, its CPUs/GPU go back
+                with contextlib.suppress(Exception):
+                    ray.cancel(g, force=True)
 
-    def _drain(self, bars: dict[str, Any]) -> list[ShardRecord]:
+    def _drain(self, gens: dict[Any, str], pending: dict[str, list[tuple[str, ShardKey, int]]],
+               bars: dict[str, Any]) -> list[ShardRecord]:
         results = []
-        while self.gens:
-            ready, _ = ray.wait(list(self.gens), num_returns=1)
+        started = {name: time.perf_counter() for name in pending}  # the current shard's start, per teacher
+        while gens:
+            ready, _ = ray.wait(list(gens), num_returns=1)
             g = ready[0]
-            name, split, key = self.gens[g]
+            name = gens[g]
             try:
                 item = ray.get(next(g))
             except ray.exceptions.RayTaskError as e:
                 cause = disk_full_cause(e)
-                if cause is not None:  # one line naming the file, not the actor's traceback
+                if cause is not None:  # one line naming the file, not the task's traceback
                     raise DiskFullError(cause) from None
                 raise
             except StopIteration:
-                del self.gens[g]
-                if self.pending[name]:
-                    self._launch(name)
-                else:  # free its CPUs/GPU now: teachers beyond the cluster's slots are waiting for them
-                    ray.kill(self.actors.pop(name))
+                del gens[g]
                 continue
-            if isinstance(item, dict):  # the manifest: this shard is published
+            if isinstance(item, dict):  # a manifest: the teacher's next shard in order is published
+                split, key, _ = pending[name].pop(0)
+                now = time.perf_counter()
                 results.append(ShardRecord(name, split, str(self.root / key.dirname), key.shard_id, item["num_rows"],
-                                           False, time.perf_counter() - self.started[g]))
+                                           False, now - started[name]))
+                started[name] = now
             else:
                 bars[name].update(item)
         return results
