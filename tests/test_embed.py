@@ -1,12 +1,14 @@
-"""The embed stage on a real local Ray: actors write shards equal to a direct forward."""
+"""The embed stage on a real local Ray: its tasks write shards equal to a direct forward."""
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ensemble_kd import pipeline
 from ensemble_kd.artifacts import ShardIndex, read_index
 from ensemble_kd.cli import main
 from ensemble_kd.data import DistillData
@@ -14,7 +16,7 @@ from ensemble_kd.shards import Shard, ShardMismatchError, ShardSet
 from ensemble_kd.teacher_checkpoint import load_teacher
 from ensemble_kd.views import apply_view
 from modalities import build_dataset
-from tests.helpers import by_key, embed, tiny_config
+from tests.helpers import by_key, embed, teacher_set, tiny_config
 
 
 def _results(cfg, paths, logs=None):
@@ -133,7 +135,7 @@ def test_cli_inspect_prints_json(embedded, capsys):
 
 
 def test_more_teachers_than_free_slots_finish(ray_cluster, trained, tmp_path):
-    """3 actors of 2 CPUs on a 4-CPU Ray: the third starts when the first is released."""
+    """3 tasks of 2 CPUs on a 4-CPU Ray: the third starts when the first ends."""
     base, paths = trained
     shutil.copytree(base.checkpoint_dir, tmp_path / "teachers")
     shutil.copy(paths["kar_mlp"], tmp_path / "teachers" / "kar_b.pt")
@@ -142,3 +144,26 @@ def test_more_teachers_than_free_slots_finish(ray_cluster, trained, tmp_path):
     cfg = tiny_config(tmp_path, teachers=teachers, **{"embed.splits": ["test"], "embed.cpus_per_actor": 2})
     res = _results(cfg, {t["name"]: tmp_path / "teachers" / f"{t['name']}.pt" for t in teachers})
     assert sorted(t for t, _ in res) == ["kar_b", "kar_mlp", "pix_cnn"] and not any(r.reused for r in res.values())
+
+
+def test_a_failing_teacher_fails_the_stage_and_stops_the_other_tasks(ray_cluster, trained, tmp_path):
+    """One teacher's task fails (its file changed after the teacher set was made): the stage raises
+    that error, naming the file; the other teacher's task is cancelled if it still runs, so every
+    CPU is free again; nothing of the failed teacher is published."""
+    import ray
+
+    base, paths = trained
+    shutil.copytree(base.checkpoint_dir, tmp_path / "teachers")
+    shutil.copy(paths["kar_mlp"], tmp_path / "teachers" / "kar_b.pt")
+    files = {"pix_cnn": tmp_path / "teachers" / "pix_cnn.pt", "kar_b": tmp_path / "teachers" / "kar_b.pt"}
+    ts = teacher_set(files)
+    shutil.copy(paths["pix_cnn"], files["kar_b"])  # other weights than the set recorded
+    cfg = tiny_config(tmp_path, **{"embed.splits": ["train"], "embed.cpus_per_actor": 2, "embed.views.num_views": 8})
+    total = ray.cluster_resources()["CPU"]
+    with pytest.raises(Exception, match="kar_b.pt.*changed since"):
+        pipeline.embed(cfg, ts, progress=False, log=lambda m: None)
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) == total, (ray.available_resources(), total)
+    assert not list(tmp_path.glob("shards/kar_b__*"))  # (a failed writer's temp folder starts with ".")
