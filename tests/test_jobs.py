@@ -1,5 +1,6 @@
 """`jobs/` for real: every config validates, and a local head started with `ray start --head` runs
 the tiny job submitted with `ray job submit`; its MLflow runs land in the job's output folder."""
+import contextlib
 import json
 import os
 import shutil
@@ -33,10 +34,14 @@ def test_the_default_config_lives_in_one_place():
     assert copies == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all n sockets are bound at once (one at a time, the OS may hand the
+    same port out twice, and Ray refuses a port given to two of its components)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _ray(*args, env, timeout=120, check=True):
@@ -49,12 +54,12 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     tmp = tempfile.mkdtemp(prefix="ekd-h-", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
-    port, dash = _free_port(), _free_port()
     # Every fixed default port gets a free one: the suite's own local cluster may still hold the
     # defaults (a second dashboard agent on 52365 never starts, and the job server then has no agent).
-    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                       "runtime-env-agent-port", "metrics-export-port",
-                                                       "ray-client-server-port")]
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+             "ray-client-server-port")
+    port, dash, *more = _free_ports(2 + len(flags))
+    ports = [f"--{flag}={p}" for flag, p in zip(flags, more)]
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", *ports,
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -86,7 +91,8 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         # ray.train's INFO lines (a report per epoch, a checkpoint line each) stay out of the job's log
         assert "Reporting training result" not in logs and "Checkpoint successfully created" not in logs
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        with contextlib.suppress(ProcessLookupError):  # (gone already if it failed to start)
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
