@@ -78,8 +78,8 @@ def main() -> None:
             for r in range(args.repeats):
                 root = out / f"shards{r}"
                 t0 = time.perf_counter()
-                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), "cpu", False, 1,
-                                  [("train", key.to_dict(), str(root), to_dict(cfg.embed))])
+                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), to_dict(cfg.embed), str(root), "cpu", False,
+                                  [("train", key.to_dict())])
                 first = None
                 first_rows = 0
                 for ref in gen:

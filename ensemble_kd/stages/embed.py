@@ -134,28 +134,31 @@ def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, 
         yield w.close(num_samples=len(ds), dataset_name=ds.name)
 
 
-def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], device: str, amp: bool, num_threads: int,
-                  jobs: Sequence[tuple[str, dict[str, Any], str, dict[str, Any]]]):
+def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], root: str, device: str,
+                  amp: bool, jobs: Sequence[tuple[str, dict[str, Any]]]):
     """Ray task body (a streaming generator): load one frozen teacher (a TeacherRecord as a dict)
-    once, then write its shard for each job ``(split, shard key, shards root, embed config)`` in
-    order; yields the rows done after every batch and each shard's manifest when it is published."""
-    torch.set_num_threads(max(1, num_threads))  # a pooled worker keeps the last task's setting otherwise
+    once, then write its shard under ``root`` for each job ``(split, shard key)`` in order; yields
+    the rows done after every batch and each shard's manifest when it is published."""
+    ec = EmbedConfig(**ecfg)
+    torch.set_num_threads(max(1, int(ec.cpus_per_actor)))  # a pooled worker keeps the last task's setting otherwise
     dev = resolve_device(device)
     dc = DataConfig(**data)
     t = load_record(teacher, build_dataset(dc.name, "train", dc.root, **dc.kwargs), dev)  # the spec and classes
-    for split, key, root, ecfg in jobs:
+    for split, key in jobs:
         ds = build_dataset(dc.name, split, dc.root, **dc.kwargs)
         k = ShardKey(**key)
         fp = ds.fingerprint()
         if fp != k.dataset_fingerprint:  # e.g. a cluster node whose copy of the data differs
             raise ValueError(f"dataset {ds.name!r} ({split}) on this node has fingerprint {fp[:16]}, the driver's has "
                              f"{k.dataset_fingerprint[:16]}: the nodes do not see the same data")
-        yield from write_shard(t, ds, k, Path(root), EmbedConfig(**ecfg), dev, amp)
+        yield from write_shard(t, ds, k, Path(root), ec, dev, amp)
 
 
 def embed_task(ecfg: EmbedConfig) -> Any:
     """:func:`embed_teacher` as a Ray remote function with the embed config's resources. No retry:
-    a failed teacher is reported, not run again. With a GPU, a fresh worker process per task."""
+    a failed teacher is reported, not run again. With a GPU, a fresh worker process per task: set
+    here because Ray's own default (max_calls=1 for GPU tasks) only follows a ``num_gpus`` given to
+    ``ray.remote``, not to ``.options``."""
     return ray.remote(max_calls=1 if ecfg.gpus_per_actor > 0 else 0)(embed_teacher).options(
         num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor, max_retries=0)
 
@@ -231,12 +234,12 @@ class _EmbedTasks:
 
     def run(self, todo: dict[str, list[tuple[str, ShardKey, int]]]) -> list[ShardRecord]:
         task = embed_task(self.ecfg)
-        threads = max(1, int(self.ecfg.cpus_per_actor))
+        data, ecfg = to_dict(self.data), to_dict(self.ecfg)
         gens: dict[Any, str] = {}  # generator -> teacher
         bars = {}
         for i, (name, jobs) in enumerate(todo.items()):
-            g = task.remote(asdict(self.teachers[name]), to_dict(self.data), self.device, self.amp, threads,
-                            [(split, key.to_dict(), str(self.root), to_dict(self.ecfg)) for split, key, _ in jobs])
+            g = task.remote(asdict(self.teachers[name]), data, ecfg, str(self.root), self.device, self.amp,
+                            [(split, key.to_dict()) for split, key, _ in jobs])
             gens[g] = name
             bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row",
                               position=self.bar_position + i, disable=not self.progress, leave=True)
