@@ -31,8 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd import dist
+from ensemble_kd.rows import full
 
 SAMPLER_MODES = ("uniform", "class-aware", "hard")
+
+
+SPARSE_DRAW = 64
+"""Shared negatives: with more than this many rows per draw (M > 64 N: a 1M-row bank and N = 16384)
+the N distinct rows are drawn in O(N) (NumPy's set-based Floyd draw) instead of taking the first N
+of a permutation of all M rows, which costs O(M) a step (6.8 ms at M = 900,000, measured by
+``bench/data_scale.py``). Below it the permutation is kept: the draws, hence every result, of banks
+that size are unchanged."""
 
 
 def stable_seed(*parts: object) -> int:
@@ -175,6 +184,7 @@ class NegativeSampler:
     # -- FAISS -----------------------------------------------------------------------------
     def _build_hard(self, teacher_emb, hard_pool: int, use_gpu: bool) -> None:
         faiss = _faiss()
+        teacher_emb = full(teacher_emb)  # FAISS holds its own copy of every row anyway
         x = teacher_emb.detach().cpu().float().numpy() if torch.is_tensor(teacher_emb) else np.asarray(teacher_emb)
         x = np.array(x, dtype=np.float32, order="C", copy=True)  # normalize_L2 writes in place: never into the shard's read-only map
         if x.shape[0] != self.num_rows:
@@ -282,7 +292,10 @@ class NegativeSampler:
             else:
                 cand = None  # all rows
             n_cand = M if cand is None else int(cand.numel())
-            if N <= n_cand:
+            if N * SPARSE_DRAW < n_cand:  # far more rows than draws: O(N) (Floyd), not a shuffle of every row
+                rng = np.random.Generator(np.random.PCG64(stable_seed(self.seed, int(step), "neg-shared")))
+                pick = torch.from_numpy(rng.choice(n_cand, N, replace=False, shuffle=False))  # (N,) distinct
+            elif N <= n_cand:
                 pick = torch.randperm(n_cand, generator=g)[:N]  # (N,) without replacement
             else:
                 pick = torch.randint(n_cand, (N,), generator=g)  # (N,) with replacement

@@ -308,6 +308,29 @@ def test_aligned_pairs_lower_loss_than_shuffled():
     assert aligned < shuffled - 1.0, (aligned, shuffled)
 
 
+def test_distinct_shared_rows_are_the_same_whichever_way_they_are_counted(monkeypatch):
+    """The shared draws' distinct rows and counts: a bincount over the M rows (small banks) and a
+    sort of the N draws (banks far larger than N) give the same rows, counts and loss."""
+    import ensemble_kd.losses.crd as crd_mod
+
+    M = 400
+    g = torch.Generator().manual_seed(0)
+    ctx = LossContext(student_dim=6, num_classes=4, teacher_dims={"t0": 5},
+                      bank=TeacherBank({"t0": torch.randn(M, 5, generator=g)}, {}, torch.arange(M) % 4, torch.arange(M)),
+                      seed=0, device=torch.device("cpu"))
+    x = DistillInputs(torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g), torch.arange(8) % 4,
+                      torch.arange(8), {"t0": torch.randn(8, 5, generator=g)}, {})
+    out = {}
+    for name, sparse in (("bincount", 10**9), ("sort", 0)):
+        monkeypatch.setattr(crd_mod, "SPARSE_DRAW", sparse)
+        torch.manual_seed(1)  # the same heads
+        loss = CRDLoss(ctx, num_negatives=32, mode="exact", per_sample=False)
+        d = loss.draws("t0", x, x.index, 0)
+        out[name] = (d.uniq, d.counts, float(loss(x).loss))
+    assert torch.equal(out["bincount"][0], out["sort"][0]) and torch.equal(out["bincount"][1], out["sort"][1])
+    assert out["bincount"][2] == out["sort"][2]
+
+
 def test_compact_counts_form_equals_expanded_shared_negatives():
     """Shared negatives with repeats: the (B, U) + counts form gives the (B, N) loss and Z of the
     reference formula written out (``_golden``, every drawn column counted)."""

@@ -259,3 +259,22 @@ def test_two_process_memory_consistency(tmp_path):
         parts = [_local_batch(r, step) for r in range(WS)]
         ref.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     assert ref.checksum() == sums[0]
+
+
+def test_shared_draws_from_a_bank_far_larger_than_n_are_distinct_and_deterministic():
+    """M > SPARSE_DRAW x N: the N shared negatives come from an O(N) draw (no permutation of every
+    row): distinct, in range, the same for the same (seed, step), different across steps and
+    spread over the whole bank."""
+    from ensemble_kd.memory import SPARSE_DRAW
+
+    Mb, N = 70_000, 64
+    assert Mb > SPARSE_DRAW * N
+    labels = torch.arange(Mb) % 10
+    s = NegativeSampler(None, labels, mode="uniform", num_negatives=N, per_sample=False, seed=5)
+    a = torch.arange(8)
+    neg, valid = s.sample(a, step=3)
+    assert neg.shape == (N,) and len(set(neg.tolist())) == N and ((neg >= 0) & (neg < Mb)).all()
+    assert torch.equal(valid, neg[None, :] != a[:, None])
+    assert torch.equal(neg, s.sample(a, step=3)[0]) and not torch.equal(neg, s.sample(a, step=4)[0])
+    many = torch.cat([s.sample(a, step=k)[0] for k in range(50)])  # 3,200 draws
+    assert int(many.max()) > 0.9 * Mb and int(many.min()) < 0.1 * Mb

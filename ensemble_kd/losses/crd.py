@@ -46,7 +46,7 @@ from ensemble_kd.losses._util import as_float, module_keys
 from ensemble_kd.losses.base import (LOSSES, DistillInputs, LossContext, LossOutput, NeedsStoredEmbeddings,
                                      normalise_teacher_weights)
 from ensemble_kd.losses.functional import crd_scores, nce_loss, nce_z
-from ensemble_kd.memory import MomentumMemory, NegativeSampler, stable_seed
+from ensemble_kd.memory import SPARSE_DRAW, MomentumMemory, NegativeSampler, stable_seed
 
 MODES = ("exact", "relax", "reference")
 TEACHER_HEAD_GRADS = ("teacher_anchor", "both")
@@ -248,9 +248,13 @@ class CRDLoss(nn.Module):
         # Shared negatives: N draws from M rows repeat rows (N = 16384 > M here). Score each
         # distinct row once and weight it by its count: the same loss and Z, (B, U) work. A
         # bincount over the M rows finds them in O(N + M), where sorting the N draws costs more.
-        per_row = torch.bincount(neg, minlength=self.num_rows)  # (M,) draws of each row
-        uniq = per_row.nonzero().squeeze(1)  # (U,) the distinct rows, ascending
-        return Draws(pos, uniq, None, per_row[uniq], sampler.valid_mask(index, uniq.to(index.device)),  # valid (B, U)
+        if neg.numel() * SPARSE_DRAW < self.num_rows:  # a bank far larger than the draws: O(N log N), not O(M)
+            uniq, counts = torch.unique(neg, sorted=True, return_counts=True)  # (U,) ascending, (U,)
+        else:
+            per_row = torch.bincount(neg, minlength=self.num_rows)  # (M,) draws of each row
+            uniq = per_row.nonzero().squeeze(1)  # (U,) the distinct rows, ascending
+            counts = per_row[uniq]  # (U,)
+        return Draws(pos, uniq, None, counts, sampler.valid_mask(index, uniq.to(index.device)),  # valid (B, U)
                      all_rows=uniq.numel() == self.num_rows)
 
     def teacher_side(self, term: CRDTerm, name: str, d: Draws, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
