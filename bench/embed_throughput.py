@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -74,11 +75,11 @@ def main() -> None:
         with ray_session(cfg.ray):
             task = embed_task(cfg.embed)
             teachers = existing(cfg.teachers, out, cfg.data)
-            (_, _, key, _), = plan_shards(teachers, cfg.data, ["train"], cfg.embed)
+            (_, _, key, _), = plan_shards(teachers, cfg.data, ["train"], cfg.embed, out)  # (prepares the data store)
             for r in range(args.repeats):
-                root = out / f"shards{r}"
+                shutil.rmtree(out / "shards", ignore_errors=True)  # each repeat writes its shard afresh
                 t0 = time.perf_counter()
-                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), to_dict(cfg.embed), str(root), "cpu", False,
+                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), to_dict(cfg.embed), str(out), "cpu", False,
                                   [("train", key.to_dict())])
                 first = None
                 first_rows = 0

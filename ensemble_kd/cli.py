@@ -2,14 +2,15 @@
 
     ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards -> distilled student)
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
-    ensemble-kd embed [--config FILE]                 teachers -> Arrow shards (a Ray task per teacher)
+    ensemble-kd embed [--config FILE]                 teachers -> Arrow shards (Ray tasks, one or more per teacher)
     ensemble-kd select [--config FILE]                DFND: keep the pool rows the teachers are sure of
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
     ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
     ensemble-kd compare [--experiment NAME] [--baseline GROUP] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
     ensemble-kd export [--run NAME|PATH | --arm ARM] [--dest DIR]  the student as TorchScript, ONNX, MLflow model
+    ensemble-kd data prepare [--config FILE]          write the dataset's memory-mapped Arrow store (else: on first use)
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
-    ensemble-kd list datasets|encoders|losses         registered names
+    ensemble-kd list datasets|encoders|losses [--config FILE]  registered names (with the config's plugins)
     ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
 
 Every command that takes ``--config`` uses the embedded default (uci-mfeat) without one, and
@@ -33,6 +34,7 @@ from ensemble_kd import config, interrupts
 from ensemble_kd.checkpoint import disk_full_cause
 from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, to_yaml
 from ensemble_kd.losses import LOSSES
+from ensemble_kd.plugins import load_plugins
 from ensemble_kd.shards import ShardError, inspect as inspect_shards
 from ensemble_kd.teacher_checkpoint import CheckpointError
 from modalities import DATASETS, ENCODERS
@@ -217,23 +219,49 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    for data, split, path in _pipeline().prepare_data(cfg, _log):
+        print(f"{data.name}/{split}: {path}")
+    return 0
+
+
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
     print(json.dumps(inspect_shards(args.dir, verify=args.verify), indent=2))
     return 0
 
 
+def _load_plugins_of(args: argparse.Namespace) -> None:
+    """With ``--config``/``--set``: import that config's plugins (schema checked, no cross-checks),
+    so that `list` and `config docs` see what they register as a run would."""
+    if args.config or args.set:
+        load_plugins(config.load_config(args.config, _overrides(args.set or [])).plugins, args.config or "<embedded default>")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    _load_plugins_of(args)
     reg = {"datasets": DATASETS, "encoders": ENCODERS, "losses": LOSSES}[args.what]
     for name in reg.names():
         meta = {k: v for k, v in reg.meta(name).items() if k != "test_shape"}
         print(f"{name:<16} {json.dumps(meta, default=str)}")
+        if args.what == "datasets":  # what it is and the options its builder takes (data.kwargs)
+            print(f"{'':<16} {_dataset_summary(DATASETS.get(name))}")
     return 0
+
+
+def _dataset_summary(builder) -> str:
+    """The first line of the builder module's docstring (the dataset's user doc) and its options."""
+    doc = (inspect.getdoc(inspect.getmodule(builder)) or "").strip().split("\n\n")[0]  # the first paragraph
+    opts = [f"{k}={p.default!r}" if p.default is not inspect.Parameter.empty else k
+            for k, p in inspect.signature(builder).parameters.items() if k not in ("split", "root")]
+    return " ".join(doc.split()) + (f" Options (data.kwargs): {', '.join(opts)}." if opts else "")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(to_yaml(_config(args)), end="")
         return 0
+    _load_plugins_of(args)
     classes = [obj for _, obj in inspect.getmembers(config, dataclasses.is_dataclass) if obj.__module__ == config.__name__]
     for cls in sorted(classes, key=lambda k: (k is not config.ExperimentConfig, k.__name__)):
         print(f"{cls.__name__}:")
@@ -259,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teachers", help="teacher checkpoints").add_subparsers(dest="action", required=True)
     p = _verb(t, "train", "train (or reuse) every teacher of the config", cmd_teachers_train)
     p.add_argument("--retrain", action="store_true", help="train even where an up-to-date checkpoint exists")
-    _verb(sub, "embed", "write teacher embeddings and logits to Arrow shards (a Ray task per teacher)", cmd_embed)
+    _verb(sub, "embed", "write teacher embeddings and logits to Arrow shards (Ray tasks: each teacher's rows over embed.workers_per_teacher)", cmd_embed)
     _verb(sub, "select", "DFND: keep the pool rows the teachers are most confident on, with their pseudo-labels", cmd_select)
     p = _verb(sub, "distill", "distil the configured student from the teachers' shards (Ray Train)", cmd_distill)
     p.add_argument("--resume", action="store_true", help="continue the last run from its last epoch checkpoint")
@@ -279,12 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "without arms: the last distillation)")
     p.add_argument("--dest", help="folder for the files (default: <output_dir>/exports/<arm or run>)")
     _verb(sub, "tune", "Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)", cmd_tune)
+    d = sub.add_parser("data", help="the data store").add_subparsers(dest="action", required=True)
+    _verb(d, "prepare", "write every split the config reads as a memory-mapped Arrow table under <output_dir>/data "
+                        "(every other verb does this on first use)", cmd_data_prepare)
     s = sub.add_parser("shards", help="shard tools").add_subparsers(dest="action", required=True)
     p = _verb(s, "inspect", "print a JSON summary of the shards under DIR", cmd_shards_inspect, config=False)
     p.add_argument("dir")
     p.add_argument("--verify", action="store_true", help="also check every part's sha256")
     p = _verb(sub, "list", "registered datasets, encoders or losses", cmd_list, config=False)
     p.add_argument("what", choices=["datasets", "encoders", "losses"])
+    p.add_argument("--config", help="also list what this config's plugins register")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key), repeatable")
     p = sub.add_parser("config", help="show the resolved config, or every field's documentation")
     p.add_argument("action", choices=["show", "docs"])
     _add_config_args(p)

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
@@ -50,8 +50,8 @@ def _absolute(obj: Any, field: str) -> None:
 
 @dataclass(config=_FROZEN)
 class DataConfig:
-    name: str = Field("uci-mfeat", description="registered dataset name (`ensemble-kd list datasets`)")
-    root: str | None = Field(None, description="directory of an on-disk dataset (cifar10, cifar100, image-folder; relative: to the working directory); never downloaded")
+    name: str = Field("uci-mfeat", description="registered dataset name (`ensemble-kd list datasets`): uci-mfeat, digits, mnist-5k, cifar10/100, image-folder, paired-folder, synthetic, or table (your own paired modalities in a Parquet/Arrow file, no code: README 'Your own data')")
+    root: str | None = Field(None, description="file or directory of an on-disk dataset (cifar10/100, image-folder, paired-folder: a folder; table: a Parquet/Arrow file or a folder of them; relative: to the working directory); never downloaded. Read once into <output_dir>/data (`ensemble-kd data prepare`)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the dataset builder (e.g. image_size)")
 
     def __post_init__(self) -> None:
@@ -121,9 +121,12 @@ class EmbedConfig:
     embedding_dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of embeddings (logits stay float32)")
     rows_per_part: int = Field(65536, ge=1, description="rows per Arrow part file (one record batch each; bounds writer memory)")
     cpus_per_actor: float = Field(1.0, gt=0, validation_alias=_renamed("cpus_per_actor", "num_cpus_per_actor"),
-                                  description="CPUs reserved by each teacher's embed task, one per teacher (formerly num_cpus_per_actor)")
+                                  description="CPUs reserved by each embed task (one per worker of a teacher: workers_per_teacher; formerly num_cpus_per_actor)")
     gpus_per_actor: float = Field(0.0, ge=0, validation_alias=_renamed("gpus_per_actor", "num_gpus_per_actor"),
-                                  description="GPU fraction of each teacher's embed task, 0 = CPU (formerly num_gpus_per_actor)")
+                                  description="GPU fraction of each embed task (one per worker of a teacher), 0 = CPU (formerly num_gpus_per_actor)")
+    workers_per_teacher: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="embed tasks splitting each teacher's rows (each loads the teacher once; same shard bytes); auto: the free CPUs/GPUs at the stage's start shared by the teachers")
+    min_rows_per_worker: int = Field(50000, ge=1, description="workers_per_teacher=auto starts at most one task per this many of a teacher's rows (the default's 2,000 rows: one task)")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="augmented views stored per sample")
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="PGD adversarial views stored per sample (GACD)")
 
@@ -289,11 +292,13 @@ class RunJobConfig:
 class ExperimentConfig:
     name: str = Field("uci-mfeat-default", description="experiment name (MLflow experiment, output sub-folders)")
     output_dir: str = Field("outputs", description="root of checkpoints, shards and results (relative: to the working directory)")
+    plugins: tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")], ...] = Field(
+        (), description="modules imported in the driver and in every Ray worker before anything is built (a user's datasets, encoders, losses register themselves on import); each must be importable on every node")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device for teachers and students; auto = cuda if present")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset")
     teachers: tuple[TeacherConfig, ...] = Field((), description="teachers to train (or load) and embed")
-    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (a Ray task per teacher -> Arrow shards)")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage (Ray tasks, each teacher's rows split over workers_per_teacher of them -> Arrow shards)")
     select: SelectConfig = Field(default_factory=SelectConfig, description="DFND: confident rows of an unlabeled pool (`ensemble-kd select`)")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="student distillation (Ray Train)")

@@ -24,7 +24,9 @@ from ensemble_kd.labels import labelled_rows, row_labels
 from ensemble_kd.selection import Selection, check_selection, load_selection, restrict_bank
 from ensemble_kd.shards import ShardSet
 from ensemble_kd.views import apply_view, num_adv_views
-from modalities import PairedDataset, build_dataset
+from ensemble_kd.datastore import open_split
+from ensemble_kd.rows import as_torch
+from modalities import PairedDataset
 
 
 class DistillData:
@@ -58,7 +60,7 @@ class DistillData:
             self.replay = self.spec.kind == "image" and int(ss.first.manifest["views"]["num_views"]) > 1
             self._adv_replay(ss, adv_replay_teacher)
         else:
-            self.bank = TeacherBank({}, {}, torch.from_numpy(ds.labels), torch.from_numpy(ds.sample_ids))
+            self.bank = TeacherBank({}, {}, as_torch(ds.labels), as_torch(ds.sample_ids))
             self.positions = torch.arange(len(ds))
             self.replay = False
         if selection is not None:
@@ -160,7 +162,7 @@ def eval_dataset(cfg: ExperimentConfig, train_ds: PairedDataset | None = None) -
     teachers' own test set) or ``data``. With ``train_ds``, the student's modality must have the
     same input shape and the class count must agree (else the error names distill.eval_data)."""
     e = cfg.distill.eval_data or cfg.data
-    ds = build_dataset(e.name, "test", e.root, **e.kwargs)
+    ds = open_split(e, "test", cfg.output_dir)
     if train_ds is not None and cfg.distill.eval_data is not None:
         m = cfg.distill.student.modality
         a, b = train_ds.spec(m), ds.spec(m)

@@ -52,6 +52,7 @@ from ensemble_kd import dist
 from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ExperimentConfig, from_dict, to_dict
 from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.datastore import open_split
 from ensemble_kd.online_data import OnlineData
 from ensemble_kd.devices import autocast, seed_everything
 from ensemble_kd.interrupts import ray_train_fit
@@ -60,7 +61,7 @@ from ensemble_kd.losses.base import optimizer_param_groups
 from ensemble_kd.raycluster import quiet_train_reports
 from ensemble_kd.teacher_checkpoint import load_record
 from ensemble_kd.tracking import log_epochs
-from modalities import PairedDataset, build_dataset, build_encoder
+from modalities import PairedDataset, build_encoder
 
 
 class DistillModule(nn.Module):
@@ -367,7 +368,7 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> _Worker:
     device = session.device
     torch.set_num_threads(max(1, int(d.cpus_per_worker)))
     seed_everything(d.seed)  # same initial weights on every rank
-    train_ds = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
+    train_ds = open_split(cfg.data, "train", cfg.output_dir)  # memory-mapped, shared with the node's other processes
     test_ds = eval_dataset(cfg, train_ds)  # distill.eval_data's test split, else data's
     data = make_data(cfg, train_ds, lc, device)
     module = build_module(cfg, data, train_ds.num_classes, device).to(device)

@@ -22,6 +22,7 @@ from ensemble_kd.config import AugmentConfig, LabelsConfig
 from ensemble_kd.devices import autocast
 from ensemble_kd.labels import labelled_rows, row_labels
 from ensemble_kd.memory import stable_seed
+from ensemble_kd.rows import as_torch
 from ensemble_kd.teacher_checkpoint import Teacher
 from ensemble_kd.views import apply_view, draw_views
 from modalities import PairedDataset
@@ -41,7 +42,7 @@ class OnlineData:
             if any(p.requires_grad for p in t.model.parameters()) or t.model.training:
                 raise ValueError(f"teacher {name!r} is not frozen (eval mode, no gradients)")
         self.augment, self.seed, self.amp, self.feature_maps = augment, int(seed), amp, feature_maps
-        self.bank = TeacherBank({}, {}, torch.from_numpy(ds.labels), torch.from_numpy(ds.sample_ids))
+        self.bank = TeacherBank({}, {}, as_torch(ds.labels), as_torch(ds.sample_ids))
         self.selection = None  # DFND selections are rows of shards: the shard path only
         self.labelled: torch.Tensor | None = None  # (N,) bool: row keeps its ground truth; None = every row
         if labels is not None and labels.subset:

@@ -23,12 +23,14 @@ from typing import Any
 
 from ray import tune
 
-from ensemble_kd import tracking
+from ensemble_kd import datastore, tracking
 from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index
 from ensemble_kd.checks import check_config
-from ensemble_kd.config import AdversarialConfig, ConfigError, ExperimentConfig, ViewsConfig, load_config, to_dict
+from ensemble_kd.config import (AdversarialConfig, ConfigError, DataConfig, ExperimentConfig, ViewsConfig, load_config,
+                                 to_dict)
 from ensemble_kd.export import export_after_run
 from ensemble_kd.plan import Trial, best_teacher, check_run_section, plan_trials
+from ensemble_kd.plugins import load_plugins
 from ensemble_kd.raycluster import clean_stale_checkpoints, ray_session
 from ensemble_kd.report import format_table, summarise, write_summary
 from ensemble_kd.shards import Shard, check_manifest, clean_stale_temp_dirs
@@ -44,9 +46,11 @@ Log = Callable[[str], None]
 def tidy_output(cfg: ExperimentConfig, log: Log = print) -> None:
     """What killed commands left in the output folder, dealt with when the next command starts on
     it: MLflow runs still RUNNING whose process is gone are ended KILLED (not only on ``--resume``,
-    which reopens its run as before), shard writers' temp folders and Ray Train checkpoint folders
+    which reopens its run as before), shard and data-store writers' temp folders and Ray Train checkpoint folders
     that no run will read are removed. Live commands' runs and files are never touched."""
     gone = clean_stale_temp_dirs(cfg.shard_dir) if cfg.shard_dir.is_dir() else []
+    store = datastore.store_dir(cfg.output_dir)
+    gone += clean_stale_temp_dirs(store) if store.is_dir() else []  # the data store's writers use the same owner files
     gone += clean_stale_checkpoints(Path(cfg.output_dir) / "ray_results")
     if gone:
         log(f"removed {len(gone)} folder(s) left by killed commands: {[str(g) for g in gone]}")
@@ -62,9 +66,27 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     and the run section's arms and sweep, every error naming the file and the field."""
     cfg = load_config(path, overrides)
     source = "<embedded default>" if path is None else str(path)
+    load_plugins(cfg.plugins, source)  # before the cross-checks: they look the plugins' names up in the registries
     check_config(cfg, source)
     check_run_section(cfg, source)
     return cfg
+
+
+def data_splits(cfg: ExperimentConfig) -> list[tuple[DataConfig, str]]:
+    """Every (dataset, split) the config reads: ``data``'s train and test splits, ``distill.eval_data``'s
+    and ``select.teacher_data``'s test split."""
+    out = [(cfg.data, "train"), (cfg.data, "test")]
+    for extra in (cfg.distill.eval_data, cfg.select.teacher_data):
+        if extra is not None and (extra, "test") not in out:
+            out.append((extra, "test"))
+    return out
+
+
+def prepare_data(cfg: ExperimentConfig, log: Log | None = None) -> list[tuple[DataConfig, str, Path]]:
+    """The data store of every split the config reads (:mod:`ensemble_kd.datastore`): written from
+    the source where missing or stale, else reused with every file hashed; before any Ray work, so
+    that workers only follow its pointers. Returns (dataset, split, folder) of each."""
+    return [(d, s, datastore.prepare(d, s, cfg.output_dir, log).dir) for d, s in data_splits(cfg)]
 
 
 def train_teachers(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True, log: Log = print) -> TeacherSet:
@@ -75,7 +97,7 @@ def train_teachers(cfg: ExperimentConfig, retrain: bool = False, progress: bool 
 def existing_teachers(cfg: ExperimentConfig, names: list[str] | tuple[str, ...] | None = None) -> TeacherSet:
     """The configured teachers' checkpoints already on disk (all, or ``names``), verified."""
     wanted = [t for t in cfg.teachers if names is None or t.name in names]
-    return teachers_stage.existing(wanted, cfg.checkpoint_dir, cfg.data)
+    return teachers_stage.existing(wanted, cfg.checkpoint_dir, cfg.data, cfg.output_dir)
 
 
 def embed(cfg: ExperimentConfig, teachers: TeacherSet, progress: bool = True, log: Log = print) -> ShardIndex:
@@ -114,7 +136,7 @@ def check_existing_shards(cfg: ExperimentConfig, teachers: TeacherSet) -> None:
     """Before `embed` starts Ray: refuse a shard already on disk whose manifest does not match
     this config (a teacher retrained, a hash edited), naming both sides. Damaged bytes are not
     refused here: the embed stage rewrites such a shard."""
-    for _name, _split, key, _n in embed_stage.plan_shards(teachers, cfg.data, cfg.embed.splits, cfg.embed):
+    for _name, _split, key, _n in embed_stage.plan_shards(teachers, cfg.data, cfg.embed.splits, cfg.embed, cfg.output_dir):
         if (cfg.shard_dir / key.dirname).exists():
             check_manifest(cfg.shard_dir / key.dirname, key)
 
@@ -131,7 +153,7 @@ def train_shards(cfg: ExperimentConfig, teachers: TeacherSet | None = None) -> d
     except (KeyError, TypeError) as e:
         raise ConfigError(f"the shard index under {cfg.output_dir} is malformed ({e}): run `ensemble-kd embed` again") from None
     dirs = index.dirs("train", names)
-    for name, _split, key, _n in embed_stage.plan_shards(ts, cfg.data, ["train"], cfg.embed):
+    for name, _split, key, _n in embed_stage.plan_shards(ts, cfg.data, ["train"], cfg.embed, cfg.output_dir):
         check_manifest(dirs[name], key)  # a stale index (teacher retrained, recipe changed) is refused here
         Shard(dirs[name])  # and damaged bytes (sha256 of every part), before any Ray work
     return dirs
@@ -218,11 +240,13 @@ def _prepare_store(uri: str | None) -> Future[Any]:
 
 
 @contextlib.contextmanager
-def session(cfg: ExperimentConfig, mlflow: bool = True) -> Iterator[None]:
-    """Ray up for a command (``raycluster.ray_session``) and, for one that logs runs (``mlflow``),
-    the MLflow store made meanwhile."""
+def session(cfg: ExperimentConfig, mlflow: bool = True, log: Log = print) -> Iterator[None]:
+    """The data store prepared (:func:`prepare_data`: before Ray, so a bad dataset fails first and
+    workers only open it), then Ray up for a command (``raycluster.ray_session``) and, for one that
+    logs runs (``mlflow``), the MLflow store made meanwhile."""
+    prepare_data(cfg, log)
     store = _prepare_store(tracking.tracking_uri(cfg) if mlflow and cfg.tracking.enabled else None)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, cfg.plugins):
         store.result()
         yield
 
@@ -234,7 +258,7 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     out = Path(cfg.output_dir)
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
-    with session(cfg):
+    with session(cfg, log=log):
         teachers, shards = teachers_and_shards(cfg, progress, log)
         best = best_teacher(teachers)
         if shards is not None:

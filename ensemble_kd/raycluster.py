@@ -8,13 +8,14 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ray
 
 from ensemble_kd.config import RayConfig
 from ensemble_kd.interrupts import is_ours
+from ensemble_kd.plugins import ENV_VAR as PLUGINS_ENV_VAR, env_plugins, load_plugins
 
 # Quiet, quick local clusters: no usage reports, no token auth on a private local cluster, and
 # no ~2 s health-check stall on every ray.train.report on small machines.
@@ -50,8 +51,28 @@ class _DropStateApiNoise:
 
 
 def quiet_ray_worker() -> None:
-    """``worker_process_setup_hook`` of local clusters (see :class:`_DropStateApiNoise`)."""
+    """Part of :func:`setup_worker`, every worker's first step (see :class:`_DropStateApiNoise`)."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_DropStateApiNoise())
+
+
+def setup_worker() -> None:
+    """The ``worker_process_setup_hook`` of every Ray job :func:`ray_session` starts or joins: Ray
+    runs it in each worker process of the job (tasks, actors, Ray Train workers, Tune trials)
+    before any of the job's code, so the plugin modules named in ``EKD_PLUGINS`` register their
+    datasets, encoders and losses there as they did in the driver (:mod:`ensemble_kd.plugins`).
+    Registries are per process: without this a worker would not know a plugin's names."""
+    quiet_ray_worker()
+    load_plugins(env_plugins())
+
+
+def job_runtime_env(plugins: Sequence[str] = ()) -> dict:
+    """The job-level ``runtime_env`` that runs :func:`setup_worker` in every worker process, with
+    the plugin modules in its environment. For a Ray this process did not start (a notebook, a
+    test's session Ray), pass it to ``ray.init(runtime_env=...)`` yourself."""
+    env: dict = {"worker_process_setup_hook": "ensemble_kd.raycluster.setup_worker"}
+    if plugins:
+        env["env_vars"] = {PLUGINS_ENV_VAR: ",".join(plugins)}
+    return env
 
 
 # Only for a Ray this process starts itself (one machine): Ray Train's preemption watcher (an extra
@@ -139,11 +160,13 @@ def clean_stale_checkpoints(results: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
+def ray_session(cfg: RayConfig | None = None, plugins: Sequence[str] = ()) -> Iterator[bool]:
     """Connect to Ray, or start a local one if none is running; shut down only what it started.
 
     Yields True when this call started Ray. Inside ``ray job submit`` (RAY_ADDRESS set) it joins
-    the cluster.
+    the cluster. ``plugins`` (``cfg.plugins``): modules every worker process of the job imports
+    first (:func:`job_runtime_env`); on a cluster they must be importable on every node. A Ray
+    already initialised in this process is used as it is: its job's runtime env decides.
     """
     set_ray_env()
     if ray.is_initialized():
@@ -156,13 +179,13 @@ def ray_session(cfg: RayConfig | None = None) -> Iterator[bool]:
     ok = False  # finished, or stopped by Ctrl-C/SIGTERM: the session's files go; after a failure its logs stay
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **({"runtime_env": job_runtime_env(plugins)} if plugins else {}))
         else:
             tmp = short_temp_dir()
             for k, v in LOCAL_RAY_ENV_DEFAULTS.items():
                 os.environ.setdefault(k, v)
             kwargs = {"include_dashboard": False, "_temp_dir": tmp, "log_to_driver": True,
-                      "runtime_env": {"worker_process_setup_hook": "ensemble_kd.raycluster.quiet_ray_worker"}}
+                      "runtime_env": job_runtime_env(plugins)}
             if cfg.num_cpus is not None:
                 kwargs["num_cpus"] = cfg.num_cpus
             if cfg.object_store_memory is not None:

@@ -17,7 +17,9 @@ join without a hash join (:class:`ShardSet` checks that they are).
 dataset fingerprint + split + view recipe + dtype): the same inputs give the same id, so a
 rerun finds and reuses the shard. A shard is written into a hidden temp directory and renamed
 to its final name only once every part and the manifest are on disk, so a crash never leaves
-something that looks whole.
+something that looks whole. Several writers may fill one temp directory (the embed stage's
+workers, each a row range, under distinct part names): :func:`publish_shard` then renames the
+parts in row order and writes the one manifest.
 
 Every open verifies: each part's size, Arrow structure and row count, and its sha256 against the
 manifest (one sequential read of the part, about 1.4 ms per MB on one core here; the training
@@ -35,7 +37,6 @@ import shutil
 import socket
 import time
 import uuid
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ import torch
 
 from ensemble_kd import __version__
 from ensemble_kd.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
+from ensemble_kd.rows import PartedRows, as_torch
 
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
@@ -129,40 +131,33 @@ def _fixed_list(x: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=dtype), x.shape[1])
 
 
-class ShardWriter:
-    """Writes one shard into a temp directory and publishes it atomically on :meth:`close`.
+class PartWriter:
+    """Writes rows of one shard as Arrow part files into an existing folder: the part writer of
+    :class:`ShardWriter` (a whole shard) and of each embed worker (one row range of a shard).
 
-    Rows are buffered until ``rows_per_part`` and each part file holds exactly one record batch,
-    so every column of a part is one contiguous buffer in the file and reads back zero-copy
-    (memory bounded by one part: about 2 x rows_per_part x row bytes while a part is flushed).
-    Use as a context manager: an exception inside the ``with`` removes the temp directory.
+    Each part file holds exactly one record batch, so every column of a part is one contiguous
+    buffer in the file and reads back zero-copy (memory bounded by one part: about 2 x
+    rows_per_part x row bytes while a part is flushed). Parts are cut at the shard's global
+    multiples of ``rows_per_part`` (``first_row``: the shard row of this writer's first row), so a
+    writer that starts on such a multiple writes the very parts, byte for byte, that one writer of
+    the whole shard writes there; a range that starts or ends between two multiples gets a shorter
+    part at that end. Part ``j`` is named ``name.format(j)``.
     """
 
-    def __init__(self, root: str | Path, key: ShardKey, embed_dim: int, num_classes: int,
-                 rows_per_part: int = 65536, extra: dict[str, Any] | None = None, adv_dim: int = 0) -> None:
-        self.root, self.key = Path(root), key
-        self.final = self.root / key.dirname
-        self.tmp = self.root / f".{key.dirname}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True)
-        (self.tmp / OWNER).write_text(f"{socket.gethostname()}:{os.getpid()}")  # see clean_stale_temp_dirs
+    def __init__(self, folder: str | Path, key: ShardKey, embed_dim: int, num_classes: int, rows_per_part: int = 65536,
+                 adv_dim: int = 0, first_row: int = 0, name: str = "part-{:05d}.arrow") -> None:
+        self.folder, self.key, self.name = Path(folder), key, name
         self.adv_dim = int(adv_dim)  # > 0: every row carries an adv_delta (PGD perturbation, 0 on normal rows)
         self.schema = make_schema(key.teacher, embed_dim, num_classes, key.embedding_dtype, self.adv_dim)
         self._fields = _ROW_FIELDS + (("adv_delta",) if self.adv_dim else ())
         self.embed_dim, self.num_classes, self.rows_per_part = embed_dim, num_classes, rows_per_part
-        self.extra = extra or {}
         self._emb_type = self.schema.field(emb_col(key.teacher)).type.value_type
         self._emb_np = np.float16 if key.embedding_dtype == "float16" else np.float32
-        self._parts: list[dict[str, Any]] = []
+        self.parts: list[dict[str, Any]] = []  # {"file", "rows", "bytes", "sha256"} in row order
         self._buf: list[dict[str, np.ndarray]] = []
         self._buf_rows = 0
+        self._next_row = first_row  # the shard row of the first buffered row
         self.num_rows = 0
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        if exc_type is not None:
-            self.abort()
 
     def _flush_part(self, rows: int) -> None:
         """Write the first ``rows`` buffered rows as one part file (one record batch)."""
@@ -174,6 +169,7 @@ class ShardWriter:
         rest = {k: v[rows:] for k, v in cat.items()}
         self._buf = [rest] if len(rest["sample_id"]) else []
         self._buf_rows = len(rest["sample_id"])
+        self._next_row += rows
         cols = [
             pa.array(head["sample_id"].astype(np.int64)), pa.array(head["label"].astype(np.int64)),
             pa.array(head["view"].astype(np.int32)), pa.array(head["aug_top"].astype(np.int16)),
@@ -184,11 +180,11 @@ class ShardWriter:
         if self.adv_dim:  # float32: exactly the tensor the teacher added, so the replay is bit-exact
             cols.append(_fixed_list(head["adv_delta"].astype(np.float32).reshape(-1, self.adv_dim), pa.float32()))
         batch = pa.RecordBatch.from_arrays(cols, schema=self.schema)
-        name = f"part-{len(self._parts):05d}.arrow"
-        path = self.tmp / name
+        name = self.name.format(len(self.parts))
+        path = self.folder / name
         with naming_full_disk(path), pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.schema) as w:
             w.write_batch(batch)
-        self._parts.append({"file": name, "rows": batch.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        self.parts.append({"file": name, "rows": batch.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 
     def write(self, sample_id: np.ndarray, label: np.ndarray, view: np.ndarray, aug_top: np.ndarray,
               aug_left: np.ndarray, aug_flip: np.ndarray, embedding: np.ndarray, logits: np.ndarray,
@@ -211,37 +207,112 @@ class ShardWriter:
         })
         self._buf_rows += R
         self.num_rows += R
-        while self._buf_rows >= self.rows_per_part:
-            self._flush_part(self.rows_per_part)
+        while self._buf_rows >= (cut := self.rows_per_part - self._next_row % self.rows_per_part):
+            self._flush_part(cut)  # up to the next global multiple of rows_per_part
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write the buffered rest as a last part (a writer that got no row writes one empty part, so
+        an empty shard still carries its schema); the parts' descriptors in row order."""
+        if self._buf_rows or not self.parts:
+            self._flush_part(self._buf_rows)
+        return self.parts
+
+    def abort(self) -> None:
+        self._buf, self._buf_rows = [], 0
+
+
+def new_temp_dir(root: str | Path, key: ShardKey) -> Path:
+    """Create the hidden temp directory a shard is written into, ``.<dirname>.tmp-<id>`` under
+    ``root``, with the :data:`OWNER` file naming this process (see :func:`clean_stale_temp_dirs`)."""
+    tmp = Path(root) / f".{key.dirname}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    (tmp / OWNER).write_text(f"{socket.gethostname()}:{os.getpid()}")
+    return tmp
+
+
+def shard_manifest(key: ShardKey, embed_dim: int, num_classes: int, extra: dict[str, Any], adv_dim: int,
+                   parts: list[dict[str, Any]], num_samples: int, dataset_name: str) -> dict[str, Any]:
+    """The manifest of a shard made of ``parts`` (in row order; ``extra``: more teacher fields)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "shard_id": key.shard_id,
+        "key": key.to_dict(),
+        "teacher": {"name": key.teacher, "embed_dim": embed_dim, "num_classes": num_classes, **extra,
+                    **({"adv_dim": adv_dim} if adv_dim else {})},
+        "dataset": {"name": dataset_name, "split": key.split, "fingerprint": key.dataset_fingerprint, "num_samples": num_samples},
+        "views": key.views,
+        "embedding_dtype": key.embedding_dtype,
+        "num_rows": sum(p["rows"] for p in parts),
+        "columns": {"embedding": emb_col(key.teacher), "logits": logit_col(key.teacher),
+                    **({"adv_delta": adv_col(key.teacher)} if adv_dim else {})},
+        "parts": parts,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ensemble_kd_version": __version__,
+    }
+
+
+def publish_shard(tmp: Path, final: Path, key: ShardKey, embed_dim: int, num_classes: int, extra: dict[str, Any],
+                  adv_dim: int, parts: list[dict[str, Any]], num_samples: int, dataset_name: str) -> dict[str, Any]:
+    """Finish the shard written into the temp directory ``tmp``: rename ``parts`` (their files in
+    ``tmp``, in row order, written by one writer or by several under distinct names) to
+    ``part-00000.arrow``, ... (a rename keeps the bytes, so the recorded sha256 stays right), write
+    the manifest, and publish ``tmp`` as ``final`` atomically. Returns the manifest."""
+    final_parts = []
+    for i, p in enumerate(parts):
+        name = f"part-{i:05d}.arrow"
+        if p["file"] != name:
+            os.rename(tmp / p["file"], tmp / name)  # sources never use the part- prefix, so no clash
+        final_parts.append({**p, "file": name})
+    manifest = shard_manifest(key, embed_dim, num_classes, extra, adv_dim, final_parts, num_samples, dataset_name)
+    atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    (tmp / OWNER).unlink()  # a published shard has no writer
+    publish_dir(tmp, final, MANIFEST)
+    return manifest
+
+
+class ShardWriter:
+    """Writes one shard into a temp directory and publishes it atomically on :meth:`close`.
+
+    Rows are buffered until ``rows_per_part`` and each part file holds exactly one record batch
+    (:class:`PartWriter`). Use as a context manager: an exception inside the ``with`` removes the
+    temp directory.
+    """
+
+    def __init__(self, root: str | Path, key: ShardKey, embed_dim: int, num_classes: int,
+                 rows_per_part: int = 65536, extra: dict[str, Any] | None = None, adv_dim: int = 0) -> None:
+        self.root, self.key = Path(root), key
+        self.final = self.root / key.dirname
+        self.tmp = new_temp_dir(self.root, key)
+        self.parts = PartWriter(self.tmp, key, embed_dim, num_classes, rows_per_part, adv_dim)
+        self.adv_dim, self.schema = self.parts.adv_dim, self.parts.schema
+        self.embed_dim, self.num_classes, self.rows_per_part = embed_dim, num_classes, rows_per_part
+        self.extra = extra or {}
+
+    @property
+    def num_rows(self) -> int:
+        return self.parts.num_rows
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def write(self, sample_id: np.ndarray, label: np.ndarray, view: np.ndarray, aug_top: np.ndarray,
+              aug_left: np.ndarray, aug_flip: np.ndarray, embedding: np.ndarray, logits: np.ndarray,
+              adv_delta: np.ndarray | None = None) -> None:
+        """Append R rows (see :meth:`PartWriter.write`)."""
+        self.parts.write(sample_id, label, view, aug_top, aug_left, aug_flip, embedding, logits, adv_delta)
 
     def close(self, num_samples: int, dataset_name: str) -> dict[str, Any]:
         """Finish the parts, write the manifest, and rename the temp dir to the final name."""
-        if self._buf_rows or not self._parts:
-            self._flush_part(self._buf_rows)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "shard_id": self.key.shard_id,
-            "key": self.key.to_dict(),
-            "teacher": {"name": self.key.teacher, "embed_dim": self.embed_dim, "num_classes": self.num_classes, **self.extra,
-                        **({"adv_dim": self.adv_dim} if self.adv_dim else {})},
-            "dataset": {"name": dataset_name, "split": self.key.split, "fingerprint": self.key.dataset_fingerprint, "num_samples": num_samples},
-            "views": self.key.views,
-            "embedding_dtype": self.key.embedding_dtype,
-            "num_rows": self.num_rows,
-            "columns": {"embedding": emb_col(self.key.teacher), "logits": logit_col(self.key.teacher),
-                        **({"adv_delta": adv_col(self.key.teacher)} if self.adv_dim else {})},
-            "parts": self._parts,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "ensemble_kd_version": __version__,
-        }
-        atomic_write(self.tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        (self.tmp / OWNER).unlink()  # a published shard has no writer
-        publish_dir(self.tmp, self.final, MANIFEST)
-        return manifest
+        return publish_shard(self.tmp, self.final, self.key, self.embed_dim, self.num_classes, self.extra, self.adv_dim,
+                             self.parts.close(), num_samples, dataset_name)
 
     def abort(self) -> None:
-        self._buf = []
+        self.parts.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -266,14 +337,6 @@ def check_manifest(shard_dir: str | Path, expected: ShardKey) -> dict[str, Any]:
     if diffs:
         raise ShardMismatchError(f"shard {shard_dir} does not match this run:\n  " + "\n  ".join(diffs))
     return m
-
-
-def _as_torch(arr: np.ndarray) -> torch.Tensor:
-    # Arrow buffers are read-only; torch warns about that on every from_numpy. The tensors are
-    # documented as read-only views of the memory map: writing to them is a bug.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
 
 
 def _column_numpy(col: pa.ChunkedArray) -> np.ndarray:
@@ -356,7 +419,19 @@ class Shard:
         return self.manifest["key"]
 
     def column(self, name: str) -> torch.Tensor:
-        return _as_torch(_column_numpy(self.table.column(name)))
+        """A column as one tensor: zero-copy for a one-part shard, the parts concatenated otherwise."""
+        return as_torch(_column_numpy(self.table.column(name)))
+
+    def rows(self, name: str) -> torch.Tensor | PartedRows:
+        """A wide column (embeddings, logits, deltas) for row-indexed reads: the zero-copy tensor of a
+        one-part shard, else a :class:`~ensemble_kd.rows.PartedRows` over the parts' zero-copy views
+        (``x[rows]`` gathers just those rows), so a many-part shard is never copied whole."""
+        col = self.table.column(name)
+        chunks = [c for c in col.chunks if len(c)] or col.chunks[:1]
+        if len(chunks) <= 1:
+            return self.column(name)
+        width = col.type.list_size
+        return PartedRows([c.flatten().to_numpy(zero_copy_only=True).reshape(-1, width) for c in chunks])
 
     @property
     def sample_ids(self) -> torch.Tensor:  # (R,) int64
@@ -372,17 +447,17 @@ class Shard:
         return {"view": self.column("view"), "top": self.column("aug_top"), "left": self.column("aug_left"), "flip": self.column("aug_flip")}
 
     @property
-    def embeddings(self) -> torch.Tensor:  # (R, d) float32|float16
-        return self.column(emb_col(self.teacher))
+    def embeddings(self) -> torch.Tensor | PartedRows:  # (R, d) float32|float16
+        return self.rows(emb_col(self.teacher))
 
     @property
-    def logits(self) -> torch.Tensor:  # (R, C) float32
-        return self.column(logit_col(self.teacher))
+    def logits(self) -> torch.Tensor | PartedRows:  # (R, C) float32
+        return self.rows(logit_col(self.teacher))
 
     @property
-    def adv_delta(self) -> torch.Tensor | None:
+    def adv_delta(self) -> torch.Tensor | PartedRows | None:
         """(R, prod(input shape)) float32 PGD perturbations (0 on normal rows), or None without adversarial views."""
-        return self.column(adv_col(self.teacher)) if self.adv_dim else None
+        return self.rows(adv_col(self.teacher)) if self.adv_dim else None
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
@@ -443,13 +518,13 @@ class ShardSet:
     def views(self) -> dict[str, torch.Tensor]:
         return self.first.views
 
-    def embeddings(self, teacher: str) -> torch.Tensor:
+    def embeddings(self, teacher: str) -> torch.Tensor | PartedRows:
         return self.shards[teacher].embeddings
 
-    def logits(self, teacher: str) -> torch.Tensor:
+    def logits(self, teacher: str) -> torch.Tensor | PartedRows:
         return self.shards[teacher].logits
 
-    def adv_delta(self, teacher: str) -> torch.Tensor | None:
+    def adv_delta(self, teacher: str) -> torch.Tensor | PartedRows | None:
         return self.shards[teacher].adv_delta
 
     def __len__(self) -> int:

@@ -76,7 +76,8 @@ def run_distill(cfg: ExperimentConfig, **kw):
 
 def teacher_set(paths: dict[str, Path]) -> TeacherSet:
     """The TeacherSet of checkpoint files (name -> path)."""
-    return TeacherSet({n: record(TeacherConfig(name=n, checkpoint=str(p)), p, DataConfig()) for n, p in paths.items()})
+    return TeacherSet({n: record(TeacherConfig(name=n, checkpoint=str(p)), p, DataConfig(), Path(p).parent.parent)
+                       for n, p in paths.items()})
 
 
 def embed(cfg: ExperimentConfig, paths: dict[str, Path] | None = None, log=lambda m: None) -> ShardIndex:

@@ -90,3 +90,14 @@ def test_gpu_smoke_runs_every_part_on_cpu(shared):
     for part in ("teachers", "embed", "shards", "online", "faiss"):
         assert res[part]["status"] == "ok", (part, res[part])
     assert res["status"] == "ok" and res["faiss"]["index"] == "faiss-cpu"
+
+
+@pytest.mark.slow
+def test_data_scale_runs_and_keeps_its_keys():
+    res = _bench("data_scale.py", "--rows", "2000", "4000", "--scaling-rows", "4000", "--steps", "3", "--warmup", "1")
+    assert res["rows"] == [2000, 4000]
+    for k in ("worker_private_rss_mb", "step_ms", "embed_rows_per_s", "worker_private_rss_mb_crd", "step_ms_crd",
+              "crd_memory_mb", "store_mb", "prepare_s"):
+        assert len(res[k]) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in res[k]), (k, res[k])
+    assert set(res["embed_scaling"]) == {"1", "2"} and all(v > 0 for v in res["embed_scaling"].values()), res["embed_scaling"]
+    assert res["crd_memory_mb"][1] > res["crd_memory_mb"][0]  # rows x feat_dim x 4 B per memory: twice the rows

@@ -59,7 +59,7 @@ def make_folder(out: Path, **over) -> tuple[Path, object]:
                  {"test_top1": 0.1})
     ts = existing(cfg.teachers, cfg.checkpoint_dir, cfg.data)
     recs = []
-    for name, split, key, _n in plan_shards(ts, cfg.data, ["train"], cfg.embed):
+    for name, split, key, _n in plan_shards(ts, cfg.data, ["train"], cfg.embed, cfg.output_dir):
         teacher = load_record(asdict(ts[name]), ds)
         *_, manifest = write_shard(teacher, ds, key, cfg.shard_dir, cfg.embed, torch.device("cpu"), False)
         recs.append(ShardRecord(name, split, str(cfg.shard_dir / key.dirname), key.shard_id, manifest["num_rows"], False, 0.0))

@@ -16,6 +16,7 @@ from ensemble_kd.data import DistillData
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.crd import CRDLoss, nce_loss
 from ensemble_kd.losses.gacd import GACDLoss, teacher_confidence
+from ensemble_kd.rows import full
 from ensemble_kd.shards import Shard, ShardKey, ShardSet
 from ensemble_kd.stages.embed import plan_shards, shard_key, write_shard
 from ensemble_kd.teacher_checkpoint import load_teacher
@@ -394,7 +395,7 @@ def test_adversarial_rows_replay_exactly_and_raise_the_teachers_loss(adv_shards,
     s = ss.shards[name]
     assert len(ss) == n * (V + A)
     assert (s.views["view"].reshape(n, V + A) == torch.arange(V + A)).all()  # sample-major, adversarial last
-    delta = s.adv_delta.reshape(n, V + A, -1)
+    delta = full(s.adv_delta).reshape(n, V + A, -1)
     assert (delta[:, :V] == 0).all() and (delta[:, V:].abs().amax((1, 2)) > 0).all()
     assert delta.abs().max() <= ADV.epsilon
     assert s.manifest["views"]["adversarial"] == to_dict(ADV) and s.manifest["teacher"]["adv_dim"] == ds.spec(student).numel
@@ -442,7 +443,7 @@ def test_replay_teacher_choice_is_explicit_when_needed(adv_shards):
     with pytest.raises(ValueError, match=r"Set distill.adv_replay_teacher to one of \['pix_cnn', 'pix_twin'\]"):
         DistillData(ds, "pix", both)
     dd = DistillData(ds, "pix", both, adv_replay_teacher="pix_twin")
-    torch.testing.assert_close(dd.adv_delta, Shard(twin_dir).adv_delta)
+    torch.testing.assert_close(full(dd.adv_delta), full(Shard(twin_dir).adv_delta))
 
 
 def test_shards_without_adversarial_views_keep_schema_id_and_read(adv_shards):
@@ -478,7 +479,8 @@ def test_shard_id_changes_with_the_adversarial_recipe(trained, tmp_path):
 
     def planned(**adv):
         cfg = tiny_config(tmp_path, **{"embed.splits": ["train"], "embed.adversarial": adv})
-        return {name: key.shard_id for name, _, key, _ in plan_shards(teacher_set(paths), cfg.data, ["train"], cfg.embed)}
+        plan = plan_shards(teacher_set(paths), cfg.data, ["train"], cfg.embed, cfg.output_dir)
+        return {name: key.shard_id for name, _, key, _ in plan}
 
     plain, on, other = planned(), planned(enabled=True), planned(enabled=True, epsilon=0.05)
     assert planned(enabled=False, steps=9) == plain

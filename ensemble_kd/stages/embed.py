@@ -1,17 +1,28 @@
-"""The embed stage: one Ray task per teacher streams the dataset and writes Arrow shards.
+"""The embed stage: Ray tasks stream the dataset through each teacher and write Arrow shards.
 
-Each teacher's task (:func:`embed_teacher`) loads the frozen teacher once (on a GPU fraction on
-clusters, a CPU here), reads the dataset itself (so no sample crosses the object store), runs
-batched inference, and writes the shard of each requested split through
-:class:`~ensemble_kd.shards.ShardWriter` (temp dir, then rename), one split after another. The
-task is a Ray streaming generator: it yields the number of rows done after every batch, which
-the driver turns into one progress bar per teacher, then each shard's manifest.
+A teacher's rows are split over W workers (``embed.workers_per_teacher``; "auto": the cluster's
+free room at the stage's start, shared by the teachers with work, at most one per
+``embed.min_rows_per_worker`` rows). Each worker is one Ray task (:func:`embed_ranges`) that loads
+the frozen teacher once (on a GPU fraction on clusters, a CPU here), reads its row range of every
+requested split from the stored dataset itself (so no sample crosses the object store), runs
+batched inference and writes that range's part files into the shard's temp folder, which the
+driver created. When every range of a shard is done the driver renames the parts in row order,
+writes the manifest and publishes the folder atomically (:func:`~ensemble_kd.shards.publish_shard`):
+the driver only drains the tasks' generators and renames files, so W workers run W times as fast
+as one. A task is a Ray streaming generator: it yields the number of rows done after every batch,
+which the driver turns into one progress bar per teacher, then each range's part descriptors.
 
-Why a task and not an actor: Ray starts a new Python process for every actor, and on a small
+Why the result is the same as one worker's, byte for byte: ranges start and end on multiples of
+the batch's sample count, so every batch holds the same samples as in a one-worker run and goes
+through the same kernels; and, when it costs little balance, on part boundaries too, so that
+the part files themselves are the one-worker run's (:func:`row_ranges`). One worker (the
+embedded default's 2,000 rows) writes exactly the parts it always wrote.
+
+Why tasks and not actors: Ray starts a new Python process for every actor, and on a small
 machine its imports (torch, Ray, this package) cost about 4 s of a core per teacher, more than
 embedding a small dataset does. A task runs in one of Ray's pooled worker processes, usually
 the one that has just trained the teacher, with everything imported already (measured: the
-suite's 27 embed actors used 108 core-seconds). The task still holds one teacher for all its
+suite's 27 embed actors used 108 core-seconds). A task holds one teacher for its ranges of all
 splits, reserves its CPUs/GPU fraction while it runs (``embed.cpus_per_actor``,
 ``embed.gpus_per_actor``, named when this was an actor), and frees them when it ends. A task
 with a GPU runs in a fresh process each time (``max_calls=1``): CUDA's device list is fixed when a
@@ -30,9 +41,11 @@ select stage's callers use it the same way for the pool and the teachers' own te
 from __future__ import annotations
 
 import contextlib
+import math
+import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +59,12 @@ from ensemble_kd.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, T
 from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
 from ensemble_kd.devices import autocast, resolve_device
-from ensemble_kd.shards import Shard, ShardCorruptError, ShardKey, ShardWriter, check_manifest, discard_shard
+from ensemble_kd.shards import (PartWriter, Shard, ShardCorruptError, ShardKey, check_manifest, discard_shard,
+                                new_temp_dir, publish_shard)
 from ensemble_kd.teacher_checkpoint import Teacher, load_record
-from ensemble_kd.views import apply_view, draw_views, num_adv_views, view_recipe
-from modalities import PairedDataset, build_dataset
+from ensemble_kd.views import apply_view, draw_views, view_recipe
+from ensemble_kd.datastore import open_split, prepare
+from modalities import PairedDataset
 
 
 def shard_key(teacher: str, checkpoint_sha256: str, ds: PairedDataset, fingerprint: str, recipe: dict[str, Any],
@@ -116,60 +131,160 @@ def _with_adversarial_rows(teacher: Teacher, x: torch.Tensor, V: int, A: int, ad
     return x_all.reshape(B * (V + A), *shape), d_all.reshape(B * (V + A), *shape), out
 
 
-def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, ecfg: EmbedConfig, device: torch.device,
-                amp: bool):
-    """Generator: writes one shard, yields rows done after each batch, then the manifest."""
-    A = ecfg.adversarial.num_views if ecfg.adversarial.enabled else 0
-    V = ecfg.views.num_views + A
-    per_batch = max(1, ecfg.batch_size // V)
+def rows_per_sample(ecfg: EmbedConfig) -> int:
+    """Shard rows per sample: V views + A adversarial views (consecutive: rows are sample-major)."""
+    return ecfg.views.num_views + (ecfg.adversarial.num_views if ecfg.adversarial.enabled else 0)
+
+
+def samples_per_batch(ecfg: EmbedConfig) -> int:
+    """Samples per inference batch (``batch_size`` rows, whole samples, at least one)."""
+    return max(1, ecfg.batch_size // rows_per_sample(ecfg))
+
+
+def write_range(teacher: Teacher, ds: PairedDataset, key: ShardKey, folder: Path, ecfg: EmbedConfig,
+                device: torch.device, amp: bool, start: int, stop: int, index: int = 0) -> Iterator[int | dict[str, Any]]:
+    """Generator: embed samples ``[start, stop)`` of ``ds`` (``start`` a multiple of the batch's
+    samples, so the batches are a one-worker run's) into part files ``range-<index>-<j>.arrow`` in
+    ``folder`` (the shard's temp folder), cut at the shard's global multiples of ``rows_per_part``;
+    yields the rows done after each batch, then ``{"shard", "range", "parts", "meta"}``: the part
+    descriptors in row order and what the manifest needs (:func:`~ensemble_kd.shards.publish_shard`)."""
+    per_batch, rps = samples_per_batch(ecfg), rows_per_sample(ecfg)
+    adv_dim = ds.spec(teacher.modality).numel if rps > ecfg.views.num_views else 0  # adversarial rows carry their delta
+    w = PartWriter(folder, key, teacher.embed_dim, teacher.num_classes, ecfg.rows_per_part, adv_dim,
+                   first_row=start * rps, name=f"range-{index:05d}-" + "{:05d}.arrow")
+    for s in range(start, stop, per_batch):
+        rows = embed_rows(teacher, ds, np.arange(s, min(s + per_batch, stop)), ecfg.views, device, amp, ecfg.adversarial)
+        w.write(**rows)
+        yield len(rows["sample_id"])
     extra = {"arch": teacher.arch, "modality": teacher.modality, "checkpoint_sha256": teacher.content_hash,
              "test_top1": teacher.test_top1}
-    adv_dim = ds.spec(teacher.modality).numel if A else 0
-    with ShardWriter(root, key, teacher.embed_dim, teacher.num_classes, ecfg.rows_per_part, extra, adv_dim=adv_dim) as w:
-        for start in range(0, len(ds), per_batch):
-            rows = embed_rows(teacher, ds, np.arange(start, min(start + per_batch, len(ds))), ecfg.views, device, amp,
-                              ecfg.adversarial)
-            w.write(**rows)
-            yield len(rows["sample_id"])
-        yield w.close(num_samples=len(ds), dataset_name=ds.name)
+    yield {"shard": key.dirname, "range": index, "parts": w.close(),
+           "meta": {"embed_dim": teacher.embed_dim, "num_classes": teacher.num_classes, "extra": extra,
+                    "adv_dim": adv_dim, "num_samples": len(ds), "dataset_name": ds.name}}
 
 
-def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], root: str, device: str,
-                  amp: bool, jobs: Sequence[tuple[str, dict[str, Any]]]):
-    """Ray task body (a streaming generator): load one frozen teacher (a TeacherRecord as a dict)
-    once, then write its shard under ``root`` for each job ``(split, shard key)`` in order; yields
-    the rows done after every batch and each shard's manifest when it is published."""
+def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, ecfg: EmbedConfig, device: torch.device,
+                amp: bool):
+    """Generator: writes one whole shard in this process (one worker), yields rows done after each
+    batch, then the manifest. The same parts and manifest as the stage's one-worker path."""
+    tmp = new_temp_dir(root, key)
+    try:
+        for item in write_range(teacher, ds, key, tmp, ecfg, device, amp, 0, len(ds)):
+            if isinstance(item, dict):
+                yield publish_shard(tmp, Path(root) / key.dirname, key, parts=item["parts"], **item["meta"])
+            else:
+                yield item
+    finally:  # an error, or a consumer that stopped early: no half shard stays
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str,
+                  device: str) -> tuple[Teacher, DataConfig, EmbedConfig, torch.device]:
+    """A task's setup: its threads, device and the frozen teacher (checked against its record)."""
     ec = EmbedConfig(**ecfg)
     torch.set_num_threads(max(1, int(ec.cpus_per_actor)))  # a pooled worker keeps the last task's setting otherwise
     dev = resolve_device(device)
     dc = DataConfig(**data)
-    t = load_record(teacher, build_dataset(dc.name, "train", dc.root, **dc.kwargs), dev)  # the spec and classes
+    return load_record(teacher, open_split(dc, "train", output_dir), dev), dc, ec, dev  # train: the spec and classes
+
+
+def _open_split(dc: DataConfig, split: str, key: ShardKey, output_dir: str) -> PairedDataset:
+    """The stored split, refused when it is not the data the driver planned the shard on."""
+    ds = open_split(dc, split, output_dir)
+    fp = ds.fingerprint()
+    if fp != key.dataset_fingerprint:  # e.g. a cluster node whose copy of the data differs
+        raise ValueError(f"dataset {ds.name!r} ({split}) on this node has fingerprint {fp[:16]}, the driver's has "
+                         f"{key.dataset_fingerprint[:16]}: the nodes do not see the same data")
+    return ds
+
+
+def embed_ranges(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str, device: str,
+                 amp: bool, jobs: Sequence[Mapping[str, Any]]):
+    """Ray task body of the stage (a streaming generator): load one frozen teacher (a TeacherRecord
+    as a dict) once, then for each job ``{split, key, start, stop, index, tmp}`` write samples
+    ``[start, stop)`` of that split into the shard's temp folder ``tmp`` (:func:`write_range`);
+    yields the rows done after every batch and each range's part descriptors. Publishing is the
+    driver's: it alone knows when every range of a shard is there."""
+    t, dc, ec, dev = _open_teacher(teacher, data, ecfg, output_dir, device)
+    for job in jobs:
+        k = ShardKey(**job["key"])
+        ds = _open_split(dc, job["split"], k, output_dir)
+        yield from write_range(t, ds, k, Path(job["tmp"]), ec, dev, amp, job["start"], job["stop"], job["index"])
+
+
+def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str, device: str,
+                  amp: bool, jobs: Sequence[tuple[str, dict[str, Any]]]):
+    """Ray task body (a streaming generator) writing whole shards in one task, as one worker of the
+    stage does (``bench/embed_throughput.py`` times it): load one frozen teacher once, then write
+    and publish its shard under ``<output_dir>/shards`` for each job ``(split, shard key)`` in order;
+    yields the rows done after every batch and each shard's manifest when it is published."""
+    t, dc, ec, dev = _open_teacher(teacher, data, ecfg, output_dir, device)
     for split, key in jobs:
-        ds = build_dataset(dc.name, split, dc.root, **dc.kwargs)
         k = ShardKey(**key)
-        fp = ds.fingerprint()
-        if fp != k.dataset_fingerprint:  # e.g. a cluster node whose copy of the data differs
-            raise ValueError(f"dataset {ds.name!r} ({split}) on this node has fingerprint {fp[:16]}, the driver's has "
-                             f"{k.dataset_fingerprint[:16]}: the nodes do not see the same data")
-        yield from write_shard(t, ds, k, Path(root), ec, dev, amp)
+        yield from write_shard(t, _open_split(dc, split, k, output_dir), k, Path(output_dir) / "shards", ec, dev, amp)
 
 
-def embed_task(ecfg: EmbedConfig) -> Any:
-    """:func:`embed_teacher` as a Ray remote function with the embed config's resources. No retry:
-    a failed teacher is reported, not run again. With a GPU, a fresh worker process per task: set
-    here because Ray's own default (max_calls=1 for GPU tasks) only follows a ``num_gpus`` given to
-    ``ray.remote``, not to ``.options``."""
-    return ray.remote(max_calls=1 if ecfg.gpus_per_actor > 0 else 0)(embed_teacher).options(
+def embed_task(ecfg: EmbedConfig, body: Callable[..., Any] = embed_teacher) -> Any:
+    """A task body (:func:`embed_ranges`, the stage's; :func:`embed_teacher`) as a Ray remote
+    function with the embed config's resources. No retry: a failed teacher is reported, not run
+    again. With a GPU, a fresh worker process per task: set here because Ray's own default
+    (max_calls=1 for GPU tasks) only follows a ``num_gpus`` given to ``ray.remote``, not to
+    ``.options``."""
+    return ray.remote(max_calls=1 if ecfg.gpus_per_actor > 0 else 0)(body).options(
         num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor, max_retries=0)
 
 
-def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig
-                ) -> list[tuple[str, str, ShardKey, int]]:
-    """(teacher, split, key, number of samples) of every shard: each teacher x each split."""
+def row_ranges(num_samples: int, rows_per_sample: int, per_batch: int, rows_per_part: int,
+               workers: int) -> list[tuple[int, int]]:
+    """Split a shard's samples into at most ``workers`` contiguous ranges ``[start, stop)``, one per
+    worker, in order. Every boundary is a multiple of ``per_batch`` samples, so each batch holds the
+    same samples as in a one-worker run (hence the same bytes from the same kernels). When a part
+    holds whole samples, the boundaries are also put on part boundaries (multiples of lcm(batch,
+    part) samples), which makes the part files themselves a one-worker run's, unless that leaves
+    the largest range more than 10% larger than batch-aligned ranges would (a shard of few parts
+    over many workers: the balance, hence the wall time, wins). Fewer ranges than workers when the
+    shard has fewer batches; an empty shard is one empty range."""
+    def even(unit: int) -> list[tuple[int, int]]:  # blocks of `unit` samples dealt out evenly
+        blocks = -(-num_samples // unit)
+        w = min(workers, blocks)
+        return [(min(num_samples, i * blocks // w * unit), min(num_samples, (i + 1) * blocks // w * unit)) for i in range(w)]
+
+    if num_samples == 0 or workers <= 1:
+        return [(0, num_samples)]
+    ranges = even(per_batch)
+    if rows_per_part % rows_per_sample == 0:
+        aligned = even(math.lcm(per_batch, rows_per_part // rows_per_sample))
+        if max(b - a for a, b in aligned) <= 1.1 * max(b - a for a, b in ranges):
+            return aligned
+    return ranges
+
+
+def plan_workers(ecfg: EmbedConfig, rows: Mapping[str, int], available: Mapping[str, float]) -> dict[str, int]:
+    """Workers per teacher (``rows``: each teacher's rows to write). An int
+    ``workers_per_teacher`` is taken as is; "auto" deals the free slots of the task's resource
+    (``available``, i.e. ``ray.available_resources()``: GPUs with ``gpus_per_actor`` > 0, else CPUs)
+    out to the teachers, none more than one per ``min_rows_per_worker`` rows (what a small teacher
+    leaves goes to the others), each at least one."""
+    if ecfg.workers_per_teacher != "auto":
+        return {name: int(ecfg.workers_per_teacher) for name in rows}
+    res, need = ("GPU", ecfg.gpus_per_actor) if ecfg.gpus_per_actor > 0 else ("CPU", ecfg.cpus_per_actor)
+    free = int(available.get(res, 0.0) / need + 1e-9)
+    caps = {name: max(1, -(-r // ecfg.min_rows_per_worker)) for name, r in rows.items()}
+    out = {}
+    for i, name in enumerate(sorted(caps, key=caps.get)):  # smallest cap first: its unused share goes on
+        out[name] = max(1, min(caps[name], free // (len(caps) - i)))
+        free = max(0, free - out[name])
+    return {name: out[name] for name in rows}
+
+
+def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig,
+                output_dir: str | Path) -> list[tuple[str, str, ShardKey, int]]:
+    """(teacher, split, key, number of samples) of every shard: each teacher x each split. Prepares
+    the stored splits (the driver's :func:`~ensemble_kd.datastore.prepare`) the tasks will read."""
     plan = []
     recipe = view_recipe(ecfg.views, ecfg.adversarial)
     for split in splits:
-        ds = build_dataset(data.name, split, data.root, **data.kwargs)
+        ds = prepare(data, split, output_dir)
         fp = ds.fingerprint()
         for name, t in teachers.items():
             if t.modality not in ds.modalities:
@@ -181,15 +296,15 @@ def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], e
 def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig, output_dir: str | Path,
         device: str = "auto", amp: bool = True, progress: bool = True, log: Callable[[str], None] = print,
         index: str | None = "shards", bar_position: int = 0) -> ShardIndex:
-    """Write (or reuse) the shard of every teacher x split; one Ray task per teacher (Ray must be
-    initialised). Records the result in ``<output_dir>/index/<index>.json`` (merged with what is
-    there: other teachers' shards stay), unless ``index`` is None. ``bar_position``: the first
-    progress bar's line (runs side by side keep their bars apart)."""
+    """Write (or reuse) the shard of every teacher x split; each teacher's rows over its workers'
+    Ray tasks (Ray must be initialised). Records the result in ``<output_dir>/index/<index>.json``
+    (merged with what is there: other teachers' shards stay), unless ``index`` is None.
+    ``bar_position``: the first progress bar's line (runs side by side keep their bars apart)."""
     root = Path(output_dir) / "shards"
     root.mkdir(parents=True, exist_ok=True)
     results: list[ShardRecord] = []
     todo: dict[str, list[tuple[str, ShardKey, int]]] = {}
-    for name, split, key, num_samples in plan_shards(teachers, data, splits, ecfg):
+    for name, split, key, num_samples in plan_shards(teachers, data, splits, ecfg, output_dir):
         d = root / key.dirname
         if d.exists():
             m = check_manifest(d, key)  # refuses a tampered/mismatched manifest, naming both sides
@@ -202,12 +317,12 @@ def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: Emb
                 log(f"shard {d.name}: reused ({m['num_rows']} rows)")
                 results.append(ShardRecord(name, split, str(d), key.shard_id, m["num_rows"], True, 0.0))
                 continue
-        todo.setdefault(name, []).append((split, key, num_samples * (ecfg.views.num_views + num_adv_views(key.views))))
+        todo.setdefault(name, []).append((split, key, num_samples))
     if todo:
-        written = _EmbedTasks(teachers, data, ecfg, root, device, amp, progress, bar_position).run(todo)
-        for r in written:
-            log(f"shard {Path(r.dir).name}: wrote {r.rows} rows in {r.seconds:.1f}s")
-        results += written
+        written = _EmbedTasks(teachers, data, ecfg, Path(output_dir), device, amp, progress, bar_position).run(todo)
+        for r, workers in written:
+            log(f"shard {Path(r.dir).name}: wrote {r.rows} rows in {r.seconds:.1f}s" + (f" by {workers} workers" if workers > 1 else ""))
+        results += [r for r, _ in written]
     out = ShardIndex(tuple(results))
     if index is not None:
         record_index(output_dir, out, index)
@@ -223,39 +338,83 @@ def record_index(output_dir: str | Path, shards: ShardIndex, index: str = "shard
     write_index(output_dir, index, old.merged(shards).to_dict())
 
 
-class _EmbedTasks:
-    """One :func:`embed_teacher` task per teacher with work, each streaming its shards one after
-    another, and a progress bar per teacher; the unfinished tasks are cancelled if the stage fails."""
+@dataclass
+class _ShardJob:
+    """One shard being written by its workers: sample ranges (one per worker), the temp folder they
+    write into, and the finished ranges' descriptors (range index -> what :func:`write_range` yields)."""
 
-    def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, root: Path, device: str,
+    teacher: str
+    split: str
+    key: ShardKey
+    rows: int
+    ranges: list[tuple[int, int]]
+    tmp: Path
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    published: bool = False
+
+
+class _EmbedTasks:
+    """W :func:`embed_ranges` tasks per teacher with work (worker j: range j of each of its shards),
+    a progress bar per teacher fed by all of them, and each shard published by the driver once all
+    its ranges are written; on any failure (or Ctrl-C) the unfinished tasks are cancelled and the
+    unpublished shards' temp folders removed."""
+
+    STOP_WAIT_S = 30.0  # after a cancel, how long to wait for the tasks to end before removing their folders
+
+    def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, output_dir: Path, device: str,
                  amp: bool, progress: bool, bar_position: int = 0) -> None:
-        self.teachers, self.data, self.ecfg, self.root = teachers, data, ecfg, root
+        self.teachers, self.data, self.ecfg = teachers, data, ecfg
+        self.output_dir, self.root = output_dir, output_dir / "shards"
         self.device, self.amp, self.progress, self.bar_position = device, amp, progress, bar_position
 
-    def run(self, todo: dict[str, list[tuple[str, ShardKey, int]]]) -> list[ShardRecord]:
-        task = embed_task(self.ecfg)
+    def run(self, todo: dict[str, list[tuple[str, ShardKey, int]]]) -> list[tuple[ShardRecord, int]]:
+        """Write the shards of ``todo`` (teacher -> [(split, key, samples)]); (record, workers) per shard."""
+        task = embed_task(self.ecfg, embed_ranges)
         data, ecfg = to_dict(self.data), to_dict(self.ecfg)
+        rps, per_batch = rows_per_sample(self.ecfg), samples_per_batch(self.ecfg)
+        workers = plan_workers(self.ecfg, {name: sum(n for _, _, n in jobs) * rps for name, jobs in todo.items()},
+                               ray.available_resources())
+        shards: dict[str, _ShardJob] = {}  # dirname -> job
         gens: dict[Any, str] = {}  # generator -> teacher
-        bars = {}
-        for i, (name, jobs) in enumerate(todo.items()):
-            g = task.remote(asdict(self.teachers[name]), data, ecfg, str(self.root), self.device, self.amp,
-                            [(split, key.to_dict()) for split, key, _ in jobs])
-            gens[g] = name
-            bars[name] = tqdm(total=sum(rows for _, _, rows in jobs), desc=f"embed {name}", unit="row",
-                              position=self.bar_position + i, disable=not self.progress, leave=True)
+        bars: dict[str, Any] = {}
         try:
-            return self._drain(gens, {name: list(jobs) for name, jobs in todo.items()}, bars)
+            for i, (name, jobs) in enumerate(todo.items()):
+                mine = []
+                for split, key, n in jobs:
+                    ranges = row_ranges(n, rps, per_batch, self.ecfg.rows_per_part, workers[name])
+                    mine.append(_ShardJob(name, split, key, n * rps, ranges, new_temp_dir(self.root, key)))
+                    shards[key.dirname] = mine[-1]
+                bars[name] = tqdm(total=sum(j.rows for j in mine), desc=f"embed {name}", unit="row",
+                                  position=self.bar_position + i, disable=not self.progress, leave=True)
+                for w in range(max(len(j.ranges) for j in mine)):  # worker w: range w of each shard that has one
+                    ranges = [{"split": j.split, "key": j.key.to_dict(), "start": j.ranges[w][0], "stop": j.ranges[w][1],
+                               "index": w, "tmp": str(j.tmp)} for j in mine if w < len(j.ranges)]
+                    gens[task.remote(asdict(self.teachers[name]), data, ecfg, str(self.output_dir), self.device,
+                                     self.amp, ranges)] = name
+            return self._drain(gens, shards, bars)
         finally:
             for b in bars.values():
                 b.close()
-            for g in gens:  # what is left after an error or Ctrl-C: stop it, its CPUs/GPU go back
-                with contextlib.suppress(Exception):
-                    ray.cancel(g, force=True)
+            self._stop(gens)
+            for j in shards.values():
+                if not j.published:
+                    shutil.rmtree(j.tmp, ignore_errors=True)
 
-    def _drain(self, gens: dict[Any, str], pending: dict[str, list[tuple[str, ShardKey, int]]],
-               bars: dict[str, Any]) -> list[ShardRecord]:
+    def _stop(self, gens: dict[Any, str]) -> None:
+        """Cancel what is left after an error or Ctrl-C (its CPUs/GPU go back) and wait, a bounded
+        time, until those tasks have ended, so that none still writes into a folder being removed."""
+        for g in gens:
+            with contextlib.suppress(Exception):
+                ray.cancel(g, force=True)
+        if gens:
+            with contextlib.suppress(Exception):
+                ray.wait([g.completed() for g in gens], num_returns=len(gens), timeout=self.STOP_WAIT_S)
+
+    def _drain(self, gens: dict[Any, str], shards: dict[str, _ShardJob], bars: dict[str, Any]) -> list[tuple[ShardRecord, int]]:
+        """Follow every task until it ends: progress after each batch, each shard published when
+        its last range is written. The only serial work here is a few renames per shard."""
         results = []
-        started = {name: time.perf_counter() for name in pending}  # the current shard's start, per teacher
+        started = dict.fromkeys(bars, time.perf_counter())  # the current shard's start, per teacher
         while gens:
             ready, _ = ray.wait(list(gens), num_returns=1)
             g = ready[0]
@@ -270,12 +429,21 @@ class _EmbedTasks:
             except StopIteration:
                 del gens[g]
                 continue
-            if isinstance(item, dict):  # a manifest: the teacher's next shard in order is published
-                split, key, _ = pending[name].pop(0)
-                now = time.perf_counter()
-                results.append(ShardRecord(name, split, str(self.root / key.dirname), key.shard_id, item["num_rows"],
-                                           False, now - started[name]))
-                started[name] = now
-            else:
+            if not isinstance(item, dict):
                 bars[name].update(item)
+                continue
+            job = shards[item["shard"]]
+            job.done[item["range"]] = item
+            if len(job.done) < len(job.ranges):
+                continue
+            parts = [p for w in range(len(job.ranges)) for p in job.done[w]["parts"]]  # row order
+            if sum(p["rows"] for p in parts) != job.rows:
+                raise ShardCorruptError(f"shard {job.tmp}: its workers wrote {sum(p['rows'] for p in parts)} rows, "
+                                        f"the plan has {job.rows}")
+            m = publish_shard(job.tmp, self.root / job.key.dirname, job.key, parts=parts, **item["meta"])
+            job.published = True
+            now = time.perf_counter()
+            results.append((ShardRecord(name, job.split, str(self.root / job.key.dirname), job.key.shard_id,
+                                        m["num_rows"], False, now - started[name]), len(job.ranges)))
+            started[name] = now
         return results

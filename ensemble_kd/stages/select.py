@@ -21,6 +21,7 @@ import torch
 from ensemble_kd.artifacts import SelectionRecord, write_index
 from ensemble_kd.config import ConfigError, DataConfig, SelectConfig, to_dict
 from ensemble_kd.selection import class_accuracy, load_selection, select_confident, write_selection
+from ensemble_kd.rows import full
 from ensemble_kd.shards import ShardSet
 
 
@@ -58,9 +59,9 @@ def run(pool: Mapping[str, str | Path], teacher_test: Mapping[str, str | Path], 
     if ts.first.num_classes != C:
         raise ConfigError(f"select.teacher_data: {teacher_data.name!r} has {ts.first.num_classes} classes, the teachers' logits {C}")
 
-    sel = select_confident([ps.logits(n) for n in names], scfg.fraction, scfg.per_class)
-    acc, top1 = class_accuracy([ts.logits(n) for n in names], ts.labels, C)
-    per_teacher = {n: class_accuracy([ts.logits(n)], ts.labels, C)[1] for n in names}
+    sel = select_confident([full(ps.logits(n)) for n in names], scfg.fraction, scfg.per_class)
+    acc, top1 = class_accuracy([full(ts.logits(n)) for n in names], ts.labels, C)
+    per_teacher = {n: class_accuracy([full(ts.logits(n))], ts.labels, C)[1] for n in names}
     key = {"pool_shards": {n: ps.shards[n].manifest["shard_id"] for n in names},
            "teacher_test_shards": {n: ts.shards[n].manifest["shard_id"] for n in names},
            "teachers": names, "fraction": float(scfg.fraction), "per_class": bool(scfg.per_class), "num_classes": C}

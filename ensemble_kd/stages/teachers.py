@@ -26,7 +26,8 @@ from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, Teache
 from ensemble_kd.loop import LoopConfig, fit, module_part
 from ensemble_kd.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
                                             teacher_config_hash)
-from modalities import build_dataset, build_encoder
+from ensemble_kd.datastore import open_split
+from modalities import build_encoder
 
 
 OnReady = Callable[[str, TeacherRecord], None]
@@ -77,7 +78,7 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
         if mlflow_run:
             tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
         raise
-    train = build_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.kwargs)
+    train = open_split(cfg.data, "train", cfg.output_dir)
     spec = train.spec(t.modality)
     model = build_encoder(t.arch, spec, train.num_classes, **t.arch_kwargs)
     model.load_state_dict(module_part(st))
@@ -95,14 +96,14 @@ def checkpoint_path(t: TeacherConfig, checkpoint_dir: str | Path) -> Path:
     return Path(t.checkpoint) if t.checkpoint else Path(checkpoint_dir) / f"{t.name}.pt"
 
 
-def record(t: TeacherConfig, path: str | Path, data: DataConfig) -> TeacherRecord:
+def record(t: TeacherConfig, path: str | Path, data: DataConfig, output_dir: str | Path) -> TeacherRecord:
     """The record of teacher ``t``'s file, verified: an ensemble-kd checkpoint describes itself; a
     RepDistiller checkpoint or a plain state_dict is checked (keys and shapes) against the entry's
-    arch on the dataset's input and classes, and hashed by its bytes."""
+    arch on the dataset's input and classes (its stored split under ``output_dir``), and hashed by its bytes."""
     if file_format(path) == "ensemble-kd":
         info, kwargs = inspect_teacher(path), {}
     else:
-        ds = build_dataset(data.name, "train", data.root, **data.kwargs)
+        ds = open_split(data, "train", output_dir)
         kwargs = dict(t.arch_kwargs)
         info = inspect_teacher(path, arch=t.arch, modality=t.modality, spec=ds.spec(t.modality),
                                num_classes=ds.num_classes, arch_kwargs=kwargs)
@@ -111,16 +112,19 @@ def record(t: TeacherConfig, path: str | Path, data: DataConfig) -> TeacherRecor
                          format=info["format"], arch_kwargs=kwargs)
 
 
-def existing(teachers: Sequence[TeacherConfig], checkpoint_dir: str | Path, data: DataConfig) -> TeacherSet:
+def existing(teachers: Sequence[TeacherConfig], checkpoint_dir: str | Path, data: DataConfig,
+             output_dir: str | Path | None = None) -> TeacherSet:
     """The teacher set of checkpoints already on disk, verified, refusing a missing one before any
-    Ray work starts (what `embed`, `select` and `distill` use: they never train)."""
+    Ray work starts (what `embed`, `select` and `distill` use: they never train). ``output_dir``: where
+    the data store is (default: the checkpoint folder's parent)."""
     out = {}
+    output_dir = Path(checkpoint_dir).parent if output_dir is None else output_dir
     for t in teachers:
         p = checkpoint_path(t, checkpoint_dir)
         if not p.exists():
             raise ConfigError(f"teacher {t.name!r} has no checkpoint at {p}: run `ensemble-kd teachers train` first "
                               "(or set the teacher's checkpoint)")
-        out[t.name] = record(t, p, data)
+        out[t.name] = record(t, p, data, output_dir)
     return TeacherSet(out)
 
 
@@ -157,7 +161,7 @@ def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], ve
             _train_one(cfg, t, path, verbose, log, turn)
         finally:
             turn[1].set()  # an early failure does not hold the next teacher back
-        rec = record(t, path, cfg.data)
+        rec = record(t, path, cfg.data, cfg.output_dir)
         if on_ready is not None:
             on_ready(t.name, rec)
         return rec
@@ -187,14 +191,14 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
     for t in cfg.teachers:
         path = checkpoint_path(t, Path(cfg.output_dir) / "teachers")
         if t.checkpoint:
-            rec = record(t, path, cfg.data)
+            rec = record(t, path, cfg.data, cfg.output_dir)
             log(f"teacher {t.name}: using checkpoint {path} ({rec.format}: {rec.arch} on {rec.modality}, "
                 f"test top-1 {rec.test_top1})")
         elif retrain or not _reusable(t, cfg.data, path, log):
             todo.append((t, path))
             continue
         else:
-            rec = record(t, path, cfg.data)
+            rec = record(t, path, cfg.data, cfg.output_dir)
         recs[t.name] = rec
         if on_ready is not None:
             on_ready(t.name, rec)

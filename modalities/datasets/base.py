@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +32,43 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 class DatasetError(ValueError):
     """A dataset that cannot be read: names the file or directory and what is wrong."""
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """How one modality is kept on disk (the data store) and turned back into the float32 tensor
+    the encoders read: ``float32`` rows as they are, or ``uint8`` rows (decoded images) divided by
+    ``divisor``, then standardised per channel with ``mean``/``std`` when given. :meth:`decode` is
+    the one implementation of that transform (the in-memory uint8 datasets call it too), so a
+    stored dataset serves bit for bit the tensors its source served."""
+
+    dtype: Literal["float32", "uint8"] = "float32"
+    divisor: float | None = None  # uint8: pixel / divisor (255.0)
+    mean: tuple[float, ...] | None = None  # per channel, after the division
+    std: tuple[float, ...] | None = None
+
+    def decode(self, rows: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """(B, numel) stored rows -> (B, *shape) float32 (a new tensor)."""
+        x = rows.reshape(rows.shape[0], *shape)
+        if self.dtype == "float32":
+            return x.to(torch.float32, copy=True)
+        x = x.to(torch.float32).div_(float(self.divisor or 1.0))
+        if self.mean is not None:
+            c = len(self.mean)
+            m = torch.tensor(self.mean, dtype=torch.float32).view(1, c, *([1] * (x.dim() - 2)))
+            s = torch.tensor(self.std, dtype=torch.float32).view(1, c, *([1] * (x.dim() - 2)))
+            x = x.sub_(m).div_(s)
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "divisor": self.divisor,
+                "mean": None if self.mean is None else list(self.mean), "std": None if self.std is None else list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StoredForm":
+        mean, std = d.get("mean"), d.get("std")
+        return cls(d.get("dtype", "float32"), d.get("divisor"), None if mean is None else tuple(float(v) for v in mean),
+                   None if std is None else tuple(float(v) for v in std))
 
 
 class PairedDataset(torch.utils.data.Dataset):
@@ -76,6 +114,17 @@ class PairedDataset(torch.utils.data.Dataset):
             "label": torch.from_numpy(self.labels[idx].copy()),
             "inputs": self._inputs(idx, mods),
         }
+
+    def stored_forms(self) -> dict[str, StoredForm]:
+        """How each modality is written to the data store (default: float32 rows as served)."""
+        return {m: StoredForm() for m in self.modalities}
+
+    def stored_batch(self, index: Sequence[int] | np.ndarray, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+        """The rows at positions ``index`` in their stored form: name -> (B, numel) array of the
+        :meth:`stored_forms` dtype, such that ``form.decode`` gives back :meth:`get_batch`'s tensors."""
+        idx = np.asarray(index, dtype=np.int64)
+        x = self._inputs(idx, list(modalities))
+        return {m: np.ascontiguousarray(x[m].reshape(len(idx), -1).numpy(), dtype=np.float32) for m in modalities}
 
     def spec(self, modality: str) -> ModalitySpec:
         try:
@@ -151,7 +200,7 @@ class ArrayDataset(PairedDataset):
         }
 
     def _inputs(self, index: np.ndarray, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
-        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
         return {m: self._arrays[m].index_select(0, idx) for m in modalities}
 
     def _hash_content(self, h: "hashlib._Hash") -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, check_split
+from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split
 from modalities.spec import ModalitySpec
 
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -90,11 +90,19 @@ class UInt8ImageDataset(PairedDataset):
             self.mean = self.std = None
         self.modalities = {"image": ModalitySpec("image", "image", tuple(int(v) for v in images.shape[1:]))}
 
+    def stored_forms(self) -> dict[str, StoredForm]:
+        mean = None if self.mean is None else tuple(float(v) for v in self.mean.reshape(-1))
+        std = None if self.std is None else tuple(float(v) for v in self.std.reshape(-1))
+        return {"image": StoredForm("uint8", 255.0, mean, std)}
+
+    def stored_batch(self, index, modalities) -> dict[str, np.ndarray]:
+        idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
+        return {m: self._images.index_select(0, idx).reshape(len(idx), -1).numpy() for m in modalities}
+
     def _inputs(self, index: np.ndarray, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
-        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
-        x = self._images.index_select(0, idx).to(torch.float32).div_(255.0)
-        if self.mean is not None:
-            x = x.sub_(self.mean).div_(self.std)
+        idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
+        rows = self._images.index_select(0, idx)  # (B, C, H, W) uint8
+        x = self.stored_forms()["image"].decode(rows.reshape(len(idx), -1), rows.shape[1:])
         return {m: x for m in modalities}
 
     def _hash_transform(self, h: "hashlib._Hash") -> None:

@@ -16,16 +16,18 @@ Split: the folders. ``sample_id``: train = position of the file in the sorted or
 paths relative to ``root/train`` (posix ``class/name.png``); test = ``10**9`` + position in
 the sorted order of the paths relative to ``root/test``. Ids are unique across both splits.
 
-Images are decoded eagerly when the split is built (PIL, converted to RGB for ``channels=3`` or
-grey ``L`` for ``channels=1``, then resized to ``image_size`` x ``image_size`` with PIL's
-antialiased bilinear filter, aspect ratio not kept) and held as uint8, which suits small and
-medium folders (a million 32x32 RGB images take 3 GB). The single modality ``image`` is a
-float32 (channels, image_size, image_size) tensor: pixel / 255, then, with ``normalize=True``
-(default), standardised per channel with ``mean``/``std`` if given, else with the per-channel
-mean and std of the train split at that size and channel count (so building ``test`` reads the
-train images too; the result is cached per folder contents). The fingerprint hashes the
-relative paths and the bytes of every file (digests taken when the file was read), the class
-names, and the standardisation constants.
+Building a split lists the files; images are decoded only when rows are asked for (PIL,
+converted to RGB for ``channels=3`` or grey ``L`` for ``channels=1``, then resized to
+``image_size`` x ``image_size`` with PIL's antialiased bilinear filter, aspect ratio not kept).
+The data store (``ensemble_kd.datastore``) decodes each file once, a batch at a time, and keeps it
+as uint8 at that size (3 KB per 32x32 RGB image), so the folder may be larger than memory. The
+single modality ``image`` is a float32 (channels, image_size, image_size) tensor: pixel / 255,
+then, with ``normalize=True`` (default), standardised per channel with ``mean``/``std`` if given,
+else with the per-channel mean and std of the train split at that size and channel count (one
+decoding pass over the train files, one image in memory at a time, from exact integer sums; so
+building ``test`` reads the train images too; the result is cached per folder contents). The
+fingerprint hashes the relative paths and the bytes of every file (read without decoding), the
+class names, and the standardisation constants.
 """
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
-from modalities.datasets.base import DATASETS, DatasetError, check_split
-from modalities.datasets.cifar import UInt8ImageDataset
-from modalities.datasets.digits import check_image_size, per_channel_stats
+from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split
+from modalities.datasets.digits import check_image_size
+from modalities.spec import ModalitySpec
 
 NAME = "image-folder"
 TEST_ID_OFFSET = 10**9
@@ -48,21 +51,63 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-class ImageFolderDataset(UInt8ImageDataset):
-    """Decoded images plus what they were read from: ``root`` (the split folder), ``paths``
-    (relative posix paths, in row order) and ``classes``."""
+class ImageFolderDataset(PairedDataset):
+    """A listed image folder, decoded lazily: ``root`` (the split folder), ``paths`` (relative posix
+    paths, in row order), ``classes``, and the per-channel ``mean``/``std`` ((1, C, 1, 1) float32, or
+    None). Nothing is decoded until rows are asked for (``stored_batch``, ``get_batch``): the data
+    store reads the split once, a batch of files at a time, so a folder larger than memory works."""
 
-    def __init__(self, *args, root: str, paths: Sequence[str], digests: Sequence[bytes], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.root = root
-        self.paths = list(paths)
-        self._digests = list(digests)
+    def __init__(self, name: str, split: str, labels: np.ndarray, sample_ids: np.ndarray, num_classes: int, *,
+                 root: str, paths: Sequence[str], classes: Sequence[str], image_size: int, channels: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        self.name, self.split, self.num_classes = name, split, int(num_classes)
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
+        self.root, self.paths, self.classes = root, list(paths), list(classes)
+        self.image_size, self.channels = int(image_size), int(channels)
+        self.modalities = {"image": ModalitySpec("image", "image", (self.channels, self.image_size, self.image_size))}
+        if mean is not None:
+            m = np.asarray(mean, dtype=np.float32).reshape(-1)
+            sd = np.asarray(std, dtype=np.float32).reshape(-1)
+            if m.shape != (self.channels,) or sd.shape != (self.channels,) or not np.all(sd > 0):
+                raise ValueError(f"{NAME}: mean and std need {self.channels} values (std > 0), got {list(m)} and {list(sd)}")
+            self.mean: torch.Tensor | None = torch.from_numpy(m).view(1, -1, 1, 1)
+            self.std: torch.Tensor | None = torch.from_numpy(sd).view(1, -1, 1, 1)
+        else:
+            self.mean = self.std = None
+
+    def stored_forms(self) -> dict[str, StoredForm]:
+        if self.mean is None:
+            return {"image": StoredForm("uint8", 255.0)}
+        return {"image": StoredForm("uint8", 255.0, tuple(float(v) for v in self.mean.reshape(-1)),
+                                    tuple(float(v) for v in self.std.reshape(-1)))}
+
+    def _decode_rows(self, index) -> np.ndarray:
+        """(B, C*S*S) uint8: the files at positions ``index``, decoded and resized."""
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        out = np.empty((idx.size, self.channels * self.image_size * self.image_size), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            out[k] = _decode(os.path.join(self.root, *self.paths[i].split("/")), self.image_size, self.channels)[0].reshape(-1)
+        return out
+
+    def stored_batch(self, index, modalities) -> dict[str, np.ndarray]:
+        rows = self._decode_rows(index)
+        return {m: rows for m in modalities}
+
+    def _inputs(self, index: np.ndarray, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+        x = self.stored_forms()["image"].decode(torch.from_numpy(self._decode_rows(index)), self.modalities["image"].shape)
+        return {m: x for m in modalities}
 
     def _hash_content(self, h: "hashlib._Hash") -> None:
-        self._hash_transform(h)
-        h.update(b"|resize:pil-bilinear|classes:" + "\x00".join(self.classes or []).encode())
-        for rel, digest in zip(self.paths, self._digests):
-            h.update(b"|" + rel.encode() + b"\x00" + digest)
+        """The transform, the class names, and every file's relative path and sha256 (its bytes,
+        read without decoding)."""
+        if self.mean is None:
+            h.update(b"|pixel/255")
+        else:
+            h.update(b"|pixel/255|mean" + self.mean.numpy().tobytes() + b"|std" + self.std.numpy().tobytes())
+        h.update(b"|resize:pil-bilinear|classes:" + "\x00".join(self.classes).encode())
+        for rel in self.paths:
+            h.update(b"|" + rel.encode() + b"\x00" + _file_digest(os.path.join(self.root, *rel.split("/"))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,13 +160,21 @@ def _list_images(split_dir: str, classes: list[str], require_each: bool) -> tupl
     return [p for p, _ in paths], np.asarray([y for _, y in paths], dtype=np.int64)
 
 
-def _decode(path: str, image_size: int, channels: int) -> tuple[np.ndarray, bytes]:
-    """One file -> (uint8 (C, S, S), sha256 digest of its bytes)."""
+def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise DatasetError(f"{NAME}: cannot read image file {path}: {e}") from e
+
+
+def _file_digest(path: str) -> bytes:
+    return hashlib.sha256(_read_bytes(path)).digest()
+
+
+def _decode(path: str, image_size: int, channels: int) -> tuple[np.ndarray, bytes]:
+    """One file -> (uint8 (C, S, S), sha256 digest of its bytes)."""
+    data = _read_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -135,14 +188,25 @@ def _decode(path: str, image_size: int, channels: int) -> tuple[np.ndarray, byte
     return np.ascontiguousarray(arr), hashlib.sha256(data).digest()
 
 
-def _read_split(split_dir: str, classes: list[str], require_each: bool, image_size: int, channels: int):
-    paths, labels = _list_images(split_dir, classes, require_each)
-    images = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
-    digests = []
-    for i, rel in enumerate(paths):
-        images[i], digest = _decode(os.path.join(split_dir, *rel.split("/")), image_size, channels)
-        digests.append(digest)
-    return images, labels, paths, digests
+def streamed_stats(split_dir: str, paths: Sequence[str], image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of pixel / 255 over the files, decoded one at a time
+    (memory: one image): exact integer sums of the pixels and of their squares, so the result does
+    not depend on the order or on how many images there are. A constant channel gets std 1."""
+    n = 0
+    s = np.zeros(channels, dtype=np.int64)  # (C,) sum of pixel values
+    q = np.zeros(channels, dtype=np.int64)  # (C,) sum of squared pixel values
+    for rel in paths:
+        img = _decode(os.path.join(split_dir, *rel.split("/")), image_size, channels)[0].astype(np.int64)  # (C, S, S)
+        s += img.sum(axis=(1, 2))
+        q += (img * img).sum(axis=(1, 2))
+        n += image_size * image_size
+    if n == 0:
+        raise DatasetError(f"{NAME}: no images under {split_dir} to compute channel statistics from")
+    mean = s / n  # (C,) float64, in pixel units
+    var = np.maximum(q / n - mean * mean, 0.0)
+    std = np.sqrt(var) / 255.0
+    std[std <= 0] = 1.0
+    return (mean / 255.0).astype(np.float32), std.astype(np.float32)
 
 
 _STATS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -159,11 +223,9 @@ def train_stats(root: str, image_size: int, channels: int) -> tuple[np.ndarray, 
         signature.append((rel, st.st_size, st.st_mtime_ns))
     key = (os.path.abspath(d), image_size, channels, tuple(signature))
     if key not in _STATS_CACHE:
-        images = _read_split(d, classes, True, image_size, channels)[0]
-        mean, std = per_channel_stats(images, scale=1.0 / 255.0)
         if len(_STATS_CACHE) > 16:
             _STATS_CACHE.clear()
-        _STATS_CACHE[key] = (mean, std)
+        _STATS_CACHE[key] = streamed_stats(d, paths, image_size, channels)
     return _STATS_CACHE[key]
 
 
@@ -188,15 +250,11 @@ def image_folder(
     root = os.path.expanduser(os.fspath(root))
     classes = train_classes(root)
     split_dir = _split_dir(root, split)
-    images, labels, paths, digests = _read_split(split_dir, classes, split == "train", image_size, channels)
+    paths, labels = _list_images(split_dir, classes, split == "train")
     if normalize and mean is None:
-        if split == "train":
-            mean, std = per_channel_stats(images, scale=1.0 / 255.0)
-        else:
-            mean, std = train_stats(root, image_size, channels)
+        mean, std = train_stats(root, image_size, channels)  # one decoding pass over the train files
     ids = np.arange(len(labels), dtype=np.int64) + (TEST_ID_OFFSET if split == "test" else 0)
     return ImageFolderDataset(
-        NAME, split, images, labels, ids, len(classes),
-        mean=mean if normalize else None, std=std if normalize else None, classes=classes,
-        root=split_dir, paths=paths, digests=digests,
+        NAME, split, labels, ids, len(classes), root=split_dir, paths=paths, classes=classes,
+        image_size=image_size, channels=channels, mean=mean if normalize else None, std=std if normalize else None,
     )
