@@ -160,6 +160,7 @@ class NegativeSampler:
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1).cpu()  # (M,)
+        self._labels_by_device: dict[str, torch.Tensor] = {}  # device -> the labels there (labels_on)
         self.num_rows = M = int(self.labels.shape[0])
         if M < 2:
             raise ValueError(f"negative sampling needs at least 2 rows, got {M}")
@@ -261,12 +262,25 @@ class NegativeSampler:
             return self.order[pos + (pos >= start).long() * count]  # skip the anchor's class run
         return self.hard_pool[a, pos]  # (B, N)
 
+    def labels_on(self, device: torch.device) -> torch.Tensor:
+        """The (M,) labels on ``device``, copied there once: the shared negatives' mask is built on
+        the device the draws live on, with no copy to the host per step."""
+        if device.type == "cpu":
+            return self.labels
+        got = self._labels_by_device.get(str(device))
+        if got is None:
+            got = self._labels_by_device[str(device)] = self.labels.to(device)
+        return got
+
     def valid_mask(self, anchors: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """anchors (B,), neg (B, N) or (N,) -> (B, N) bool: which negatives count for which anchor."""
+        """anchors (B,), neg (B, N) or (N,) -> (B, N) bool on ``neg``'s device: which negatives count
+        for which anchor."""
+        anchors = anchors.to(neg.device)
         neg = neg if neg.dim() == 2 else neg[None, :].expand(anchors.shape[0], -1)
         valid = neg != anchors[:, None]
         if self.mode != "uniform":
-            valid &= self.labels[neg] != self.labels[anchors][:, None]
+            labels = self.labels_on(neg.device)
+            valid &= labels[neg] != labels[anchors][:, None]
         return valid
 
     def sample(self, anchor_idx: torch.Tensor, step: int, with_valid: bool = True

@@ -101,3 +101,11 @@ def test_data_scale_runs_and_keeps_its_keys():
         assert len(res[k]) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in res[k]), (k, res[k])
     assert set(res["embed_scaling"]) == {"1", "2"} and all(v > 0 for v in res["embed_scaling"].values()), res["embed_scaling"]
     assert res["crd_memory_mb"][1] > res["crd_memory_mb"][0]  # rows x feat_dim x 4 B per memory: twice the rows
+
+
+def test_gpu_parts_runs_on_cpu():
+    res = _bench("gpu_parts.py", "--device", "cpu", "--steps", "4")
+    assert res["store"]["equal_to_source"] and res["store"]["round_trip_equal"] and res["shards"]["finite"]
+    for arm in ("ce+kd", "ce+kd+crd_exact_shared", "ce+kd+crd_reference_per_sample"):
+        assert res["steps"][arm]["device"]["finite"] and res["steps"][arm]["first_loss_rel_diff"] == 0.0, arm
+    assert res["memory"]["max_abs_diff"] == 0.0

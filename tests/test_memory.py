@@ -278,3 +278,15 @@ def test_shared_draws_from_a_bank_far_larger_than_n_are_distinct_and_determinist
     assert torch.equal(neg, s.sample(a, step=3)[0]) and not torch.equal(neg, s.sample(a, step=4)[0])
     many = torch.cat([s.sample(a, step=k)[0] for k in range(50)])  # 3,200 draws
     assert int(many.max()) > 0.9 * Mb and int(many.min()) < 0.1 * Mb
+
+
+def test_the_shared_negatives_mask_is_built_on_the_draws_device(data):
+    """On a GPU the shared draws live on the device while the labels start on the host: the mask
+    must be built there (found on an H200: indexing the host labels with device rows raised). The
+    meta device stands in for the GPU here: it carries the device through without a GPU."""
+    emb, labels = data
+    s = NegativeSampler(emb, labels, mode="class-aware", num_negatives=40, per_sample=False, seed=3)
+    neg, _ = s.sample(anchors_of(), step=1, with_valid=False)
+    valid = s.valid_mask(anchors_of().to("meta"), neg.to("meta"))
+    assert valid.device.type == "meta" and valid.shape == (10, 40)
+    assert s.labels_on(torch.device("meta")) is s.labels_on(torch.device("meta"))  # copied once
