@@ -18,11 +18,14 @@ rest (an offline box where Ray's wheel does not fit what can be carried there). 
             only), the mean step time on each
   memory    ``MomentumMemory`` updates with the same rows and values on the device and on the CPU:
             the largest difference of the tables
+  cifar     with ``--cifar-rows R``: a ``resnet32x4`` teacher's shard of R synthetic 3x32x32 images
+            (100 classes), then CE + KD + CRD (exact, N = 16384 shared) steps of a ``resnet8x4``
+            student on the device (bf16) and on the CPU (float32): a model of the CIFAR-100 jobs' size
 
 The step is the loop's (``loop.DistillModule.forward`` then ``sum(weight * loss)``, backward, SGD),
 written out here because ``ensemble_kd.loop`` imports Ray.
 
-    python bench/gpu_parts.py [--device cuda|cpu] [--steps 30]
+    python bench/gpu_parts.py [--device cuda|cpu] [--steps 30] [--cifar-rows 20000]
 
 Prints one JSON document. ``--device cpu`` compares the CPU with itself (the suite's smoke test).
 """
@@ -106,10 +109,11 @@ def part_shards(out: Path, device: torch.device) -> tuple[DistillData, dict[str,
                   "finite": bool(torch.isfinite(emb.float()).all()), "embed_dim": int(emb.shape[1])}
 
 
-def _run_arm(data: DistillData, terms, device: torch.device, amp: bool, steps: int) -> dict[str, Any]:
+def _run_arm(data: DistillData, terms, device: torch.device, amp: bool, steps: int, arch: str = "mlp") -> dict[str, Any]:
     torch.manual_seed(0)
-    student = build_encoder("mlp", data.spec, 10).to(device)
-    ctx = LossContext(student_dim=student.embed_dim, num_classes=10, teacher_dims=data.teacher_dims, bank=data.bank,
+    classes = data.ds.num_classes
+    student = build_encoder(arch, data.spec, classes).to(device)
+    ctx = LossContext(student_dim=student.embed_dim, num_classes=classes, teacher_dims=data.teacher_dims, bank=data.bank,
                       seed=0, device=device)
     losses = {name: build_loss(name, ctx, **kw) for name, _, kw in terms}
     weights = {name: w for name, w, _ in terms}
@@ -149,6 +153,48 @@ def part_steps(data: DistillData, device: torch.device, steps: int) -> dict[str,
     return out
 
 
+@torch.no_grad()
+def _teacher_shard(out: Path, ds, modality: str, arch: str, device: torch.device, name: str) -> Path:
+    """A teacher ``arch`` on ``modality`` (seeded random weights) run on ``device`` under autocast over
+    every row of ``ds``, written as a one-view shard; its folder."""
+    torch.manual_seed(0)
+    teacher = build_encoder(arch, ds.spec(modality), ds.num_classes).to(device).eval()
+    key = ShardKey(name, state_dict_hash(teacher.state_dict()), ds.name, ds.split, ds.fingerprint(),
+                   view_recipe(ViewsConfig(), AdversarialConfig()), "float32")
+    with ShardWriter(out / "shards", key, teacher.embed_dim, ds.num_classes) as w:
+        for s in range(0, len(ds), 256):
+            b = ds.get_batch(np.arange(s, min(s + 256, len(ds))), [modality])
+            with autocast(device, True):
+                emb, logits = teacher(b["inputs"][modality].to(device))  # (B, d), (B, C)
+            n = len(b["sample_id"])
+            zeros = np.zeros(n, dtype=np.int16)
+            w.write(b["sample_id"].numpy(), b["label"].numpy(), np.zeros(n, dtype=np.int32), zeros, zeros,
+                    np.zeros(n, dtype=bool), emb.float().cpu().numpy(), logits.float().cpu().numpy())
+        w.close(num_samples=len(ds), dataset_name=ds.name)
+    return out / "shards" / key.dirname
+
+
+def part_cifar(out: Path, device: torch.device, steps: int, rows: int) -> dict[str, Any]:
+    """CIFAR-sized: a ``resnet32x4`` teacher's shard of ``rows`` 3x32x32 images (``synthetic``), then
+    CE + KD + CRD steps of a ``resnet8x4`` student (CRD N = 16384 shared, as the CIFAR-100 jobs),
+    on the device under bf16 and on the CPU in float32."""
+    data_cfg = DataConfig(name="synthetic", kwargs={"rows": rows, "classes": 100, "modalities": {"img": [3, 32, 32]},
+                                                    "seed": 0, "normalize": True})
+    ds = prepare(data_cfg, "train", out)
+    t0 = time.perf_counter()
+    shard = _teacher_shard(out, ds, "img", "resnet32x4", device, "r32x4")
+    _sync(device)
+    embed_s = time.perf_counter() - t0
+    data = DistillData(ds, "img", {"r32x4": shard})
+    terms = [("ce", 1.0, {}), ("kd", 1.0, {"temperature": 4.0}),
+             ("crd", 0.8, {**CRD, "num_negatives": 16384, "mode": "exact", "per_sample": False})]
+    dev = _run_arm(data, terms, device, amp=True, steps=steps, arch="resnet8x4")
+    cpu = _run_arm(data, terms, torch.device("cpu"), amp=False, steps=max(4, steps // 5), arch="resnet8x4")
+    return {"rows": len(ds), "teacher_embed_rows_per_s": round(len(ds) / embed_s, 1), "device": dev, "cpu": cpu,
+            "first_loss_rel_diff": round(abs(dev["first_loss"] - cpu["first_loss"]) / abs(cpu["first_loss"]), 5),
+            "cpu_over_device": round(cpu["step_ms"] / dev["step_ms"], 2)}
+
+
 def part_memory(device: torch.device) -> dict[str, Any]:
     mems = {d: MomentumMemory(20_000, 128, momentum=0.5, seed=3).to(d) for d in ("cpu", str(device))}
     g = torch.Generator().manual_seed(1)
@@ -165,6 +211,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cifar-rows", type=int, default=0, help="also the CIFAR-sized part on this many images (0: skip)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"device": "cuda", "status": "skipped: no CUDA device"}))
@@ -178,6 +225,8 @@ def main() -> None:
         data, res["shards"] = part_shards(out, device)
         res["steps"] = part_steps(data, device, args.steps)
         res["memory"] = part_memory(device)
+        if args.cifar_rows:
+            res["cifar"] = part_cifar(out, device, args.steps, args.cifar_rows)
     print(json.dumps(res, indent=2))
 
 
