@@ -13,10 +13,25 @@ verbs pass them on. A stage also records its artifact as a JSON index under
 The index files hold paths and hashes only (never code, never pickles) and are written
 atomically. The artifacts they point at (checkpoints, shards, selections) verify themselves on
 open (content hashes, manifests); an index is a pointer, not a source of truth.
+
+Paths in an index are relative to the output folder when they lie inside it (``shards/<dir>``,
+``students/<run>/student.pt``), so a folder that is moved or copied (another disk, another
+machine, a cluster mount at another path) works in place and never reads the folder it came
+from; a path outside it (a user's own teacher file) is recorded as given, absolute. The
+artifacts in memory always hold absolute paths: :func:`write_index` records them relative and
+:func:`read_index` resolves them against the folder it reads. An index written before this
+(absolute paths throughout) still loads as it did; a recorded path of the folder's own layout
+(``<old folder>/shards/<dir>``, ``selections/<id>``, ``students/<run>/...``,
+``ray_results/<run>/...``) whose counterpart exists in this folder is read from this folder, even
+where the old one still exists: the index was written for the folder it lies in, and these are
+content-addressed or named per run. A teacher file (``<old>/teachers/<name>.pt``, which could as
+well be a user's file in a folder named ``teachers``) is taken from here only when the recorded
+one is gone.
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,19 +53,95 @@ def index_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / INDEX_DIR / f"{name}.json"
 
 
+PATH_FIELDS = ("path", "dir", "student_path", "checkpoint_dir")  # the fields of an index that hold paths
+PATH_LISTS = ("teachers", "shards")  # lists of records, each with path fields
+OWN_FOLDERS = ("shards", "selections", "students", "ray_results")  # an old index's paths re-rooted when here
+TEACHER_FOLDER = "teachers"  # re-rooted only when the recorded file is gone
+
+
+def recorded_path(path: str | Path, root: str | Path) -> str:
+    """How an index records ``path``: relative to the output folder ``root`` (POSIX form) when it lies
+    inside it, else absolute as given (a relative ``path`` counts from the working directory)."""
+    p, r = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    for a, b in ((p, r), (p.resolve(), r.resolve())):  # as written, then with symlinks resolved
+        try:
+            return a.relative_to(b).as_posix()
+        except ValueError:
+            pass
+    return str(p)
+
+
+def resolved_path(value: str, root: str | Path) -> str:
+    """The absolute path of an index's recorded ``value`` in the output folder ``root``: a relative one
+    is joined to ``root``; an absolute one (an index written before paths were relative, or a file
+    outside the folder) is kept, unless it lies in the folder's own layout under another folder and
+    this folder has the same file (see the module's docstring)."""
+    p, r = Path(value), Path(root)
+    if not p.is_absolute():
+        return str(r / p)
+    parts = p.parts
+    for i in range(len(parts) - 2, max(0, len(parts) - 4), -1):  # the nearest own folder, 1 or 2 levels up
+        if parts[i] in OWN_FOLDERS or (parts[i] == TEACHER_FOLDER and i == len(parts) - 2):
+            here = r.joinpath(*parts[i:])
+            if here != p and here.exists() and (parts[i] != TEACHER_FOLDER or not p.exists()):
+                return str(here)
+            break
+    return value
+
+
+def summary_store(summary: dict[str, Any] | None, out: str | Path) -> str | None:
+    """The MLflow store a ``summary.json`` names, as seen from the folder ``out`` it is in now.
+
+    The summary records its store as an absolute URI (``sqlite:///<folder>/mlflow.db``) and the folder
+    it was written in (``output_dir``; in summaries from before that key, the folder of its
+    ``plot``). When that folder is not ``out`` (the folder was moved or copied), a SQLite store that
+    lay inside it is taken from the same place in ``out``, so that a moved folder never reads the old
+    one's database; a store elsewhere (``tracking.uri``, a server) is as recorded."""
+    s = summary or {}
+    uri = s.get("mlflow_tracking_uri")
+    was = s.get("output_dir") or (str(Path(s["plot"]).parent) if s.get("plot") else None)
+    if not isinstance(uri, str) or not uri.startswith("sqlite:///") or not isinstance(was, str):
+        return uri
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    out = Path(os.path.abspath(out))
+    if Path(was).resolve() == out.resolve():
+        return uri
+    try:
+        rel = db.relative_to(was)
+    except ValueError:
+        return uri
+    return f"sqlite:///{out / rel}"
+
+
+def _map_paths(payload: dict[str, Any], fn) -> dict[str, Any]:
+    """``payload`` with ``fn`` applied to every path field, at the top and in the record lists."""
+    out = dict(payload)
+    for k in PATH_FIELDS:
+        if isinstance(out.get(k), str):
+            out[k] = fn(out[k])
+    for k in PATH_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [_map_paths(x, fn) if isinstance(x, dict) else x for x in out[k]]
+    return out
+
+
 def write_index(output_dir: str | Path, name: str, payload: dict[str, Any]) -> Path:
+    """Write ``index/<name>.json`` atomically, its paths inside ``output_dir`` recorded relative to it."""
+    payload = _map_paths(payload, lambda v: recorded_path(v, output_dir))
     doc = {"format": INDEX_FORMAT, "version": INDEX_VERSION, **payload}
     return atomic_write(index_path(output_dir, name), lambda f: f.write(json.dumps(doc, indent=2).encode()))
 
 
 def read_index(output_dir: str | Path, name: str, made_by: str) -> dict[str, Any]:
-    """The payload of ``index/<name>.json``; a missing or unreadable one names the verb that makes it."""
+    """The payload of ``index/<name>.json``, its paths absolute in ``output_dir`` (:func:`resolved_path`);
+    a missing or unreadable one names the verb that makes it."""
     p = index_path(output_dir, name)
     if not p.is_file():
         raise ArtifactIndexError(f"no {name} index at {p}: run `ensemble-kd {made_by}` first")
     d = read_json_manifest(p.parent, p.name, INDEX_FORMAT, INDEX_VERSION, ArtifactIndexError, f"{name} index",
                            hint=f" (run `ensemble-kd {made_by}`)")
-    return {k: v for k, v in d.items() if k not in ("format", "version")}
+    return _map_paths({k: v for k, v in d.items() if k not in ("format", "version")},
+                      lambda v: resolved_path(v, output_dir))
 
 
 @dataclass(frozen=True)
@@ -58,7 +149,7 @@ class TeacherRecord:
     """One frozen teacher as its checkpoint describes it."""
 
     name: str
-    path: str  # the checkpoint file (absolute)
+    path: str  # the checkpoint file (absolute; in the index, relative to the output folder when inside it)
     arch: str
     modality: str
     content_hash: str  # ensemble-kd files: sha256 of weights + arch + modality; others: of the file's bytes
@@ -109,7 +200,7 @@ class ShardRecord:
 
     teacher: str
     split: str
-    dir: str
+    dir: str  # the shard folder (absolute; in the index, relative to the output folder: shards/<dir>)
     shard_id: str
     rows: int
     reused: bool = False
@@ -156,7 +247,7 @@ class ShardIndex:
 class SelectionRecord:
     """A DFND selection folder (the select stage's artifact)."""
 
-    dir: str
+    dir: str  # the selection folder (absolute; in the index, relative: selections/<id>)
     selection_id: str
     num_rows: int
     pool_rows: int
@@ -176,10 +267,10 @@ class StudentRun:
     """One distillation (the distill stage's artifact)."""
 
     run_name: str
-    student_path: str | None = None  # students/<run>/student.pt once finished
+    student_path: str | None = None  # students/<run>/student.pt once finished (absolute; relative in the index)
     final_top1: float | None = None
     epochs: int = 0
-    checkpoint_dir: str | None = None  # the folder of the final training state (state.pt, weights-only)
+    checkpoint_dir: str | None = None  # the folder of the final training state (state.pt, weights-only; relative in the index)
     mlflow_run_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list, compare=False)
 

@@ -19,13 +19,15 @@ from typing import Any
 
 import torch
 
+from ensemble_kd.errors import ProjectError, is_ray_wrapper
+
 
 # No space left, a quota, or the process's file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored):
 # to the user all three are "the disk is full" for that file.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, ProjectError):
     """A write that failed for lack of space; the message names the file (one line for the CLI)."""
 
     def __reduce__(self):  # picklable with its message (it crosses from Ray actors to the driver)
@@ -39,8 +41,8 @@ def disk_full_cause(e: BaseException | None) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, DiskFullError):
-            return str(e)
+        if isinstance(e, DiskFullError) and not is_ray_wrapper(e):  # Ray's RayTaskError(DiskFullError) is one too,
+            return str(e)  # but its message is the remote traceback: its cause's is the one line
         if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
             return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
         if "database or disk is full" in str(e):

@@ -25,21 +25,22 @@ import json
 import signal
 import sys
 import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ensemble_kd import config, interrupts
-from ensemble_kd.checkpoint import disk_full_cause
+from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.console import CONSOLE, NORMAL, PROGRESS_FILE, QUIET, VERBOSE, Log, watch_progress
+from ensemble_kd.errors import project_error
 from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, to_yaml
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.plugins import load_plugins
-from ensemble_kd.shards import ShardError, inspect as inspect_shards
-from ensemble_kd.teacher_checkpoint import CheckpointError
+from ensemble_kd.shards import inspect as inspect_shards
 from modalities import DATASETS, ENCODERS
-from modalities.datasets.base import DatasetError
-from modalities.registry import UnknownNameError
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -61,7 +62,10 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     over = _overrides(args.set or [])
     if getattr(args, "out", None):
         over["output_dir"] = args.out
-    return _pipeline().load(args.config, over)
+    cfg = _pipeline().load(args.config, over)
+    if _command(args) in LOGGED:  # the config names the output folder: the command's log file goes there
+        CONSOLE.open_log(cfg.output_dir, getattr(args, "argv", None))
+    return cfg
 
 
 def _folder_config(args: argparse.Namespace) -> ExperimentConfig:
@@ -78,26 +82,52 @@ def _pipeline():
     losses`), which `list`, `config` and `--help` do not need."""
     from ensemble_kd import pipeline
 
+    CONSOLE.adopt_loggers()  # MLflow and Ray give their loggers console handlers on import: route them to ours
     return pipeline
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (default: the embedded uci-mfeat default)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key), repeatable")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (plain lines; bars are only ever drawn "
+                   "on a terminal)")
+    _add_verbosity(p)
 
 
-def _log(msg: str) -> None:
-    sys.stdout.write(msg + "\n")  # one write per line: stages log from several threads (print writes twice)
-    sys.stdout.flush()
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="also show the per-epoch lines, the libraries' INFO "
+                   "lines and an error's traceback (all are in the command's log file anyway)")
+    g.add_argument("-q", "--quiet", action="store_true", help="show only the table and the paths (and errors)")
+
+
+_log = Log(CONSOLE)
+"""What the commands and stages say: a call is a step (the console unless ``-q``, and the log file);
+``_log.result`` the table and the paths (always shown); ``_log.detail`` details (``-v``). One
+write per line, whole, from any thread (:mod:`ensemble_kd.console`)."""
+
+LOGGED = {"run", "teachers-train", "embed", "select", "distill", "tune", "export"}
+"""The commands that keep a log file (``<output_dir>/logs/<command>-<time>.log``): those that run
+work on Ray, and export. ``data prepare``, ``compare`` and the listing commands write none."""
+
+
+def _command(args: argparse.Namespace) -> str:
+    """``run``, ``teachers-train``, ``data-prepare``, ...: the command's name in its log file's."""
+    return "-".join(str(x) for x in (getattr(args, "command", None), getattr(args, "action", None)) if x)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Bars (the teachers' and the embed stage's): on a terminal, not with ``--no-progress`` or
+    ``-q``. A pipe or a file gets plain lines instead (bars redraw with carriage returns)."""
+    return not getattr(args, "no_progress", False) and CONSOLE.interactive and CONSOLE.level >= NORMAL
 
 
 def cmd_teachers_train(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     with p.session(cfg):  # each teacher trains as a Ray Train run
-        ts = p.train_teachers(cfg, retrain=args.retrain, progress=not args.no_progress, log=_log)
-    print(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
+        ts = p.train_teachers(cfg, retrain=args.retrain, progress=_progress(args), log=_log)
+    _log.result(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
     return 0
 
 
@@ -107,8 +137,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     teachers = p.existing_teachers(cfg)
     p.check_existing_shards(cfg, teachers)  # a mismatched shard is refused before Ray starts
     with p.session(cfg, mlflow=False):
-        shards = p.embed(cfg, teachers, progress=not args.no_progress, log=_log)
-    _log(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
+        shards = p.embed(cfg, teachers, progress=_progress(args), log=_log)
+    _log.result(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
     return 0
 
 
@@ -117,7 +147,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     with p.session(cfg, mlflow=False):
-        res = p.select(cfg, progress=not args.no_progress, log=_log)
+        res = p.select(cfg, progress=_progress(args), log=_log)
     m = res.manifest
     _log(f"kept {m['num_rows']} of {m['pool_rows']} pool rows; per pseudo-class (kept/pool):")
     _log("  " + "  ".join(f"{c}:{k}/{n}" for c, (k, n) in enumerate(zip(m["counts_per_class"], m["pool_counts_per_class"]))))
@@ -127,13 +157,13 @@ def cmd_select(args: argparse.Namespace) -> int:
     if dg["pseudo_label_accuracy_selected"] is not None:
         _log(f"pseudo-label accuracy against the pool's own labels (diagnostic only, never used to select): "
              f"{dg['pseudo_label_accuracy_selected']:.4f} on the kept rows, {dg['pseudo_label_accuracy_pool']:.4f} on the whole pool")
-    _log(f"selection: {res.dir}")
-    _log(f"train on it with: ensemble-kd distill ... --set distill.selection={res.dir}")
+    _log.result(f"selection: {res.dir}")
+    _log.result(f"train on it with: ensemble-kd distill ... --set distill.selection={res.dir}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _pipeline().run(_folder_config(args), progress=not args.no_progress, log=_log)
+    _pipeline().run(_folder_config(args), progress=_progress(args), log=_log)
     return 0
 
 
@@ -143,14 +173,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
     with p.session(cfg):
         res = p.sweep(cfg, log=_log, inputs=inputs)
-    _log(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
-         + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
+    _log.result(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
+                + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
     if res.best is not None:
-        _log(f"best {cfg.tune.metric} = {res.best.metrics[cfg.tune.metric]:.4f} with "
-             + ", ".join(f"{k}={v}" for k, v in res.best.overrides.items()))
+        _log.result(f"best {cfg.tune.metric} = {res.best.metrics[cfg.tune.metric]:.4f} with "
+                    + ", ".join(f"{k}={v}" for k, v in res.best.overrides.items()))
     if res.tracking_uri:
-        _log(f"MLflow: parent run {res.parent_run_id} in experiment {res.experiment!r} at {res.tracking_uri}; "
-             f"open the UI with: mlflow ui --backend-store-uri {res.tracking_uri}")
+        _log.result(f"MLflow: parent run {res.parent_run_id} in experiment {res.experiment!r} at {res.tracking_uri}; "
+                    f"open the UI with: mlflow ui --backend-store-uri {res.tracking_uri}")
+    if res.trials and all(t.status == "ERROR" for t in res.trials) and res.trials[0].error is not None:
+        raise res.trials[0].error  # nothing came of the sweep: its first trial's error is the command's (main unwraps it)
     return 0
 
 
@@ -158,21 +190,45 @@ def cmd_distill(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
-    with p.session(cfg):
+    with p.session(cfg), watch_progress("distill", _newest_run(Path(cfg.output_dir) / "ray_results"), cfg.distill.epochs,
+                                        _log, _progress(args)):
         res = p.distill(cfg, resume=args.resume, log=_log, inputs=inputs)
-    _log(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
+    _log.result(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0
+
+
+def _newest_run(results: Path):
+    """A finder of the run a command's one distillation writes under ``results`` (named inside
+    the distill stage): the folder whose progress file changed last since now."""
+    since = time.time()
+
+    def find() -> Path | None:
+        files = []
+        for f in results.glob(f"*/{PROGRESS_FILE}"):
+            try:
+                if f.stat().st_mtime >= since:
+                    files.append((f.stat().st_mtime, f.parent))
+            except OSError:
+                continue
+        return max(files)[1] if files else None
+
+    return find
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     # here, not at the top, for the reason _pipeline() gives (MLflow and matplotlib: about 4 s)
     from ensemble_kd.plots import plot_comparison
     from ensemble_kd.stats import format_paired
-    from ensemble_kd.tracking import compare, experiment_name, tracking_uri
+    from ensemble_kd.tracking import compare, experiment_name, folder_experiment, tracking_uri
 
     cfg = _folder_config(args)
     uri = args.uri or tracking_uri(cfg)
-    res = compare(uri, args.experiment or experiment_name(cfg), args.group_by, baseline=args.baseline)
+    named = {"name", "tracking", "tracking.experiment"} & set(_overrides(args.set or []))
+    if args.experiment or args.config or named:  # given: they win over what the folder says
+        experiment, source = args.experiment or experiment_name(cfg), None
+    else:  # the embedded default's name would miss a folder made by another config: ask the folder
+        uri, experiment, source = folder_experiment(cfg.output_dir, uri, keep_uri=bool(args.uri))
+    res = compare(uri, experiment, args.group_by, baseline=args.baseline)
     if args.plot:
         groups = {g: {"values": r["values"], "teacher_set": r.get("teacher_set"), "labels": r.get("labels") or "all"}
                   for g, r in res["groups"].items()}
@@ -183,7 +239,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"experiment {res['experiment']} at {uri}, grouped by {args.group_by}")
+    print(f"experiment {res['experiment']} at {uri}, grouped by {args.group_by}"
+          + (f" (experiment: {source}; --experiment NAME picks another)" if source else ""))
     base = f"  vs {args.baseline}: mean [95% t interval] improved/pairs" if args.baseline else ""
     print(f"{args.group_by:<24} {'labels':<11} {'runs':>4}  {'top-1 mean +- std':<18} best run{base}")
     for g, r in res["groups"].items():
@@ -276,6 +333,8 @@ def _verb(sub, name: str, help: str, func, config: bool = True) -> argparse.Argu
     if config:
         _add_config_args(p)
         p.add_argument("--out", help="output folder (overrides output_dir)")
+    else:
+        _add_verbosity(p)
     p.set_defaults(func=func)
     return p
 
@@ -292,8 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "distill", "distil the configured student from the teachers' shards (Ray Train)", cmd_distill)
     p.add_argument("--resume", action="store_true", help="continue the last run from its last epoch checkpoint")
     p = _verb(sub, "compare", "ensemble-vs-single (or any tag) table of the MLflow runs of an experiment", cmd_compare)
-    p.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
-    p.add_argument("--uri", help="MLflow tracking URI (default: the config's store)")
+    p.add_argument("--experiment", help="MLflow experiment (default: with --config, the config's name; else the one "
+                   "the output folder's summary.json names, else the store's only experiment with distillation runs)")
+    p.add_argument("--uri", help="MLflow tracking URI (default: the config's store, or the one the output folder's "
+                   "summary.json names)")
     p.add_argument("--group-by", default="teacher_set", help="tag to group by (teacher_set, method, teachers, ...)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG: top-1 by group, and against CRD tau and N where they vary")
@@ -325,32 +386,62 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def error_line(e: BaseException, log_path: Path | None = None) -> tuple[str, int] | None:
+    """The one line (and exit code) for an error that is the project's own, wherever it was raised
+    (:func:`ensemble_kd.errors.project_error` finds it inside Ray's task, Ray Train and Tune
+    wrappers), or a full disk (exit 1); None for anything else (a bug: it keeps its traceback).
+    ``log_path``: the command's log file, named as where the full traceback is."""
+    pe = project_error(e)
+    # (not disk_full_cause(e) on a DiskFullError from a worker: Ray's wrapper is an instance of it too,
+    # and its message is the remote traceback)
+    full = str(pe) if isinstance(pe, DiskFullError) else disk_full_cause(e) if pe is None else None
+    if pe is None and full is None:
+        return None
+    if full is not None:  # shards, checkpoints, MLflow's SQLite
+        msg, code = full if full.startswith("the disk is full") else f"the disk is full: {full}", 1
+    else:
+        msg, code = str(pe), 2
+    return f"ensemble-kd: error: {msg}" + (f" (full traceback: {log_path})" if log_path else ""), code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Its own errors (:class:`~ensemble_kd.errors.ProjectError`: a bad config, a
+    refused file, a NaN loss, raised here or in any Ray worker) end as one line on stderr, exit 2
+    (a full disk: 1), their traceback in the command's log file (and on the console with ``-v``);
+    any other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    level = QUIET if getattr(args, "quiet", False) else VERBOSE if getattr(args, "verbose", False) else NORMAL
+    CONSOLE.start(_command(args), level)
     main_thread = threading.current_thread() is threading.main_thread()
     before = {s: signal.getsignal(s) for s in interrupts.SIGNALS} if main_thread else {}
     if main_thread:
         interrupts.install()  # Ctrl-C/SIGTERM unwind through every finally: runs KILLED, Ray shut down
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if CONSOLE.log_path is not None:
+            CONSOLE.result(f"log: {CONSOLE.log_path}", err=True)  # stderr: stdout may be JSON (teachers train, export)
+        return code
     except KeyboardInterrupt as e:
         stop = e if isinstance(e, interrupts.Interrupted) else interrupts.Interrupted(signal.SIGINT)
-        print(f"ensemble-kd: {stop.reason}: stopped; what was complete is kept (a rerun reuses it, "
-              "`ensemble-kd distill --resume` continues a distillation)", file=sys.stderr, flush=True)
+        CONSOLE.error(f"ensemble-kd: {stop.reason}: stopped; what was complete is kept (a rerun reuses it, "
+                      "`ensemble-kd distill --resume` continues a distillation)"
+                      + (f"; log: {CONSOLE.log_path}" if CONSOLE.log_path else ""))
         return stop.exit_code
-    except (ConfigError, ShardError, CheckpointError, DatasetError, UnknownNameError) as e:  # TrackingError is a ConfigError
-        print(f"ensemble-kd: error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:
-        full = disk_full_cause(e)  # shards, checkpoints, MLflow's SQLite: one line, not a traceback
-        if full is None:
+        line = error_line(e, CONSOLE.log_path)
+        if line is None:  # a bug: its traceback, on the console as Python prints it, and in the log
+            CONSOLE.to_file("".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip())
+            if CONSOLE.log_path is not None:
+                CONSOLE.error(f"ensemble-kd: unexpected error; this command's log: {CONSOLE.log_path}")
             raise
-        print(f"ensemble-kd: error: {full if full.startswith('the disk is full') else 'the disk is full: ' + full}",
-              file=sys.stderr)
-        return 1
+        CONSOLE.traceback(e)  # the log file (with -v, the console too): the remote traceback is in a Ray error's
+        CONSOLE.error(line[0])
+        return line[1]
     finally:
         for s, h in before.items():  # a caller's own handlers (tests call main in-process)
             signal.signal(s, h)
+        CONSOLE.finish()
 
 
 if __name__ == "__main__":

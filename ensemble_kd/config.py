@@ -22,6 +22,8 @@ import yaml
 from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from ensemble_kd.errors import ProjectError
+
 # allow_inf_nan=False: an lr or a weight of inf/nan is refused at load (it would train to NaN and "succeed")
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -36,7 +38,7 @@ def _renamed(name: str, old: str) -> AliasChoices:
     return AliasChoices(name, old)
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, ProjectError):
     """A config that cannot be used; the message names the file and the field."""
 
 

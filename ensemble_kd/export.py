@@ -39,7 +39,7 @@ from mlflow.types import Schema, TensorSpec
 from torch import nn
 
 from ensemble_kd import tracking
-from ensemble_kd.artifacts import read_index
+from ensemble_kd.artifacts import read_index, summary_store
 from ensemble_kd.config import ConfigError, ExperimentConfig
 from ensemble_kd.stages.distill import STUDENT_FORMAT
 from modalities import Encoder, PairedDataset, build_dataset, build_encoder
@@ -195,8 +195,7 @@ def find_run(out: str | Path, run: str, uri: str | None = None) -> StudentSource
             raise ExportError(f"no run {run!r}: neither a student checkpoint file nor {path}; runs under {out / 'students'}: "
                               f"{known[-10:] or 'none'}")
     name = path.parent.name
-    s = _summary(out)
-    uri = (s or {}).get("mlflow_tracking_uri") or uri or f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    uri = summary_store(_summary(out), out) or uri or f"sqlite:///{out.resolve() / 'mlflow.db'}"
     return StudentSource(path, name, out, uri, _mlflow_run_of(uri, name))
 
 
@@ -208,7 +207,7 @@ def best_of_arm(out: str | Path, arm: str, uri: str | None = None, experiment: s
     arguments (without a parent: every run of the arm in the experiment)."""
     out = Path(out)
     s = _summary(out) or {}
-    uri = s.get("mlflow_tracking_uri") or uri
+    uri = summary_store(s, out) or uri
     experiment = s.get("experiment") or experiment
     parent_run_id = s.get("parent_run_id") or parent_run_id
     if _store(uri) is None or experiment is None:
@@ -367,7 +366,7 @@ def _teachers(ckpt: Mapping[str, Any], src: StudentSource, tags: Mapping[str, st
     index: dict[str, Any] = {}
     if src.output_dir is not None and not all(f"teacher_sha256.{n}" in tags for n in names):
         with contextlib.suppress(ConfigError):
-            index = read_index(src.output_dir, "teachers", "teachers train").get("teachers", {})
+            index = {t.get("name"): t for t in read_index(src.output_dir, "teachers", "teachers train").get("teachers", [])}
     out = []
     for n in names:
         rec, conf = index.get(n) or {}, confs.get(n) or {}

@@ -34,8 +34,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pickle
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +53,9 @@ from torch import nn
 from ensemble_kd import dist
 from ensemble_kd.checkpoint import atomic_torch_save
 from ensemble_kd.config import ExperimentConfig, from_dict, to_dict
+from ensemble_kd.console import PROGRESS_FILE
 from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.errors import ProjectError
 from ensemble_kd.datastore import open_split
 from ensemble_kd.online_data import OnlineData
 from ensemble_kd.devices import autocast, seed_everything
@@ -204,11 +208,11 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 STATE_FILE = "state.pt"
 
 
-class StateFileError(RuntimeError):
+class StateFileError(RuntimeError, ProjectError):
     """A training state file that cannot be loaded safely (not weights-only, damaged)."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RuntimeError, ProjectError):
     """The loss (or the weights, after a step) turned NaN or infinite."""
 
 
@@ -474,9 +478,10 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
         if save or time.perf_counter() - w.sent_at >= d.metrics_flush_s:
             _send_metrics(w, lc)
         clock.lap("mlflow_s")
-    if lc.verbose:
-        print(f"[{lc.label}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-              flush=True)
+    if lc.verbose:  # the worker's stdout: Ray streams it to the driver's log file (and its console with -v)
+        print(epoch_line(lc.label, metrics), flush=True)
+    if lc.run_dir:
+        write_progress(Path(lc.run_dir), w, lc, metrics)
     if lc.local:  # no Ray Train to persist a checkpoint: the loop keeps its state in the run's folder
         if save:
             save_state(Path(lc.run_dir) / STATE_FILE, w)
@@ -491,6 +496,29 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
         (Path(tmp) / "history.json").write_text(json.dumps(w.history))
         session.report(metrics, tmp)
     clock.lap("checkpoint_s")  # the state's save and Ray Train's persistence of it
+
+
+def epoch_line(label: str, metrics: dict[str, Any]) -> str:
+    """The per-epoch line: ``[label] loss/ce=0.41 ... test_top1=0.95``, the scalar metrics only (the
+    per-rank buffer checksums stay in the checkpointed history: a diagnostic, not for people)."""
+    return f"[{label}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items() if not isinstance(v, (list, tuple, dict)))
+
+
+def write_progress(run_dir: Path, w: _Worker, lc: LoopConfig, metrics: dict[str, Any]) -> None:
+    """``<run_dir>/progress.json`` after every epoch (rank 0): where the run is, for a driver to
+    show (:func:`ensemble_kd.console.watch_progress` polls it). Written to a temp name and renamed, so a reader
+    never sees half of it; not fsynced (it is rewritten next epoch, and a lost one costs nothing);
+    best effort: a failed write never stops training."""
+    top1 = next((h["test_top1"] for h in reversed(w.history) if "test_top1" in h), None)
+    doc = {"label": lc.label, "epoch": int(metrics["epoch"]), "epochs": w.cfg.distill.epochs,
+           "loss": metrics.get("loss/total"), "test_top1": top1, "epoch_seconds": metrics.get("epoch_seconds"),
+           "time": time.time()}
+    tmp = run_dir / f".{PROGRESS_FILE}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, run_dir / PROGRESS_FILE)
 
 
 def _send_metrics(w: _Worker, lc: LoopConfig) -> None:
@@ -591,7 +619,7 @@ def _fit_local(cfg: ExperimentConfig, lc: LoopConfig) -> None:
             if attempt == cfg.distill.max_failures:
                 raise
             print(f"[{lc.label}] attempt {attempt + 1} failed ({type(e).__name__}: {e}); restarting from the last "
-                  f"saved state ({attempt + 1}/{cfg.distill.max_failures} restarts)", flush=True)
+                  f"saved state ({attempt + 1}/{cfg.distill.max_failures} restarts)", file=sys.stderr, flush=True)  # a warning
 
 
 def module_part(state: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:

@@ -266,19 +266,21 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
                 f"inspect them with: ensemble-kd shards inspect {out / 'shards'}")
         parent, trials = _distill_arms(cfg, teachers, shards, best, log)
     summary = summarise(cfg, teachers, best, trials, uri, parent, time.perf_counter() - t0)
+    summary["output_dir"] = str(out)  # where it was written: a later command tells a moved folder by it
     path, plot = write_summary(out, summary)
     if parent is not None:  # the table and the plot belong to the job's parent run too
         for f in (path, plot):
             if f is not None:
                 tracking.client(uri).log_artifact(parent, str(f))
-    log("")
+    show = getattr(log, "result", log)  # the table and the paths: shown even with -q (ensemble_kd.console.Log)
+    show("")
     for line in format_table(summary):
-        log(line)
-    log(f"\nsummary: {path}" + (f"; plot: {plot}" if plot else ""))
+        show(line)
+    show(f"\nsummary: {path}" + (f"; plot: {plot}" if plot else ""))
     if cfg.run.export:  # the headline arm's best student as TorchScript, ONNX and an MLflow model
-        export_after_run(cfg, summary, log)
+        export_after_run(cfg, summary, show)
     if uri:
-        log(f"MLflow: experiment {tracking.experiment_name(cfg)!r} at {uri}; compare with: ensemble-kd compare --out "
-            f"{cfg.output_dir} --group-by arm; open the UI with: mlflow ui --backend-store-uri {uri}")
-    log(f"done in {time.perf_counter() - t0:.1f}s")
+        show(f"MLflow: experiment {tracking.experiment_name(cfg)!r} at {uri}; compare with: ensemble-kd compare --out "
+             f"{cfg.output_dir} --group-by arm; open the UI with: mlflow ui --backend-store-uri {uri}")
+    show(f"done in {time.perf_counter() - t0:.1f}s")
     return summary

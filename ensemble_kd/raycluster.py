@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import ray
 
 from ensemble_kd.config import RayConfig
+from ensemble_kd.console import CONSOLE, route_worker_output
+from ensemble_kd.errors import project_error
 from ensemble_kd.interrupts import is_ours
 from ensemble_kd.plugins import ENV_VAR as PLUGINS_ENV_VAR, env_plugins, load_plugins
 
@@ -55,6 +56,14 @@ def quiet_ray_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_DropStateApiNoise())
 
 
+def quiet_worker_libraries() -> None:
+    """Part of :func:`setup_worker`: MLflow's INFO lines (a trial's "View run ... at" on a tracking
+    server, schema notes) would reach the driver's console through the worker's stderr, which is
+    for warnings and errors (:mod:`ensemble_kd.console`); MLflow reads its level when it is
+    imported, after this hook. A level the user set in the environment is kept."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def setup_worker() -> None:
     """The ``worker_process_setup_hook`` of every Ray job :func:`ray_session` starts or joins: Ray
     runs it in each worker process of the job (tasks, actors, Ray Train workers, Tune trials)
@@ -62,6 +71,7 @@ def setup_worker() -> None:
     datasets, encoders and losses there as they did in the driver (:mod:`ensemble_kd.plugins`).
     Registries are per process: without this a worker would not know a plugin's names."""
     quiet_ray_worker()
+    quiet_worker_libraries()
     load_plugins(env_plugins())
 
 
@@ -176,7 +186,9 @@ def ray_session(cfg: RayConfig | None = None, plugins: Sequence[str] = ()) -> It
     sigterm = signal.getsignal(signal.SIGTERM)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     tmp = None
-    ok = False  # finished, or stopped by Ctrl-C/SIGTERM: the session's files go; after a failure its logs stay
+    ok = False  # finished, stopped by Ctrl-C/SIGTERM, or refused by a project error: the session's files go;
+    unroute = None  # after any other failure (a bug, a crash) its logs stay
+    CONSOLE.adopt_loggers()  # Ray's driver logger (its start line, Tune's): into the command's log (ensemble_kd.console)
     try:
         if address:
             ray.init(address=address, log_to_driver=True, **({"runtime_env": job_runtime_env(plugins)} if plugins else {}))
@@ -193,16 +205,22 @@ def ray_session(cfg: RayConfig | None = None, plugins: Sequence[str] = ()) -> It
             ray.init(**kwargs)
         if is_ours(sigterm):  # ray.init sets SIGTERM to sys.exit(15): keep ours (exit 143, runs KILLED)
             signal.signal(signal.SIGTERM, sigterm)
+        unroute = route_worker_output()  # the workers' lines: to the log file, not in colour with pids on the console
         yield True
         ok = True
     except KeyboardInterrupt:
         ok = True
         raise
+    except BaseException as e:
+        ok = project_error(e) is not None  # a refused input: the command's log has the traceback
+        raise
     finally:
         ray.shutdown()
+        if unroute is not None:
+            unroute()  # after the shutdown, which drains the workers' last lines through it
         if tmp is not None:  # keep /tmp bounded
             if ok and not os.environ.get("EKD_KEEP_RAY_LOGS"):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 Path(tmp, OWNER).unlink(missing_ok=True)  # kept on purpose: not a stale dir
-                print(f"Ray's logs of this run: {tmp}/session_latest/logs", file=sys.stderr)
+                CONSOLE.warn(f"Ray's logs of this run: {tmp}/session_latest/logs")

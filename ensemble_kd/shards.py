@@ -48,6 +48,7 @@ import torch
 
 from ensemble_kd import __version__
 from ensemble_kd.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
+from ensemble_kd.errors import ProjectError
 from ensemble_kd.rows import PartedRows, as_torch
 
 FORMAT = "ensemble-kd/shard"
@@ -57,7 +58,7 @@ OWNER = ".owner"  # in a writer's temp directory: "<host>:<pid>" of the writing 
 _ROW_FIELDS = ("sample_id", "label", "view", "aug_top", "aug_left", "aug_flip", "embedding", "logits")
 
 
-class ShardError(ValueError):
+class ShardError(ValueError, ProjectError):
     """Base of shard errors; the message names the file or directory."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray.cloudpickle
 import ray.tune
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -41,6 +42,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ensemble_kd import tracking
 from ensemble_kd.checks import check_config
 from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict, with_overrides
+from ensemble_kd.errors import is_ray_wrapper, project_error, wrapped
 from ensemble_kd.loop import LoopCallback, reported, runs_locally
 from ensemble_kd.interrupts import reason_of as interrupt_reason
 from ensemble_kd.plan import Trial
@@ -105,8 +107,9 @@ def distill_trial(config: dict[str, Any]) -> None:
     cfg = with_overrides(t.config(), over, "<trial>")
     ctx = t.context.replace(trial_id=trial_id, parent_run_id=config.get("parent_run_id"))
     report = {"loop_callbacks": [TuneEpochReport()]} if runs_locally(cfg) else {"callbacks": [TuneReportCallback()]}
-    distill.run(cfg, config["train_shards"], ctx, verbose=False, log=lambda m: None, teachers=config["teachers"],
-                here=True, **report)  # the driver prints a line per trial
+    # the driver prints a line per trial; the loop's per-epoch lines (the trial's stdout) go to the command's log
+    distill.run(cfg, config["train_shards"], ctx, verbose=True, log=lambda m: None, teachers=config["teachers"],
+                here=True, label=t.label or trial_id, **report)
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
@@ -126,6 +129,7 @@ class TrialOutcome:
     metrics: dict[str, Any]
     epochs: int
     status: str  # TERMINATED (ran to the end), STOPPED (by the scheduler), ERROR
+    error: BaseException | None = None  # an ERROR trial's exception as Tune kept it (errors.project_error finds the cause)
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -147,9 +151,40 @@ class SweepResult:
     seconds: float = 0.0
 
 
+def trial_error(trial: Any) -> BaseException | None:
+    """A failed trial's exception as Tune stored it (``Trial.handle_error`` runs before the
+    ``on_trial_error`` callbacks): the pickled one in the trial's local folder (the copy in the
+    experiment's storage comes later), else None."""
+    path = getattr(trial, "pickled_error_file", None)
+    try:
+        if path and Path(path).is_file():
+            return ray.cloudpickle.loads(Path(path).read_bytes())
+        return trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 - a line without the reason rather than none
+        return None
+
+
+def failure(e: BaseException | None) -> str:
+    """One line for a failed trial: the project's own message (a refused file, a NaN loss) out of
+    Ray's wrappers, else the exception's type and first line (the log file has the traceback)."""
+    if e is None:
+        return "unknown error"
+    pe = project_error(e)
+    if pe is not None:
+        return " ".join(str(pe).split())
+    while is_ray_wrapper(e):  # Ray's message is the remote traceback (with a pid): name the cause instead
+        inner = next(wrapped(e), None)
+        if inner is None:
+            break
+        e = inner
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first}".strip().rstrip(":") + " (its traceback: in the command's log)"
+
+
 class _ProgressLines:
     """A Tune callback printing one line per finished trial with the best so far (people read it;
-    Tune's own table is off)."""
+    Tune's own table is off); a failed trial's line says why (Tune's own traceback of it goes to
+    the command's log only, ensemble_kd.console)."""
 
     def __init__(self, total: int, metric: str, mode: str, log: Callable[[str], None]) -> None:
         self.total, self.metric, self.mode, self.log = total, metric, mode, log
@@ -164,11 +199,11 @@ class _ProgressLines:
                 outer.finished(trial, "done")
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                outer.finished(trial, "ERROR")
+                outer.finished(trial, "ERROR", failure(trial_error(trial)))
 
         return Lines()
 
-    def finished(self, trial, what: str) -> None:
+    def finished(self, trial, what: str, why: str | None = None) -> None:
         self.done += 1
         r = trial.last_result or {}
         v = r.get(self.metric)
@@ -180,7 +215,7 @@ class _ProgressLines:
         val = f"{self.metric}={v:.4f}" if isinstance(v, (int, float)) else f"{self.metric}=n/a"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
         self.log(f"[tune {self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {label}: {what}{stopped} "
-                 f"after {r.get('epoch', 0)} epochs, {val}; {best}")
+                 f"after {r.get('epoch', 0)} epochs, {val}; {best}" + (f"; {why}" if why else ""))
 
 
 def _scheduler(cfg: ExperimentConfig, scheduler: str) -> Any:
@@ -200,7 +235,7 @@ def _outcomes(grid: Any) -> list[TrialOutcome]:
         t = trial_of(r.config)
         epochs = int(m.get("epoch", 0))
         st = "ERROR" if r.error else "TERMINATED" if epochs >= t.epochs else "STOPPED"
-        out.append(TrialOutcome(m.get("trial_id", ""), t, m, epochs, st))
+        out.append(TrialOutcome(m.get("trial_id", ""), t, m, epochs, st, r.error or None))
     return out
 
 

@@ -38,6 +38,7 @@ import torch
 from ensemble_kd.checkpoint import atomic_torch_save, state_dict_hash
 from ensemble_kd.config import DataConfig, TeacherConfig, config_hash, to_dict
 from ensemble_kd.devices import autocast
+from ensemble_kd.errors import ProjectError
 from modalities import Encoder, ModalitySpec, PairedDataset, build_encoder
 
 FORMAT = "ensemble-kd/teacher"
@@ -47,7 +48,7 @@ FORMATS = ("ensemble-kd", "repdistiller", "state_dict")
 _DESCRIBED = {"repdistiller": "a RepDistiller checkpoint", "state_dict": "a plain state_dict"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, ProjectError):
     """A checkpoint that cannot be trusted or used; the message names the file."""
 
 

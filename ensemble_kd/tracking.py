@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import math
 import os
 import re
@@ -32,12 +33,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import sqlalchemy
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ensemble_kd.artifacts import summary_store
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import loss_options
 from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
@@ -66,17 +70,27 @@ def experiment_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.experiment or cfg.name
 
 
+ARTIFACTS_DIR = "mlartifacts"  # an output folder's own store keeps its artifacts beside the database
+BESIDE_STORE_TAG = "ekd.artifacts_beside_store"  # on an experiment whose artifacts live in <store's folder>/mlartifacts
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
-    """Create (or find) the experiment once; returns its id. Creates the SQLite schema too."""
+    """Create (or find) the experiment once; returns its id. Creates the SQLite schema too. With a
+    SQLite store its artifacts go to ``<artifact_root>/<name>`` (MLflow records that location as an
+    absolute URI); when that is beside the database (the output folder's own store) the experiment
+    is tagged so, and :func:`relocate_artifacts` follows the folder when it is moved or copied."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    loc = None
+    loc, tags = None, None
     if uri.startswith("sqlite:///") and artifact_root is not None:
         loc = (artifact_root / name).resolve().as_uri()  # keep artifacts beside the database, not in the CWD
+        db = sqlite_path(uri)
+        if db is not None and Path(artifact_root).resolve() == (db.parent / ARTIFACTS_DIR).resolve():
+            tags = {BESIDE_STORE_TAG: "true"}
     try:
-        return c.create_experiment(name, artifact_location=loc)
+        return c.create_experiment(name, artifact_location=loc, tags=tags)
     except MlflowException:
         exp = c.get_experiment_by_name(name)  # a concurrent command created it first
         if exp is None:
@@ -84,14 +98,118 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
         return exp.experiment_id
 
 
-@functools.lru_cache(maxsize=None)
+_last_store: list[str | None] = [None]  # the tracking URI this process used last
+
+
 def client(uri: str) -> MlflowClient:
     """The MLflow client of a tracking URI (one per URI and process); a local SQLite store is made
-    ready first (:func:`ensure_sqlite_store`)."""
+    ready first (:func:`ensure_sqlite_store`) and, when its folder was moved or copied, its artifact
+    locations follow it (:func:`relocate_artifacts`).
+
+    MLflow caches each run's artifact repository (where its files go) by run id alone, for the whole
+    process; a copied folder's store has the same run ids as the original, and a moved one's
+    runs' locations are rewritten under MLflow's feet. So when a process turns to another store
+    (a command after one on the original folder, in the same process or a pooled Ray worker),
+    that cache is emptied: repositories are made again from the store now in use."""
+    if _last_store[0] != uri:
+        _forget_artifact_repos()
+        _last_store[0] = uri
+    return _client(uri)
+
+
+def _forget_artifact_repos() -> None:
+    from mlflow.tracking._tracking_service import utils  # the cache has no public handle (MLflow 3.17)
+
+    cache = getattr(utils, "_artifact_repos_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _client(uri: str) -> MlflowClient:
     path = sqlite_path(uri)
     if path is not None:
         ensure_sqlite_store(path)
+        relocate_artifacts(path)
     return MlflowClient(uri)
+
+
+def _artifact_dir(location: str | None) -> Path | None:
+    """The local folder of an artifact location (``file://`` URI or plain absolute path), else None."""
+    if not location:
+        return None
+    if location.startswith("file:"):
+        return Path(url2pathname(urlparse(location).path))
+    return Path(location) if location.startswith("/") else None
+
+
+def _misplaced(db: sqlite3.Connection, here: Path) -> list[tuple[str, str, str, bool]]:
+    """(experiment id, old location, new location, tagged) of each experiment of this store whose
+    artifacts belong beside the database, in ``here`` (``<store's folder>/mlartifacts``), but whose
+    recorded location is ``<another folder>/mlartifacts/<name>``: the folder was moved or copied.
+    Beside the database: tagged so when created (:func:`ensure_experiment`), or, for experiments made
+    before the tag, their artifact folder came along (``here/<name>`` exists)."""
+    tagged = {str(r[0]) for r in db.execute("SELECT experiment_id FROM experiment_tags WHERE key = ? AND value = 'true'",
+                                            (BESIDE_STORE_TAG,))}
+    out = []
+    for eid, name, loc in db.execute("SELECT experiment_id, name, artifact_location FROM experiments"):
+        old = _artifact_dir(loc)
+        new = (here / name).resolve()
+        try:
+            tail = new.relative_to(here.resolve()).parts
+        except ValueError:  # a name that leaves the folder ("..")
+            continue
+        if old is None or old == new or not tail or old.parts[-len(tail) - 1:] != (ARTIFACTS_DIR, *tail):
+            continue  # where it belongs, or not of the form this package creates (MLflow's Default, a user's)
+        if str(eid) in tagged or new.is_dir():
+            out.append((str(eid), loc, new.as_uri() if loc.startswith("file:") else str(new), str(eid) in tagged))
+    return out
+
+
+def relocate_artifacts(path: Path) -> list[str]:
+    """Point the artifact locations of a moved or copied output folder's store at the folder it is
+    in now; returns the ids of the experiments changed.
+
+    MLflow fixes an experiment's artifact location when the experiment is created, as an absolute
+    URI, and copies it into every run (``runs.artifact_uri``) and logged model
+    (``logged_models.artifact_location``); it has no relative location for a database store, and an
+    ``mlflow-artifacts:`` one needs a tracking server (MLflow 3.17, checked). So after ``mv out
+    out2`` new runs would log their artifacts into ``out`` again, and old ones be read from there.
+    Each experiment this package made beside the database (``<out>/mlartifacts/<name>``,
+    :func:`_misplaced`) whose location names another folder is rewritten here, under the store's
+    lock and in one transaction: the experiment's location, and the same prefix in its runs' and
+    logged models' locations (their artifacts moved with the folder). A store whose experiments
+    are where they belong (every store that was not moved) is only read. A copied folder's store
+    is rewritten to point at the copy; the original is not touched."""
+    here = path.parent / ARTIFACTS_DIR
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            if not _misplaced(db, here):
+                return []
+        with _file_lock(path.with_name(path.name + ".lock")), contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+            with db:  # one transaction
+                moved = _misplaced(db, here)
+                for eid, old, new, tagged in moved:
+                    db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, eid))
+                    for table, key, col in (("runs", "run_uuid", "artifact_uri"),
+                                            ("logged_models", "model_id", "artifact_location")):
+                        rows = db.execute(f"SELECT {key}, {col} FROM {table} WHERE experiment_id = ?", (eid,)).fetchall()
+                        db.executemany(f"UPDATE {table} SET {col} = ? WHERE {key} = ?",
+                                       [(new + v[len(old):], k) for k, v in rows
+                                        if v is not None and (v == old or v.startswith(old + "/"))])
+                    if not tagged:
+                        db.execute("INSERT OR REPLACE INTO experiment_tags (key, value, experiment_id) VALUES (?, 'true', ?)",
+                                   (BESIDE_STORE_TAG, eid))
+    except sqlite3.Error as e:
+        cause = disk_full_cause(e)
+        if cause is not None:
+            raise DiskFullError(f"the disk is full: cannot update the MLflow store {path} ({cause})") from None
+        raise TrackingError(f"cannot update the artifact locations of the MLflow store {path} (moved from another "
+                            f"folder): {e}") from None
+    if moved:
+        print(f"ensemble-kd: MLflow store {path} was moved or copied from another folder: the artifact locations of "
+              f"{len(moved)} experiment(s) now point at {here} (they named {moved[0][1]})", file=sys.stderr)
+    return [m[0] for m in moved]
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -453,8 +571,7 @@ def compare(uri: str, experiment: str, group_by: str = "teacher_set", baseline: 
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
-        known = [e.name for e in c.search_experiments()]
-        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {known}")
+        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; {_experiments_line(uri)}")
     runs = [r for r in c.search_runs([exp.experiment_id], max_results=50_000) if RUN_NAME_TAG in r.data.tags]  # distillations
     done = [r for r in runs if r.info.status == "FINISHED" and "final/test_top1" in r.data.metrics]
     done_ids = {r.info.run_id for r in done}
@@ -483,6 +600,66 @@ def compare(uri: str, experiment: str, group_by: str = "teacher_set", baseline: 
     sweep = _mean_points(points, axes) if varied else []
     return {"tracking_uri": uri, "experiment": experiment, "group_by": group_by, "baseline": baseline, "groups": rows,
             "unfinished": unfinished, "sweep": sweep}
+
+
+FOLDER_SUMMARY = "summary.json"  # report.SUMMARY (report imports this module, so it is not imported here)
+
+
+def store_experiments(uri: str) -> dict[str, int]:
+    """The active experiments of the store at ``uri``, name -> number of distillation runs in it
+    (MLflow's own empty ``Default`` included, with 0), by name."""
+    c = client(uri)
+    return {e.name: sum(RUN_NAME_TAG in r.data.tags for r in c.search_runs([e.experiment_id], max_results=50_000))
+            for e in sorted(c.search_experiments(), key=lambda e: e.name)}
+
+
+def _experiments_line(uri: str, held: Mapping[str, int] | None = None) -> str:
+    """What the store holds and how to pick, for an error message."""
+    held = store_experiments(uri) if held is None else held
+    listed = ", ".join(f"{n!r} ({k} distillation run{'s' * (k != 1)})" for n, k in held.items()) or "none"
+    return f"experiments there: {listed}; pick one with --experiment NAME"
+
+
+def folder_experiment(out: str | Path, uri: str, keep_uri: bool = False) -> tuple[str, str, str]:
+    """The store and experiment that `ensemble-kd compare --out DIR` reads when neither
+    ``--experiment`` nor ``--config`` names one: ``(uri, experiment, where it came from)``.
+
+    ``<out>/summary.json`` (written by `ensemble-kd run`) names both: its ``experiment``, and its
+    ``mlflow_tracking_uri`` unless ``keep_uri`` (``--uri`` given) or it is a SQLite file that is no
+    longer there (a moved folder: then ``uri``, the folder's own store). Without a summary, the
+    store at ``uri`` is read: its one experiment with distillation runs is taken; none is a
+    :class:`TrackingError` that says so, several one that lists them and how to pick one."""
+    out = Path(out)
+    path = out / FOLDER_SUMMARY
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrackingError(f"{path} is unreadable ({e}); name the experiment with --experiment NAME "
+                                f"(or the config that wrote the folder with --config FILE)") from None
+        name = summary.get("experiment") if isinstance(summary, dict) else None
+        if not isinstance(name, str) or not name:
+            raise TrackingError(f"{path} names no experiment (no 'experiment' key); name it with --experiment NAME "
+                                f"(or the config that wrote the folder with --config FILE)")
+        if summary.get("mlflow_tracking_uri") is None and summary.get("parent_run_id") is None:
+            raise TrackingError(f"{path}: the run that wrote {out} had tracking off (tracking.enabled: false), so experiment "
+                                f"{name!r} has no MLflow runs to compare; its table is in {path}")
+        recorded = summary_store(summary, out)  # a store inside a moved or copied folder: this folder's
+        db = sqlite_path(recorded) if recorded else None
+        if recorded and not keep_uri and (db is None or db.is_file()):
+            uri = recorded
+        return uri, name, f"named by {path}"
+    held = store_experiments(uri)
+    with_runs = [n for n, k in held.items() if k]
+    if len(with_runs) == 1:
+        return uri, with_runs[0], f"the only experiment with distillation runs at {uri} ({out} has no {FOLDER_SUMMARY})"
+    if not with_runs:
+        raise TrackingError(f"{out} has no {FOLDER_SUMMARY} to name its experiment, and the MLflow store at {uri} holds no "
+                            f"distillation runs: nothing to compare (a `ensemble-kd run` or `distill` with --out {out} "
+                            f"writes them; --uri URI reads another store)")
+    raise TrackingError(f"{out} has no {FOLDER_SUMMARY} to name its experiment, and the MLflow store at {uri} holds "
+                        f"several; {_experiments_line(uri, held)} (e.g. ensemble-kd compare --out {out} "
+                        f"--experiment {with_runs[0]})")
 
 
 def _group_keys(runs: list[Any], group_by: str) -> dict[str, str]:

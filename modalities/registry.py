@@ -10,10 +10,12 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from modalities.errors import ProjectError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(KeyError, ValueError, ProjectError):
     """A name that is not registered. Subclasses both KeyError and ValueError on purpose:
     callers that treat it as a bad lookup or as a bad config value both catch it."""
 

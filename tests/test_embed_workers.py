@@ -191,8 +191,8 @@ def test_part_writers_of_ranges_give_the_whole_shards_parts(tmp_path):
 def test_a_failing_worker_fails_the_stage_and_leaves_nothing(ray_cluster, trained, tmp_path):
     """Two workers a teacher; kar_b's file changed after the teacher set was made, so its workers
     fail on load: the stage raises that error naming the file, pix_cnn's workers (started after
-    kar_b's, and slow: 32 views, 48,000 rows in parts of 256) are cancelled before they finish, every
-    CPU comes back, and neither a temp folder nor a shard stays."""
+    kar_b's, and slow: 32 views, 48,000 rows in parts of 256) are cancelled if they have not finished,
+    every CPU comes back, no temp folder stays, and no shard but a whole one of pix_cnn."""
     import ray
 
     base, paths = trained
@@ -211,4 +211,8 @@ def test_a_failing_worker_fails_the_stage_and_leaves_nothing(ray_cluster, traine
     while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0.0) == total, (ray.available_resources(), total)
-    assert list((tmp_path / "shards").iterdir()) == []
+    left = list((tmp_path / "shards").iterdir())
+    assert not [p for p in left if p.name.startswith(".")], left  # no temp folder stays
+    # On a loaded machine pix_cnn's workers can finish before kar_b's fail: a shard published then is
+    # whole (it opens and verifies); kar_b's never is.
+    assert all(p.name.startswith("pix_cnn__") and Shard(p).num_rows == 48_000 for p in left), left

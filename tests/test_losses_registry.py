@@ -245,7 +245,8 @@ def test_interface_fields():
 # The only parts of ensemble_kd a loss may import: the losses, their building blocks and the
 # file format of a selection (DFND), never the orchestration (loop, stages, config, Ray).
 ALLOWED_IMPORTS = ("ensemble_kd.losses", "ensemble_kd.memory", "ensemble_kd.dist", "ensemble_kd.registry",
-                   "modalities.registry", "ensemble_kd.selection", "ensemble_kd.devices", "ensemble_kd.bank")
+                   "modalities.registry", "ensemble_kd.selection", "ensemble_kd.devices", "ensemble_kd.bank",
+                   "ensemble_kd.errors")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ensemble_kd" / "losses").glob("*.py")), ids=lambda p: p.name)

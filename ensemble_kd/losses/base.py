@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ensemble_kd.bank import TeacherBank
+from ensemble_kd.errors import ProjectError
 from modalities.registry import Registry
 
 __all__ = ["LOSSES", "REDUCTIONS", "DistillInputs", "LossContext", "LossOutput", "LossRegistry", "NeedsStoredEmbeddings", "Reduction",
@@ -82,7 +83,7 @@ class DistillInputs:
     labelled: torch.Tensor | None = None
 
 
-class NeedsStoredEmbeddings(ValueError):
+class NeedsStoredEmbeddings(ValueError, ProjectError):
     """A loss whose options need the teachers' stored embeddings of every train row (the shard
     path's bank), built where the bank has none (the online path)."""
 

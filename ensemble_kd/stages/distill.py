@@ -76,7 +76,7 @@ def _save_student(cfg: ExperimentConfig, name: str, st: dict[str, Any]) -> Path:
 def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ctx: tracking.RunContext | None = None,
         resume: bool = False, callbacks: Sequence[Any] = (), loop_callbacks: Sequence[LoopCallback] = (),
         verbose: bool = True, log: Callable[[str], None] = print,
-        teachers: Mapping[str, Mapping[str, Any]] | None = None, here: bool = False) -> StudentRun:
+        teachers: Mapping[str, Mapping[str, Any]] | None = None, here: bool = False, label: str = "distill") -> StudentRun:
     """Distil the configured student on Ray Train (Ray must be initialised).
 
     The teachers come as ``train_shards`` (teacher -> train shard folder; the shard path) or as
@@ -88,7 +88,8 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     loop's own (:class:`~ensemble_kd.loop.LoopCallback`; a single-worker Tune trial reports through
     one); ``verbose``: a ``[distill]`` line per epoch; ``here``: this process already holds a
     worker's resources (a Tune trial), so a single-worker loop runs in it (see
-    :func:`~ensemble_kd.loop.fit`)."""
+    :func:`~ensemble_kd.loop.fit`); ``label``: what the per-epoch line starts with (a Tune trial's arm
+    and seed)."""
     d = cfg.distill
     train_shards, teachers = dict(train_shards or {}), dict(teachers or {})
     check_inputs(cfg, train_shards, teachers)
@@ -103,7 +104,7 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     if cfg.tracking.enabled:
         ctx = (ctx or tracking.RunContext()).replace(teacher_hashes=teacher_hashes(shards, ckpts))
         mlflow_run = {"uri": tracking.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, ctx)}
-    loop = LoopConfig(to_dict(cfg), shards, ckpts, mlflow_run, verbose, callbacks=tuple(loop_callbacks))
+    loop = LoopConfig(to_dict(cfg), shards, ckpts, mlflow_run, verbose, label, callbacks=tuple(loop_callbacks))
     try:
         fitted = fit(cfg, loop, name, callbacks, here=here)
     except BaseException as e:

@@ -23,6 +23,7 @@ from pathlib import Path
 from ensemble_kd import tracking
 from ensemble_kd.artifacts import TeacherRecord, TeacherSet, write_index
 from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
+from ensemble_kd.console import watch_progress
 from ensemble_kd.loop import LoopConfig, fit, module_part
 from ensemble_kd.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
                                             teacher_config_hash)
@@ -57,11 +58,13 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
     return with_overrides(cfg, over, f"<teacher {t.name}>")
 
 
-def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: bool, log: Callable[[str], None],
-               turn: tuple[threading.Event, threading.Event]) -> None:
+def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, progress: bool, log: Callable[[str], None],
+               turn: tuple[threading.Event, threading.Event], position: int = 0) -> None:
     """Train teacher ``t`` through the loop (:func:`~ensemble_kd.loop.fit`: a single worker in a Ray
     task in Ray Train's local mode, several as a Ray Train run) and write its checkpoint to ``path``.
-    ``turn``: (wait for this event before asking Ray for resources, set this one after)."""
+    ``turn``: (wait for this event before asking Ray for resources, set this one after);
+    ``progress``: its live line is a bar (at line ``position``), else a line every 30 s. The loop's
+    per-epoch lines go to the worker's stdout, which reaches the command's log file."""
     tcfg = teacher_run_config(cfg, t)
     name = tcfg.distill.run_name
     log(f"teacher {t.name}: training {t.arch} on {t.modality} for {t.epochs} epochs on Ray Train ({name})")
@@ -71,9 +74,11 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
         ctx = tracking.RunContext(arm=f"teacher:{t.name}", kind="teacher")
         mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
     try:
-        lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=verbose, label=f"teacher {t.name}")
+        lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=True, label=f"teacher {t.name}")
         turn[0].wait()
-        st = fit(tcfg, lc, name, submitted=turn[1].set).state
+        with watch_progress(f"teacher {t.name}", Path(cfg.output_dir) / "ray_results" / name, t.epochs, log,
+                            progress, position):
+            st = fit(tcfg, lc, name, submitted=turn[1].set).state
     except BaseException:
         if mlflow_run:
             tracking.fail_distill_run(tcfg, mlflow_run["run_id"])
@@ -88,7 +93,7 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, verbose: boo
                  {"test_top1": top1, "train_seconds": time.perf_counter() - t0, "epochs": len(hist)})
     if mlflow_run:
         tracking.finish_distill_run(tcfg, mlflow_run["run_id"], top1, len(hist), path)
-    log(f"teacher {t.name}: test top-1 {top1:.4f} in {time.perf_counter() - t0:.1f}s")
+    log(f"teacher {t.name}: test top-1 {top1:.4f} in {time.perf_counter() - t0:.1f}s ({path})")
 
 
 def checkpoint_path(t: TeacherConfig, checkpoint_dir: str | Path) -> Path:
@@ -144,21 +149,23 @@ def _reusable(t: TeacherConfig, data: DataConfig, path: Path, log: Callable[[str
     return True
 
 
-def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], verbose: bool,
+def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], progress: bool,
                log: Callable[[str], None], on_ready: OnReady | None = None) -> dict[str, TeacherRecord]:
     """Train the teachers concurrently, as far as the cluster has room: one driver thread per
     teacher, which only waits on its run (a single-worker teacher runs in a Ray task of its
     worker's resources in Ray Train's local mode: no controller or worker group to start, which on a
     small machine costs more than a small teacher's training; a multi-worker teacher is a Ray Train
-    run with DDP). ``on_ready`` hears of each teacher from its thread as soon as it is trained.
-    Returns the trained teachers' records."""
+    run with DDP). ``on_ready`` hears of each teacher from its thread as soon as it is trained;
+    ``progress``: live bars (else live lines every 30 s). Returns the trained teachers' records."""
     if cfg.tracking.enabled:  # the store and the experiment once, here: concurrent first writers race
         tracking.ensure_experiment(tracking.tracking_uri(cfg), f"{tracking.experiment_name(cfg)}-teachers",
                                    Path(cfg.output_dir) / "mlartifacts")
 
+    order = {t.name: i for i, t in enumerate(cfg.teachers)}  # each bar's line: the embed stage's bars use the same
+
     def one(t: TeacherConfig, path: Path, turn: tuple[threading.Event, threading.Event]) -> TeacherRecord:
         try:
-            _train_one(cfg, t, path, verbose, log, turn)
+            _train_one(cfg, t, path, progress, log, turn, order.get(t.name, 0))
         finally:
             turn[1].set()  # an early failure does not hold the next teacher back
         rec = record(t, path, cfg.data, cfg.output_dir)
@@ -172,17 +179,15 @@ def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], ve
     events[0].set()
     with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="teacher") as pool:
         futures = [pool.submit(one, t, path, (events[i], events[i + 1])) for i, (t, path) in enumerate(todo)]
-        recs = {t.name: f.result() for (t, _), f in zip(todo, futures)}
-    for t, path in todo:
-        log(f"teacher {t.name}: test top-1 {recs[t.name].test_top1:.4f} ({path})")
-    return recs
+        return {t.name: f.result() for (t, _), f in zip(todo, futures)}
 
 
 def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
         log: Callable[[str], None] = print, on_ready: OnReady | None = None) -> TeacherSet:
     """Train every configured teacher that has no up-to-date checkpoint (concurrently, each on Ray
     Train; Ray must be up), reuse the others, take given checkpoints as they are; record the set in
-    ``<output_dir>/index/teachers.json``. ``progress``: a line per teacher epoch. ``on_ready(name,
+    ``<output_dir>/index/teachers.json``. ``progress``: a live bar per teacher while it trains
+    (else a live line every 30 s; the per-epoch lines go to the command's log). ``on_ready(name,
     record)``: called once per teacher as soon as it can be used (a reused or given one at once, a
     trained one from its thread when its training ends), so that a caller can start on it while
     slower teachers still train."""

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from modalities.errors import ProjectError
 from modalities.registry import Registry
 from modalities.spec import ModalitySpec
 
@@ -30,7 +31,7 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 ``modalities`` (tuple of modality names), ``num_classes``."""
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, ProjectError):
     """A dataset that cannot be read: names the file or directory and what is wrong."""
 
 
