@@ -3,7 +3,7 @@
 For each row count of a ``synthetic`` dataset (a 64-d vector modality ``vec`` and a 1x32x32 image
 ``img``, both projections of one latent per sample) the bench
 
-1. prepares the data store (``ensemble_kd.datastore.prepare``: the source streamed into
+1. prepares the data store (``ensemble_kd.storage.datastore.prepare``: the source streamed into
    memory-mapped Arrow files; ``prepare_s``, ``store_mb``);
 2. saves a teacher checkpoint WITHOUT training it (an ``mlp`` on ``img``, random initial weights:
    its memory and speed are those of a trained one, its outputs are not) and runs the embed stage
@@ -65,18 +65,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd.config import EmbedConfig, from_dict, to_dict  # noqa: E402
-from ensemble_kd.data import epoch_rows  # noqa: E402
-from ensemble_kd.datastore import open_split, prepare  # noqa: E402
-from ensemble_kd.devices import autocast, seed_everything  # noqa: E402
-from ensemble_kd.loop import LoopConfig, build_module, build_optim, make_data  # noqa: E402
+from ensemble_kd.core.config import EmbedConfig, from_dict, to_dict  # noqa: E402
+from ensemble_kd.training.data import epoch_rows  # noqa: E402
+from ensemble_kd.storage.datastore import open_split, prepare  # noqa: E402
+from ensemble_kd.core.devices import autocast, seed_everything  # noqa: E402
+from ensemble_kd.training.loop import LoopConfig, build_module, build_optim, make_data  # noqa: E402
 from ensemble_kd.losses.base import optimizer_param_groups  # noqa: E402
-from ensemble_kd.memory import MomentumMemory  # noqa: E402
-from ensemble_kd.raycluster import ray_session  # noqa: E402
-from ensemble_kd.rows import PartedRows  # noqa: E402
+from ensemble_kd.blocks.memory import MomentumMemory  # noqa: E402
+from ensemble_kd.core.raycluster import ray_session  # noqa: E402
+from ensemble_kd.core.rows import PartedRows  # noqa: E402
 from ensemble_kd.stages import embed as embed_stage  # noqa: E402
 from ensemble_kd.stages.teachers import checkpoint_path, existing  # noqa: E402
-from ensemble_kd.teacher_checkpoint import save_teacher  # noqa: E402
+from ensemble_kd.storage.teacher_checkpoint import save_teacher  # noqa: E402
 from modalities import build_encoder  # noqa: E402
 from _workdir import add_workdir_arg, workdir  # noqa: E402
 
@@ -124,20 +124,25 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     phases["build_optim_and_epoch_rows"] = proc_status_mb()["RssAnon"]
     setup_s = time.perf_counter() - t0
     module.train()
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        rows = batches[i % len(batches)]
-        t = time.perf_counter()
-        batch = data.batch(rows, device, 0, i)
-        with autocast(device, cfg.amp):
-            parts = module(batch, 0, i)
-        loss = sum(module.weights[n] * out.loss.float() for n, out in parts.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if per_step:
-            sched.step()
-        times.append(time.perf_counter() - t)
+
+    def steps(first: int, n: int) -> tuple[list[float], torch.Tensor]:
+        """``n`` steps as ``loop._train_epoch`` runs them, from batch ``first``: (seconds each, last loss)."""
+        out = []
+        for i in range(first, first + n):
+            t = time.perf_counter()
+            batch = data.batch(batches[i % len(batches)], device, 0, i)
+            with autocast(device, cfg.amp):
+                parts = module(batch, 0, i)
+            loss = sum(module.weights[k] * o.loss.float() for k, o in parts.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_step:
+                sched.step()
+            out.append(time.perf_counter() - t)
+        return out, loss
+
+    times, loss = steps(0, spec["warmup"] + spec["steps"])
     if not torch.isfinite(loss):
         raise RuntimeError(f"the loss is not finite after {len(times)} steps: {float(loss)}")
     status = proc_status_mb()
@@ -148,18 +153,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         for part in (col.parts if isinstance(col, PartedRows) else [np.asarray(col)]):
             flat = part.reshape(-1)
             float(flat[:: max(1, 4096 // flat.itemsize)].sum())  # one read a page
-    steady = []
-    for i in range(spec["steps"]):
-        rows = batches[(spec["warmup"] + spec["steps"] + i) % len(batches)]
-        t = time.perf_counter()
-        batch = data.batch(rows, device, 0, i)
-        with autocast(device, cfg.amp):
-            parts = module(batch, 0, i)
-        loss = sum(module.weights[n] * out.loss.float() for n, out in parts.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steady.append(time.perf_counter() - t)
+    steady, _ = steps(spec["warmup"] + spec["steps"], spec["steps"])
     phases["steps"] = status["RssAnon"]
     timed = np.asarray(times[spec["warmup"]:]) * 1000  # (steps,) ms
     memories = [m.memory for m in module.modules() if isinstance(m, MomentumMemory)]

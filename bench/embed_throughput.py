@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd.config import from_dict, to_dict  # noqa: E402
-from ensemble_kd.raycluster import ray_session  # noqa: E402
+from ensemble_kd.core.config import from_dict, to_dict  # noqa: E402
+from ensemble_kd.core.raycluster import ray_session  # noqa: E402
 from ensemble_kd.stages.embed import embed_rows, embed_task, plan_shards  # noqa: E402
 from ensemble_kd.stages.teachers import existing  # noqa: E402
-from ensemble_kd.teacher_checkpoint import load_teacher, save_teacher  # noqa: E402
+from ensemble_kd.storage.teacher_checkpoint import load_teacher, save_teacher  # noqa: E402
 from modalities import build_dataset, build_encoder  # noqa: E402
 
 

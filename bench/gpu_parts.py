@@ -23,7 +23,7 @@ rest (an offline box where Ray's wheel does not fit what can be carried there). 
             student on the device (bf16) and on the CPU (float32): a model of the CIFAR-100 jobs' size
 
 The step is the loop's (``loop.DistillModule.forward`` then ``sum(weight * loss)``, backward, SGD),
-written out here because ``ensemble_kd.loop`` imports Ray.
+written out here because ``ensemble_kd.training.loop`` imports Ray.
 
     python bench/gpu_parts.py [--device cuda|cpu] [--steps 30] [--cifar-rows 20000]
 
@@ -44,15 +44,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd.checkpoint import state_dict_hash  # noqa: E402
-from ensemble_kd.config import AdversarialConfig, DataConfig, ViewsConfig  # noqa: E402
-from ensemble_kd.data import DistillData, epoch_rows  # noqa: E402
-from ensemble_kd.datastore import prepare  # noqa: E402
-from ensemble_kd.devices import autocast  # noqa: E402
+from ensemble_kd.core.checkpoint import state_dict_hash  # noqa: E402
+from ensemble_kd.core.config import AdversarialConfig, DataConfig, ViewsConfig  # noqa: E402
+from ensemble_kd.training.data import DistillData, epoch_rows  # noqa: E402
+from ensemble_kd.storage.datastore import prepare  # noqa: E402
+from ensemble_kd.core.devices import autocast  # noqa: E402
 from ensemble_kd.losses import DistillInputs, LossContext, build_loss  # noqa: E402
-from ensemble_kd.memory import MomentumMemory  # noqa: E402
-from ensemble_kd.shards import ShardKey, ShardWriter  # noqa: E402
-from ensemble_kd.views import view_recipe  # noqa: E402
+from ensemble_kd.blocks.memory import MomentumMemory  # noqa: E402
+from ensemble_kd.storage.shards import ShardKey, ShardWriter  # noqa: E402
+from ensemble_kd.blocks.views import view_recipe  # noqa: E402
 from modalities import build_dataset, build_encoder  # noqa: E402
 
 CRD = {"feat_dim": 128, "tau": 0.07, "num_negatives": 4096, "momentum": 0.5}

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd import pipeline  # noqa: E402
-from ensemble_kd.config import with_overrides  # noqa: E402
-from ensemble_kd.memory import _faiss_gpu_available  # noqa: E402
-from ensemble_kd.raycluster import ray_session  # noqa: E402
+from ensemble_kd.orchestration import pipeline  # noqa: E402
+from ensemble_kd.core.config import with_overrides  # noqa: E402
+from ensemble_kd.blocks.memory import _faiss_gpu_available  # noqa: E402
+from ensemble_kd.core.raycluster import ray_session  # noqa: E402
 from ensemble_kd.stages import distill as distill_stage  # noqa: E402
 from _workdir import add_workdir_arg, workdir  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd.memory import NegativeSampler  # noqa: E402
+from ensemble_kd.blocks.memory import NegativeSampler  # noqa: E402
 
 
 def repeat_share(neg: torch.Tensor, num_rows: int) -> float:

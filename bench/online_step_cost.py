@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd.config import AugmentConfig, EmbedConfig, ViewsConfig, from_dict  # noqa: E402
-from ensemble_kd.data import DistillData  # noqa: E402
-from ensemble_kd.loop import build_module, build_optim  # noqa: E402
-from ensemble_kd.online_data import OnlineData  # noqa: E402
+from ensemble_kd.core.config import AugmentConfig, EmbedConfig, ViewsConfig, from_dict  # noqa: E402
+from ensemble_kd.training.data import DistillData  # noqa: E402
+from ensemble_kd.training.loop import build_module, build_optim  # noqa: E402
+from ensemble_kd.training.online_data import OnlineData  # noqa: E402
 from ensemble_kd.stages.embed import shard_key, write_shard  # noqa: E402
-from ensemble_kd.teacher_checkpoint import load_teacher, save_teacher  # noqa: E402
-from ensemble_kd.views import view_recipe  # noqa: E402
+from ensemble_kd.storage.teacher_checkpoint import load_teacher, save_teacher  # noqa: E402
+from ensemble_kd.blocks.views import view_recipe  # noqa: E402
 from modalities import build_dataset, build_encoder  # noqa: E402
 
 SETTINGS = {

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd import pipeline  # noqa: E402
-from ensemble_kd.config import load_config  # noqa: E402
-from ensemble_kd.data import DistillData  # noqa: E402
+from ensemble_kd.orchestration import pipeline  # noqa: E402
+from ensemble_kd.core.config import load_config  # noqa: E402
+from ensemble_kd.training.data import DistillData  # noqa: E402
 from ensemble_kd.losses.kd import kd_loss  # noqa: E402
-from ensemble_kd.loop import build_module  # noqa: E402
-from ensemble_kd.raycluster import ray_session  # noqa: E402
-from ensemble_kd.teacher_checkpoint import load_teacher  # noqa: E402
+from ensemble_kd.training.loop import build_module  # noqa: E402
+from ensemble_kd.core.raycluster import ray_session  # noqa: E402
+from ensemble_kd.storage.teacher_checkpoint import load_teacher  # noqa: E402
 from modalities import build_dataset  # noqa: E402
 from _workdir import add_workdir_arg, workdir  # noqa: E402
 

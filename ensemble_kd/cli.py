@@ -32,14 +32,14 @@ from typing import Any
 
 import yaml
 
-from ensemble_kd import config, interrupts
-from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
-from ensemble_kd.console import CONSOLE, NORMAL, PROGRESS_FILE, QUIET, VERBOSE, Log, watch_progress
-from ensemble_kd.errors import project_error
-from ensemble_kd.config import ConfigError, ExperimentConfig, field_docs, to_yaml
+from ensemble_kd.core import config, interrupts
+from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.core.console import CONSOLE, NORMAL, PROGRESS_FILE, QUIET, VERBOSE, Log, watch_progress
+from ensemble_kd.core.errors import project_error
+from ensemble_kd.core.config import ConfigError, ExperimentConfig, field_docs, to_yaml
 from ensemble_kd.losses import LOSSES
-from ensemble_kd.plugins import load_plugins
-from ensemble_kd.shards import inspect as inspect_shards
+from ensemble_kd.core.plugins import load_plugins
+from ensemble_kd.storage.shards import inspect as inspect_shards
 from modalities import DATASETS, ENCODERS
 
 
@@ -80,7 +80,7 @@ def _pipeline():
     """The pipeline module, imported on first use: it pulls in Ray, Ray Train/Tune, MLflow and
     torch (about 4 s on 2 cores, measured with `python -X importtime -m ensemble_kd.cli list
     losses`), which `list`, `config` and `--help` do not need."""
-    from ensemble_kd import pipeline
+    from ensemble_kd.orchestration import pipeline
 
     CONSOLE.adopt_loggers()  # MLflow and Ray give their loggers console handlers on import: route them to ours
     return pipeline
@@ -104,7 +104,7 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 _log = Log(CONSOLE)
 """What the commands and stages say: a call is a step (the console unless ``-q``, and the log file);
 ``_log.result`` the table and the paths (always shown); ``_log.detail`` details (``-v``). One
-write per line, whole, from any thread (:mod:`ensemble_kd.console`)."""
+write per line, whole, from any thread (:mod:`ensemble_kd.core.console`)."""
 
 LOGGED = {"run", "teachers-train", "embed", "select", "distill", "tune", "export"}
 """The commands that keep a log file (``<output_dir>/logs/<command>-<time>.log``): those that run
@@ -217,9 +217,9 @@ def _newest_run(results: Path):
 
 def cmd_compare(args: argparse.Namespace) -> int:
     # here, not at the top, for the reason _pipeline() gives (MLflow and matplotlib: about 4 s)
-    from ensemble_kd.plots import plot_comparison
-    from ensemble_kd.stats import format_paired
-    from ensemble_kd.tracking import compare, experiment_name, folder_experiment, tracking_uri
+    from ensemble_kd.orchestration.plots import plot_comparison
+    from ensemble_kd.core.stats import format_paired
+    from ensemble_kd.training.tracking import compare, experiment_name, folder_experiment, tracking_uri
 
     cfg = _folder_config(args)
     uri = args.uri or tracking_uri(cfg)
@@ -259,8 +259,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     # here, not at the top, for the reason _pipeline() gives (torch, MLflow, ONNX)
-    from ensemble_kd import export
-    from ensemble_kd.tracking import experiment_name, tracking_uri
+    from ensemble_kd.orchestration import export
+    from ensemble_kd.training.tracking import experiment_name, tracking_uri
 
     cfg = _config(args)
     out = Path(cfg.output_dir)
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def error_line(e: BaseException, log_path: Path | None = None) -> tuple[str, int] | None:
     """The one line (and exit code) for an error that is the project's own, wherever it was raised
-    (:func:`ensemble_kd.errors.project_error` finds it inside Ray's task, Ray Train and Tune
+    (:func:`ensemble_kd.core.errors.project_error` finds it inside Ray's task, Ray Train and Tune
     wrappers), or a full disk (exit 1); None for anything else (a bug: it keeps its traceback).
     ``log_path``: the command's log file, named as where the full traceback is."""
     pe = project_error(e)
@@ -405,7 +405,7 @@ def error_line(e: BaseException, log_path: Path | None = None) -> tuple[str, int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line. Its own errors (:class:`~ensemble_kd.errors.ProjectError`: a bad config, a
+    """The command line. Its own errors (:class:`~ensemble_kd.core.errors.ProjectError`: a bad config, a
     refused file, a NaN loss, raised here or in any Ray worker) end as one line on stderr, exit 2
     (a full disk: 1), their traceback in the command's log file (and on the console with ``-v``);
     any other exception is a bug and keeps its traceback."""

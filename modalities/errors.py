@@ -1,7 +1,7 @@
 """The marker base class of every error this project raises on purpose.
 
 It lives here, in the bottom import layer (``modalities`` imports nothing from ``ensemble_kd``),
-because the dataset and registry errors defined in this package carry it too; ``ensemble_kd.errors``
+because the dataset and registry errors defined in this package carry it too; ``ensemble_kd.core.errors``
 re-exports it with the function that finds it inside Ray's wrappers.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ import tempfile
 import pytest
 import ray
 
-from ensemble_kd import pipeline
-from ensemble_kd.raycluster import LOCAL_RAY_ENV_DEFAULTS, set_ray_env
+from ensemble_kd.orchestration import pipeline
+from ensemble_kd.core.raycluster import LOCAL_RAY_ENV_DEFAULTS, set_ray_env
 from tests.helpers import distill_cfg, embed, out_with_teachers, tiny_config
 
 set_ray_env()

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ensemble_kd import pipeline
-from ensemble_kd.artifacts import ShardIndex, TeacherSet
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import DataConfig, ExperimentConfig, TeacherConfig, from_dict
-from ensemble_kd.plan import check_run_section
+from ensemble_kd.orchestration import pipeline
+from ensemble_kd.storage.artifacts import ShardIndex, TeacherSet
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import DataConfig, ExperimentConfig, TeacherConfig, from_dict
+from ensemble_kd.orchestration.plan import check_run_section
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages.teachers import record
 

@@ -2,7 +2,7 @@
 import json
 
 from ensemble_kd.cli import main
-from ensemble_kd.config import to_yaml
+from ensemble_kd.core.config import to_yaml
 from tests.helpers import tiny_config
 
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from ensemble_kd.cli import main
-from ensemble_kd.config import load_config, to_yaml
-from ensemble_kd.tracking import RunContext, experiment_name, finish_distill_run, start_distill_run
+from ensemble_kd.core.config import load_config, to_yaml
+from ensemble_kd.training.tracking import RunContext, experiment_name, finish_distill_run, start_distill_run
 from tests.helpers import out_with_teachers, tiny_config
 
 DEFAULT_EXPERIMENT = experiment_name(load_config(None))  # what compare looked for before

@@ -1,7 +1,7 @@
 import pytest
 
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import (
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import (
     ConfigError,
     EmbedConfig,
     ExperimentConfig,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ensemble_kd import datastore
+from ensemble_kd.storage import datastore
 from ensemble_kd.cli import main
-from ensemble_kd.config import DataConfig
-from ensemble_kd.datastore import DataStoreError, StoredDataset, open_split, prepare, write_split
-from ensemble_kd.rows import PartedRows
+from ensemble_kd.core.config import DataConfig
+from ensemble_kd.storage.datastore import DataStoreError, StoredDataset, open_split, prepare, write_split
+from ensemble_kd.core.rows import PartedRows
 from modalities import build_dataset
 
 

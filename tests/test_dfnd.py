@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kd.config import ConfigError, from_dict
-from ensemble_kd.data import DistillData, eval_dataset
+from ensemble_kd.core.config import ConfigError, from_dict
+from ensemble_kd.training.data import DistillData, eval_dataset
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.base import optimizer_param_groups
 from ensemble_kd.losses.dfnd import DFNDLoss, initial_q, noise_matrix, noisy_adaptation_loss
-from ensemble_kd import pipeline
-from ensemble_kd.selection import (
+from ensemble_kd.orchestration import pipeline
+from ensemble_kd.blocks.selection import (
     SelectionError, check_selection, keep_count, load_selection, select_confident, write_selection,
 )
 from modalities import build_dataset
@@ -125,7 +125,7 @@ def test_noise_matrix_is_the_references_noisy():
 
 def _optim_setup(schedule="constant"):
     """A student and the dfnd loss in one module, the optimiser the loop builds for them."""
-    from ensemble_kd.loop import DistillModule, build_optim
+    from ensemble_kd.training.loop import DistillModule, build_optim
 
     torch.manual_seed(0)
     student = torch.nn.Linear(4, 3)
@@ -190,7 +190,7 @@ def test_group_lr_under_onecycle_and_declared_params_checked():
     _, _, opt, _ = _optim_setup("onecycle")
     # OneCycleLR starts each group at its own peak / 25 (div_factor): 0.05 / 25 and 1e-3 / 25
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 25) and opt.param_groups[1]["lr"] == pytest.approx(1e-3 / 25)
-    from ensemble_kd.loop import DistillModule
+    from ensemble_kd.training.loop import DistillModule
 
     loss = DFNDLoss(_ctx(C=3), class_accuracy=[0.9, 0.6, 0.3])
     module = DistillModule(torch.nn.Linear(4, 3), {"dfnd": loss}, {"dfnd": 1.0})

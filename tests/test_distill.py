@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 
-from ensemble_kd import pipeline
-from ensemble_kd.config import ConfigError
-from ensemble_kd.loop import LoopCallback
-from ensemble_kd.shards import ShardMismatchError
+from ensemble_kd.orchestration import pipeline
+from ensemble_kd.core.config import ConfigError
+from ensemble_kd.training.loop import LoopCallback
+from ensemble_kd.storage.shards import ShardMismatchError
 from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 @pytest.fixture(scope="module")

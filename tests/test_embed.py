@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kd import pipeline
-from ensemble_kd.artifacts import ShardIndex, read_index
+from ensemble_kd.orchestration import pipeline
+from ensemble_kd.storage.artifacts import ShardIndex, read_index
 from ensemble_kd.cli import main
-from ensemble_kd.data import DistillData
-from ensemble_kd.shards import Shard, ShardMismatchError, ShardSet
-from ensemble_kd.teacher_checkpoint import load_teacher
-from ensemble_kd.views import apply_view
+from ensemble_kd.training.data import DistillData
+from ensemble_kd.storage.shards import Shard, ShardMismatchError, ShardSet
+from ensemble_kd.storage.teacher_checkpoint import load_teacher
+from ensemble_kd.blocks.views import apply_view
 from modalities import build_dataset
 from tests.helpers import by_key, embed, teacher_set, tiny_config
 

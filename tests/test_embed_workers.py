@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kd import pipeline
-from ensemble_kd.config import EmbedConfig
-from ensemble_kd.shards import (PartWriter, Shard, ShardKey, ShardWriter, adv_col, emb_col, logit_col, new_temp_dir,
-                                publish_shard)
+from ensemble_kd.orchestration import pipeline
+from ensemble_kd.core.config import EmbedConfig
+from ensemble_kd.storage.shards import (PartWriter, Shard, ShardKey, ShardWriter, adv_col, emb_col, logit_col, new_temp_dir,
+                                        publish_shard)
 from ensemble_kd.stages.embed import plan_workers, row_ranges
 from tests.helpers import by_key, embed, out_with_teachers, tiny_config
 

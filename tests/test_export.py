@@ -13,10 +13,10 @@ import torch
 from mlflow import MlflowClient
 from mlflow import pyfunc
 
-from ensemble_kd import tracking
+from ensemble_kd.training import tracking
 from ensemble_kd.cli import main
-from ensemble_kd.config import ConfigError, to_dict, to_yaml
-from ensemble_kd.export import ExportError, best_of_arm, export_student, find_run
+from ensemble_kd.core.config import ConfigError, to_dict, to_yaml
+from ensemble_kd.orchestration.export import ExportError, best_of_arm, export_student, find_run
 from ensemble_kd.stages.distill import _save_student
 from modalities import ENCODERS, Encoder, build_dataset, build_encoder
 from tests.helpers import tiny_config

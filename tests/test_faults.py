@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_kd.artifacts import ShardIndex, ShardRecord, write_index
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import from_dict, to_yaml
+from ensemble_kd.storage.artifacts import ShardIndex, ShardRecord, write_index
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import from_dict, to_yaml
 from ensemble_kd.stages.embed import plan_shards, write_shard
 from ensemble_kd.stages.teachers import checkpoint_path, existing
-from ensemble_kd.teacher_checkpoint import load_record, save_teacher
+from ensemble_kd.storage.teacher_checkpoint import load_record, save_teacher
 from modalities import build_dataset, build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_edited_manifest_checkpoint_hash_is_refused_by_distill(tmp_path, capsys)
 
 
 def test_embed_rewrites_a_damaged_shard_and_refuses_an_edited_one(ray_cluster, tmp_path):
-    from ensemble_kd import pipeline
+    from ensemble_kd.orchestration import pipeline
 
     _, cfg = make_folder(tmp_path / "out")
     part = part_of(tmp_path / "out")
@@ -166,7 +166,7 @@ def test_bad_values_fail_at_load_naming_the_field(capsys, key, value, field):
 
 
 def test_valid_loss_options_still_load():
-    from ensemble_kd.checks import loss_option_errors
+    from ensemble_kd.orchestration.checks import loss_option_errors
 
     assert loss_option_errors("crd", {"tau": 0.1, "num_negatives": 4096, "feat_dim": 64}, ("a", "b")) == []
     assert loss_option_errors("kd", {"temperature": 2, "reduction": "per_teacher"}) == []
@@ -181,7 +181,7 @@ def test_unparsable_set_value_is_one_line(capsys):
 
 RACER = """
 import pathlib, sys, time
-from ensemble_kd import tracking
+from ensemble_kd.training import tracking
 uri, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 ready.touch()
 while not go.exists():
@@ -227,7 +227,7 @@ def test_half_created_store_is_repaired(tmp_path):
     uri = f"sqlite:///{db}"
     r = subprocess.run([sys.executable, "-c", HALF_CREATE, uri], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and db.exists()  # the disk "filled" during MLflow's migration
-    from ensemble_kd import tracking
+    from ensemble_kd.training import tracking
 
     exp = tracking.ensure_experiment(uri, "after")
     assert tracking.client(uri).create_run(exp).info.status == "RUNNING"
@@ -253,8 +253,8 @@ def test_full_disk_while_writing_a_shard_names_the_part(tmp_path):
     code = """
 import resource, signal, sys
 import numpy as np
-from ensemble_kd.checkpoint import DiskFullError
-from ensemble_kd.shards import ShardKey, ShardWriter
+from ensemble_kd.core.checkpoint import DiskFullError
+from ensemble_kd.storage.shards import ShardKey, ShardWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
 k = ShardKey("t", "c" * 64, "toy", "train", "f" * 64, {"num_views": 1}, "float32")
@@ -380,7 +380,7 @@ def test_next_command_ends_runs_of_killed_processes_and_removes_their_temp_folde
     `compare`; a live process's run is left alone."""
     import socket
 
-    from ensemble_kd import tracking
+    from ensemble_kd.training import tracking
     from ensemble_kd.cli import main
 
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_kd.loop import stage_shapes
+from ensemble_kd.training.loop import stage_shapes
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.functional import ab, ab_criterion, factor, ft
 from modalities import build_dataset, build_encoder

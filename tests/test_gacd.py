@@ -10,17 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd.adversarial import pgd_perturb, row_generators
-from ensemble_kd.config import AdversarialConfig, ConfigError, EmbedConfig, ViewsConfig, to_dict
-from ensemble_kd.data import DistillData
+from ensemble_kd.blocks.adversarial import pgd_perturb, row_generators
+from ensemble_kd.core.config import AdversarialConfig, ConfigError, EmbedConfig, ViewsConfig, to_dict
+from ensemble_kd.training.data import DistillData
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, TeacherBank, build_loss
 from ensemble_kd.losses.crd import CRDLoss, nce_loss
 from ensemble_kd.losses.gacd import GACDLoss, teacher_confidence
-from ensemble_kd.rows import full
-from ensemble_kd.shards import Shard, ShardKey, ShardSet
+from ensemble_kd.core.rows import full
+from ensemble_kd.storage.shards import Shard, ShardKey, ShardSet
 from ensemble_kd.stages.embed import plan_shards, shard_key, write_shard
-from ensemble_kd.teacher_checkpoint import load_teacher
-from ensemble_kd.views import apply_view, draw_views, view_recipe
+from ensemble_kd.storage.teacher_checkpoint import load_teacher
+from ensemble_kd.blocks.views import apply_view, draw_views, view_recipe
 from modalities import build_dataset
 from tests.helpers import embed, run_distill, teacher_set, tiny_config
 

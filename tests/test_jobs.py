@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ensemble_kd.config import load_config
-from ensemble_kd.pipeline import load
+from ensemble_kd.core.config import load_config
+from ensemble_kd.orchestration.pipeline import load
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

@@ -6,16 +6,16 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import ConfigError, LabelsConfig, load_config
-from ensemble_kd.data import DistillData
-from ensemble_kd.labels import UNLABELLED, class_quotas, draw_labelled, ensemble_prediction
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import ConfigError, LabelsConfig, load_config
+from ensemble_kd.training.data import DistillData
+from ensemble_kd.blocks.labels import UNLABELLED, class_quotas, draw_labelled, ensemble_prediction
 from ensemble_kd.losses import DistillInputs, LossContext, TeacherBank, build_loss
-from ensemble_kd.online_data import OnlineData
-from ensemble_kd.plan import arm_config
-from ensemble_kd.shards import ShardKey, ShardWriter
-from ensemble_kd.teacher_checkpoint import Teacher
-from ensemble_kd.tracking import start_distill_run, tracking_uri
+from ensemble_kd.training.online_data import OnlineData
+from ensemble_kd.orchestration.plan import arm_config
+from ensemble_kd.storage.shards import ShardKey, ShardWriter
+from ensemble_kd.storage.teacher_checkpoint import Teacher
+from ensemble_kd.training.tracking import start_distill_run, tracking_uri
 from modalities import build_dataset, build_encoder
 from tests.helpers import distill_cfg, run_distill
 

@@ -244,9 +244,9 @@ def test_interface_fields():
 
 # The only parts of ensemble_kd a loss may import: the losses, their building blocks and the
 # file format of a selection (DFND), never the orchestration (loop, stages, config, Ray).
-ALLOWED_IMPORTS = ("ensemble_kd.losses", "ensemble_kd.memory", "ensemble_kd.dist", "ensemble_kd.registry",
-                   "modalities.registry", "ensemble_kd.selection", "ensemble_kd.devices", "ensemble_kd.bank",
-                   "ensemble_kd.errors")
+ALLOWED_IMPORTS = ("ensemble_kd.losses", "ensemble_kd.blocks.memory", "ensemble_kd.core.dist", "ensemble_kd.registry",
+                   "modalities.registry", "ensemble_kd.blocks.selection", "ensemble_kd.core.devices", "ensemble_kd.blocks.bank",
+                   "ensemble_kd.core.errors")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ensemble_kd" / "losses").glob("*.py")), ids=lambda p: p.name)
@@ -259,8 +259,9 @@ def test_losses_import_only_their_building_blocks_at_module_top(path):
         assert id(node) in top, f"{path.name}:{node.lineno}: import inside a function or block"
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        else:  # `from ensemble_kd import dist` names ensemble_kd.dist
-            names = [f"{node.module}.{a.name}" if node.module in ("ensemble_kd", "modalities") else node.module
+        else:  # `from ensemble_kd.core import dist` names ensemble_kd.core.dist
+            names = [f"{node.module}.{a.name}" if (node.module or "").split(".")[0] in ("ensemble_kd", "modalities")
+                     else node.module
                      for a in node.names]
         for n in names:
             if n.split(".")[0] in ("ensemble_kd", "modalities"):
@@ -291,8 +292,8 @@ def _rank_run(name: str, rank: int) -> dict:
     compare every buffer and parameter with the other rank's (all-gathered)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ensemble_kd import dist
-    from ensemble_kd.loop import DistillModule
+    from ensemble_kd.core import dist
+    from ensemble_kd.training.loop import DistillModule
 
     torch.manual_seed(0)  # same initial weights on every rank, as seed_everything in the loop
     ctx = make_ctx(3 if LOSSES.meta(name).get("needs_teachers", True) else 0)

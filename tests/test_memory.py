@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd import dist
-from ensemble_kd.memory import MomentumMemory, NegativeSampler
+from ensemble_kd.core import dist
+from ensemble_kd.blocks.memory import MomentumMemory, NegativeSampler
 from tests.helpers import spawn_processes
 
 M, D, C = 120, 8, 4
@@ -265,7 +265,7 @@ def test_shared_draws_from_a_bank_far_larger_than_n_are_distinct_and_determinist
     """M > SPARSE_DRAW x N: the N shared negatives come from an O(N) draw (no permutation of every
     row): distinct, in range, the same for the same (seed, step), different across steps and
     spread over the whole bank."""
-    from ensemble_kd.memory import SPARSE_DRAW
+    from ensemble_kd.blocks.memory import SPARSE_DRAW
 
     Mb, N = 70_000, 64
     assert Mb > SPARSE_DRAW * N

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_kd import tracking
-from ensemble_kd.artifacts import (ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index, summary_store,
-                                   write_index)
+from ensemble_kd.training import tracking
+from ensemble_kd.storage.artifacts import (ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index, summary_store,
+                                           write_index)
 from ensemble_kd.cli import main
-from ensemble_kd.config import to_yaml
+from ensemble_kd.core.config import to_yaml
 from tests.helpers import distill_cfg, out_with_teachers
 
 ARM = "kd-all"

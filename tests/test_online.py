@@ -4,10 +4,10 @@ import shutil
 import pytest
 import torch
 
-from ensemble_kd.config import AugmentConfig
-from ensemble_kd.loop import build_module, build_optim
-from ensemble_kd.online_data import OnlineData
-from ensemble_kd.teacher_checkpoint import load_teacher
+from ensemble_kd.core.config import AugmentConfig
+from ensemble_kd.training.loop import build_module, build_optim
+from ensemble_kd.training.online_data import OnlineData
+from ensemble_kd.storage.teacher_checkpoint import load_teacher
 from modalities import build_dataset
 from tests.helpers import distill_cfg, run_distill
 
@@ -89,8 +89,8 @@ def test_a_repdistiller_format_teacher_feeds_both_paths(ray_cluster, trained, tm
 
     from mlflow.tracking import MlflowClient
 
-    from ensemble_kd import pipeline
-    from ensemble_kd.shards import read_manifest
+    from ensemble_kd.orchestration import pipeline
+    from ensemble_kd.storage.shards import read_manifest
     from tests.helpers import embed
 
     _, paths = trained
@@ -113,7 +113,7 @@ def test_a_repdistiller_format_teacher_feeds_both_paths(ray_cluster, trained, tm
 
 
 def test_a_feature_map_loss_on_the_shard_path_is_refused_at_config_time(tmp_path):
-    from ensemble_kd.config import ConfigError
+    from ensemble_kd.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"distill.losses.1.name: loss 'at' reads feature maps.*teacher_outputs is 'shards'"):
         distill_cfg(tmp_path, **{"distill.losses": [{"name": "ce"}, {"name": "at"}]})
@@ -122,7 +122,7 @@ def test_a_feature_map_loss_on_the_shard_path_is_refused_at_config_time(tmp_path
 
 
 def test_a_crd_mode_that_needs_the_shards_embeddings_is_refused_on_the_online_path_at_config_time(tmp_path):
-    from ensemble_kd.config import ConfigError
+    from ensemble_kd.core.config import ConfigError
 
     for mode in ("exact", "relax"):  # both project the shards' stored teacher embeddings
         with pytest.raises(ConfigError, match=r"distill.losses.1: loss 'crd' .* needs the teachers' stored embeddings.*"

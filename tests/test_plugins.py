@@ -98,8 +98,8 @@ def test_joined_cluster_workers_import_the_plugins(tmp_path):
     plugins = write_plugin(tmp_path / "plugins")
     joiner = (
         "import os, ray\n"
-        "from ensemble_kd.config import RayConfig\n"
-        "from ensemble_kd.raycluster import ray_session\n"
+        "from ensemble_kd.core.config import RayConfig\n"
+        "from ensemble_kd.core.raycluster import ray_session\n"
         "with ray_session(RayConfig(), ['my_plugins']):\n"
         "    probe = ray.remote(lambda: (os.getpid(), __import__('modalities').ENCODERS.names()))\n"
         "    pid, names = ray.get(probe.options(num_cpus=0.5).remote())\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 SCRIPT = """
 import sys
 import ray
-from ensemble_kd.config import RayConfig
-from ensemble_kd.raycluster import ray_session
+from ensemble_kd.core.config import RayConfig
+from ensemble_kd.core.raycluster import ray_session
 with ray_session(RayConfig(num_cpus=1)) as started:
     assert started and ray.get(ray.put(7)) == 7
     if sys.argv[1] == "fail":

@@ -5,14 +5,14 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ensemble_kd.artifacts import TeacherRecord, TeacherSet
+from ensemble_kd.storage.artifacts import TeacherRecord, TeacherSet
 from ensemble_kd.cli import main
-from ensemble_kd.config import load_config, to_yaml, with_overrides
-from ensemble_kd.plan import Trial, arm_config
-from ensemble_kd.report import format_table, summarise, write_summary
-from ensemble_kd.stats import format_paired, paired_difference
-from ensemble_kd.sweep import TrialOutcome
-from ensemble_kd.tracking import RunContext, compare, finish_distill_run, log_epochs, start_distill_run, tracking_uri
+from ensemble_kd.core.config import load_config, to_yaml, with_overrides
+from ensemble_kd.orchestration.plan import Trial, arm_config
+from ensemble_kd.orchestration.report import format_table, summarise, write_summary
+from ensemble_kd.core.stats import format_paired, paired_difference
+from ensemble_kd.orchestration.sweep import TrialOutcome
+from ensemble_kd.training.tracking import RunContext, compare, finish_distill_run, log_epochs, start_distill_run, tracking_uri
 
 
 def test_paired_difference_against_hand_computed_numbers():

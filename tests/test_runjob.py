@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ensemble_kd.cli import main
-from ensemble_kd.config import ConfigError, to_yaml
+from ensemble_kd.core.config import ConfigError, to_yaml
 from tests.helpers import out_with_teachers, tiny_config
 
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 128, "feat_dim": 16, "per_sample": False}}

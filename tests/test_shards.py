@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kd.shards import (
+from ensemble_kd.storage.shards import (
     Shard,
     ShardCorruptError,
     ShardKey,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kd.config import DataConfig
-from ensemble_kd.datastore import prepare
+from ensemble_kd.core.config import DataConfig
+from ensemble_kd.storage.datastore import prepare
 from modalities import DATASETS, build_dataset
 from modalities.datasets.base import DatasetError
 from modalities.datasets.synthetic import BLOCK, GENERATOR_VERSION

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ensemble_kd import datastore
+from ensemble_kd.storage import datastore
 from ensemble_kd.cli import main
-from ensemble_kd.config import DataConfig
+from ensemble_kd.core.config import DataConfig
 from modalities.datasets import DatasetError, build_dataset
 from modalities.datasets import table as table_mod
 

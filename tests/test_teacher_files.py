@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_kd.config import DataConfig, TeacherConfig
-from ensemble_kd.teacher_checkpoint import CheckpointError, inspect_teacher, load_teacher, save_teacher
+from ensemble_kd.core.config import DataConfig, TeacherConfig
+from ensemble_kd.storage.teacher_checkpoint import CheckpointError, inspect_teacher, load_teacher, save_teacher
 from modalities import ModalitySpec, build_encoder
 from tests.helpers import repdistiller_models, repdistiller_state
 

@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from ensemble_kd.pipeline import train_teachers
-from ensemble_kd.teacher_checkpoint import CheckpointError, load_teacher, read_checkpoint
+from ensemble_kd.orchestration.pipeline import train_teachers
+from ensemble_kd.storage.teacher_checkpoint import CheckpointError, load_teacher, read_checkpoint
 from tests.helpers import tiny_config
 
 
@@ -99,7 +99,7 @@ def test_each_teacher_is_announced_when_ready_and_its_shards_follow(trained, tmp
     """teachers.run calls on_ready for a reused teacher at once and for a trained one when its
     training ends; teachers_and_shards writes each teacher's shards behind it, the same shards
     (keys, rows) as the embed stage alone, and one index with all of them."""
-    from ensemble_kd.pipeline import embed, teachers_and_shards
+    from ensemble_kd.orchestration.pipeline import embed, teachers_and_shards
     from ensemble_kd.stages import teachers as teachers_stage
 
     cfg, paths = trained

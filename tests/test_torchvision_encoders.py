@@ -9,7 +9,7 @@ from torchvision.models import get_model
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from ensemble_kd.cli import main
-from ensemble_kd.teacher_checkpoint import load_teacher
+from ensemble_kd.storage.teacher_checkpoint import load_teacher
 from modalities import ModalitySpec, build_encoder, list_encoders
 from modalities.encoders.torchvision_models import TorchvisionResNet
 from modalities.registry import UnknownNameError

@@ -5,8 +5,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ensemble_kd.cli import main
-from ensemble_kd.config import to_yaml
-from ensemble_kd.tracking import TrackingError, compare, sweep_point, tracking_uri
+from ensemble_kd.core.config import to_yaml
+from ensemble_kd.training.tracking import TrackingError, compare, sweep_point, tracking_uri
 from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 ARMS = {

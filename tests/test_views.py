@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from ensemble_kd.views import apply_view, draw_views
+from ensemble_kd.blocks.views import apply_view, draw_views
 
 
 def test_identity_and_reference_crop():

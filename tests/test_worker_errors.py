@@ -25,16 +25,16 @@ import pytest
 import ray
 import torch
 
-from ensemble_kd.artifacts import ShardIndex, ShardRecord, write_index
-from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
-from ensemble_kd.checks import check_config
+from ensemble_kd.storage.artifacts import ShardIndex, ShardRecord, write_index
+from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.orchestration.checks import check_config
 from ensemble_kd.cli import error_line, main
-from ensemble_kd.config import ConfigError, from_dict, to_yaml
-from ensemble_kd.errors import ProjectError, project_error
-from ensemble_kd.shards import ShardMismatchError
+from ensemble_kd.core.config import ConfigError, from_dict, to_yaml
+from ensemble_kd.core.errors import ProjectError, project_error
+from ensemble_kd.storage.shards import ShardMismatchError
 from ensemble_kd.stages.embed import plan_shards, write_shard
 from ensemble_kd.stages.teachers import checkpoint_path, existing
-from ensemble_kd.teacher_checkpoint import load_record, save_teacher
+from ensemble_kd.storage.teacher_checkpoint import load_record, save_teacher
 from modalities import build_dataset, build_encoder
 
 REPO = Path(__file__).resolve().parents[1]

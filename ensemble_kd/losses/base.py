@@ -51,8 +51,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ensemble_kd.bank import TeacherBank
-from ensemble_kd.errors import ProjectError
+from ensemble_kd.blocks.bank import TeacherBank
+from ensemble_kd.core.errors import ProjectError
 from modalities.registry import Registry
 
 __all__ = ["LOSSES", "REDUCTIONS", "DistillInputs", "LossContext", "LossOutput", "LossRegistry", "NeedsStoredEmbeddings", "Reduction",

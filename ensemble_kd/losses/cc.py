@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (checks.py)
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (orchestration/checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum

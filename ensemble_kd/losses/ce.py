@@ -8,7 +8,7 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field  # option types and ranges, checked at config load (checks.py)
+from pydantic import Field  # option types and ranges, checked at config load (orchestration/checks.py)
 from torch import nn
 
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput

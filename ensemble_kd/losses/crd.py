@@ -20,9 +20,9 @@ memory of student features.
   trains the teacher head (``both``) or not (``teacher_anchor``, the reference's behaviour).
 - ``relax``: as ``exact`` with another sample of the anchor's class as the positive.
 
-Everywhere: the memories are :class:`~ensemble_kd.memory.MomentumMemory` objects kept identical on
+Everywhere: the memories are :class:`~ensemble_kd.blocks.memory.MomentumMemory` objects kept identical on
 every worker; Z is all-reduce-averaged over workers so every worker uses the same Z; drawn
-negatives come from :class:`~ensemble_kd.memory.NegativeSampler`; an ensemble gets one CRD term
+negatives come from :class:`~ensemble_kd.blocks.memory.NegativeSampler`; an ensemble gets one CRD term
 per teacher, each with its own heads, memories and Z; the heads, scores, Z and NCE run in float32
 (float64 if the inputs are float64) even under autocast. docs/methods/crd.md lists every
 difference from the reference and the test that pins the rest to it.
@@ -38,15 +38,15 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (checks.py)
+from pydantic import Field, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (orchestration/checks.py)
 from torch import nn
 
-from ensemble_kd import dist
+from ensemble_kd.core import dist
 from ensemble_kd.losses._util import as_float, module_keys
 from ensemble_kd.losses.base import (LOSSES, DistillInputs, LossContext, LossOutput, NeedsStoredEmbeddings,
                                      normalise_teacher_weights)
 from ensemble_kd.losses.functional import crd_scores, nce_loss, nce_z
-from ensemble_kd.memory import SPARSE_DRAW, MomentumMemory, NegativeSampler, stable_seed
+from ensemble_kd.blocks.memory import SPARSE_DRAW, MomentumMemory, NegativeSampler, stable_seed
 
 MODES = ("exact", "relax", "reference")
 TEACHER_HEAD_GRADS = ("teacher_anchor", "both")

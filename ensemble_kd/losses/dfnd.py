@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput
-from ensemble_kd.selection import load_selection
+from ensemble_kd.blocks.selection import load_selection
 
 Q_LR = 1e-3  # the reference's optimiser of the noise layer: Adam(lr=0.001), no weight decay
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (checks.py)
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (orchestration/checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import as_float

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ensemble_kd import dist
+from ensemble_kd.core import dist
 from ensemble_kd.losses._featmaps import check_map, context_shapes, require_maps, zero_touching
 from ensemble_kd.losses._util import as_float, module_keys, weighted_teacher_sum
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput, normalise_teacher_weights

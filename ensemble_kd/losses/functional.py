@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble_kd.losses._util import as_float
-from ensemble_kd.memory import memory_update  # CRD's memory update (applied by MomentumMemory, a lower layer)
+from ensemble_kd.blocks.memory import memory_update  # CRD's memory update (applied by MomentumMemory, a lower layer)
 
 __all__ = ["at", "attention_map", "cc", "crd_scores", "fsp", "fsp_matrices", "hint", "kd", "kd_to_target",
            "memory_update", "nce_loss", "nce_z", "nst", "pkt", "pool_to_smaller", "rkd", "sp", "sp_gram", "vid",

@@ -15,7 +15,7 @@ memory in ``mode: reference``). ``positives: own`` is CRD's positive, the anchor
 
 The paper's other half, adversarial examples of the inputs, lives in the embed stage: with
 ``embed.adversarial.enabled`` each teacher stores PGD views of its inputs (and the deltas), made
-by default on a self-supervised objective (:mod:`ensemble_kd.adversarial`); the student trains on
+by default on a self-supervised objective (:mod:`ensemble_kd.blocks.adversarial`); the student trains on
 those same perturbed inputs, and this loss weights their anchors by the teacher's (lower)
 confidence on them like any other row.
 
@@ -31,7 +31,7 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (checks.py)
+from pydantic import Field, PositiveFloat, PositiveInt  # option types and ranges, checked at config load (orchestration/checks.py)
 
 from ensemble_kd.losses._util import as_float
 from ensemble_kd.losses.base import LOSSES, DistillInputs, LossContext, LossOutput

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pydantic import PositiveFloat  # option types and ranges, checked at config load (checks.py)
+from pydantic import PositiveFloat  # option types and ranges, checked at config load (orchestration/checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import weighted_teacher_sum

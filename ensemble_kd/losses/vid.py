@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-from pydantic import NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (checks.py)
+from pydantic import NonNegativeInt, PositiveFloat  # option types and ranges, checked at config load (orchestration/checks.py)
 from torch import nn
 
 from ensemble_kd.losses._util import module_keys, weighted_teacher_sum

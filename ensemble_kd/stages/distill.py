@@ -1,12 +1,12 @@
 """The distill stage: one distillation on Ray Train, from the teachers to a student.
 
 Inputs: the config (the loop reads all of it); for every distill teacher, its train shard folder
-(the shard path: from the embed stage's :class:`~ensemble_kd.artifacts.ShardIndex`) or its
+(the shard path: from the embed stage's :class:`~ensemble_kd.storage.artifacts.ShardIndex`) or its
 checkpoint file (the online path: from the teachers stage's
-:class:`~ensemble_kd.artifacts.TeacherSet`); and the :class:`~ensemble_kd.tracking.RunContext`
+:class:`~ensemble_kd.storage.artifacts.TeacherSet`); and the :class:`~ensemble_kd.training.tracking.RunContext`
 the run is part of. It opens the MLflow run, runs the loop on Ray Train
-(:func:`~ensemble_kd.loop.fit`), and on success writes the
-student checkpoint and returns a :class:`~ensemble_kd.artifacts.StudentRun` (also recorded in
+(:func:`~ensemble_kd.training.loop.fit`), and on success writes the
+student checkpoint and returns a :class:`~ensemble_kd.storage.artifacts.StudentRun` (also recorded in
 ``<output_dir>/index/distill.json``, which ``--resume`` reads). A Tune trial calls this same
 function.
 """
@@ -18,13 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ensemble_kd import tracking
-from ensemble_kd.artifacts import StudentRun, index_path, read_index, write_index
-from ensemble_kd.checkpoint import atomic_torch_save
-from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict
-from ensemble_kd.loop import LoopCallback, LoopConfig, fit, module_part
-from ensemble_kd.selection import check_selection, load_selection
-from ensemble_kd.shards import read_manifest
+from ensemble_kd.training import tracking
+from ensemble_kd.storage.artifacts import StudentRun, index_path, read_index, write_index
+from ensemble_kd.core.checkpoint import atomic_torch_save
+from ensemble_kd.core.config import ConfigError, ExperimentConfig, to_dict
+from ensemble_kd.training.loop import LoopCallback, LoopConfig, fit, module_part
+from ensemble_kd.blocks.selection import check_selection, load_selection
+from ensemble_kd.storage.shards import read_manifest
 
 STUDENT_FORMAT = "ensemble-kd/student"
 
@@ -85,10 +85,10 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     the MLflow run is opened before training (tagged from ``ctx``), rank 0 logs every epoch into
     it, and it is closed FINISHED with the artifacts (or FAILED). ``callbacks``: Ray Train user
     callbacks (a multi-worker Tune trial passes ``TuneReportCallback``); ``loop_callbacks``: the
-    loop's own (:class:`~ensemble_kd.loop.LoopCallback`; a single-worker Tune trial reports through
+    loop's own (:class:`~ensemble_kd.training.loop.LoopCallback`; a single-worker Tune trial reports through
     one); ``verbose``: a ``[distill]`` line per epoch; ``here``: this process already holds a
     worker's resources (a Tune trial), so a single-worker loop runs in it (see
-    :func:`~ensemble_kd.loop.fit`); ``label``: what the per-epoch line starts with (a Tune trial's arm
+    :func:`~ensemble_kd.training.loop.fit`); ``label``: what the per-epoch line starts with (a Tune trial's arm
     and seed)."""
     d = cfg.distill
     train_shards, teachers = dict(train_shards or {}), dict(teachers or {})

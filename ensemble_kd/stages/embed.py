@@ -7,7 +7,7 @@ the frozen teacher once (on a GPU fraction on clusters, a CPU here), reads its r
 requested split from the stored dataset itself (so no sample crosses the object store), runs
 batched inference and writes that range's part files into the shard's temp folder, which the
 driver created. When every range of a shard is done the driver renames the parts in row order,
-writes the manifest and publishes the folder atomically (:func:`~ensemble_kd.shards.publish_shard`):
+writes the manifest and publishes the folder atomically (:func:`~ensemble_kd.storage.shards.publish_shard`):
 the driver only drains the tasks' generators and renames files, so W workers run W times as fast
 as one. A task is a Ray streaming generator: it yields the number of rows done after every batch,
 which the driver turns into one progress bar per teacher, then each range's part descriptors.
@@ -34,8 +34,8 @@ between stages; a measured bare task stays at the bare-loop speed per core
 (``bench/embed_throughput.py``) where a Ray Data pipeline on a 2-core machine spends its cores
 on scheduling.
 
-The stage takes its inputs explicitly (a :class:`~ensemble_kd.artifacts.TeacherSet`, a dataset,
-the splits and the embed recipe) and returns a :class:`~ensemble_kd.artifacts.ShardIndex`; the
+The stage takes its inputs explicitly (a :class:`~ensemble_kd.storage.artifacts.TeacherSet`, a dataset,
+the splits and the embed recipe) and returns a :class:`~ensemble_kd.storage.artifacts.ShardIndex`; the
 select stage's callers use it the same way for the pool and the teachers' own test split.
 """
 from __future__ import annotations
@@ -54,16 +54,16 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from ensemble_kd.adversarial import pgd_perturb, row_generators
-from ensemble_kd.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, TeacherSet, read_index, write_index
-from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
-from ensemble_kd.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
-from ensemble_kd.devices import autocast, resolve_device
-from ensemble_kd.shards import (PartWriter, Shard, ShardCorruptError, ShardKey, check_manifest, discard_shard,
-                                new_temp_dir, publish_shard)
-from ensemble_kd.teacher_checkpoint import Teacher, load_record
-from ensemble_kd.views import apply_view, draw_views, view_recipe
-from ensemble_kd.datastore import open_split, prepare
+from ensemble_kd.blocks.adversarial import pgd_perturb, row_generators
+from ensemble_kd.storage.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, TeacherSet, read_index, write_index
+from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.core.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
+from ensemble_kd.core.devices import autocast, resolve_device
+from ensemble_kd.storage.shards import (PartWriter, Shard, ShardCorruptError, ShardKey, check_manifest, discard_shard,
+                                        new_temp_dir, publish_shard)
+from ensemble_kd.storage.teacher_checkpoint import Teacher, load_record
+from ensemble_kd.blocks.views import apply_view, draw_views, view_recipe
+from ensemble_kd.storage.datastore import open_split, prepare
 from modalities import PairedDataset
 
 
@@ -147,7 +147,7 @@ def write_range(teacher: Teacher, ds: PairedDataset, key: ShardKey, folder: Path
     samples, so the batches are a one-worker run's) into part files ``range-<index>-<j>.arrow`` in
     ``folder`` (the shard's temp folder), cut at the shard's global multiples of ``rows_per_part``;
     yields the rows done after each batch, then ``{"shard", "range", "parts", "meta"}``: the part
-    descriptors in row order and what the manifest needs (:func:`~ensemble_kd.shards.publish_shard`)."""
+    descriptors in row order and what the manifest needs (:func:`~ensemble_kd.storage.shards.publish_shard`)."""
     per_batch, rps = samples_per_batch(ecfg), rows_per_sample(ecfg)
     adv_dim = ds.spec(teacher.modality).numel if rps > ecfg.views.num_views else 0  # adversarial rows carry their delta
     w = PartWriter(folder, key, teacher.embed_dim, teacher.num_classes, ecfg.rows_per_part, adv_dim,
@@ -280,7 +280,7 @@ def plan_workers(ecfg: EmbedConfig, rows: Mapping[str, int], available: Mapping[
 def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig,
                 output_dir: str | Path) -> list[tuple[str, str, ShardKey, int]]:
     """(teacher, split, key, number of samples) of every shard: each teacher x each split. Prepares
-    the stored splits (the driver's :func:`~ensemble_kd.datastore.prepare`) the tasks will read."""
+    the stored splits (the driver's :func:`~ensemble_kd.storage.datastore.prepare`) the tasks will read."""
     plan = []
     recipe = view_recipe(ecfg.views, ecfg.adversarial)
     for split in splits:

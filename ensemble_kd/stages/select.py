@@ -4,7 +4,7 @@ labelled test split, keep the pool rows the teachers are sure of, with their pse
 Inputs are artifacts, not a config to re-plan: ``pool`` (each teacher's train-split shard of the
 pool, from the embed stage) and ``teacher_test`` (each teacher's shard of its own test split, the
 embed stage run on ``select.teacher_data``). The caller (the pipeline) runs the embed stage for
-both. Output: a :class:`~ensemble_kd.artifacts.SelectionRecord`, also recorded in
+both. Output: a :class:`~ensemble_kd.storage.artifacts.SelectionRecord`, also recorded in
 ``<output_dir>/index/selection.json``.
 
 The pool's own labels are never used for selecting or labelling; where the pool has them
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from ensemble_kd.artifacts import SelectionRecord, write_index
-from ensemble_kd.config import ConfigError, DataConfig, SelectConfig, to_dict
-from ensemble_kd.selection import class_accuracy, load_selection, select_confident, write_selection
-from ensemble_kd.rows import full
-from ensemble_kd.shards import ShardSet
+from ensemble_kd.storage.artifacts import SelectionRecord, write_index
+from ensemble_kd.core.config import ConfigError, DataConfig, SelectConfig, to_dict
+from ensemble_kd.blocks.selection import class_accuracy, load_selection, select_confident, write_selection
+from ensemble_kd.core.rows import full
+from ensemble_kd.storage.shards import ShardSet
 
 
 def _diagnostics(ps: ShardSet, sel) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The teachers stage: train (or reuse) every configured teacher, or take a user's checkpoint,
-and return the :class:`~ensemble_kd.artifacts.TeacherSet`.
+and return the :class:`~ensemble_kd.storage.artifacts.TeacherSet`.
 
-A teacher trains through the same loop as the students (:func:`ensemble_kd.loop.fit`, Ray Train:
+A teacher trains through the same loop as the students (:func:`ensemble_kd.training.loop.fit`, Ray Train:
 DDP over ``num_workers``, ``use_gpu``, AMP, per-epoch checkpoints and resume, an MLflow run with
 per-epoch metrics): a teacher-less run of the loop whose "student" is the teacher's encoder, with
 CE (label smoothing), the teacher's optimiser and schedule (onecycle by default) and, with
@@ -20,14 +20,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ensemble_kd import tracking
-from ensemble_kd.artifacts import TeacherRecord, TeacherSet, write_index
-from ensemble_kd.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
-from ensemble_kd.console import watch_progress
-from ensemble_kd.loop import LoopConfig, fit, module_part
-from ensemble_kd.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
-                                            teacher_config_hash)
-from ensemble_kd.datastore import open_split
+from ensemble_kd.training import tracking
+from ensemble_kd.storage.artifacts import TeacherRecord, TeacherSet, write_index
+from ensemble_kd.core.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
+from ensemble_kd.core.console import watch_progress
+from ensemble_kd.training.loop import LoopConfig, fit, module_part
+from ensemble_kd.storage.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
+                                                    teacher_config_hash)
+from ensemble_kd.storage.datastore import open_split
 from modalities import build_encoder
 
 
@@ -60,7 +60,7 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
 
 def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, progress: bool, log: Callable[[str], None],
                turn: tuple[threading.Event, threading.Event], position: int = 0) -> None:
-    """Train teacher ``t`` through the loop (:func:`~ensemble_kd.loop.fit`: a single worker in a Ray
+    """Train teacher ``t`` through the loop (:func:`~ensemble_kd.training.loop.fit`: a single worker in a Ray
     task in Ray Train's local mode, several as a Ray Train run) and write its checkpoint to ``path``.
     ``turn``: (wait for this event before asking Ray for resources, set this one after);
     ``progress``: its live line is a bar (at line ``position``), else a line every 30 s. The loop's

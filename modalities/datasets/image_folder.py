@@ -19,7 +19,7 @@ the sorted order of the paths relative to ``root/test``. Ids are unique across b
 Building a split lists the files; images are decoded only when rows are asked for (PIL,
 converted to RGB for ``channels=3`` or grey ``L`` for ``channels=1``, then resized to
 ``image_size`` x ``image_size`` with PIL's antialiased bilinear filter, aspect ratio not kept).
-The data store (``ensemble_kd.datastore``) decodes each file once, a batch at a time, and keeps it
+The data store (``ensemble_kd.storage.datastore``) decodes each file once, a batch at a time, and keeps it
 as uint8 at that size (3 KB per 32x32 RGB image), so the folder may be larger than memory. The
 single modality ``image`` is a float32 (channels, image_size, image_size) tensor: pixel / 255,
 then, with ``normalize=True`` (default), standardised per channel with ``mean``/``std`` if given,

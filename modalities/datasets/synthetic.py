@@ -46,7 +46,7 @@ Generation is lazy and by blocks of :data:`BLOCK` sample ids: block ``b`` (ids `
 ``(seed, b)`` alone, so any range of rows is produced without the rows before it, the first
 ``n`` ids are the same whatever ``rows`` is, and the dataset holds only ``sample_ids`` and
 ``labels`` (int64, 16 B per row) plus the projections: a split of a million rows costs about
-16 MB, and the data store (:mod:`ensemble_kd.datastore`) streams the rows to disk part by part.
+16 MB, and the data store (:mod:`ensemble_kd.storage.datastore`) streams the rows to disk part by part.
 The projections are applied with element-wise float32 operations in a fixed order (no BLAS
 matmul, whose blocking can depend on the batch shape), so a row's values do not depend on which
 other rows are generated with it: a range generated alone equals the same rows of a full pass,

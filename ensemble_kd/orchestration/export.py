@@ -38,9 +38,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-from ensemble_kd import tracking
-from ensemble_kd.artifacts import read_index, summary_store
-from ensemble_kd.config import ConfigError, ExperimentConfig
+from ensemble_kd.training import tracking
+from ensemble_kd.storage.artifacts import read_index, summary_store
+from ensemble_kd.core.config import ConfigError, ExperimentConfig
 from ensemble_kd.stages.distill import STUDENT_FORMAT
 from modalities import Encoder, PairedDataset, build_dataset, build_encoder
 

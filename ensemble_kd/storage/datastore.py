@@ -58,8 +58,8 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from ensemble_kd.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
-from ensemble_kd.config import DataConfig
+from ensemble_kd.core.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
+from ensemble_kd.core.config import DataConfig
 from modalities import DATASETS, PairedDataset, build_dataset
 from modalities.datasets.base import DatasetError, StoredForm
 from modalities.spec import ModalitySpec

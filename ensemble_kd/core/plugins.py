@@ -7,7 +7,7 @@ plugins when it loads a config (``pipeline.load``), and every Ray worker process
 again at start (``raycluster.setup_worker``, the job's ``worker_process_setup_hook``), because
 teachers, students and losses are built inside Ray Train workers and Tune trials, which look
 their names up in their own registries. This module sits in the bottom layer: it imports only
-:mod:`ensemble_kd.config` and the standard library, so a worker can run it before anything else.
+:mod:`ensemble_kd.core.config` and the standard library, so a worker can run it before anything else.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import importlib
 import os
 from collections.abc import Sequence
 
-from ensemble_kd.config import ConfigError
+from ensemble_kd.core.config import ConfigError
 
 ENV_VAR = "EKD_PLUGINS"
 """The plugin modules, comma-separated, in the environment of a Ray job's workers (``ray_session``)."""

@@ -2,7 +2,7 @@
 
 Ray 2.60 (Train V2) runs Ray Train inside Tune as a *function trainable* (``Tuner(TorchTrainer)``
 is gone). :func:`distill_trial` is that function: it rebuilds the trial's
-:class:`~ensemble_kd.plan.Trial` (config, overrides, run context) and calls the same distill stage
+:class:`~ensemble_kd.orchestration.plan.Trial` (config, overrides, run context) and calls the same distill stage
 (:func:`ensemble_kd.stages.distill.run`) as ``ensemble-kd distill``, with the train shards the
 driver resolved once. A single-worker trial (``distill.local_mode``) runs its loop inside the
 trial's own process, which holds the worker's resources (Ray Train's local mode: no controller or
@@ -39,13 +39,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from ensemble_kd import tracking
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import ConfigError, ExperimentConfig, to_dict, with_overrides
-from ensemble_kd.errors import is_ray_wrapper, project_error, wrapped
-from ensemble_kd.loop import LoopCallback, reported, runs_locally
-from ensemble_kd.interrupts import reason_of as interrupt_reason
-from ensemble_kd.plan import Trial
+from ensemble_kd.training import tracking
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import ConfigError, ExperimentConfig, to_dict, with_overrides
+from ensemble_kd.core.errors import is_ray_wrapper, project_error, wrapped
+from ensemble_kd.training.loop import LoopCallback, reported, runs_locally
+from ensemble_kd.core.interrupts import reason_of as interrupt_reason
+from ensemble_kd.orchestration.plan import Trial
 from ensemble_kd.stages import distill
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -184,7 +184,7 @@ def failure(e: BaseException | None) -> str:
 class _ProgressLines:
     """A Tune callback printing one line per finished trial with the best so far (people read it;
     Tune's own table is off); a failed trial's line says why (Tune's own traceback of it goes to
-    the command's log only, ensemble_kd.console)."""
+    the command's log only, ensemble_kd.core.console)."""
 
     def __init__(self, total: int, metric: str, mode: str, log: Callable[[str], None]) -> None:
         self.total, self.metric, self.mode, self.log = total, metric, mode, log

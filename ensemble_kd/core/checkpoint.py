@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ensemble_kd.errors import ProjectError, is_ray_wrapper
+from ensemble_kd.core.errors import ProjectError, is_ray_wrapper
 
 
 # No space left, a quota, or the process's file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored):

@@ -41,13 +41,13 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ensemble_kd.artifacts import summary_store
+from ensemble_kd.storage.artifacts import summary_store
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import loss_options
-from ensemble_kd.checkpoint import DiskFullError, disk_full_cause
-from ensemble_kd.config import ConfigError, ExperimentConfig, flatten, to_yaml
-from ensemble_kd.stats import paired_difference
-from ensemble_kd.interrupts import reason_of as interrupt_reason
+from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.core.config import ConfigError, ExperimentConfig, flatten, to_yaml
+from ensemble_kd.core.stats import paired_difference
+from ensemble_kd.core.interrupts import reason_of as interrupt_reason
 
 class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
@@ -566,7 +566,7 @@ def compare(uri: str, experiment: str, group_by: str = "teacher_set", baseline: 
     KILLED, still RUNNING, no final metric) is listed under ``unfinished``, never averaged in. A
     group whose runs differ in their ``labels`` tag is split, one group per label setting
     (``ensemble [labels count=50]``). With ``baseline`` (a group), every other group gets
-    ``paired``: the paired difference to it over the seeds both have (:func:`ensemble_kd.stats.paired_difference`;
+    ``paired``: the paired difference to it over the seeds both have (:func:`ensemble_kd.core.stats.paired_difference`;
     each seed's latest finished run)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)

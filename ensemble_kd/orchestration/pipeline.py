@@ -23,22 +23,23 @@ from typing import Any
 
 from ray import tune
 
-from ensemble_kd import datastore, tracking
-from ensemble_kd.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import (AdversarialConfig, ConfigError, DataConfig, ExperimentConfig, ViewsConfig, load_config,
-                                 to_dict)
-from ensemble_kd.export import export_after_run
-from ensemble_kd.plan import Trial, best_teacher, check_run_section, plan_trials
-from ensemble_kd.plugins import load_plugins
-from ensemble_kd.raycluster import clean_stale_checkpoints, ray_session
-from ensemble_kd.report import format_table, summarise, write_summary
-from ensemble_kd.shards import Shard, check_manifest, clean_stale_temp_dirs
+from ensemble_kd.storage import datastore
+from ensemble_kd.training import tracking
+from ensemble_kd.storage.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import (AdversarialConfig, ConfigError, DataConfig, ExperimentConfig, ViewsConfig, load_config,
+                                      to_dict)
+from ensemble_kd.orchestration.export import export_after_run
+from ensemble_kd.orchestration.plan import Trial, best_teacher, check_run_section, plan_trials
+from ensemble_kd.core.plugins import load_plugins
+from ensemble_kd.core.raycluster import clean_stale_checkpoints, ray_session
+from ensemble_kd.orchestration.report import format_table, summarise, write_summary
+from ensemble_kd.storage.shards import Shard, check_manifest, clean_stale_temp_dirs
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages import embed as embed_stage
 from ensemble_kd.stages import select as select_stage
 from ensemble_kd.stages import teachers as teachers_stage
-from ensemble_kd.sweep import SweepResult, TrialOutcome, run_trials, tune_sweep
+from ensemble_kd.orchestration.sweep import SweepResult, TrialOutcome, run_trials, tune_sweep
 
 Log = Callable[[str], None]
 
@@ -83,7 +84,7 @@ def data_splits(cfg: ExperimentConfig) -> list[tuple[DataConfig, str]]:
 
 
 def prepare_data(cfg: ExperimentConfig, log: Log | None = None) -> list[tuple[DataConfig, str, Path]]:
-    """The data store of every split the config reads (:mod:`ensemble_kd.datastore`): written from
+    """The data store of every split the config reads (:mod:`ensemble_kd.storage.datastore`): written from
     the source where missing or stale, else reused with every file hashed; before any Ray work, so
     that workers only follow its pointers. Returns (dataset, split, folder) of each."""
     return [(d, s, datastore.prepare(d, s, cfg.output_dir, log).dir) for d, s in data_splits(cfg)]
@@ -272,7 +273,7 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
         for f in (path, plot):
             if f is not None:
                 tracking.client(uri).log_artifact(parent, str(f))
-    show = getattr(log, "result", log)  # the table and the paths: shown even with -q (ensemble_kd.console.Log)
+    show = getattr(log, "result", log)  # the table and the paths: shown even with -q (ensemble_kd.core.console.Log)
     show("")
     for line in format_table(summary):
         show(line)

@@ -61,7 +61,7 @@ RAY_PRINTER = "ray_print_logs"  # Ray's own handler on its worker-output dispatc
 OUR_PRINTER = "ekd_console"
 AUTOSCALER_EVENT = ":event_summary:"  # ray_constants.LOG_PREFIX_EVENT_SUMMARY: what Ray's printer shows of the autoscaler
 ADOPTED_LOGGERS = ("ray", "mlflow")  # libraries that give their logger a console handler of its own
-PROGRESS_FILE = "progress.json"  # in a run's folder: where its rank 0 is (ensemble_kd.loop.write_progress)
+PROGRESS_FILE = "progress.json"  # in a run's folder: where its rank 0 is (ensemble_kd.training.loop.write_progress)
 PROGRESS_POLL_S = 0.5  # how often a driver thread reads it
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # colour and cursor escapes (Ray colours its remote tracebacks)
 
@@ -382,7 +382,7 @@ class Live:
 
 
 def read_progress(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run's ``progress.json`` (``ensemble_kd.loop.write_progress``: epoch, epochs, loss, last
+    """A run's ``progress.json`` (``ensemble_kd.training.loop.write_progress``: epoch, epochs, loss, last
     test top-1, time), or None: none yet, or unreadable."""
     try:
         doc = json.loads((Path(run_dir) / PROGRESS_FILE).read_text())

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ensemble_kd.config import LabelsConfig
+from ensemble_kd.core.config import LabelsConfig
 
 UNLABELLED = -1
 """The label of an unlabelled row when the run has no teacher to predict one."""

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ensemble_kd.checkpoint import atomic_torch_save, state_dict_hash
-from ensemble_kd.config import DataConfig, TeacherConfig, config_hash, to_dict
-from ensemble_kd.devices import autocast
-from ensemble_kd.errors import ProjectError
+from ensemble_kd.core.checkpoint import atomic_torch_save, state_dict_hash
+from ensemble_kd.core.config import DataConfig, TeacherConfig, config_hash, to_dict
+from ensemble_kd.core.devices import autocast
+from ensemble_kd.core.errors import ProjectError
 from modalities import Encoder, ModalitySpec, PairedDataset, build_encoder
 
 FORMAT = "ensemble-kd/teacher"

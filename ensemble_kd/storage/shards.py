@@ -47,9 +47,9 @@ import pyarrow as pa
 import torch
 
 from ensemble_kd import __version__
-from ensemble_kd.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
-from ensemble_kd.errors import ProjectError
-from ensemble_kd.rows import PartedRows, as_torch
+from ensemble_kd.core.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
+from ensemble_kd.core.errors import ProjectError
+from ensemble_kd.core.rows import PartedRows, as_torch
 
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
@@ -425,7 +425,7 @@ class Shard:
 
     def rows(self, name: str) -> torch.Tensor | PartedRows:
         """A wide column (embeddings, logits, deltas) for row-indexed reads: the zero-copy tensor of a
-        one-part shard, else a :class:`~ensemble_kd.rows.PartedRows` over the parts' zero-copy views
+        one-part shard, else a :class:`~ensemble_kd.core.rows.PartedRows` over the parts' zero-copy views
         (``x[rows]`` gathers just those rows), so a many-part shard is never copied whole."""
         col = self.table.column(name)
         chunks = [c for c in col.chunks if len(c)] or col.chunks[:1]

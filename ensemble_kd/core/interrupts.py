@@ -8,7 +8,7 @@ ends the process at once).
 
 Two libraries take SIGINT over in the driver: Ray Tune (it would stop the experiment and return
 normally, so the command exited 0 with a summary of stopped trials; ``TUNE_DISABLE_SIGINT_HANDLER``
-in :mod:`ensemble_kd.raycluster` turns that off) and Ray Train V2, which installs its own handler
+in :mod:`ensemble_kd.core.raycluster` turns that off) and Ray Train V2, which installs its own handler
 in ``TorchTrainer.fit`` (first Ctrl-C: abort the run, then ``sys.exit(0)``) and never restores
 ours: :func:`ray_train_fit` goes around ``fit`` and turns what happened into :class:`Interrupted`.
 """

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd import dist
-from ensemble_kd.rows import full
+from ensemble_kd.core import dist
+from ensemble_kd.core.rows import full
 
 SAMPLER_MODES = ("uniform", "class-aware", "hard")
 

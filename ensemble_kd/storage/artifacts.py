@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ensemble_kd.checkpoint import atomic_write, read_json_manifest
-from ensemble_kd.config import ConfigError
+from ensemble_kd.core.checkpoint import atomic_write, read_json_manifest
+from ensemble_kd.core.config import ConfigError
 
 INDEX_DIR = "index"
 INDEX_FORMAT = "ensemble-kd/index"

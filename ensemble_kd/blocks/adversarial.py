@@ -4,7 +4,7 @@ The embed stage perturbs each stored input with projected gradient descent again
 teacher (Madry et al., ICLR 2018: L_inf ball, signed-gradient ascent, optional uniform random
 start) and stores the perturbation ``delta`` in the shard next to the teacher's outputs on
 ``x + delta``. The student's pipeline adds that same stored ``delta`` to the replayed view, so it
-trains on the very input the teacher embedded (see :class:`~ensemble_kd.data.DistillData`).
+trains on the very input the teacher embedded (see :class:`~ensemble_kd.training.data.DistillData`).
 
 What PGD ascends (``objective``):
 - ``self-supervised`` (default, as GACD): no label is used. Each row's perturbed view is pushed
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.memory import stable_seed
+from ensemble_kd.blocks.memory import stable_seed
 
 OBJECTIVES = ("self-supervised", "ce")
 

@@ -50,21 +50,21 @@ import ray
 import torch
 from torch import nn
 
-from ensemble_kd import dist
-from ensemble_kd.checkpoint import atomic_torch_save
-from ensemble_kd.config import ExperimentConfig, from_dict, to_dict
-from ensemble_kd.console import PROGRESS_FILE
-from ensemble_kd.data import DistillData, epoch_rows, eval_dataset
-from ensemble_kd.errors import ProjectError
-from ensemble_kd.datastore import open_split
-from ensemble_kd.online_data import OnlineData
-from ensemble_kd.devices import autocast, seed_everything
-from ensemble_kd.interrupts import ray_train_fit
+from ensemble_kd.core import dist
+from ensemble_kd.core.checkpoint import atomic_torch_save
+from ensemble_kd.core.config import ExperimentConfig, from_dict, to_dict
+from ensemble_kd.core.console import PROGRESS_FILE
+from ensemble_kd.training.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.core.errors import ProjectError
+from ensemble_kd.storage.datastore import open_split
+from ensemble_kd.training.online_data import OnlineData
+from ensemble_kd.core.devices import autocast, seed_everything
+from ensemble_kd.core.interrupts import ray_train_fit
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, build_loss
 from ensemble_kd.losses.base import optimizer_param_groups
-from ensemble_kd.raycluster import quiet_train_reports
-from ensemble_kd.teacher_checkpoint import load_record
-from ensemble_kd.tracking import log_epochs
+from ensemble_kd.core.raycluster import quiet_train_reports
+from ensemble_kd.storage.teacher_checkpoint import load_record
+from ensemble_kd.training.tracking import log_epochs
 from modalities import PairedDataset, build_encoder
 
 
@@ -507,7 +507,7 @@ def epoch_line(label: str, metrics: dict[str, Any]) -> str:
 
 def write_progress(run_dir: Path, w: _Worker, lc: LoopConfig, metrics: dict[str, Any]) -> None:
     """``<run_dir>/progress.json`` after every epoch (rank 0): where the run is, for a driver to
-    show (:func:`ensemble_kd.console.watch_progress` polls it). Written to a temp name and renamed, so a reader
+    show (:func:`ensemble_kd.core.console.watch_progress` polls it). Written to a temp name and renamed, so a reader
     never sees half of it; not fsynced (it is rewritten next epoch, and a lost one costs nothing);
     best effort: a failed write never stops training."""
     top1 = next((h["test_top1"] for h in reversed(w.history) if "test_top1" in h), None)

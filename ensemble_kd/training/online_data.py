@@ -17,14 +17,14 @@ from collections.abc import Mapping
 
 import torch
 
-from ensemble_kd.bank import TeacherBank
-from ensemble_kd.config import AugmentConfig, LabelsConfig
-from ensemble_kd.devices import autocast
-from ensemble_kd.labels import labelled_rows, row_labels
-from ensemble_kd.memory import stable_seed
-from ensemble_kd.rows import as_torch
-from ensemble_kd.teacher_checkpoint import Teacher
-from ensemble_kd.views import apply_view, draw_views
+from ensemble_kd.blocks.bank import TeacherBank
+from ensemble_kd.core.config import AugmentConfig, LabelsConfig
+from ensemble_kd.core.devices import autocast
+from ensemble_kd.blocks.labels import labelled_rows, row_labels
+from ensemble_kd.blocks.memory import stable_seed
+from ensemble_kd.core.rows import as_torch
+from ensemble_kd.storage.teacher_checkpoint import Teacher
+from ensemble_kd.blocks.views import apply_view, draw_views
 from modalities import PairedDataset
 
 

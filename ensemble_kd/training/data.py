@@ -9,7 +9,7 @@ teacher that reads the student's modality added, bit for bit the input that teac
 (see :meth:`DistillData._adv_replay`).
 Without teachers (a CE-only baseline) the rows are the dataset's own samples.
 With ``distill.labels`` only the drawn samples' rows keep their ground truth (``labelled``); the
-others carry the teachers' ensemble prediction (see :mod:`ensemble_kd.labels`).
+others carry the teachers' ensemble prediction (see :mod:`ensemble_kd.blocks.labels`).
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ensemble_kd.bank import TeacherBank
-from ensemble_kd.config import ExperimentConfig, LabelsConfig
-from ensemble_kd.labels import labelled_rows, row_labels
-from ensemble_kd.selection import Selection, check_selection, load_selection, restrict_bank
-from ensemble_kd.shards import ShardSet
-from ensemble_kd.views import apply_view, num_adv_views
-from ensemble_kd.datastore import open_split
-from ensemble_kd.rows import as_torch
+from ensemble_kd.blocks.bank import TeacherBank
+from ensemble_kd.core.config import ExperimentConfig, LabelsConfig
+from ensemble_kd.blocks.labels import labelled_rows, row_labels
+from ensemble_kd.blocks.selection import Selection, check_selection, load_selection, restrict_bank
+from ensemble_kd.storage.shards import ShardSet
+from ensemble_kd.blocks.views import apply_view, num_adv_views
+from ensemble_kd.storage.datastore import open_split
+from ensemble_kd.core.rows import as_torch
 from modalities import PairedDataset
 
 
@@ -73,7 +73,7 @@ class DistillData:
     def _label_subset(self, labels: LabelsConfig, seed: int) -> None:
         """``distill.labels``: keep the ground truth on the drawn samples' rows only; the other rows
         are labelled (in the bank too, so class-aware negatives use it) with the teachers' ensemble
-        prediction on that row (:func:`ensemble_kd.labels.row_labels`)."""
+        prediction on that row (:func:`ensemble_kd.blocks.labels.row_labels`)."""
         if self.selection is not None:
             raise ValueError("distill.labels: a label subset does not apply to a DFND selection (distill.selection)")
         self.labelled = labelled_rows(self.bank.sample_ids, self.ds.sample_ids, self.ds.labels, labels, seed)  # (R,)

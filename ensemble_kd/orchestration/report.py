@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ensemble_kd.artifacts import TeacherSet
-from ensemble_kd.checkpoint import atomic_write
-from ensemble_kd.config import ExperimentConfig
-from ensemble_kd.plan import arm_config, effective_arms
-from ensemble_kd.plots import plot_comparison
-from ensemble_kd.sweep import TrialOutcome
-from ensemble_kd.stats import INTERVAL, format_paired, paired_difference
-from ensemble_kd.tracking import experiment_name, label_setting, mean_std, method_name, sweep_axes, teacher_set
+from ensemble_kd.storage.artifacts import TeacherSet
+from ensemble_kd.core.checkpoint import atomic_write
+from ensemble_kd.core.config import ExperimentConfig
+from ensemble_kd.orchestration.plan import arm_config, effective_arms
+from ensemble_kd.orchestration.plots import plot_comparison
+from ensemble_kd.orchestration.sweep import TrialOutcome
+from ensemble_kd.core.stats import INTERVAL, format_paired, paired_difference
+from ensemble_kd.training.tracking import experiment_name, label_setting, mean_std, method_name, sweep_axes, teacher_set
 
 SUMMARY = "summary.json"
 PLOT = "summary.png"

@@ -1,12 +1,12 @@
 """What `ensemble-kd run` and the sweeps will run, as typed values: arms expanded per seed, and
 one :class:`Trial` per distillation.
 
-An :class:`~ensemble_kd.config.ArmConfig` says which teachers (none, the best single one, all, a
+An :class:`~ensemble_kd.core.config.ArmConfig` says which teachers (none, the best single one, all, a
 list), which loss terms, which labels (all, or a subset: ``labels: {count: 50}``) and any other
 overrides (``set``); :func:`arm_config` turns it into the config of one distillation at one
 seed, through the config's one override mechanism. :func:`plan_trials` lists the trials of a run
 (every arm x seed, then the sweep's grid points); each Trial carries its own config and the
-:class:`~ensemble_kd.tracking.RunContext` its MLflow run is tagged from.
+:class:`~ensemble_kd.training.tracking.RunContext` its MLflow run is tagged from.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from ensemble_kd.artifacts import TeacherSet
-from ensemble_kd.checks import check_config
-from ensemble_kd.config import ArmConfig, ConfigError, ExperimentConfig, from_dict, to_dict, with_overrides
-from ensemble_kd.tracking import RunContext, method_name
+from ensemble_kd.storage.artifacts import TeacherSet
+from ensemble_kd.orchestration.checks import check_config
+from ensemble_kd.core.config import ArmConfig, ConfigError, ExperimentConfig, from_dict, to_dict, with_overrides
+from ensemble_kd.training.tracking import RunContext, method_name
 
 
 def arm_teachers(cfg: ExperimentConfig, arm: ArmConfig, best_teacher: str | None) -> list[str]:
