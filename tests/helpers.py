@@ -145,3 +145,14 @@ def repdistiller_state(arch: str) -> dict[str, torch.Tensor]:
         else:
             out[key] = 0.1 * torch.randn(shape, generator=g)
     return out
+
+
+def wait_for_cpus(total: float, timeout_s: float = 30.0) -> None:
+    """Wait until the session Ray's free CPUs are back to ``total`` (a failed stage's cancelled tasks
+    end asynchronously), then assert they are."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) == total, (ray.available_resources(), total)

@@ -1,7 +1,6 @@
 """The embed stage on a real local Ray: its tasks write shards equal to a direct forward."""
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from ensemble_kd.storage.shards import Shard, ShardMismatchError, ShardSet
 from ensemble_kd.storage.teacher_checkpoint import load_teacher
 from ensemble_kd.blocks.views import apply_view
 from modalities import build_dataset
-from tests.helpers import by_key, embed, teacher_set, tiny_config
+from tests.helpers import by_key, embed, teacher_set, tiny_config, wait_for_cpus
 
 
 def _results(cfg, paths, logs=None):
@@ -162,8 +161,5 @@ def test_a_failing_teacher_fails_the_stage_and_stops_the_other_tasks(ray_cluster
     total = ray.cluster_resources()["CPU"]
     with pytest.raises(Exception, match="kar_b.pt.*changed since"):
         pipeline.embed(cfg, ts, progress=False, log=lambda m: None)
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("CPU", 0.0) == total, (ray.available_resources(), total)
+    wait_for_cpus(total)
     assert not list(tmp_path.glob("shards/kar_b__*"))  # (a failed writer's temp folder starts with ".")

@@ -3,7 +3,6 @@ shard, row for row and byte for byte; "auto" sizes the workers; a failing worker
 cleanly. Real Ray (the session's 4 logical CPUs on 2 cores, so workers ask for 0.25 CPU)."""
 import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from ensemble_kd.core.config import EmbedConfig
 from ensemble_kd.storage.shards import (PartWriter, Shard, ShardKey, ShardWriter, adv_col, emb_col, logit_col, new_temp_dir,
                                         publish_shard)
 from ensemble_kd.stages.embed import plan_workers, row_ranges
-from tests.helpers import by_key, embed, out_with_teachers, tiny_config
+from tests.helpers import by_key, embed, out_with_teachers, tiny_config, wait_for_cpus
 
 SMALL = {"embed.rows_per_part": 256, "embed.batch_size": 64, "embed.cpus_per_actor": 0.25}  # 24 batches, 6 parts of train
 
@@ -207,10 +206,7 @@ def test_a_failing_worker_fails_the_stage_and_leaves_nothing(ray_cluster, traine
     total = ray.cluster_resources()["CPU"]
     with pytest.raises(Exception, match="kar_b.pt.*changed since"):
         pipeline.embed(cfg, ts, progress=False, log=lambda m: None)
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("CPU", 0.0) == total, (ray.available_resources(), total)
+    wait_for_cpus(total)
     left = list((tmp_path / "shards").iterdir())
     assert not [p for p in left if p.name.startswith(".")], left  # no temp folder stays
     # On a loaded machine pix_cnn's workers can finish before kar_b's fail: a shard published then is

@@ -48,6 +48,7 @@ from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
 from ensemble_kd.core.config import ConfigError, ExperimentConfig, flatten, to_yaml
 from ensemble_kd.core.stats import paired_difference
 from ensemble_kd.core.interrupts import reason_of as interrupt_reason
+from ensemble_kd.core.raycluster import pid_alive
 
 class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
@@ -494,7 +495,7 @@ def end_orphaned_runs(uri: str, log: Callable[[str], None] = print) -> list[str]
         for r in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000):
             who = r.data.tags.get(OWNER_TAG, "")
             h, _, pid = who.rpartition(":")
-            if h != host or not pid.isdigit() or _alive(int(pid)):
+            if h != host or not pid.isdigit() or pid_alive(int(pid)):
                 continue
             c.set_tag(r.info.run_id, STOPPED_REASON_TAG, f"its process ({who}) ended without closing the run (killed)")
             c.set_terminated(r.info.run_id, "KILLED")
@@ -502,16 +503,6 @@ def end_orphaned_runs(uri: str, log: Callable[[str], None] = print) -> list[str]
     if ended:
         log(f"MLflow: ended {len(ended)} run(s) left RUNNING by killed processes as KILLED: {ended}")
     return ended
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def end_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED",
