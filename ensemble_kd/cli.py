@@ -58,11 +58,11 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _config(args: argparse.Namespace) -> ExperimentConfig:
+def _config(args: argparse.Namespace, resolve_tracking: bool = True) -> ExperimentConfig:
     over = _overrides(args.set or [])
     if getattr(args, "out", None):
         over["output_dir"] = args.out
-    cfg = _pipeline().load(args.config, over)
+    cfg = _pipeline().load(args.config, over, resolve_tracking)
     if _command(args) in LOGGED:  # the config names the output folder: the command's log file goes there
         CONSOLE.open_log(cfg.output_dir, getattr(args, "argv", None))
     return cfg
@@ -125,7 +125,7 @@ def _progress(args: argparse.Namespace) -> bool:
 def cmd_teachers_train(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
-    with p.session(cfg):  # each teacher trains as a Ray Train run
+    with p.session(cfg, stages={"teachers"}):  # each teacher trains as a Ray Train run
         ts = p.train_teachers(cfg, retrain=args.retrain, progress=_progress(args), log=_log)
     _log.result(json.dumps({n: {k: v for k, v in dataclasses.asdict(t).items() if k != "name"} for n, t in ts.items()}, indent=2))
     return 0
@@ -136,7 +136,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     cfg = _folder_config(args)
     teachers = p.existing_teachers(cfg)
     p.check_existing_shards(cfg, teachers)  # a mismatched shard is refused before Ray starts
-    with p.session(cfg, mlflow=False):
+    with p.session(cfg, mlflow=False, stages={"embed"}):
         shards = p.embed(cfg, teachers, progress=_progress(args), log=_log)
     _log.result(f"shards under {Path(cfg.output_dir) / 'shards'}: {len(shards)} ({sum(r.reused for r in shards)} reused)")
     return 0
@@ -146,7 +146,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     """DFND: score the pool (`data`) with the teachers, keep the confident rows, write the selection."""
     p = _pipeline()
     cfg = _folder_config(args)
-    with p.session(cfg, mlflow=False):
+    with p.session(cfg, mlflow=False, stages={"embed"}):  # the pool and the teachers' test split, by embed tasks
         res = p.select(cfg, progress=_progress(args), log=_log)
     m = res.manifest
     _log(f"kept {m['num_rows']} of {m['pool_rows']} pool rows; per pseudo-class (kept/pool):")
@@ -171,7 +171,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
-    with p.session(cfg):
+    with p.session(cfg, stages={"tune"}):
         res = p.sweep(cfg, log=_log, inputs=inputs)
     _log.result(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
                 + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
@@ -190,8 +190,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
-    with p.session(cfg), watch_progress("distill", _newest_run(Path(cfg.output_dir) / "ray_results"), cfg.distill.epochs,
-                                        _log, _progress(args)):
+    with p.session(cfg, stages={"distill"}), watch_progress("distill", _newest_run(Path(cfg.output_dir) / "ray_results"),
+                                                            cfg.distill.epochs, _log, _progress(args)):
         res = p.distill(cfg, resume=args.resume, log=_log, inputs=inputs)
     _log.result(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
     return 0
@@ -316,7 +316,7 @@ def _dataset_summary(builder) -> str:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
-        print(to_yaml(_config(args)), end="")
+        print(to_yaml(_config(args, resolve_tracking=False)), end="")  # tracking.uri as given
         return 0
     _load_plugins_of(args)
     classes = [obj for _, obj in inspect.getmembers(config, dataclasses.is_dataclass) if obj.__module__ == config.__name__]

@@ -5,7 +5,9 @@
         --set data.root=/data/cifar-100-python --out /shared/ekd
 
 Inside ``ray job submit`` Ray sets ``RAY_ADDRESS``, and ``ensemble-kd`` joins that cluster instead
-of starting a local one. Any ``ensemble-kd run`` argument works here (``--set``, ``--out``,
+of starting a local one. ``--out`` must be an absolute folder that every node mounts at the same
+path: the command proves it before any work (a relative one, which would land in the job's
+temporary copy of the working dir on the head, is refused on a cluster of several nodes). Any ``ensemble-kd run`` argument works here (``--set``, ``--out``,
 ``--no-progress``). Other commands: ``python jobs/entrypoint.py tune --config ...``.
 """
 from __future__ import annotations

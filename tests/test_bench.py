@@ -109,3 +109,9 @@ def test_gpu_parts_runs_on_cpu():
     for arm in ("ce+kd", "ce+kd+crd_exact_shared", "ce+kd+crd_reference_per_sample"):
         assert res["steps"][arm]["device"]["finite"] and res["steps"][arm]["first_loss_rel_diff"] == 0.0, arm
     assert res["memory"]["max_abs_diff"] == 0.0
+
+
+def test_job_upload_runs_and_the_gitignore_keeps_outputs_out():
+    res = _bench("job_upload.py", "--output-mb", "3", "--no-venv")
+    assert res["with_gitignore_mb"] == res["checkout_mb"] < 20  # the output folder and caches are not uploaded
+    assert res["without_gitignore_mb"] > res["with_gitignore_mb"] + 3

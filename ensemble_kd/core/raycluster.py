@@ -169,6 +169,12 @@ def clean_stale_checkpoints(results: str | Path) -> list[Path]:
     return gone
 
 
+def joins_cluster(cfg: RayConfig | None = None) -> bool:
+    """Whether :func:`ray_session` will use a Ray it did not start (an address, ``ray job submit``'s
+    RAY_ADDRESS, or a Ray already initialised here) rather than start this machine's own."""
+    return ray.is_initialized() or bool((cfg or RayConfig()).address or os.environ.get("RAY_ADDRESS"))
+
+
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig | None = None, plugins: Sequence[str] = ()) -> Iterator[bool]:
     """Connect to Ray, or start a local one if none is running; shut down only what it started.

@@ -32,8 +32,10 @@ from ensemble_kd.core.config import (AdversarialConfig, ConfigError, DataConfig,
 from ensemble_kd.orchestration.export import export_after_run
 from ensemble_kd.orchestration.plan import Trial, best_teacher, check_run_section, plan_trials
 from ensemble_kd.core.plugins import load_plugins
-from ensemble_kd.core.raycluster import clean_stale_checkpoints, ray_session
+from ensemble_kd.core.raycluster import clean_stale_checkpoints, joins_cluster, ray_session
+from ensemble_kd.core import shared_folder
 from ensemble_kd.orchestration.report import format_table, summarise, write_summary
+from ensemble_kd.orchestration import resources
 from ensemble_kd.storage.shards import Shard, check_manifest, clean_stale_temp_dirs
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages import embed as embed_stage
@@ -62,14 +64,21 @@ def tidy_output(cfg: ExperimentConfig, log: Log = print) -> None:
             tracking.end_orphaned_runs(uri, log)
 
 
-def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+         resolve_tracking: bool = True) -> ExperimentConfig:
     """A config ready for the pipeline: the schema (file and overrides), the registry cross-checks
-    and the run section's arms and sweep, every error naming the file and the field."""
+    and the run section's arms and sweep, every error naming the file and the field. With
+    ``resolve_tracking`` (all but `config show`), ``tracking.uri`` is resolved here, once, in the
+    driver (:func:`~ensemble_kd.training.tracking.tracking_uri`: the given one, else
+    $MLFLOW_TRACKING_URI, else this output folder's SQLite file): every trial and worker gets it
+    with the config, never from its own environment."""
     cfg = load_config(path, overrides)
     source = "<embedded default>" if path is None else str(path)
     load_plugins(cfg.plugins, source)  # before the cross-checks: they look the plugins' names up in the registries
     check_config(cfg, source)
     check_run_section(cfg, source)
+    if resolve_tracking and not cfg.tracking.uri:
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking.tracking_uri(cfg)))
     return cfg
 
 
@@ -241,15 +250,28 @@ def _prepare_store(uri: str | None) -> Future[Any]:
 
 
 @contextlib.contextmanager
-def session(cfg: ExperimentConfig, mlflow: bool = True, log: Log = print) -> Iterator[None]:
-    """The data store prepared (:func:`prepare_data`: before Ray, so a bad dataset fails first and
-    workers only open it), then Ray up for a command (``raycluster.ray_session``) and, for one that
-    logs runs (``mlflow``), the MLflow store made meanwhile."""
-    prepare_data(cfg, log)
+def session(cfg: ExperimentConfig, mlflow: bool = True, log: Log = print,
+            stages: resources.Stages = resources.STAGES) -> Iterator[None]:
+    """Ray up for a command (``raycluster.ray_session``), the data store prepared
+    (:func:`prepare_data`, so that workers only open it) and, for one that logs runs (``mlflow``), the
+    MLflow store made meanwhile. On a Ray of this machine's own the data store comes first (a bad
+    dataset fails before Ray starts); on a cluster it joins, after every node was shown to see the
+    output folder (:func:`~ensemble_kd.core.shared_folder.check_cluster`), so that nothing is written
+    where a node cannot read it."""
+    joins = joins_cluster(cfg.ray)
+    if not joins:
+        prepare_data(cfg, log)
     store = _prepare_store(tracking.tracking_uri(cfg) if mlflow and cfg.tracking.enabled else None)
     with ray_session(cfg.ray, cfg.plugins):
+        resources.check_cluster(cfg, stages)  # what `stages` ask of Ray, refused now if it can never be given
+        if joins:
+            n = shared_folder.check_cluster(cfg.output_dir)
+            if n:
+                log(f"output folder {cfg.output_dir}: seen by all {n} nodes of the cluster")
+            prepare_data(cfg, log)
         store.result()
-        yield
+        with tracking.writer_session(mlflow and cfg.tracking.enabled):  # the one process that writes to MLflow
+            yield
 
 
 def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[str, Any]:
@@ -259,7 +281,8 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     out = Path(cfg.output_dir)
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
-    with session(cfg, log=log):
+    stages = {"teachers", "tune" if cfg.run.arms else "distill"} | ({"embed"} if cfg.distill.teacher_outputs == "shards" else set())
+    with session(cfg, log=log, stages=stages):
         teachers, shards = teachers_and_shards(cfg, progress, log)
         best = best_teacher(teachers)
         if shards is not None:

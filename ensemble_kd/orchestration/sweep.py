@@ -43,7 +43,7 @@ from ensemble_kd.training import tracking
 from ensemble_kd.orchestration.checks import check_config
 from ensemble_kd.core.config import ConfigError, ExperimentConfig, to_dict, with_overrides
 from ensemble_kd.core.errors import is_ray_wrapper, project_error, wrapped
-from ensemble_kd.training.loop import LoopCallback, reported, runs_locally
+from ensemble_kd.training.loop import LoopCallback, reported, runs_locally, store_ready
 from ensemble_kd.core.interrupts import reason_of as interrupt_reason
 from ensemble_kd.orchestration.plan import Trial
 from ensemble_kd.stages import distill
@@ -247,11 +247,11 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
     ``param_space`` is Tune's: ``{"overrides": {dotted key: domain}}`` (a sweep) or ``{"trial":
     grid_search([Trial.to_dict(), ...])}`` (the trials of ``ensemble-kd run``); ``inputs``:
     ``{"train_shards": teacher -> train shard folder, "teachers": teacher -> checkpoint file}`` for
-    every teacher a trial may use (what its data path needs); ``num_trials`` is only for
-    the progress lines. The MLflow experiment and the parent run (``ekd.kind`` = ``kind``) are
+    every teacher a trial may use (what its data path needs); ``num_trials`` is only for the progress lines. The MLflow experiment and the parent run (``ekd.kind`` = ``kind``) are
     created here, before any trial; after the sweep, runs of trials the scheduler stopped are
     ended KILLED."""
     t0 = time.perf_counter()
+    store_ready(cfg)  # the trials (Ray workers) only open the data store
     tc = cfg.tune
     out = Path(cfg.output_dir)
     parent, uri, exp_id = None, None, None

@@ -280,9 +280,12 @@ def plan_workers(ecfg: EmbedConfig, rows: Mapping[str, int], available: Mapping[
 def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig,
                 output_dir: str | Path) -> list[tuple[str, str, ShardKey, int]]:
     """(teacher, split, key, number of samples) of every shard: each teacher x each split. Prepares
-    the stored splits (the driver's :func:`~ensemble_kd.storage.datastore.prepare`) the tasks will read."""
+    the stored splits (the driver's :func:`~ensemble_kd.storage.datastore.prepare`) the tasks will
+    read, the train split always (a worker never prepares one)."""
     plan = []
     recipe = view_recipe(ecfg.views, ecfg.adversarial)
+    if "train" not in splits:
+        prepare(data, "train", output_dir)  # each task reads the teacher's spec and classes from it
     for split in splits:
         ds = prepare(data, split, output_dir)
         fp = ds.fingerprint()

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from ensemble_kd.core.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
 from ensemble_kd.core.config import DataConfig
+from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
 from modalities import DATASETS, PairedDataset, build_dataset
 from modalities.datasets.base import DatasetError, StoredForm
 from modalities.spec import ModalitySpec
@@ -388,6 +389,8 @@ def open_split(data: DataConfig, split: str, output_dir: str | Path) -> StoredDa
     ptr_path = _pointer_path(root, data, split)
     ptr = _read_pointer(ptr_path)
     if ptr is None:
+        if in_ray_worker():  # the driver prepared it before any work: this node does not see its folder
+            raise not_shared(ptr_path, output_dir, "the data store's pointer")
         return prepare(data, split, output_dir)
     key = (str(ptr_path), ptr["dir"])
     with _LOCK:
@@ -396,6 +399,8 @@ def open_split(data: DataConfig, split: str, output_dir: str | Path) -> StoredDa
         try:
             ds = StoredDataset(root / ptr["dir"], verify=False)
         except DataStoreError:
+            if in_ray_worker() and not (root / ptr["dir"]).is_dir():
+                raise not_shared(root / ptr["dir"], output_dir, "the data store") from None
             return prepare(data, split, output_dir)
         with _LOCK:
             _OPEN[key] = ds

@@ -49,6 +49,7 @@ import torch
 from ensemble_kd import __version__
 from ensemble_kd.core.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
 from ensemble_kd.core.errors import ProjectError
+from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
 from ensemble_kd.core.rows import PartedRows, as_torch
 
 FORMAT = "ensemble-kd/shard"
@@ -318,6 +319,8 @@ class ShardWriter:
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    if in_ray_worker() and not Path(shard_dir).exists():  # the driver published it: this node does not share the folder
+        raise not_shared(shard_dir, Path(shard_dir).parent, "the shard")
     return read_json_manifest(shard_dir, MANIFEST, FORMAT, VERSION, ShardCorruptError, "shard")
 
 

@@ -39,6 +39,7 @@ from ensemble_kd.core.checkpoint import atomic_torch_save, state_dict_hash
 from ensemble_kd.core.config import DataConfig, TeacherConfig, config_hash, to_dict
 from ensemble_kd.core.devices import autocast
 from ensemble_kd.core.errors import ProjectError
+from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
 from modalities import Encoder, ModalitySpec, PairedDataset, build_encoder
 
 FORMAT = "ensemble-kd/teacher"
@@ -126,6 +127,8 @@ def _read_file(path: Path) -> tuple[Any, bytes]:
     """The file's content, loaded with ``weights_only=True``, and its bytes (a foreign file's hash is
     taken from the very bytes loaded, so the hash and the weights cannot come from two versions)."""
     if not path.is_file():
+        if in_ray_worker():  # found by the driver before any work: this node does not share the folder
+            raise not_shared(path, path.parent, "the teacher checkpoint")
         raise CheckpointError(f"teacher checkpoint not found: {path}")
     data = path.read_bytes()
     try:

@@ -56,7 +56,8 @@ from ensemble_kd.core.config import ExperimentConfig, from_dict, to_dict
 from ensemble_kd.core.console import PROGRESS_FILE
 from ensemble_kd.training.data import DistillData, epoch_rows, eval_dataset
 from ensemble_kd.core.errors import ProjectError
-from ensemble_kd.storage.datastore import open_split
+from ensemble_kd.storage.datastore import open_split, prepare
+from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
 from ensemble_kd.training.online_data import OnlineData
 from ensemble_kd.core.devices import autocast, seed_everything
 from ensemble_kd.core.interrupts import ray_train_fit
@@ -234,6 +235,9 @@ def load_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, An
         raise StateFileError(f"refusing to load training state {path}: it is not a weights-only ensemble-kd state "
                              f"(it would need code execution to load: {first}); if you did not write it, someone "
                              f"else may have; delete the run's folder to start that run over") from None
+    except FileNotFoundError:
+        # written by the run's rank 0, perhaps on another node: a folder this node does not share, not a bad file
+        raise not_shared(path, Path(folder), "the training state") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise StateFileError(f"cannot read training state {path}: {e}; delete the run's folder to start that run over") from None
 
@@ -554,12 +558,19 @@ def runs_locally(cfg: ExperimentConfig, callbacks: Sequence[Any] = ()) -> bool:
     return cfg.distill.local_mode and cfg.distill.num_workers == 1 and not callbacks
 
 
+def store_ready(cfg: ExperimentConfig) -> None:
+    """In the driver (a library call that skipped the pipeline), the data store the workers will
+    open: a worker never prepares it (:func:`~ensemble_kd.storage.datastore.open_split`). Reused
+    at once where the pipeline prepared it."""
+    if not in_ray_worker():
+        for data, split in ((cfg.data, "train"), (cfg.distill.eval_data or cfg.data, "test")):
+            prepare(data, split, cfg.output_dir)
+
+
 def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (), here: bool = False,
         submitted: Callable[[], None] | None = None) -> Fitted:
     """Run the loop as the run ``name`` under ``<output_dir>/ray_results`` (a reused name resumes
-    it) and return its final state; raises the training error, if any.
-
-    ``distill.num_workers`` workers (DDP) with ``use_gpu`` on Ray Train, ``max_failures`` restarts
+    it) and return its final state; raises the training error, if any. ``distill.num_workers`` workers (DDP) with ``use_gpu`` on Ray Train, ``max_failures`` restarts
     from the last checkpoint; ``callbacks``: Ray Train user callbacks. A single-worker run with
     ``distill.local_mode`` (:func:`runs_locally`) runs in one process instead: a Ray task holding
     the worker's resources, or, with ``here``, this process (the caller is such a Ray process
@@ -569,6 +580,7 @@ def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[An
     (``lc.callbacks``). ``submitted``: called once the run has asked Ray for its resources."""
     d = cfg.distill
     submitted = submitted or (lambda: None)
+    store_ready(cfg)
     run_dir = Path(cfg.output_dir) / "ray_results" / name
     lc = dataclasses.replace(lc, run_dir=str(run_dir))
     if runs_locally(cfg, callbacks):

@@ -12,10 +12,22 @@ ensemble), ``teachers``, ``teacher_modalities``, ``student_modality``, ``student
 ``sweep.<key>`` (from the :class:`RunContext` the run is part of), all written by :func:`run_tags`;
 artifacts = the config YAML and the final student checkpoint. :func:`client` is the one way to get
 an MLflow client.
+
+One writer: while a command runs (:func:`writer_session`, entered by the pipeline's session), every
+MLflow call of the job, from the driver, a Tune trial or rank 0 of a Ray Train loop on any node, is
+made by one Ray actor pinned to the driver's node (:class:`_MlflowWriter`), one call at a time;
+:func:`client` hands the other processes a stand-in that sends it their calls. SQLite's locking
+is unreliable over a network filesystem (lost runs, "database is locked"), so the store sees one
+process on one machine; a tracking server gets all its writes from there too. So nothing a
+caller passes may be readable only where it runs: the config goes as text, the student
+checkpoint lies in the shared output folder. The tracking URI is resolved once, in the driver, into
+the config (``pipeline.load``), so a worker's own ``MLFLOW_TRACKING_URI`` never redirects its runs.
+Without a writer (a library call, a test's bare Ray) each process uses its own client, as it did.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -26,16 +38,16 @@ import socket
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import ray
 import sqlalchemy
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
@@ -59,12 +71,27 @@ MAX_PARAM_LEN = 500  # MLflow caps param values; long lists are cut (the config 
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file under the output folder."""
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file under the output folder. A
+    command's config has it resolved already, by its driver (``pipeline.load``)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return folder_store(cfg)
+
+
+def folder_store(cfg: ExperimentConfig) -> str:
+    """The output folder's own store: ``sqlite:///<output_dir>/mlflow.db``."""
     return f"sqlite:///{Path(cfg.output_dir) / 'mlflow.db'}"
+
+
+def recorded_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config as a run records it (params, config.yaml): the output folder's own store, which
+    the driver resolved into ``tracking.uri``, left implicit again, so that a run's config.yaml
+    used with another ``--out`` tracks into that folder, not into this one."""
+    if cfg.tracking.uri is not None and cfg.tracking.uri == folder_store(cfg):
+        return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=None))
+    return cfg
 
 
 def experiment_name(cfg: ExperimentConfig) -> str:
@@ -103,7 +130,17 @@ _last_store: list[str | None] = [None]  # the tracking URI this process used las
 
 
 def client(uri: str) -> MlflowClient:
-    """The MLflow client of a tracking URI (one per URI and process); a local SQLite store is made
+    """The MLflow client of a tracking URI. While a command's writer is up (:func:`writer_session`),
+    in the driver and in every Ray worker process of its job, a stand-in whose method calls run in
+    the writer (:class:`_WriterClient`); else this process's own (:func:`_local_client`)."""
+    handle = _writer()
+    if handle is not None:
+        return _WriterClient(uri)  # type: ignore[return-value]  # MlflowClient's methods, run in the writer
+    return _local_client(uri)
+
+
+def _local_client(uri: str) -> MlflowClient:
+    """This process's MLflow client of a tracking URI (one per URI and process); a local SQLite store is made
     ready first (:func:`ensure_sqlite_store`) and, when its folder was moved or copied, its artifact
     locations follow it (:func:`relocate_artifacts`).
 
@@ -116,6 +153,157 @@ def client(uri: str) -> MlflowClient:
         _forget_artifact_repos()
         _last_store[0] = uri
     return _client(uri)
+
+
+WRITER_NAME = "ekd-mlflow-writer"  # the writer's actor name, in the job's namespace (every process of the job sees it)
+_session_writer: list[Any] = [None]  # the driver's handle on the writer of the session it runs (writer_session)
+_worker_writers: dict[str, Any] = {}  # a worker's handle on its job's writer, by Ray job id (found once)
+_in_writer = [False]  # True in the writer's own process: its calls are the real ones
+
+
+class _MlflowWriter:
+    """The one process that writes to MLflow while a command runs (a Ray actor on the driver's
+    node, ``num_cpus=0``, one call at a time in the order they arrive): it owns the real clients."""
+
+    def __init__(self) -> None:
+        _in_writer[0] = True
+
+    def call(self, uri: str, method: str, args: tuple, kwargs: dict) -> Any:
+        return getattr(_local_client(uri), method)(*args, **kwargs)
+
+    def info(self) -> dict[str, Any]:
+        """Where it runs, for which job, and how many real clients it made (for checks and tests)."""
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "job_id": ctx.get_job_id(),
+                "clients": _client.cache_info().currsize}
+
+
+def _in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (a task, an actor: a Tune trial, a Ray Train worker)."""
+    if not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # a Ray without a runtime context here: not one of its workers
+        return False
+
+
+def _writer() -> Any:
+    """The handle on the writer this process sends its MLflow calls to, or None: the driver's own
+    while its :func:`writer_session` is up; in a Ray worker, its job's writer (looked up by name once
+    per process and job; a job without one is asked again next time, it may start one later)."""
+    if _in_writer[0]:
+        return None
+    if _session_writer[0] is not None:
+        return _session_writer[0]
+    if not _in_ray_worker():
+        return None
+    job = ray.get_runtime_context().get_job_id()
+    handle = _worker_writers.get(job)
+    if handle is None:
+        try:
+            handle = ray.get_actor(WRITER_NAME)
+        except ValueError:  # no writer in this job
+            return None
+        _worker_writers[job] = handle
+    return handle
+
+
+def _call_writer(uri: str, method: str, args: tuple, kwargs: dict) -> Any:
+    """``client(uri).<method>(*args, **kwargs)`` run by the writer; what it raises is raised here
+    as itself (an ``MlflowException`` stays one). A handle on a writer that is gone (an earlier
+    session's, in a pooled worker of a long-lived Ray) is dropped and the call goes to the job's
+    writer now; with none, to this process's own client, as without a writer."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    handle = _writer()
+    for _attempt in range(2):
+        if handle is None:
+            return getattr(_local_client(uri), method)(*args, **kwargs)
+        try:
+            return ray.get(handle.call.remote(uri, method, args, kwargs))
+        except RayTaskError as e:
+            if not isinstance(e.cause, BaseException):
+                raise
+            raise e.cause from None  # the writer's exception itself, not Ray's wrapper around it
+        except RayActorError:
+            stale = handle
+            for job, h in list(_worker_writers.items()):
+                if h == stale:
+                    del _worker_writers[job]
+            handle = _writer()
+            if handle == stale:  # this session's writer died: nothing to send the call to
+                raise
+    raise RuntimeError(f"MLflow {method} on {uri}: the writer died twice")
+
+
+class _WriterClient:
+    """Stands in for the ``MlflowClient`` of ``uri`` while a writer is up: each method call is
+    made by the writer (:func:`_call_writer`). Arguments and results cross processes (pickled),
+    so a path given to it must be one the writer's node sees (the shared output folder)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_") or not callable(getattr(MlflowClient, name, None)):
+            raise AttributeError(f"{name!r}: only MlflowClient's methods go to the MLflow writer")
+        uri = self.uri
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return _call_writer(uri, name, args, kwargs)
+
+        method.__name__ = name
+        return method
+
+    def __repr__(self) -> str:
+        return f"<MLflow client of {self.uri} in the writer>"
+
+
+@contextlib.contextmanager
+def writer_session(enabled: bool = True) -> Iterator[Any]:
+    """The job's MLflow writer for the ``with`` block (Ray up, called in the driver): a
+    :class:`_MlflowWriter` actor pinned to this node, named :data:`WRITER_NAME`, killed at the end;
+    yields its handle (None when not ``enabled``, or Ray is not up). Inside a session of this
+    process already, or when the job has a writer, that one is used and left alone."""
+    if not enabled or not ray.is_initialized() or _session_writer[0] is not None:
+        yield _session_writer[0]
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)(_MlflowWriter)
+    try:
+        handle = actor.options(name=WRITER_NAME, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=here, soft=False)).remote()
+        owned = True
+    except ValueError:  # the name is taken: this job has a writer already (or a job sharing its namespace has)
+        handle, owned = ray.get_actor(WRITER_NAME), False
+        theirs = ray.get(handle.info.remote())["job_id"]
+        if theirs != ray.get_runtime_context().get_job_id():
+            raise TrackingError(f"another Ray job ({theirs}) in this job's namespace holds the MLflow writer "
+                                f"{WRITER_NAME!r}: run each command in a namespace of its own (Ray's default)") from None
+    _session_writer[0] = handle
+    try:
+        yield handle
+    finally:
+        _session_writer[0] = None
+        if owned:
+            _stop_writer(handle)
+
+
+def _stop_writer(handle: Any, timeout_s: float = 10.0) -> None:
+    """Kill the writer and wait (at most ``timeout_s``) until its name is free for the next session."""
+    with contextlib.suppress(Exception):
+        ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get_actor(WRITER_NAME) != handle:
+                return
+        except ValueError:
+            return
+        time.sleep(0.05)
 
 
 def _forget_artifact_repos() -> None:
@@ -385,7 +573,7 @@ def run_tags(cfg: ExperimentConfig, ctx: RunContext | None = None, run_name: str
 
 
 def _params(cfg: ExperimentConfig) -> dict[str, str]:
-    return {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(cfg).items()}
+    return {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(recorded_config(cfg)).items()}
 
 
 
@@ -449,10 +637,7 @@ def finish_distill_run(cfg: ExperimentConfig, run_id: str, final_top1: float | N
     try:
         if final_top1 is not None:
             c.log_batch(run_id, metrics=[Metric("final/test_top1", float(final_top1), 0, epochs)])
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "config.yaml"
-            p.write_text(to_yaml(cfg))
-            c.log_artifact(run_id, str(p))
+        c.log_text(run_id, to_yaml(recorded_config(cfg)), "config.yaml")  # text: the writer may be on another node
         if student_path is not None and Path(student_path).exists():
             c.log_artifact(run_id, str(student_path), artifact_path="student")
         c.set_terminated(run_id, status)
