@@ -163,7 +163,16 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _pipeline().run(_folder_config(args), progress=_progress(args), log=_log)
+    """The main job; exit 1 when an arm (or the sweep) has no finished trial (the table and
+    summary.json say why); partial success (some seeds failed) is shown in the table, exit 0."""
+    summary = _pipeline().run(_folder_config(args), progress=_progress(args), log=_log)
+    failed = [f"arm {arm!r} has no finished trial; {why}" for arm, why in (summary.get("failed_arms") or {}).items()]
+    if summary.get("failed_sweep"):
+        failed.append(f"the sweep on {(summary.get('sweep') or {}).get('arm')!r} has no finished trial; {summary['failed_sweep']}")
+    if failed:
+        CONSOLE.error("ensemble-kd: error: " + "; ".join(failed) + (f" (the rest: {summary['output_dir']}/summary.json)"
+                                                                     if summary.get("output_dir") else ""))
+        return 1
     return 0
 
 
@@ -181,9 +190,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if res.tracking_uri:
         _log.result(f"MLflow: parent run {res.parent_run_id} in experiment {res.experiment!r} at {res.tracking_uri}; "
                     f"open the UI with: mlflow ui --backend-store-uri {res.tracking_uri}")
-    if res.trials and all(t.status == "ERROR" for t in res.trials) and res.trials[0].error is not None:
-        raise res.trials[0].error  # nothing came of the sweep: its first trial's error is the command's (main unwraps it)
+    failed = [t for t in res.trials if t.status == "ERROR"]  # (the scheduler's STOPPED ones are counted above)
+    if failed:
+        _log.result("failed:")
+        for t in failed:
+            _log.result(f"  {t.trial.label or t.trial_id or '-'} {', '.join(f'{k}={v}' for k, v in t.overrides.items())}: "
+                        f"{t.status} after {t.epochs} epochs: {_reason(t)}")
+    if res.trials and not any(t.status == "TERMINATED" for t in res.trials):
+        if all(t.status == "ERROR" for t in res.trials) and project_error(res.trials[0].error) is not None:
+            raise res.trials[0].error  # every trial failed on the project's own error: it is the command's (exit 2)
+        CONSOLE.error(f"ensemble-kd: error: the sweep has no finished trial ({len(res.trials)} of {len(res.trials)} did not "
+                      f"finish): {_reason(res.trials[0])}")
+        return 1
     return 0
+
+
+def _reason(t) -> str:
+    from ensemble_kd.orchestration.report import reason
+
+    return reason(t)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -277,14 +302,32 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Each split the config reads (``pipeline.prepare_data``, one split at a time): ``written``,
+    or ``reused`` where the store already held it (every file's sha256 checked)."""
+    p = _pipeline()
+    from ensemble_kd.storage import datastore
+
     cfg = _config(args)
-    for data, split, path in _pipeline().prepare_data(cfg, _log):
-        print(f"{data.name}/{split}: {path}")
+    for data, split in p.data_splits(cfg):
+        said: list[str] = []  # prepare says something only when it writes (or rewrites) the split
+
+        def log(msg: str, said: list[str] = said) -> None:
+            said.append(msg)
+            _log(msg)
+
+        path = datastore.prepare(data, split, cfg.output_dir, log).dir
+        print(f"{data.name}/{split}: {path} ({'written' if said else 'reused'})")
     return 0
 
 
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
-    print(json.dumps(inspect_shards(args.dir, verify=args.verify), indent=2))
+    """DIR: a shard, a folder of shards, or an output folder (its ``shards/``)."""
+    from ensemble_kd.storage.shards import MANIFEST
+
+    d = Path(args.dir)
+    if not (d / MANIFEST).is_file() and (d / "shards").is_dir():
+        d = d / "shards"
+    print(json.dumps(inspect_shards(d, verify=args.verify), indent=2))
     return 0
 
 
@@ -299,7 +342,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     _load_plugins_of(args)
     reg = {"datasets": DATASETS, "encoders": ENCODERS, "losses": LOSSES}[args.what]
     for name in reg.names():
-        meta = {k: v for k, v in reg.meta(name).items() if k != "test_shape"}
+        meta = {k: v for k, v in reg.meta(name).items() if k != "test_shape" and not callable(v)}  # (modalities_of)
         print(f"{name:<16} {json.dumps(meta, default=str)}")
         if args.what == "datasets":  # what it is and the options its builder takes (data.kwargs)
             print(f"{'':<16} {_dataset_summary(DATASETS.get(name))}")
@@ -315,8 +358,9 @@ def _dataset_summary(builder) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.action == "show":
-        print(to_yaml(_config(args, resolve_tracking=False)), end="")  # tracking.uri as given
+    if args.action == "show":  # tracking.uri as given, not this command's; paths (output_dir, ...) as given too
+        cfg = _config(args, resolve_tracking=False)
+        print(yaml.safe_dump(_as_given(config.to_dict(cfg), _given(args)), sort_keys=False), end="")
         return 0
     _load_plugins_of(args)
     classes = [obj for _, obj in inspect.getmembers(config, dataclasses.is_dataclass) if obj.__module__ == config.__name__]
@@ -325,6 +369,30 @@ def cmd_config(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(cls):
             print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
     return 0
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config as written: the file (or the embedded default) with the ``--set`` overrides, before
+    the schema makes paths absolute (the loaded config needs them so: Ray workers run elsewhere)."""
+    from importlib import resources
+
+    text = (Path(args.config).read_text() if args.config
+            else (resources.files("ensemble_kd") / "configs" / "default.yaml").read_text())
+    return config.apply_overrides(yaml.safe_load(text) or {}, _overrides(args.set or []))
+
+
+def _as_given(resolved: Any, given: Any) -> Any:
+    """``resolved`` (a loaded config as a dict) with each path the schema made absolute put back as
+    it was given (``output_dir: outputs``), so that the printed config means the same wherever it is
+    loaded again, as the file it came from does."""
+    if isinstance(resolved, dict) and isinstance(given, dict):
+        return {k: _as_given(v, given[k]) if k in given else v for k, v in resolved.items()}
+    if isinstance(resolved, list) and isinstance(given, list) and len(resolved) == len(given):
+        return [_as_given(v, g) for v, g in zip(resolved, given)]
+    if isinstance(resolved, str) and isinstance(given, str) and resolved != given \
+            and resolved == str(Path(given).expanduser().resolve()):
+        return given
+    return resolved
 
 
 def _verb(sub, name: str, help: str, func, config: bool = True) -> argparse.ArgumentParser:
@@ -339,8 +407,21 @@ def _verb(sub, name: str, help: str, func, config: bool = True) -> argparse.Argu
     return p
 
 
+def _version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ensemble-kd")
+    except metadata.PackageNotFoundError:
+        from ensemble_kd import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ensemble-kd", description="Ensemble and cross-modal knowledge distillation on Ray.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     _verb(sub, "run", "the main job on a config (default: embedded uci-mfeat): teachers -> shards -> student", cmd_run)
     t = sub.add_parser("teachers", help="teacher checkpoints").add_subparsers(dest="action", required=True)

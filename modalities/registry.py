@@ -55,7 +55,12 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(self.names())}"
+        return f"unknown {self.kind} {name!r}.{hint} Known {self.plural}: {', '.join(self.names())}"
+
+    @property
+    def plural(self) -> str:
+        """``datasets``, ``encoders``, ``losses``: the kind in the plural, for messages."""
+        return self.kind + ("es" if self.kind.endswith(("s", "x", "sh", "ch")) else "s")
 
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)

@@ -187,5 +187,6 @@ def test_cli_data_prepare_prints_each_split_folder(tmp_path, capsys):
     lines = [ln for ln in out if ln.startswith("uci-mfeat/")]
     assert [ln.split(":")[0] for ln in lines] == ["uci-mfeat/train", "uci-mfeat/test"]
     for ln in lines:
-        assert (Path(ln.split(": ", 1)[1]) / "manifest.json").is_file()
+        path, said = ln.split(": ", 1)[1].rsplit(" (", 1)
+        assert (Path(path) / "manifest.json").is_file() and said == "written)"
     assert os.listdir(tmp_path) == ["data"]  # nothing else: no Ray, no MLflow store

@@ -298,7 +298,7 @@ def test_cli_prepare_refuses_a_bad_table_in_one_line(tmp_path, arrays, capsys):
     a = _with_value(arrays, "split", 150, "Test")
     path = write(to_table(a), tmp_path / "user.parquet")
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"data: {{name: table, root: {path}}}\n")
+    cfg.write_text(f"data: {{name: table, root: {path}}}\ndistill: {{student: {{modality: vec}}}}\n")  # (a modality it has)
     out = tmp_path / "out"
     assert main(["data", "prepare", "--config", str(cfg), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -333,28 +334,111 @@ class ExperimentConfig:
 _ADAPTER = TypeAdapter(ExperimentConfig)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def _format_errors(err: ValidationError, source: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """One line per error, naming the field (and, for an unknown key, the closest known one); an
+    error in a field an override set (``--set``) names that override instead of the file."""
+    set_keys = {".".join(_RENAMED.get(p, p) for p in k.split(".")): k for k in (overrides or {})}
+    mine, theirs = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
-        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        unknown = e["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+        hint = _did_you_mean(e["loc"]) if unknown else ""
+        given = next((k for k in set_keys if _covers(k, e["loc"])), None)
+        if given is not None:
+            key = set_keys[given]
+            what = (f"unknown key {str(e['loc'][-1])!r}{hint}" if unknown
+                    else f"{loc}: required" if e["type"] == "missing" else f"{loc}: {msg} (got {e.get('input')!r})")
+            mine.append(f"--set {key}={_shown((overrides or {})[key])}: {what}")
+            continue
+        if unknown:
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: required")
-    return "\n".join(lines)
+        theirs.append(f"{loc}: {msg} (got {e.get('input')!r}){hint}" if e["type"] != "missing" else f"{loc}: required")
+    if mine and not theirs and len(mine) == 1:
+        return mine[0]
+    return "\n".join([f"invalid config {source}" + (" with --set" if mine else "") + ":"]
+                     + [f"  {ln}" for ln in theirs + mine])
+
+
+def _shown(v: Any) -> str:
+    """An override's value as it would be typed after ``--set key=``."""
+    return v if isinstance(v, str) else json.dumps(v, default=str)
+
+
+def _covers(key: str, loc: tuple) -> bool:
+    """Whether the dotted override ``key`` set (or created) the field at pydantic ``loc``: one is a
+    prefix of the other, a list item given by name matching any index."""
+    parts = key.split(".")
+    for a, b in zip(parts, (str(p) for p in loc)):
+        if a != b and not (b.isdigit() and not a.isdigit()):
+            return False
+    return True
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """``; did you mean 'distill'?`` for an unknown key at ``loc``, from the fields of the section
+    that holds it (empty when none is close)."""
+    import difflib
+    import typing
+
+    t: Any = ExperimentConfig
+    try:
+        for p in loc[:-1]:
+            t = _inner(typing.get_type_hints(t)[p] if dataclasses.is_dataclass(t) else t, str(p).isdigit())
+        names = [f.name for f in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else []
+    except Exception:  # noqa: BLE001 - a hint only
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _inner(t: Any, item: bool) -> Any:
+    """The dataclass a field of type ``t`` holds (through Annotated, X | None, tuple[X, ...])."""
+    import typing
+
+    while True:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if origin is Annotated:
+            t = args[0]
+        elif origin in (tuple, list) and args and item:
+            t, item = args[0], False
+        elif args and origin not in (tuple, list, dict, Literal):  # a union: its dataclass member
+            t = next((a for a in args if dataclasses.is_dataclass(a) or typing.get_origin(a) in (tuple, list)), args[0])
+        else:
+            return t
 
 
 def from_dict(d: dict[str, Any] | None, source: str = "<dict>") -> ExperimentConfig:
     """Validate a plain dict (as read from YAML) against the schema. Registry names (datasets,
     encoders, losses) are checked where they are used: :func:`ensemble_kd.orchestration.checks.check_config`."""
+    return _validate(d, source)
+
+
+def _validate(d: dict[str, Any] | None, source: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     try:
         return _ADAPTER.validate_python(d or {})
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, source, overrides)) from None
+
+
+def _yaml_error(e: yaml.YAMLError, source: str, text: str) -> str:
+    """A YAML syntax error as one line naming the file, the line and the column (PyYAML's own
+    report spans several lines, with carets); a tab where YAML wants spaces says so."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and cmark is not None and (mark is None or (cmark.line, cmark.column) != (mark.line, mark.column)):
+        problem += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+    line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+    tab = "\t" in line or "\\t" in problem or re.search(r"\btab\b", problem) is not None
+    return (f"config {source}{where}: not valid YAML: {problem}"
+            + ("; indent with spaces: YAML does not allow tabs for indentation" if tab else ""))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load a YAML config (None = the embedded default), then apply dotted-key overrides."""
+    """Load a YAML config (None = the embedded default), then apply dotted-key overrides (``--set``:
+    an error in one names it, not the file)."""
     if path is None:
         text = (resources.files("ensemble_kd") / "configs" / "default.yaml").read_text()
         source = "<embedded default>"
@@ -366,22 +450,53 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {source} is not valid YAML: {e}") from None
+        raise ConfigError(_yaml_error(e, source, text)) from None
+    if d is None and path is not None:
+        raise ConfigError(f"config {source} is empty (no settings, only blank lines or comments): write the fields to "
+                          "change (`ensemble-kd config show` prints them all), or leave --config out for the embedded default")
     if d is not None and not isinstance(d, dict):
         raise ConfigError(f"config {source}: the top level must be a mapping, got {type(d).__name__}")
-    return from_dict(apply_overrides(d or {}, overrides or {}), source)
+    return _validate(apply_overrides(d or {}, overrides or {}, label="--set"), source, overrides)
 
 
-def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any], label: str = "override") -> dict[str, Any]:
     """The one override mechanism: set each dotted key (``distill.losses.crd.kwargs.tau``) of the
-    plain config dict ``d`` in place (list items by index or by name); returns ``d``."""
+    plain config dict ``d`` in place (list items by index or by name); returns ``d``. A list the
+    dict leaves out (``distill.losses``) is its default's, so that an item of it can be named.
+    ``label``: how an error names the override (``--set`` from the command line)."""
     for key, value in overrides.items():
-        _set_dotted(d, ".".join(_RENAMED.get(p, p) for p in key.split(".")), value)
+        where = f"--set {key}={_shown(value)}" if label == "--set" else f"{label} {key!r}"
+        _set_dotted(d, ".".join(_RENAMED.get(p, p) for p in key.split(".")), value, where)
     return d
 
 
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``a.b.0.c`` in nested dicts/lists (list items by index), creating dicts on the way."""
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def _default_at(parts: list[str]) -> Any:
+    """The schema's default value at the dotted path ``parts`` of sections (None where there is
+    none, or the path goes through a list: an item of a list the config gives is its own)."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = to_dict(ExperimentConfig())
+    cur: Any = _DEFAULTS
+    for p in parts:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(p)
+    return cur
+
+
+def _item_word(section: str) -> str:
+    """``losses`` -> ``loss``, ``teachers`` -> ``teacher``, ``arms`` -> ``arm``."""
+    last = section.rsplit(".", 1)[-1]
+    return last[:-2] if last.endswith("sses") else last[:-1] if last.endswith("s") else "item"
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists (list items by index or name), creating dicts on the
+    way (a list the dict lacks: its default, so that its items can be named)."""
+    where = where or f"override {key!r}"
     parts = key.split(".")
     cur: Any = d
     for i, p in enumerate(parts):
@@ -389,8 +504,13 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
         if isinstance(cur, list):
             j = _list_index(cur, p)
             if j is None:
+                section = ".".join(parts[:i]) or "top level"
                 names = [x.get("name") for x in cur if isinstance(x, dict) and "name" in x]
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or 'top level'} has no item {p!r}"
+                if names and not p.isdigit():
+                    word = _item_word(section)
+                    raise ConfigError(f"{where}: {section} has no item {p!r}: no {word} is named {p!r}; "
+                                      f"{word}{'es' if word.endswith('s') else 's'}: {', '.join(map(str, names))}")
+                raise ConfigError(f"{where}: {section} has no item {p!r}"
                                   + (f"; items by name: {names}" if names else f"; it has {len(cur)} items"))
             if last:
                 cur[j] = value
@@ -400,9 +520,12 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
             if last:
                 cur[p] = value
             else:
-                cur = cur.setdefault(p, {})
+                if p not in cur:
+                    default = _default_at(parts[:i + 1])
+                    cur[p] = json.loads(json.dumps(default)) if isinstance(default, list) else {}
+                cur = cur[p]
         else:
-            raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is a value, not a section")
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a value, not a section")
 
 
 def _list_index(items: list, key: str) -> int | None:

@@ -24,6 +24,7 @@ from ensemble_kd.core.config import ConfigError, DataConfig, ExperimentConfig
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import LossContext, NeedsStoredEmbeddings, loss_options
 from modalities import DATASETS, ENCODERS
+from modalities.datasets.base import dataset_modalities as _dataset_modalities
 
 
 def check_config(cfg: ExperimentConfig, source: str = "<config>") -> ExperimentConfig:
@@ -34,11 +35,15 @@ def check_config(cfg: ExperimentConfig, source: str = "<config>") -> ExperimentC
     return cfg
 
 
-def dataset_modalities(name: str) -> tuple[str, ...] | None:
-    """The modalities a registered dataset declares (None when it does not say, or is unknown)."""
-    if name not in DATASETS:
-        return None
-    return tuple(DATASETS.meta(name).get("modalities") or ()) or None
+def dataset_modalities(data: DataConfig | str) -> tuple[str, ...] | None:
+    """The modalities a dataset config (``data``, ``distill.eval_data``, ``select.teacher_data``;
+    or a bare registered name) serves, found cheaply for every dataset (a table's schema,
+    synthetic's options, paired-folder's sub-folders, a shipped dataset's metadata; never its
+    rows: :func:`modalities.datasets.base.dataset_modalities`). None when it cannot say (an
+    unknown dataset, or a source that cannot be read now: building it reports that)."""
+    if isinstance(data, str):
+        return _dataset_modalities(data)
+    return _dataset_modalities(data.name, data.root, data.kwargs)
 
 
 def _check_models(cfg: ExperimentConfig) -> list[str]:
@@ -46,7 +51,7 @@ def _check_models(cfg: ExperimentConfig) -> list[str]:
     errs = []
     if cfg.data.name not in DATASETS:
         errs.append(f"data.name: {DATASETS.unknown_message(cfg.data.name)}")
-    mods = dataset_modalities(cfg.data.name)
+    mods = dataset_modalities(cfg.data)
     for i, t in enumerate(cfg.teachers):
         if t.checkpoint is None and t.arch not in ENCODERS:
             errs.append(f"teachers.{i}.arch: {ENCODERS.unknown_message(t.arch)}")
@@ -188,7 +193,7 @@ def _check_select(cfg: ExperimentConfig) -> list[str]:
     def mods_of(field: str, data: DataConfig) -> tuple[str, ...] | None:
         if data.name not in DATASETS:
             errs.append(f"{field}.name: {DATASETS.unknown_message(data.name)}")
-        return dataset_modalities(data.name)
+        return dataset_modalities(data)
 
     if cfg.select.teacher_data is not None:
         mods = mods_of("select.teacher_data", cfg.select.teacher_data)

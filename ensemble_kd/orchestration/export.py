@@ -519,6 +519,10 @@ def export_after_run(cfg: ExperimentConfig, summary: Mapping[str, Any], log: Log
     run without arms). An export that cannot be made is reported, not raised: the run's results stand."""
     out = Path(cfg.output_dir)
     arm = headline_arm(cfg)
+    why = (summary.get("failed_arms") or {}).get(arm) if arm is not None else None
+    if why is not None or (arm is not None and summary.get("arms") is not None and arm not in summary["arms"]):
+        log(f"export: nothing to export: arm {arm!r} (the one run exports) has no finished trial" + (f"; {why}" if why else ""))
+        return None
     try:
         if arm is None:
             src = last_run(out, summary.get("mlflow_tracking_uri"))

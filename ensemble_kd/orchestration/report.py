@@ -12,7 +12,7 @@ from ensemble_kd.core.checkpoint import atomic_write
 from ensemble_kd.core.config import ExperimentConfig
 from ensemble_kd.orchestration.plan import arm_config, effective_arms
 from ensemble_kd.orchestration.plots import plot_comparison
-from ensemble_kd.orchestration.sweep import TrialOutcome
+from ensemble_kd.orchestration.sweep import TrialOutcome, failure
 from ensemble_kd.core.stats import INTERVAL, format_paired, paired_difference
 from ensemble_kd.training.tracking import experiment_name, label_setting, mean_std, method_name, sweep_axes, teacher_set
 
@@ -37,6 +37,10 @@ def _arm_rows(cfg: ExperimentConfig, trials: Sequence[TrialOutcome], best: str |
         rows[arm.name] = {"teacher_set": teacher_set(c), "teachers": list(c.distill.teachers), "method": method_name(c),
                           "labels": label_setting(c), "mean_top1": mean, "std_top1": std, "seeds": list(by_seed),
                           "top1": list(by_seed.values())}
+        missing = sorted({t.seed for t in trials if t.trial.context.kind == "arm" and t.trial.context.arm == arm.name}
+                         - set(by_seed))
+        if missing:  # some seeds did not finish (listed under `unfinished`): only then is the key there
+            rows[arm.name]["unfinished_seeds"] = missing
     return rows
 
 
@@ -45,10 +49,46 @@ def _finished(t: TrialOutcome) -> bool:
     return t.status == "TERMINATED" and "test_top1" in t.metrics
 
 
+def reason(t: TrialOutcome) -> str:
+    """Why a trial did not finish, in one line: a failed trial's error (the project's own message
+    out of Ray's wrappers, else its type and first line), else what stopped it."""
+    if t.status == "ERROR":
+        return failure(t.error)
+    if t.status == "STOPPED":
+        return f"stopped after {t.epochs} of {t.trial.epochs} epochs"
+    return "reported no test top-1"
+
+
 def _unfinished(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]]:
-    """Trials that did not finish (ERROR, STOPPED, no top-1), shown apart and never averaged in."""
+    """Trials that did not finish (ERROR, STOPPED, no top-1), shown apart and never averaged in,
+    each with its ``reason`` (one line)."""
     return [{"trial": t.trial.label, "arm": t.trial.context.arm, "seed": t.seed, "status": t.status, "epochs": t.epochs,
-             "last_test_top1": t.metrics.get("test_top1")} for t in trials if not _finished(t)]
+             "last_test_top1": t.metrics.get("test_top1"), "reason": reason(t)} for t in trials if not _finished(t)]
+
+
+def _failed(cfg: ExperimentConfig, trials: Sequence[TrialOutcome]) -> dict[str, Any]:
+    """What has no finished trial at all, with why (keys only where something failed):
+    ``failed_arms`` (arm -> one line) and ``failed_sweep`` (one line). Such a run exits 1."""
+    out: dict[str, Any] = {}
+    arms: dict[str, str] = {}
+    for arm in cfg.run.arms:
+        mine = [t for t in trials if t.trial.context.kind == "arm" and t.trial.context.arm == arm.name]
+        if mine and not any(_finished(t) for t in mine):
+            arms[arm.name] = _why_none(mine)
+    if arms:
+        out["failed_arms"] = arms
+    sweep = [t for t in trials if t.trial.context.kind == "sweep"]
+    if sweep and not any(_finished(t) for t in sweep):
+        out["failed_sweep"] = _why_none(sweep)
+    return out
+
+
+def _why_none(trials: Sequence[TrialOutcome]) -> str:
+    """``all 2 trials did not finish: <the first one's reason>`` (and how many other reasons)."""
+    reasons = [reason(t) for t in trials]
+    other = len(set(reasons)) - 1
+    return ((f"all {len(trials)} trials did not finish: " if len(trials) > 1 else "its trial did not finish: ") + reasons[0]
+            + (f" (and {other} other reason{'s' if other > 1 else ''}: see `unfinished`)" if other else ""))
 
 
 def _baseline(rows: dict[str, Any], name: str, fits) -> str | None:
@@ -113,7 +153,7 @@ def summarise(cfg: ExperimentConfig, teachers: TeacherSet, best: str | None, tri
         "teachers": {n: {"modality": t.modality, "arch": t.arch, "test_top1": t.test_top1} for n, t in teachers.items()},
         "best_single_teacher": best, "arms": arms, "reference": reference, "interval": f"95% {INTERVAL} interval",
         "unfinished": _unfinished(trials), "sweep": _sweep(cfg, trials, best),
-        "seconds": seconds,
+        "seconds": seconds, **_failed(cfg, trials),
     }
 
 
@@ -151,7 +191,14 @@ def format_table(summary: dict[str, Any]) -> list[str]:
         for u in summary["unfinished"]:
             last = u.get("last_test_top1")
             lines.append(f"  {u['trial']:<28} {u['status']:<10} after {u['epochs']} epochs"
-                         + (f", last top-1 {last:.4f}" if isinstance(last, (int, float)) else ""))
+                         + (f", last top-1 {last:.4f}" if isinstance(last, (int, float)) else "")
+                         + (f": {u['reason']}" if u.get("reason") else ""))
+    failed = dict(summary.get("failed_arms") or {})
+    if summary.get("failed_sweep"):
+        failed[f"sweep on {(summary.get('sweep') or {}).get('arm')}"] = summary["failed_sweep"]
+    if failed:
+        lines += ["", "FAILED: no finished trial, nothing averaged (the command exits 1):"]
+        lines += [f"  {n}: {why}" for n, why in failed.items()]
     sw = summary.get("sweep")
     if sw and sw["points"]:
         lines += ["", f"sweep on {sw['arm']}:"]
@@ -166,8 +213,11 @@ def _arm_lines(summary: dict[str, Any]) -> list[str]:
              f"{'arm':<20} {'labels':<11} {'set':<9} {'method':<12} {'teachers':<26} {'top-1':<17} {'seeds':<5} of ref"]
     for n, a in summary["arms"].items():
         ref = f"{a['of_reference']:.1%}" if a.get("of_reference") else "-"
+        seeds = str(len(a["seeds"])) + (f"/{len(a['seeds']) + len(a['unfinished_seeds'])}" if a.get("unfinished_seeds") else "")
         lines.append(f"{n:<20} {a.get('labels', 'all'):<11} {a['teacher_set']:<9} {a['method']:<12} "
-                     f"{','.join(a['teachers']) or '-':<26} {a['mean_top1']:.4f} +- {a['std_top1']:.4f} {len(a['seeds']):<5} {ref}")
+                     f"{','.join(a['teachers']) or '-':<26} {a['mean_top1']:.4f} +- {a['std_top1']:.4f} {seeds:<5} {ref}"
+                     + (f"  (seeds {', '.join(map(str, a['unfinished_seeds']))} did not finish: below)"
+                        if a.get("unfinished_seeds") else ""))
     if summary.get("reference"):
         lines.append(f"(of ref: the arm's mean top-1 as a fraction of {summary['reference']['arm']}'s, the student alone "
                      "with every label)")

@@ -28,7 +28,12 @@ class DatasetBuilder(Protocol):
 
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 """Registered datasets. Metadata: ``needs_root`` (bool: data come from a user directory),
-``modalities`` (tuple of modality names), ``num_classes``."""
+``modalities`` (tuple of modality names, for a dataset whose modalities are fixed), ``num_classes``,
+and, for a dataset whose modalities depend on its config, ``modalities_of``: a callable
+``(root, **kwargs) -> names`` that says which modalities ``build_dataset(name, split, root,
+**kwargs)`` would serve without reading any rows (a table's schema, synthetic's options,
+paired-folder's sub-folders), so that a config naming a modality the dataset lacks is refused
+before any work (:func:`dataset_modalities`)."""
 
 
 class DatasetError(ValueError, ProjectError):
@@ -232,6 +237,29 @@ def build_dataset(name: str, split: str, root: str | None = None, **kwargs: Any)
     if DATASETS.meta(name).get("needs_root") and not root:
         raise ValueError(f"dataset {name!r} reads its files from a directory: set data.root")
     return builder(split, root=root, **kwargs)
+
+
+def dataset_modalities(name: str, root: str | None = None, kwargs: Mapping[str, Any] | None = None
+                       ) -> tuple[str, ...] | None:
+    """The modality names dataset ``name`` serves with this ``root`` and ``kwargs`` (``data.root``,
+    ``data.kwargs``), found cheaply: its ``modalities_of`` (metadata; a file's schema, a folder's
+    listing, the options: never the rows), else its fixed ``modalities``. None where it cannot say:
+    an unknown dataset, one that declares neither, or a source that cannot be read now (a missing
+    file, a bad option: building the split reports that, naming the file or option)."""
+    if name not in DATASETS:
+        return None
+    meta = DATASETS.meta(name)
+    of = meta.get("modalities_of")
+    if callable(of):
+        try:
+            names = of(root, **dict(kwargs or {}))
+        except Exception:  # noqa: BLE001 - the data layer reports an unreadable source with its own message
+            return None
+    else:
+        names = meta.get("modalities")
+    if names is None or isinstance(names, str):
+        return None
+    return tuple(str(n) for n in names) or None
 
 
 def list_datasets() -> list[str]:

@@ -223,7 +223,19 @@ def _train_stats(root: str, m: str, rels: list[str], size: int, channels: int) -
     return _STATS[key]
 
 
-@DATASETS.register(NAME, needs_root=True, modalities=None, num_classes=None)
+def modalities_of(root: str | None, modalities: Sequence[str] | None = None, **_: Any) -> tuple[str, ...]:
+    """The modality folders the dataset at ``root`` serves: ``modalities`` when given, else the
+    sub-folders of ``root`` (a listing of one folder; the files are checked when a split is built)."""
+    if not root:
+        raise ValueError(f"dataset {NAME!r} reads its files from a directory: set data.root")
+    if modalities is not None:
+        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
+            raise DatasetError(f"{NAME}: data.kwargs.modalities must be a list of folder names, got {modalities!r}")
+        return tuple(modalities)
+    return tuple(_modalities(os.path.expanduser(os.fspath(root)), None))
+
+
+@DATASETS.register(NAME, needs_root=True, modalities=None, num_classes=None, modalities_of=modalities_of)
 def paired_folder(split: str, root: str | None = None, modalities: Sequence[str] | None = None,
                   image_size: int | Mapping[str, int] = 32, channels: int | Mapping[str, int] = 3,
                   normalize: bool = True) -> PairedImageDataset:

@@ -294,7 +294,15 @@ def _check_options(rows: Any, classes: Any, modalities: Any, test_fraction: Any,
                       f"integers, got {shape!r}")
 
 
-@DATASETS.register(NAME, needs_root=False, modalities=None, num_classes=None)
+def modalities_of(root: str | None = None, modalities: Mapping[str, Sequence[int]] | None = None, **_: Any) -> tuple[str, ...]:
+    """The modality names these options generate (nothing is generated)."""
+    mods = DEFAULT_MODALITIES if modalities is None else modalities
+    if not isinstance(mods, Mapping):
+        raise DatasetError(f"dataset {NAME!r}: modalities must map names to shapes, got {mods!r}")
+    return tuple(str(m) for m in mods)
+
+
+@DATASETS.register(NAME, needs_root=False, modalities=None, num_classes=None, modalities_of=modalities_of)
 def synthetic(split: str, root: str | None = None, rows: int = 10000, classes: int = 10,
               modalities: Mapping[str, Sequence[int]] | None = None, test_fraction: float = 0.1, seed: int = 0,
               noise: float = 1.0, latent_dim: int = 16, normalize: bool = False) -> SyntheticDataset:

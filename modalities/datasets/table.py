@@ -599,7 +599,35 @@ class TableDataset(PairedDataset):
             h.update(f"|{c.name}:{c.layout}:{c.value}".encode())
 
 
-@DATASETS.register(NAME, needs_root=True, modalities=None, num_classes=None)
+def _schema(path: str) -> pa.Schema:
+    """One file's schema, read from its footer or first message (no rows), by its magic bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PAR1":
+        return pq.read_schema(path, memory_map=True)
+    if head[:6] == b"ARROW1":
+        return pa.ipc.open_file(pa.memory_map(path, "r")).schema
+    if head[:4] == b"\xff\xff\xff\xff":
+        return pa.ipc.open_stream(pa.memory_map(path, "r")).schema
+    raise DatasetError(f"{NAME}: {path} is not a Parquet or Arrow IPC file")
+
+
+def modalities_of(root: str | None, modalities: Sequence[str] | None = None, **_: Any) -> tuple[str, ...]:
+    """The modality columns the table at ``root`` serves, from the first file's schema alone (no
+    rows read): ``modalities`` when given, else every column but the keys and a pandas index.
+    (Everything else is checked when a split is built.)"""
+    if not root:
+        raise DatasetError(f"dataset {NAME!r} reads a Parquet or Arrow file (or a folder of them): set data.root")
+    if modalities is not None:
+        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
+            raise DatasetError(f"{NAME}: data.kwargs.modalities must be a list of column names, got {modalities!r}")
+        return tuple(modalities)
+    schema = _schema(_list_files(os.path.expanduser(os.fspath(root)))[0])
+    pandas_index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+    return tuple(n for n in schema.names if n not in KEY_COLUMNS and n not in pandas_index)
+
+
+@DATASETS.register(NAME, needs_root=True, modalities=None, num_classes=None, modalities_of=modalities_of)
 def table(split: str, root: str | None = None, modalities: Sequence[str] | None = None,
           num_classes: int | None = None) -> TableDataset:
     """A split of the Parquet/Arrow table at ``root`` (see the module docstring for the format)."""
