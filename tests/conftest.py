@@ -18,6 +18,12 @@ for _k, _v in LOCAL_RAY_ENV_DEFAULTS.items():  # the session's Ray is local, lik
 os.environ.setdefault("TQDM_DISABLE", "1")  # bars are for people; tests read the logs
 
 
+def pytest_xdist_auto_num_workers(config):
+    """One test process more than there are cores, at most four: a test's time is mostly waiting for
+    Ray and subprocesses to start, so two processes left a third of 2 cores idle."""
+    return min(4, (os.cpu_count() or 1) + 1)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray: 2 cores here, so tests ask for fractional CPUs. Always shut down."""

@@ -67,6 +67,12 @@ def test_the_tiny_job_runs_on_both_worker_nodes_and_writes_everything_whole(clus
     runs = _all_runs(summary["mlflow_tracking_uri"])
     assert len(runs) == 2 + 2 + 1  # 2 teachers, 2 distillations and the run's parent
     assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    arms = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    assert {r.data.tags["arm"]: r.data.tags["teacher_set"] for r in arms} == {"kd-single": "single",
+                                                                               "crd+kd-ensemble": "ensemble"}
+    # what the job's log shows a user: the trial lines and where MLflow is; no Ray Train INFO line per report
+    assert "[tune 2/2" in logs and "mlflow ui --backend-store-uri" in logs
+    assert "Reporting training result" not in logs and "Checkpoint successfully created" not in logs
     print(f"tiny job on a 3-node cluster: {took:.1f}s from submission")
 
 
@@ -91,6 +97,7 @@ def test_a_node_that_does_not_see_the_output_folder_is_refused_before_any_work(c
         assert "does not see the output folder" in line and str(out) in line, line
         assert "mount the same folder at that path on every node" in line
         assert took < 60, took
+        print(f"a node that does not see the output folder: refused {took:.1f}s from submission")
         # before any work: no data store, no teacher, no shard
         assert not (out / "data").exists() and not (out / "teachers").exists() and not (out / "shards").exists()
 

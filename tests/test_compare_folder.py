@@ -12,6 +12,9 @@ from ensemble_kd.core.config import load_config, to_yaml
 from ensemble_kd.training.tracking import RunContext, experiment_name, finish_distill_run, start_distill_run
 from tests.helpers import out_with_teachers, tiny_config
 
+# one module fixture (a tiny run) per suite, not one per xdist worker
+pytestmark = pytest.mark.xdist_group("test_compare_folder")
+
 DEFAULT_EXPERIMENT = experiment_name(load_config(None))  # what compare looked for before
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# one module fixture (a tiny run) per suite, not one per xdist worker
+pytestmark = pytest.mark.xdist_group("test_console")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny-uci-mfeat.yaml"
 # The tiny run's console, counted: 3 opening lines (the run, the two data splits), 2 per teacher

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# one module fixture (a tiny run) per suite, not one per xdist worker
+pytestmark = pytest.mark.xdist_group("test_exit_codes")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny-uci-mfeat.yaml"
 
