@@ -45,10 +45,13 @@ def in_ray_worker() -> bool:
     the driver: such a process reads the output folder and never builds what the driver writes."""
     import sys
 
-    ray = sys.modules.get("ray")
+    ray = sys.modules.get("ray")  # not imported yet: no Ray process at all
     if ray is None or not ray.is_initialized():
         return False
-    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    try:
+        return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001 - a Ray without a runtime context here: not one of its workers
+        return False
 
 
 def not_shared(path: str | Path, output_dir: str | Path, what: str = "a file") -> FolderNotSharedError:

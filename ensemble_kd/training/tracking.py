@@ -61,6 +61,7 @@ from ensemble_kd.core.config import ConfigError, ExperimentConfig, flatten, to_y
 from ensemble_kd.core.stats import paired_difference
 from ensemble_kd.core.interrupts import reason_of as interrupt_reason
 from ensemble_kd.core.raycluster import pid_alive
+from ensemble_kd.core.shared_folder import in_ray_worker
 
 class TrackingError(ConfigError):
     """An MLflow store or experiment that cannot be used; the message names it."""
@@ -178,16 +179,6 @@ class _MlflowWriter:
                 "clients": _client.cache_info().currsize}
 
 
-def _in_ray_worker() -> bool:
-    """Whether this process is a Ray worker (a task, an actor: a Tune trial, a Ray Train worker)."""
-    if not ray.is_initialized():
-        return False
-    try:
-        return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-    except Exception:  # a Ray without a runtime context here: not one of its workers
-        return False
-
-
 def _writer() -> Any:
     """The handle on the writer this process sends its MLflow calls to, or None: the driver's own
     while its :func:`writer_session` is up; in a Ray worker, its job's writer (looked up by name once
@@ -196,7 +187,7 @@ def _writer() -> Any:
         return None
     if _session_writer[0] is not None:
         return _session_writer[0]
-    if not _in_ray_worker():
+    if not in_ray_worker():
         return None
     job = ray.get_runtime_context().get_job_id()
     handle = _worker_writers.get(job)

@@ -262,5 +262,12 @@ def dataset_modalities(name: str, root: str | None = None, kwargs: Mapping[str, 
     return tuple(str(n) for n in names) or None
 
 
+def chosen_modalities(dataset: str, modalities: Any, what: str) -> tuple[str, ...]:
+    """``data.kwargs.modalities`` as a tuple, refused unless it is a list (``what``: of what names)."""
+    if isinstance(modalities, str) or not isinstance(modalities, Sequence):
+        raise DatasetError(f"{dataset}: data.kwargs.modalities must be a list of {what}, got {modalities!r}")
+    return tuple(modalities)
+
+
 def list_datasets() -> list[str]:
     return DATASETS.names()

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split
+from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split, chosen_modalities
 from modalities.datasets.digits import check_image_size
 from modalities.datasets.image_folder import (IMAGE_EXTENSIONS, TEST_ID_OFFSET, _decode, _file_digest, _subdirs,
                                               streamed_stats)
@@ -229,9 +229,7 @@ def modalities_of(root: str | None, modalities: Sequence[str] | None = None, **_
     if not root:
         raise ValueError(f"dataset {NAME!r} reads its files from a directory: set data.root")
     if modalities is not None:
-        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
-            raise DatasetError(f"{NAME}: data.kwargs.modalities must be a list of folder names, got {modalities!r}")
-        return tuple(modalities)
+        return chosen_modalities(NAME, modalities, "folder names")
     return tuple(_modalities(os.path.expanduser(os.fspath(root)), None))
 
 

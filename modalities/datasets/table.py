@@ -81,7 +81,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split
+from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split, chosen_modalities
 from modalities.spec import ModalitySpec
 
 NAME = "table"
@@ -619,9 +619,7 @@ def modalities_of(root: str | None, modalities: Sequence[str] | None = None, **_
     if not root:
         raise DatasetError(f"dataset {NAME!r} reads a Parquet or Arrow file (or a folder of them): set data.root")
     if modalities is not None:
-        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
-            raise DatasetError(f"{NAME}: data.kwargs.modalities must be a list of column names, got {modalities!r}")
-        return tuple(modalities)
+        return chosen_modalities(NAME, modalities, "column names")
     schema = _schema(_list_files(os.path.expanduser(os.fspath(root)))[0])
     pandas_index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
     return tuple(n for n in schema.names if n not in KEY_COLUMNS and n not in pandas_index)
