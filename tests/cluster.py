@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,13 +30,28 @@ NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-
                    "runtime-env-agent-port", "metrics-export-port")
 
 
+# Ports for the nodes come from below Linux's ephemeral range (32768-60999), where every other
+# process of the suite (other tests' local Rays, their workers' gRPC servers) gets its port-0 binds,
+# and above Ray's worker ports (10002-19999): a port picked from the ephemeral range can be taken by
+# another process between the pick and the node's own bind (a head whose job agent then never comes up).
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports, all bound at once (one at a time, the OS may hand one out twice)."""
+    """n distinct free ports from PORT_RANGE, all bound at once to check them."""
+    rng = random.Random(os.getpid() ^ time.time_ns())
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        ports: list[int] = []
+        while len(ports) < n:
+            port = rng.randrange(*PORT_RANGE)
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if port not in ports:
+                ports.append(port)
+        return ports
 
 
 def cluster_env() -> dict[str, str]:
@@ -95,12 +111,17 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard}"
 
     def __enter__(self) -> LocalCluster:
-        try:
-            self.start_head()
-        except BaseException:
+        for attempt in range(3):  # a head whose job agent did not come up is started again, on fresh ports
+            try:
+                self.start_head()
+                problem = self.wait_for_job_agent()
+            except BaseException:
+                self.stop()
+                raise
+            if problem is None:
+                return self
             self.stop()
-            raise
-        return self
+        raise RuntimeError(f"the head's job agent did not come up in 3 starts; the last one: {problem}")
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -141,6 +162,30 @@ class LocalCluster:
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
 
+    def wait_for_job_agent(self, timeout: float = 150) -> str | None:
+        """Until the head's job agent has registered (``ray job submit`` answers "No available agent"
+        before that); None when it has, else why not (the agent's log), so the caller can start again."""
+        code = ("import ray, time; from ray.experimental.internal_kv import _internal_kv_get as get\n"
+                "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); t = time.time() + %f\n"
+                "while time.time() < t:\n"
+                "    head = get(b'head_node_id', namespace=b'job')\n"
+                "    if head and get('DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:' + head.decode(), namespace=b'dashboard'):\n"
+                "        raise SystemExit(0)\n"
+                "    time.sleep(0.5)\n"
+                "raise SystemExit(3)" % (self.gcs, timeout))
+        deadline = time.time() + timeout + 60
+        head = self.nodes[0]
+        while time.time() < deadline and head.proc.poll() is None:
+            r = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                               timeout=timeout + 60)
+            if r.returncode == 0:
+                return None
+            if r.returncode == 3:
+                break
+            time.sleep(1)  # the GCS does not answer yet
+        why = "the head exited" if head.proc.poll() is not None else "no job agent registered"
+        return f"{why}; dashboard_agent.log: {head.log_text('dashboard_agent.log')[-2000:]}"
+
     def wait_for_nodes(self, n: int, timeout: float = 180) -> None:
         """Until ``n`` nodes are alive (each node registers a few seconds after its process starts)."""
         code = ("import ray, sys, time; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
@@ -164,10 +209,13 @@ class LocalCluster:
         sees it); retried while the job agent is still coming up."""
         cmd = [*RAY, "job", "submit", "--address", self.address, "--submission-id", submission_id,
                "--working-dir", str(working_dir), "--log-style", "record", "--", *entrypoint]
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while True:
             r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=working_dir)
-            if "submitted successfully" in r.stdout + r.stderr or time.time() > deadline:
+            if "submitted successfully" in r.stdout + r.stderr:
+                return r
+            if time.time() > deadline:
+                r.stderr += f"\n[the head's dashboard_agent.log]\n{self.nodes[0].log_text('dashboard_agent.log')[-3000:]}"
                 return r
             time.sleep(2)
 
