@@ -38,3 +38,10 @@ def test_orchestration_functions_stay_short():
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50:
                     long.append(f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
     assert long == []
+
+
+def test_the_package_top_holds_only_the_command_and_the_layer_folders():
+    """Every module lives in the folder of its layer: no module at the top of the package but the
+    command (cli.py) and __init__.py, so the layout states the layers (no alias of an old path)."""
+    top = sorted(p.name for p in (ROOT / "ensemble_kd").glob("*.py"))
+    assert top == ["__init__.py", "cli.py"]
