@@ -11,7 +11,7 @@ scheduling, the MLflow run's creation and end, and the student's file.
     python bench/trial_overhead.py [--arm crd+kd-ensemble] [--trials 3] [--mode local|group]
 
 ``--mode group`` forces a Ray Train worker group per trial (``distill.local_mode: false``), what
-every trial paid before single-worker trials ran in their own process. Goal (issue 13): the
+every trial paid before single-worker trials ran in their own process. Goal: the
 ratio wall / steps <= 1.5 for the default's trials in local mode.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What `ensemble-kd` shows a person, and what it keeps (issue 23 items 1-2).
+"""What `ensemble-kd` shows a person, and what it keeps.
 
 The real command in a subprocess, its output piped (as in CI, `| tee`, `> out.txt`), on the tiny
 job of jobs/configs/tiny-uci-mfeat.yaml (two teachers, two arms, one seed). Before this, the

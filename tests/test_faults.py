@@ -1,4 +1,4 @@
-"""Faults and bad inputs a user meets (issue 14): damaged shards, bad option values, a bad `--set`,
+"""Faults and bad inputs a user meets: damaged shards, bad option values, a bad `--set`,
 concurrent and disk-full first use of an output folder, Ctrl-C. Each test fails on the code
 before the fix; the CLI ones run the real command in a subprocess."""
 from __future__ import annotations

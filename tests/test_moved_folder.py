@@ -1,4 +1,4 @@
-"""Output folders that can be moved or copied (issue 24, item 2).
+"""Output folders that can be moved or copied.
 
 The index files record the paths of the folder's own files relative to it, summary.json names the
 folder it was written in, and the folder's own MLflow store follows the folder: after

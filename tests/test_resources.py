@@ -1,4 +1,4 @@
-"""What a config asks of Ray, checked against the cluster before any work (issue 27, item 5).
+"""What a config asks of Ray, checked against the cluster before any work.
 
 Before this, nothing compared a config's requests with the cluster: the CIFAR job configs ask
 ``distill.num_workers: 4`` with a GPU each, and on a smaller cluster Ray Train gave up after its

@@ -1,4 +1,4 @@
-"""The project's own errors raised inside Ray workers reach the user as one line (issue 24 item 1).
+"""The project's own errors raised inside Ray workers reach the user as one line.
 
 Each error is raised for real where it happens in a user's run: a local-mode Ray task (a teacher's
 training, `ensemble-kd distill`), a Ray Train worker group (two workers), an embed task, a Tune

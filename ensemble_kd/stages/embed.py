@@ -18,21 +18,10 @@ through the same kernels; and, when it costs little balance, on part boundaries 
 the part files themselves are the one-worker run's (:func:`row_ranges`). One worker (the
 embedded default's 2,000 rows) writes exactly the parts it always wrote.
 
-Why tasks and not actors: Ray starts a new Python process for every actor, and on a small
-machine its imports (torch, Ray, this package) cost about 4 s of a core per teacher, more than
-embedding a small dataset does. A task runs in one of Ray's pooled worker processes, usually
-the one that has just trained the teacher, with everything imported already (measured: the
-suite's 27 embed actors used 108 core-seconds). A task holds one teacher for its ranges of all
-splits, reserves its CPUs/GPU fraction while it runs (``embed.cpus_per_actor``,
-``embed.gpus_per_actor``, named when this was an actor), and frees them when it ends. A task
-with a GPU runs in a fresh process each time (``max_calls=1``): CUDA's device list is fixed when a
-process first uses it, and a pooled process could be handed another GPU next time.
-
-Why not Ray Data ``map_batches``: the teachers read their inputs from the dataset registry
-inside the task and write whole files, so there is nothing for Ray Data to shuffle or stream
-between stages; a measured bare task stays at the bare-loop speed per core
-(``bench/embed_throughput.py``) where a Ray Data pipeline on a 2-core machine spends its cores
-on scheduling.
+A task holds one teacher for its ranges of all splits and reserves ``embed.cpus_per_actor`` CPUs
+and ``embed.gpus_per_actor`` of a GPU while it runs; a task with a GPU runs in a fresh process each
+time (``max_calls=1``). Why tasks rather than actors or Ray Data, with the measurements:
+docs/design.md, "Stages and their artifacts".
 
 The stage takes its inputs explicitly (a :class:`~ensemble_kd.storage.artifacts.TeacherSet`, a dataset,
 the splits and the embed recipe) and returns a :class:`~ensemble_kd.storage.artifacts.ShardIndex`; the

@@ -22,8 +22,8 @@ workers, each a row range, under distinct part names): :func:`publish_shard` the
 parts in row order and writes the one manifest.
 
 Every open verifies: each part's size, Arrow structure and row count, and its sha256 against the
-manifest (one sequential read of the part, about 1.4 ms per MB on one core here; the training
-that follows reads every byte of it anyway), so bytes damaged in place (same size) are refused
+manifest (one sequential read of the part; the training that follows reads every byte of it
+anyway), so bytes damaged in place (same size) are refused
 with the path and both digests instead of training on them. A process hashes a given file
 (same inode, size and mtime) once.
 """

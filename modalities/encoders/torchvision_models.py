@@ -127,9 +127,9 @@ def _register(name: str, cls: type[Encoder]) -> None:
         if "weights" in kwargs:
             raise ValueError(f"torchvision/{name}: weights are never downloaded; save the model's state_dict "
                              "to a file and give it as the teacher's checkpoint")
-        # here, not at the top: `import torchvision.models` costs about 2.5 s (measured: 3.0 s for
-        # `import torch` alone, 5.5 s with it), paid by every process that imports `modalities`
-        # (each Ray worker and Tune trial), and only these encoders need it
+        # here, not at the top: `import torchvision.models` costs seconds that every process
+        # importing `modalities` (each Ray worker and Tune trial) would pay, and only these
+        # encoders need it
         from torchvision.models import get_model
 
         return cls(get_model(name, weights=None, num_classes=num_classes, **kwargs))
