@@ -214,7 +214,7 @@ def prepare_teacher(cfg) -> Any:
 def timed_embed(cfg, teachers) -> tuple[float, dict[str, str], int]:
     """(rows/s of the embed stage's wall time, train shard folders, rows written)."""
     t0 = time.perf_counter()
-    idx = embed_stage.run(teachers, cfg.data, ["train"], cfg.embed, cfg.output_dir, device="cpu", amp=False,
+    idx = embed_stage.run(teachers, cfg.data, ["train"], cfg.embed, cfg.output_dir, amp=False,
                           progress=False, log=lambda m: None)
     wall = time.perf_counter() - t0
     (rec,) = idx.shards

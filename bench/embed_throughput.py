@@ -79,7 +79,7 @@ def main() -> None:
             for r in range(args.repeats):
                 shutil.rmtree(out / "shards", ignore_errors=True)  # each repeat writes its shard afresh
                 t0 = time.perf_counter()
-                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), to_dict(cfg.embed), str(out), "cpu", False,
+                gen = task.remote(asdict(teachers["t"]), to_dict(cfg.data), to_dict(cfg.embed), str(out), False,
                                   [("train", key.to_dict())])
                 first = None
                 first_rows = 0

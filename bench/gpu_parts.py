@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble_kd.core.checkpoint import state_dict_hash  # noqa: E402
+from ensemble_kd.core.files import state_dict_hash  # noqa: E402
 from ensemble_kd.core.config import AdversarialConfig, DataConfig, ViewsConfig  # noqa: E402
 from ensemble_kd.training.data import DistillData, epoch_rows  # noqa: E402
 from ensemble_kd.storage.datastore import prepare  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensemble_kd.orchestration import pipeline  # noqa: E402
 from ensemble_kd.core.config import with_overrides  # noqa: E402
-from ensemble_kd.blocks.memory import _faiss_gpu_available  # noqa: E402
+from ensemble_kd.blocks.memory import faiss_gpu_problem  # noqa: E402
 from ensemble_kd.core.raycluster import ray_session  # noqa: E402
 from ensemble_kd.stages import distill as distill_stage  # noqa: E402
 from _workdir import add_workdir_arg, workdir  # noqa: E402
@@ -94,9 +94,9 @@ def main() -> None:
                                                               losses))
                     if out[path].get("epoch_s") and out[f"{path}_cpu"].get("epoch_s"):
                         out[path]["ratio_cpu_over_gpu"] = round(out[f"{path}_cpu"]["epoch_s"] / out[path]["epoch_s"], 2)
-            faiss_gpu = _faiss_gpu_available()
+            faiss_gpu = gpu and faiss_gpu_problem() is None  # use_gpu_faiss without one is an error now
             hard = [{"name": "ce"}, {"name": "crd", "weight": 0.8, "kwargs": {
-                "negatives": "hard", "num_negatives": 256, "use_gpu_faiss": gpu, "per_sample": True}}]
+                "negatives": "hard", "num_negatives": 256, "use_gpu_faiss": faiss_gpu, "per_sample": True}}]
             _part(out, "faiss", lambda: {"index": "faiss-gpu" if gpu and faiss_gpu else
                                          ("faiss-cpu (faiss-gpu not installed or sees no GPU)" if gpu else "faiss-cpu"),
                                          **_distil(cfg, state["teachers"], state.get("shards"), "shards", gpu, hard)})

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensemble_kd.orchestration import pipeline  # noqa: E402
 from ensemble_kd.core.config import to_dict, with_overrides  # noqa: E402
-from ensemble_kd.training.loop import STATE_FILE  # noqa: E402
+from ensemble_kd.training.state import STATE_FILE  # noqa: E402
 from ensemble_kd.orchestration.plan import best_teacher, plan_trials  # noqa: E402
 from ensemble_kd.core.raycluster import ray_session  # noqa: E402
 from ensemble_kd.orchestration.sweep import run_trials  # noqa: E402

@@ -1,17 +1,17 @@
 """``ensemble-kd`` command line.
 
-    ensemble-kd run [--config FILE] [--out DIR]       the main job (teachers -> shards -> distilled student)
+    ensemble-kd run [--config FILE] [--out DIR] [--resume]  the main job (teachers -> shards -> distilled student)
     ensemble-kd teachers train [--config FILE]        train (or reuse) the teacher checkpoints
     ensemble-kd embed [--config FILE]                 teachers -> Arrow shards (Ray tasks, one or more per teacher)
     ensemble-kd select [--config FILE]                DFND: keep the pool rows the teachers are sure of
     ensemble-kd distill [--config FILE] [--resume]    distil the student (Ray Train, CE + KD + CRD ...)
-    ensemble-kd tune [--config FILE]                  Ray Tune sweep over tune.space (ASHA, grid/random)
+    ensemble-kd tune [--config FILE] [--resume]       Ray Tune sweep over tune.space (ASHA, grid/random)
     ensemble-kd compare [--experiment NAME] [--baseline GROUP] [--json] [--plot FILE]  ensemble-vs-single table from MLflow
     ensemble-kd export [--run NAME|PATH | --arm ARM] [--dest DIR]  the student as TorchScript, ONNX, MLflow model
     ensemble-kd data prepare [--config FILE]          write the dataset's memory-mapped Arrow store (else: on first use)
     ensemble-kd shards inspect DIR [--verify]         JSON summary of shards
-    ensemble-kd list datasets|encoders|losses [--config FILE]  registered names (with the config's plugins)
-    ensemble-kd config show|docs [--config FILE]      the resolved config / every field's doc
+    ensemble-kd list datasets|encoders|losses [--config FILE]  registered names (with the config's plugins), their options
+    ensemble-kd config show|docs [--config FILE] [--markdown]  the resolved config / every field by YAML path (type, default, doc)
 
 Every command that takes ``--config`` uses the embedded default (uci-mfeat) without one, and
 takes ``--set key=value`` overrides with dotted keys (``--set teachers.0.epochs=5``).
@@ -27,20 +27,26 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ensemble_kd.core import layout
 from ensemble_kd.core import config, interrupts
-from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
-from ensemble_kd.core.console import CONSOLE, NORMAL, PROGRESS_FILE, QUIET, VERBOSE, Log, watch_progress
+from ensemble_kd.core.files import DiskFullError, disk_full_cause
+from ensemble_kd.core.console import CONSOLE, NORMAL, QUIET, VERBOSE, Log
+from ensemble_kd.core.progress import PROGRESS_FILE, watch_progress
 from ensemble_kd.core.errors import project_error
-from ensemble_kd.core.config import ConfigError, ExperimentConfig, field_docs, to_yaml
+from ensemble_kd.core import config_docs
+from ensemble_kd.core.config import ConfigError, ExperimentConfig
 from ensemble_kd.losses import LOSSES
+from ensemble_kd.losses.base import loss_options
 from ensemble_kd.core.plugins import load_plugins
 from ensemble_kd.storage.shards import inspect as inspect_shards
 from modalities import DATASETS, ENCODERS
+from modalities.datasets.base import class_names
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -78,8 +84,7 @@ def _folder_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def _pipeline():
     """The pipeline module, imported on first use: it pulls in Ray, Ray Train/Tune, MLflow and
-    torch (about 4 s on 2 cores, measured with `python -X importtime -m ensemble_kd.cli list
-    losses`), which `list`, `config` and `--help` do not need."""
+    torch (seconds of imports), which `list`, `config` and `--help` do not need."""
     from ensemble_kd.orchestration import pipeline
 
     CONSOLE.adopt_loggers()  # MLflow and Ray give their loggers console handlers on import: route them to ours
@@ -165,12 +170,12 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job; exit 1 when an arm (or the sweep) has no finished trial (the table and
     summary.json say why); partial success (some seeds failed) is shown in the table, exit 0."""
-    summary = _pipeline().run(_folder_config(args), progress=_progress(args), log=_log)
+    summary = _pipeline().run(_folder_config(args), progress=_progress(args), log=_log, resume=args.resume)
     failed = [f"arm {arm!r} has no finished trial; {why}" for arm, why in (summary.get("failed_arms") or {}).items()]
     if summary.get("failed_sweep"):
         failed.append(f"the sweep on {(summary.get('sweep') or {}).get('arm')!r} has no finished trial; {summary['failed_sweep']}")
     if failed:
-        CONSOLE.error("ensemble-kd: error: " + "; ".join(failed) + (f" (the rest: {summary['output_dir']}/summary.json)"
+        CONSOLE.error("ensemble-kd: error: " + "; ".join(failed) + (f" (the rest: {layout.summary(summary['output_dir'])})"
                                                                      if summary.get("output_dir") else ""))
         return 1
     return 0
@@ -178,15 +183,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     p = _pipeline()
+    from ensemble_kd.orchestration.report import selection_line  # (the pipeline has imported it: no cost)
+
     cfg = _folder_config(args)
+    resume = p.resume_point(cfg, "sweep") if args.resume else None  # nothing to resume: one line, before any work
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
     with p.session(cfg, stages={"tune"}):
-        res = p.sweep(cfg, log=_log, inputs=inputs)
+        res = p.sweep(cfg, log=_log, inputs=inputs, resume=resume)
     _log.result(f"\n{len(res.trials)} trials in {res.seconds:.1f}s: "
                 + ", ".join(f"{s} {sum(t.status == s for t in res.trials)}" for s in ("TERMINATED", "STOPPED", "ERROR")))
     if res.best is not None:
-        _log.result(f"best {cfg.tune.metric} = {res.best.metrics[cfg.tune.metric]:.4f} with "
+        test = res.best.metrics.get("test_top1") if res.metric != "test_top1" else None  # what was chosen, on test
+        _log.result(f"best {res.metric} = {res.best.metrics[res.metric]:.4f}"
+                    + (f" (test_top1 {test:.4f})" if isinstance(test, (int, float)) else "") + " with "
                     + ", ".join(f"{k}={v}" for k, v in res.best.overrides.items()))
+    _log.result(selection_line("val" if res.metric == "val_top1" else "test"))
     if res.tracking_uri:
         _log.result(f"MLflow: parent run {res.parent_run_id} in experiment {res.experiment!r} at {res.tracking_uri}; "
                     f"open the UI with: mlflow ui --backend-store-uri {res.tracking_uri}")
@@ -215,10 +226,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     p = _pipeline()
     cfg = _folder_config(args)
     inputs = p.distill_inputs(cfg)  # shards and checkpoints verified before Ray starts
-    with p.session(cfg, stages={"distill"}), watch_progress("distill", _newest_run(Path(cfg.output_dir) / "ray_results"),
+    with p.session(cfg, stages={"distill"}), watch_progress("distill", _newest_run(layout.ray_results(cfg.output_dir)),
                                                             cfg.distill.epochs, _log, _progress(args)):
         res = p.distill(cfg, resume=args.resume, log=_log, inputs=inputs)
-    _log.result(f"history: {len(res.history)} epochs; Ray Train checkpoints under {Path(cfg.output_dir) / 'ray_results' / res.run_name}")
+    _log.result(f"history: {len(res.history)} epochs; Ray Train checkpoints under {layout.run_dir(cfg.output_dir, res.run_name)}")
     return 0
 
 
@@ -241,10 +252,12 @@ def _newest_run(results: Path):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    # here, not at the top, for the reason _pipeline() gives (MLflow and matplotlib: about 4 s)
+    # here, not at the top, for the reason _pipeline() gives (MLflow and matplotlib)
     from ensemble_kd.orchestration.plots import plot_comparison
     from ensemble_kd.core.stats import format_paired
-    from ensemble_kd.training.tracking import compare, experiment_name, folder_experiment, tracking_uri
+    from ensemble_kd.orchestration.report import selection_line
+    from ensemble_kd.storage.mlflow_store import experiment_name, tracking_uri
+    from ensemble_kd.orchestration.compare import compare, folder_experiment
 
     cfg = _folder_config(args)
     uri = args.uri or tracking_uri(cfg)
@@ -279,13 +292,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             last = u["last_test_top1"]
             print(f"  {u['group']:<24} seed {u['seed']}  {u['status']:<9} {u['run_name']}"
                   + (f"  last top-1 {last:.4f}" if last is not None else ""))
+    print(selection_line(res["selection"]))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     # here, not at the top, for the reason _pipeline() gives (torch, MLflow, ONNX)
     from ensemble_kd.orchestration import export
-    from ensemble_kd.training.tracking import experiment_name, tracking_uri
+    from ensemble_kd.storage.mlflow_store import experiment_name, tracking_uri
 
     cfg = _config(args)
     out = Path(cfg.output_dir)
@@ -303,11 +317,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Each split the config reads (``pipeline.prepare_data``, one split at a time): ``written``,
-    or ``reused`` where the store already held it (every file's sha256 checked)."""
+    or ``reused`` where the store already held it (every file's sha256 checked); under a dataset's
+    first split, its class names where it has them (``classes: cat=0, dog=1``, from the manifest)."""
     p = _pipeline()
     from ensemble_kd.storage import datastore
 
     cfg = _config(args)
+    named: list[Any] = []  # the datasets whose classes were shown
     for data, split in p.data_splits(cfg):
         said: list[str] = []  # prepare says something only when it writes (or rewrites) the split
 
@@ -315,8 +331,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             said.append(msg)
             _log(msg)
 
-        path = datastore.prepare(data, split, cfg.output_dir, log).dir
-        print(f"{data.name}/{split}: {path} ({'written' if said else 'reused'})")
+        ds = datastore.prepare(data, split, cfg.output_dir, log)
+        print(f"{data.name}/{split}: {ds.dir} ({'written' if said else 'reused'})")
+        if ds.classes and data not in named:
+            named.append(data)
+            print(f"  classes: {class_names(ds.classes)}")
     return 0
 
 
@@ -325,15 +344,15 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
     from ensemble_kd.storage.shards import MANIFEST
 
     d = Path(args.dir)
-    if not (d / MANIFEST).is_file() and (d / "shards").is_dir():
-        d = d / "shards"
+    if not (d / MANIFEST).is_file() and layout.shards(d).is_dir():
+        d = layout.shards(d)
     print(json.dumps(inspect_shards(d, verify=args.verify), indent=2))
     return 0
 
 
 def _load_plugins_of(args: argparse.Namespace) -> None:
     """With ``--config``/``--set``: import that config's plugins (schema checked, no cross-checks),
-    so that `list` and `config docs` see what they register as a run would."""
+    so that `list` sees what they register as a run would."""
     if args.config or args.set:
         load_plugins(config.load_config(args.config, _overrides(args.set or [])).plugins, args.config or "<embedded default>")
 
@@ -346,7 +365,23 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{name:<16} {json.dumps(meta, default=str)}")
         if args.what == "datasets":  # what it is and the options its builder takes (data.kwargs)
             print(f"{'':<16} {_dataset_summary(DATASETS.get(name))}")
+        elif args.what == "losses":  # its options (distill.losses[].kwargs), one a line
+            for line in _loss_option_lines(name):
+                print(f"{'':<16} {line}")
     return 0
+
+
+def _loss_option_lines(name: str) -> list[str]:
+    """``options (distill.losses[].kwargs):``, then ``  temperature: float (> 0) = 4.0`` per option of
+    loss ``name``: its constructor's keyword-only options, their annotated types and defaults."""
+    try:
+        hints = typing.get_type_hints(LOSSES.get(name).__init__, include_extras=True)
+    except Exception:  # noqa: BLE001 - a plugin's annotation that does not resolve: no type shown
+        hints = {}
+    opts = loss_options(name)
+    return ["options (distill.losses[].kwargs): none" if not opts else "options (distill.losses[].kwargs):"] + [
+        f"  {k}: {config_docs.type_name(hints[k]) if k in hints else 'any'} = {config_docs.yaml_value(v)}"
+        for k, v in opts.items()]
 
 
 def _dataset_summary(builder) -> str:
@@ -358,16 +393,13 @@ def _dataset_summary(builder) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown and args.action != "docs":
+        raise ConfigError("--markdown goes with `ensemble-kd config docs` (it writes docs/config.md)")
     if args.action == "show":  # tracking.uri as given, not this command's; paths (output_dir, ...) as given too
         cfg = _config(args, resolve_tracking=False)
         print(yaml.safe_dump(_as_given(config.to_dict(cfg), _given(args)), sort_keys=False), end="")
         return 0
-    _load_plugins_of(args)
-    classes = [obj for _, obj in inspect.getmembers(config, dataclasses.is_dataclass) if obj.__module__ == config.__name__]
-    for cls in sorted(classes, key=lambda k: (k is not config.ExperimentConfig, k.__name__)):
-        print(f"{cls.__name__}:")
-        for f in dataclasses.fields(cls):
-            print(f"  {f.name:<20} {field_docs(cls)[f.name]}")
+    print(config_docs.markdown() if args.markdown else config_docs.text(), end="")  # the schema's: plugins add no fields
     return 0
 
 
@@ -419,11 +451,16 @@ def _version() -> str:
         return __version__
 
 
+def _resume_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help=f"continue the last `{p.prog.split()[-1]}` here that did not "
+                   "finish: its finished trials kept, the others from their last saved epoch (nothing to resume: exit 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ensemble-kd", description="Ensemble and cross-modal knowledge distillation on Ray.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
-    _verb(sub, "run", "the main job on a config (default: embedded uci-mfeat): teachers -> shards -> student", cmd_run)
+    _resume_flag(_verb(sub, "run", "the main job on a config (default: embedded uci-mfeat): teachers -> shards -> student", cmd_run))
     t = sub.add_parser("teachers", help="teacher checkpoints").add_subparsers(dest="action", required=True)
     p = _verb(t, "train", "train (or reuse) every teacher of the config", cmd_teachers_train)
     p.add_argument("--retrain", action="store_true", help="train even where an up-to-date checkpoint exists")
@@ -448,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arm", help="the arm whose best finished run to export (default: run.export_arm, else the last arm; "
                                  "without arms: the last distillation)")
     p.add_argument("--dest", help="folder for the files (default: <output_dir>/exports/<arm or run>)")
-    _verb(sub, "tune", "Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)", cmd_tune)
+    _resume_flag(_verb(sub, "tune", "Ray Tune sweep over the config's tune.space (each trial a Ray Train distillation)", cmd_tune))
     d = sub.add_parser("data", help="the data store").add_subparsers(dest="action", required=True)
     _verb(d, "prepare", "write every split the config reads as a memory-mapped Arrow table under <output_dir>/data "
                         "(every other verb does this on first use)", cmd_data_prepare)
@@ -460,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["datasets", "encoders", "losses"])
     p.add_argument("--config", help="also list what this config's plugins register")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key), repeatable")
-    p = sub.add_parser("config", help="show the resolved config, or every field's documentation")
+    p = sub.add_parser("config", help="show the resolved config, or every field's documentation by its YAML path")
     p.add_argument("action", choices=["show", "docs"])
+    p.add_argument("--markdown", action="store_true", help="docs: as the markdown of docs/config.md "
+                   f"(`{config_docs.REGENERATE}`)")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
     return ap
@@ -506,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         stop = e if isinstance(e, interrupts.Interrupted) else interrupts.Interrupted(signal.SIGINT)
         CONSOLE.error(f"ensemble-kd: {stop.reason}: stopped; what was complete is kept (a rerun reuses it, "
-                      "`ensemble-kd distill --resume` continues a distillation)"
+                      "`--resume` continues it: `ensemble-kd run --resume`, `tune --resume`, `distill --resume`)"
                       + (f"; log: {CONSOLE.log_path}" if CONSOLE.log_path else ""))
         return stop.exit_code
     except Exception as e:

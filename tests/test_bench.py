@@ -115,3 +115,30 @@ def test_job_upload_runs_and_the_gitignore_keeps_outputs_out():
     res = _bench("job_upload.py", "--output-mb", "3", "--no-venv")
     assert res["with_gitignore_mb"] == res["checkout_mb"] < 20  # the output folder and caches are not uploaded
     assert res["without_gitignore_mb"] > res["with_gitignore_mb"] + 3
+
+
+@pytest.mark.slow
+def test_gpu_e2e_runs_every_stage_on_cpu(ray_cluster, tmp_path):
+    """bench/gpu_e2e.py's code path, on the CPU at its tiny size (a lent GPU runs the same with
+    --device cuda): the default run interrupted and resumed, the CIFAR-sized run on both paths,
+    and the JSON it writes; every stage on the CPU, as asked."""
+    out = tmp_path / "gpu_e2e.json"
+    res = _bench("gpu_e2e.py", "--device", "cpu", "--tiny", "--json", str(out), "--logs", str(tmp_path / "logs.tar.gz"),
+                 ray_address=ray_cluster.get_runtime_context().gcs_address)
+    assert json.loads(out.read_text())["status"] == res["status"] == "ok", res
+    for k in ("device", "stage_seconds", "step_ms", "peak_accel_mem_mb", "on_gpu", "resume", "syncs", "stages"):
+        assert k in res, k
+    assert res["device"] == "cpu" and res["syncs"]["status"].startswith("skipped: cpu")
+    assert set(res["on_gpu"]) == {"default_teachers", "default_embed", "default_trials", "cifar_teachers",
+                                  "cifar_embed", "cifar_trials"} and not any(res["on_gpu"].values()), res["on_gpu"]
+    assert all(v == 0.0 for v in res["peak_accel_mem_mb"].values()), res["peak_accel_mem_mb"]  # no accelerator
+    assert {"default/student-ce", "default/crd+kd-ensemble", "cifar/crd-shards", "cifar/crd-online"} <= set(res["step_ms"])
+    assert all(v > 0 for v in res["step_ms"].values()), res["step_ms"]
+    for k in ("default_run_interrupted", "default_run_resumed", "cifar_run", "cifar_trials_s"):
+        assert res["stage_seconds"][k] > 0, k
+    r = res["resume"]  # Ctrl-C killed a trial after its first saved epoch; --resume finished it from there
+    assert r["rc"] == 0 and r["killed_trials"] and set(r["resumed_from_epochs"]) >= {n for n in r["killed_trials"].values()}
+    assert all(n == 10 for n in r["killed_trials_finished"].values()), r
+    trials = res["stages"]["cifar"]["trials"].values()
+    assert sorted(t["arm"] for t in trials) == ["crd-online", "crd-shards"] and all(t["devices"] == ["cpu"] for t in trials)
+    assert (tmp_path / "logs.tar.gz").stat().st_size > 0

@@ -108,7 +108,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ensemble_kd.core.config import DataConfig
 from ensemble_kd.storage.datastore import prepare, open_split
-from ensemble_kd.training.loop import load_state
+from ensemble_kd.training.state import load_state
 from ensemble_kd.storage.shards import read_manifest
 from ensemble_kd.storage.teacher_checkpoint import file_format
 ray.init(address={cluster.gcs!r}, logging_level="ERROR", log_to_driver=False)

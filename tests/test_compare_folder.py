@@ -9,7 +9,8 @@ import pytest
 
 from ensemble_kd.cli import main
 from ensemble_kd.core.config import load_config, to_yaml
-from ensemble_kd.training.tracking import RunContext, experiment_name, finish_distill_run, start_distill_run
+from ensemble_kd.storage.mlflow_store import experiment_name
+from ensemble_kd.training.tracking import RunContext, finish_distill_run, start_distill_run
 from tests.helpers import out_with_teachers, tiny_config
 
 # one module fixture (a tiny run) per suite, not one per xdist worker
@@ -53,7 +54,9 @@ def test_compare_out_reads_the_experiment_of_the_folders_summary(made, capsys):
     assert main(["compare", "--out", str(out), "--group-by", "arm"]) == 0
     text = capsys.readouterr().out
     assert f"experiment tiny-compare at sqlite:///{out / 'mlflow.db'}" in text and str(out / "summary.json") in text
-    rows = {line.split()[0]: line for line in text.splitlines()[2:]}
+    lines = text.splitlines()[2:]
+    assert lines[-1].startswith("selection: on the test split")  # the tiny job has no validation split
+    rows = {line.split()[0]: line for line in lines[:-1]}
     assert set(rows) == {"student-ce", "kd-ensemble"}
     for arm, row in rows.items():  # the runs `run` summarised: the same top-1
         assert f"{s['arms'][arm]['mean_top1']:.4f} +- 0.0000" in row and row.split()[2] == "1"

@@ -42,7 +42,7 @@ def mlp_fails_at_seed(spec, num_classes, fail_seeds=(), **kwargs):
 # summary.json's keys before this change: a run whose trials all finish must keep exactly these
 SUMMARY_KEYS = {"experiment", "mlflow_tracking_uri", "parent_run_id", "dataset", "student", "epochs", "teachers",
                 "best_single_teacher", "arms", "reference", "interval", "unfinished", "sweep", "seconds", "plot",
-                "output_dir"}
+                "output_dir", "selection"}
 ARM_KEYS = {"teacher_set", "teachers", "method", "labels", "mean_top1", "std_top1", "seeds", "top1", "vs_student",
             "vs_kd", "of_reference"}
 

@@ -181,13 +181,13 @@ def test_unparsable_set_value_is_one_line(capsys):
 
 RACER = """
 import pathlib, sys, time
-from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
 uri, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 ready.touch()
 while not go.exists():
     time.sleep(0.01)
-exp = tracking.ensure_experiment(uri, "race")
-print(tracking.client(uri).create_run(exp).info.run_id)
+exp = mlflow_store.ensure_experiment(uri, "race")
+print(mlflow_store.client(uri).create_run(exp).info.run_id)
 """
 
 
@@ -227,10 +227,10 @@ def test_half_created_store_is_repaired(tmp_path):
     uri = f"sqlite:///{db}"
     r = subprocess.run([sys.executable, "-c", HALF_CREATE, uri], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and db.exists()  # the disk "filled" during MLflow's migration
-    from ensemble_kd.training import tracking
+    from ensemble_kd.storage import mlflow_store
 
-    exp = tracking.ensure_experiment(uri, "after")
-    assert tracking.client(uri).create_run(exp).info.status == "RUNNING"
+    exp = mlflow_store.ensure_experiment(uri, "after")
+    assert mlflow_store.client(uri).create_run(exp).info.status == "RUNNING"
     assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1  # kept, not deleted
 
 
@@ -253,7 +253,7 @@ def test_full_disk_while_writing_a_shard_names_the_part(tmp_path):
     code = """
 import resource, signal, sys
 import numpy as np
-from ensemble_kd.core.checkpoint import DiskFullError
+from ensemble_kd.core.files import DiskFullError
 from ensemble_kd.storage.shards import ShardKey, ShardWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
@@ -380,16 +380,16 @@ def test_next_command_ends_runs_of_killed_processes_and_removes_their_temp_folde
     `compare`; a live process's run is left alone."""
     import socket
 
-    from ensemble_kd.training import tracking
     from ensemble_kd.cli import main
+    from ensemble_kd.storage import mlflow_store
 
     out = tmp_path / "out"
     cfg = from_dict(folder_config(out))
-    uri = tracking.tracking_uri(cfg)
-    exp = tracking.ensure_experiment(uri, cfg.name)
+    uri = mlflow_store.tracking_uri(cfg)
+    exp = mlflow_store.ensure_experiment(uri, cfg.name)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()
-    c = tracking.client(uri)
+    c = mlflow_store.client(uri)
     orphan = c.create_run(exp, tags={"ekd.owner": f"{host}:{dead.stdout.strip()}"}).info.run_id
     live = c.create_run(exp, tags={"ekd.owner": f"{host}:{os.getpid()}"}).info.run_id
     writer = out / "shards" / ".kar__train__x.tmp-1234abcd"

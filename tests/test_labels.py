@@ -15,7 +15,8 @@ from ensemble_kd.training.online_data import OnlineData
 from ensemble_kd.orchestration.plan import arm_config
 from ensemble_kd.storage.shards import ShardKey, ShardWriter
 from ensemble_kd.storage.teacher_checkpoint import Teacher
-from ensemble_kd.training.tracking import start_distill_run, tracking_uri
+from ensemble_kd.storage.mlflow_store import tracking_uri
+from ensemble_kd.training.tracking import start_distill_run
 from modalities import build_dataset, build_encoder
 from tests.helpers import distill_cfg, run_distill
 

@@ -25,7 +25,7 @@ def test_no_test_module_imports_another():
     assert offenders == []
 
 
-ORCHESTRATION = ["cli.py", "orchestration/pipeline.py", "orchestration/sweep.py", "orchestration/plan.py", "orchestration/report.py", "training/loop.py", "stages"]
+ORCHESTRATION = ["cli.py", "orchestration/pipeline.py", "orchestration/sweep.py", "orchestration/plan.py", "orchestration/report.py", "training/launch.py", "training/loop.py", "stages"]
 
 
 def test_orchestration_functions_stay_short():
@@ -45,3 +45,25 @@ def test_the_package_top_holds_only_the_command_and_the_layer_folders():
     command (cli.py) and __init__.py, so the layout states the layers (no alias of an old path)."""
     top = sorted(p.name for p in (ROOT / "ensemble_kd").glob("*.py"))
     assert top == ["__init__.py", "cli.py"]
+
+
+def test_the_output_folders_names_are_spelled_only_in_layout():
+    """core/layout.py is the one home of the output folder's names: no other module spells one in a
+    path (docstrings, comments, help texts and messages may name them)."""
+    names = {"ray_results", "mlartifacts", "summary.json", "summary.png", "mlflow.db", "student.pt", "selections",
+             "students", "exports"}
+    found = []
+    for p in sorted((ROOT / "ensemble_kd").rglob("*.py")):
+        if p.name == "layout.py":
+            continue
+        tree = ast.parse(p.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            # a path piece has no spaces (help texts and messages may name the folders)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and " " not in n.value.strip():
+                hit = {w for w in names if w in re.split(r"[/\s'\"{}()]", n.value)}
+                if hit:
+                    found.append(f"{p.relative_to(ROOT)}:{n.lineno} {sorted(hit)}")
+    assert found == []

@@ -10,8 +10,9 @@ import ray.cloudpickle
 import torch
 from mlflow.tracking import MlflowClient
 
-from ensemble_kd.training.loop import STATE_FILE, LoopCallback, NonFiniteError, StateFileError
-from ensemble_kd.training.tracking import tracking_uri
+from ensemble_kd.training.state import STATE_FILE, StateFileError
+from ensemble_kd.training.loop import LoopCallback, NonFiniteError
+from ensemble_kd.storage.mlflow_store import tracking_uri
 from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callbacks below travel to Ray tasks by value

@@ -246,7 +246,7 @@ def test_interface_fields():
 # file format of a selection (DFND), never the orchestration (loop, stages, config, Ray).
 ALLOWED_IMPORTS = ("ensemble_kd.losses", "ensemble_kd.blocks.memory", "ensemble_kd.core.dist", "ensemble_kd.registry",
                    "modalities.registry", "ensemble_kd.blocks.selection", "ensemble_kd.core.devices", "ensemble_kd.blocks.bank",
-                   "ensemble_kd.core.errors")
+                   "ensemble_kd.core.errors", "ensemble_kd.core.rows")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ensemble_kd" / "losses").glob("*.py")), ids=lambda p: p.name)

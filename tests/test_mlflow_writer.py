@@ -1,6 +1,6 @@
 """MLflow with one writer: while a command runs, every MLflow call of its job (the driver's, a Ray
 task's, a Tune trial's, a training loop's) is made by one actor on the driver's node
-(``tracking.writer_session``), into the store the driver resolved into the config.
+(``mlflow_store.writer_session``), into the store the driver resolved into the config.
 
 Real local Ray (the session's), real MLflow: SQLite stores in temp folders, and a real
 ``mlflow server`` subprocess for the job run against a tracking server."""
@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from ensemble_kd.core.config import ExperimentConfig, from_dict, to_dict, to_yaml
 from ensemble_kd.orchestration import pipeline
 from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny-uci-mfeat.yaml"
@@ -43,13 +44,13 @@ def fresh_worker(**env: str) -> dict:
 def distill_here(cfg_dict: dict, run_name: str, student: str) -> dict:
     """What a trial does with MLflow, in whatever process calls it: open the run, log the epochs,
     finish it with the config and the student checkpoint; what this process then holds."""
-    before = tracking._client.cache_info().currsize
+    before = mlflow_store._client.cache_info().currsize
     cfg = from_dict(cfg_dict)
     rid = tracking.start_distill_run(cfg, run_name, tracking.RunContext(arm="w", kind="arm"))
-    tracking.log_epochs(tracking.tracking_uri(cfg), rid, EPOCHS)
+    tracking.log_epochs(mlflow_store.tracking_uri(cfg), rid, EPOCHS)
     tracking.finish_distill_run(cfg, rid, 0.75, 2, Path(student))
     return {"run_id": rid, "pid": os.getpid(), "clients_before": before,
-            "clients": tracking._client.cache_info().currsize, "env_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+            "clients": mlflow_store._client.cache_info().currsize, "env_uri": os.environ.get("MLFLOW_TRACKING_URI"),
             "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -70,7 +71,7 @@ class TrialLike:
 def refused_in_worker(uri: str, run_id: str) -> dict:
     """A call the store refuses, through the writer: what this process sees raised."""
     try:
-        tracking.client(uri).get_run(run_id)
+        mlflow_store.client(uri).get_run(run_id)
     except Exception as e:  # noqa: BLE001 - the test compares what comes back
         return {"type": type(e), "code": getattr(e, "error_code", None), "message": str(e)}
     return {"type": None}
@@ -100,8 +101,8 @@ def assert_finished(uri: str, run_id: str, cfg) -> None:
     assert {a.path for a in c.list_artifacts(run_id)} == {"config.yaml", "student"}
     assert [a.path for a in c.list_artifacts(run_id, "student")] == ["student/student.pt"]
     local = c.download_artifacts(run_id, "config.yaml", str(Path(cfg.output_dir) / f"dl-{run_id}"))
-    assert Path(local).read_text() == to_yaml(tracking.recorded_config(cfg))
-    assert r.data.params["tracking.uri"] == str(tracking.recorded_config(cfg).tracking.uri)
+    assert Path(local).read_text() == to_yaml(mlflow_store.recorded_config(cfg))
+    assert r.data.params["tracking.uri"] == str(mlflow_store.recorded_config(cfg).tracking.uri)
 
 
 def test_the_driver_resolves_the_store_into_the_config_and_config_show_is_as_given(tmp_path, monkeypatch, capsys):
@@ -114,10 +115,10 @@ def test_the_driver_resolves_the_store_into_the_config_and_config_show_is_as_giv
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     own = config(tmp_path / "a")
     assert own.tracking.uri == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
-    assert tracking.recorded_config(own).tracking.uri is None
+    assert mlflow_store.recorded_config(own).tracking.uri is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     served = config(tmp_path / "a")
-    assert served.tracking.uri == "http://tracking.example:5000" == tracking.recorded_config(served).tracking.uri
+    assert served.tracking.uri == "http://tracking.example:5000" == mlflow_store.recorded_config(served).tracking.uri
     assert config(tmp_path / "a", **{"tracking.uri": "sqlite:////x/y.db"}).tracking.uri == "sqlite:////x/y.db"
     assert main(["config", "show", "--set", f"output_dir={tmp_path / 'a'}"]) == 0
     shown = capsys.readouterr().out
@@ -132,10 +133,10 @@ def test_workers_write_through_the_one_writer(ray_cluster, tmp_path, monkeypatch
     cfg = config(tmp_path / "out")
     uri = cfg.tracking.uri
     assert uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
-    driver_clients = tracking._client.cache_info().currsize
-    with tracking.writer_session(True) as writer:
+    driver_clients = mlflow_store._client.cache_info().currsize
+    with mlflow_store.writer_session(True) as writer:
         assert writer is not None  # up: the driver's calls go to it too
-        assert isinstance(tracking.client(uri), tracking._WriterClient)
+        assert isinstance(mlflow_store.client(uri), mlflow_store._WriterClient)
         task = ray.get(distill_task.options(runtime_env=fresh_worker()).remote(to_dict(cfg), "by-task",
                                                                                str(student_file(tmp_path / "out"))))
         trial = TrialLike.options(runtime_env=fresh_worker()).remote()
@@ -148,11 +149,11 @@ def test_workers_write_through_the_one_writer(ray_cluster, tmp_path, monkeypatch
     assert task["run_id"] != actor["run_id"]
     assert info["clients"] == 1 and info["pid"] not in (os.getpid(), task["pid"], actor["pid"])
     assert info["node_id"] == ray.get_runtime_context().get_node_id()
-    assert tracking._client.cache_info().currsize == driver_clients  # the driver's calls went to the writer as well
+    assert mlflow_store._client.cache_info().currsize == driver_clients  # the driver's calls went to the writer as well
     # the session over: the writer is gone, and the driver's client is its own again
-    assert not isinstance(tracking.client(uri), tracking._WriterClient)
+    assert not isinstance(mlflow_store.client(uri), mlflow_store._WriterClient)
     with pytest.raises(ValueError):
-        ray.get_actor(tracking.WRITER_NAME)
+        ray.get_actor(mlflow_store.WRITER_NAME)
 
 
 def test_a_workers_own_tracking_uri_does_not_redirect_its_run(ray_cluster, tmp_path, monkeypatch):
@@ -164,7 +165,7 @@ def test_a_workers_own_tracking_uri_does_not_redirect_its_run(ray_cluster, tmp_p
     elsewhere.mkdir()
     cfg = config(out)
     theirs = f"sqlite:///{elsewhere / 'theirs.db'}"
-    with tracking.writer_session(True):
+    with mlflow_store.writer_session(True):
         res = ray.get(distill_task.options(runtime_env=fresh_worker(MLFLOW_TRACKING_URI=theirs)).remote(
             to_dict(cfg), "env-run", str(student_file(out))))
     assert res["env_uri"] == theirs  # the worker did see another store in its environment
@@ -178,14 +179,14 @@ def test_a_refused_call_raises_the_same_error_in_the_worker(ray_cluster, tmp_pat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = config(tmp_path / "out")
     uri = cfg.tracking.uri
-    tracking.ensure_experiment(uri, "refusals")  # the store exists: a direct client reads it
+    mlflow_store.ensure_experiment(uri, "refusals")  # the store exists: a direct client reads it
     missing = uuid.uuid4().hex
     with pytest.raises(MlflowException) as direct:
         MlflowClient(uri).get_run(missing)
-    with tracking.writer_session(True):
+    with mlflow_store.writer_session(True):
         got = ray.get(refused_in_worker.options(runtime_env=fresh_worker()).remote(uri, missing))
         with pytest.raises(MlflowException) as in_driver:
-            tracking.client(uri).get_run(missing)
+            mlflow_store.client(uri).get_run(missing)
     assert got["type"] is type(direct.value) is MlflowException
     assert got["code"] == direct.value.error_code == "RESOURCE_DOES_NOT_EXIST"
     assert got["message"] == str(direct.value)
@@ -201,9 +202,9 @@ def test_a_handle_on_an_earlier_sessions_writer_is_dropped(ray_cluster, tmp_path
     student = str(student_file(tmp_path / "out"))
     worker = TrialLike.options(runtime_env=fresh_worker()).remote()  # one process through all three
     try:
-        with tracking.writer_session(True):
+        with mlflow_store.writer_session(True):
             first = ray.get(worker.distill.remote(to_dict(cfg), "s1", student))
-        with tracking.writer_session(True):
+        with mlflow_store.writer_session(True):
             second = ray.get(worker.distill.remote(to_dict(cfg), "s2", student))
         alone = ray.get(worker.distill.remote(to_dict(cfg), "s3", student))
     finally:
@@ -280,7 +281,7 @@ def test_the_tiny_job_against_a_tracking_server(mlflow_server, tmp_path):
     c = MlflowClient(mlflow_server)
     for name, want in (("tiny-job", 2), ("tiny-job-teachers", 2)):
         exp = c.get_experiment_by_name(name)
-        runs = [x for x in c.search_runs([exp.experiment_id]) if tracking.RUN_NAME_TAG in x.data.tags]
+        runs = [x for x in c.search_runs([exp.experiment_id]) if mlflow_store.RUN_NAME_TAG in x.data.tags]
         assert len(runs) == want and {x.info.status for x in runs} == {"FINISHED"}, (name, runs)
         for x in runs:
             assert {a.path for a in c.list_artifacts(x.info.run_id)} >= {"config.yaml"}

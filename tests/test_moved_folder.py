@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
 from ensemble_kd.storage.artifacts import (ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index, summary_store,
                                            write_index)
 from ensemble_kd.cli import main
@@ -152,7 +152,7 @@ def test_the_folder_records_its_own_files_relative_to_itself(made):
     assert all(Path(s.dir).parent == out / "shards" for s in ShardIndex.from_dict(read_index(out, "shards", "embed")))
     assert json.loads((out / "summary.json").read_text())["output_dir"] == str(out)
     tagged = db_rows(out / "mlflow.db", f"SELECT e.name FROM experiments e JOIN experiment_tags t ON "
-                                        f"t.experiment_id = e.experiment_id AND t.key = '{tracking.BESIDE_STORE_TAG}'")
+                                        f"t.experiment_id = e.experiment_id AND t.key = '{mlflow_store.BESIDE_STORE_TAG}'")
     assert [r[0] for r in tagged] == ["moved"]  # (the teachers were reused: no teachers' experiment)
 
 
@@ -229,16 +229,16 @@ def test_a_moved_store_points_its_artifacts_at_its_new_folder(tmp_path):
     whose artifacts live elsewhere keeps its location."""
     old, new = tmp_path / "old store", tmp_path / "new"  # a space: locations are percent-encoded URIs
     uri = f"sqlite:///{old / 'mlflow.db'}"
-    eid = tracking.ensure_experiment(uri, "e", old / "mlartifacts")
-    legacy = tracking.client(uri).create_experiment("legacy", (old / "mlartifacts" / "legacy").as_uri())  # no tag
-    other = tracking.ensure_experiment(uri, "other", tmp_path / "elsewhere" / "mlartifacts")  # a shared store's
-    c = tracking.client(uri)
+    eid = mlflow_store.ensure_experiment(uri, "e", old / "mlartifacts")
+    legacy = mlflow_store.client(uri).create_experiment("legacy", (old / "mlartifacts" / "legacy").as_uri())  # no tag
+    other = mlflow_store.ensure_experiment(uri, "other", tmp_path / "elsewhere" / "mlartifacts")  # a shared store's
+    c = mlflow_store.client(uri)
     (tmp_path / "f.txt").write_text("f")
     runs = {e: c.create_run(e).info.run_id for e in (eid, legacy, other)}
     for r in runs.values():
         c.log_artifact(r, str(tmp_path / "f.txt"))
     shutil.move(old, new)
-    here = tracking.client(f"sqlite:///{new / 'mlflow.db'}")
+    here = mlflow_store.client(f"sqlite:///{new / 'mlflow.db'}")
     assert here.get_experiment(eid).artifact_location == (new / "mlartifacts" / "e").as_uri()
     assert here.get_experiment(legacy).artifact_location == (new / "mlartifacts" / "legacy").as_uri()
     assert here.get_experiment(other).artifact_location == (tmp_path / "elsewhere" / "mlartifacts" / "other").as_uri()
@@ -249,7 +249,7 @@ def test_a_moved_store_points_its_artifacts_at_its_new_folder(tmp_path):
         here.log_artifact(fresh, str(tmp_path / "f.txt"))
         assert here.get_run(fresh).info.artifact_uri.startswith((new / "mlartifacts").as_uri() + "/")
     assert not old.exists()  # nothing was written at the old place
-    assert tracking.relocate_artifacts(new / "mlflow.db") == []  # done once; a store in place is only read
+    assert mlflow_store.relocate_artifacts(new / "mlflow.db") == []  # done once; a store in place is only read
 
 
 # -- commands on a moved or copied folder --------------------------------------------------------
@@ -284,10 +284,10 @@ def _check_in_place(out2: Path, old: Path, before: dict, did: dict) -> None:
     locs = artifact_locations(db)
     assert locs and all(loc.startswith((out2 / "mlartifacts").as_uri() + "/") for loc in locs), locs
     assert len(db_rows(db, "SELECT model_id FROM logged_models")) == 2  # the run's export and this one
-    c = tracking.client(f"sqlite:///{db}")
+    c = mlflow_store.client(f"sqlite:///{db}")
     for name in (PARTIAL, "after-move"):  # the runs' artifacts (config, student) went to the new folder
         (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()],
-                               f"tags.`{tracking.RUN_NAME_TAG}` = '{name}'")
+                               f"tags.`{mlflow_store.RUN_NAME_TAG}` = '{name}'")
         assert run.info.status == "FINISHED"
         assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"config.yaml", "student"}
     assert not [loc for loc in locs if str(old) in loc or old.as_uri() in loc]

@@ -12,7 +12,9 @@ from ensemble_kd.orchestration.plan import Trial, arm_config
 from ensemble_kd.orchestration.report import format_table, summarise, write_summary
 from ensemble_kd.core.stats import format_paired, paired_difference
 from ensemble_kd.orchestration.sweep import TrialOutcome
-from ensemble_kd.training.tracking import RunContext, compare, finish_distill_run, log_epochs, start_distill_run, tracking_uri
+from ensemble_kd.storage.mlflow_store import tracking_uri
+from ensemble_kd.training.tracking import RunContext, finish_distill_run, log_epochs, start_distill_run
+from ensemble_kd.orchestration.compare import compare
 
 
 def test_paired_difference_against_hand_computed_numbers():

@@ -119,6 +119,18 @@ def test_tune_trials_ask_what_the_sweep_gives_them():
         assert (r.bundles, r.cpus) == (cfg.distill.num_workers, cfg.distill.cpus_per_worker)
 
 
+def test_trials_that_share_a_gpu_ask_for_their_share():
+    """distill.gpus_per_worker: 0.5 lets two single-worker trials train on one GPU (Tune is given the
+    share, the cluster check counts it), where the whole GPU each would run them one at a time."""
+    cfg = tiny(**{"distill.use_gpu": True, "distill.gpus_per_worker": 0.5, "distill.cpus_per_worker": 0.5})
+    (r,) = requests(cfg, {"tune"})
+    assert trial_resources(cfg) == {"CPU": 0.5, "GPU": 0.5} and r.gpus == 0.5
+    check_resources(cfg, {"tune"}, {"CPU": 2.0, "GPU": 1.0}, [{"CPU": 2.0, "GPU": 1.0}])
+    assert trial_resources(tiny(**{"distill.use_gpu": True}))["GPU"] == 1.0
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        tiny(**{"distill.gpus_per_worker": 1.5})
+
+
 def test_teachers_given_as_a_checkpoint_ask_nothing(tmp_path):
     """A teacher loaded from its file never trains: nothing of its num_workers or use_gpu is asked."""
     ck = tmp_path / "pix.pt"

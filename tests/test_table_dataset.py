@@ -173,11 +173,12 @@ def test_value_types_and_shapes(tmp_path, arrays):
 
 
 def test_options_modalities_and_num_classes(tmp_path, arrays):
-    arrays["label"][arrays["split"] == "train"] %= 2  # class 2 only in the test split
+    arrays["label"][arrays["split"] == "test"] %= 2  # class 2 only in the train split
     p = write(to_table(arrays), tmp_path / "t.parquet")
-    train = build_dataset("table", "train", str(p), modalities=["img"])
-    assert list(train.modalities) == ["img"] and train.num_classes == C  # counted over both splits
+    test = build_dataset("table", "test", str(p), modalities=["img"])
+    assert list(test.modalities) == ["img"] and test.num_classes == C  # counted over both splits
     assert build_dataset("table", "test", str(p), num_classes=7).num_classes == 7
+    # (a class without train rows: tests/test_table_labels.py)
 
 
 def test_pandas_index_column_is_not_a_modality(tmp_path, arrays):
@@ -229,7 +230,7 @@ def _bad_tables(a):
                           ["out of range 0..2", "num_classes", f"sample_id {ids[61]}"]),
         "label negative": (_set(t, "label", pa.array(neg)), "label", 18, ["negative", f"sample_id {ids[18]}"]),
         "split": (_set(t, "split", pa.array(np.where(np.arange(N) == 33, "valid", a["split"]))), "split", 33,
-                  ["'valid'", "neither 'train' nor 'test'", f"sample_id {ids[33]}"]),
+                  ["'valid'", "is not 'train', 'test' or 'val'", f"sample_id {ids[33]}"]),
         "string modality": (_set(t, "vec", pa.array([str(i) for i in range(N)])), "vec", None, ["string"]),
         "int modality": (_set(t, "vec", pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(N * D, np.int32)), D)),
                          "vec", None, ["int32", "fixed-size list of floats"]),

@@ -6,7 +6,8 @@ from mlflow.tracking import MlflowClient
 
 from ensemble_kd.cli import main
 from ensemble_kd.core.config import to_yaml
-from ensemble_kd.training.tracking import TrackingError, compare, sweep_point, tracking_uri
+from ensemble_kd.storage.mlflow_store import TrackingError, tracking_uri
+from ensemble_kd.orchestration.compare import compare, sweep_point
 from tests.helpers import distill_cfg, embed, out_with_teachers, run_distill
 
 ARMS = {

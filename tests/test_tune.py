@@ -8,7 +8,8 @@ from ray import tune
 from ensemble_kd.orchestration import pipeline
 from ensemble_kd.core.config import ConfigError
 from ensemble_kd.orchestration.sweep import domain, search_space
-from ensemble_kd.training.tracking import compare, tracking_uri
+from ensemble_kd.storage.mlflow_store import tracking_uri
+from ensemble_kd.orchestration.compare import compare
 from tests.helpers import distill_cfg, embed, out_with_teachers
 
 CRD = {"name": "crd", "weight": 0.8, "kwargs": {"num_negatives": 128, "per_sample": False, "feat_dim": 16}}

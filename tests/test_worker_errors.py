@@ -26,7 +26,7 @@ import ray
 import torch
 
 from ensemble_kd.storage.artifacts import ShardIndex, ShardRecord, write_index
-from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.core.files import DiskFullError, disk_full_cause
 from ensemble_kd.orchestration.checks import check_config
 from ensemble_kd.cli import error_line, main
 from ensemble_kd.core.config import ConfigError, from_dict, to_yaml
@@ -282,7 +282,7 @@ def _raise(kind: str) -> None:
             raise ShardMismatchError("shard /x: key differs") from e
     if kind == "config":
         raise ConfigError("distill.teachers: unknown teacher 'x'")
-    if kind == "disk":  # what shards.PartWriter and checkpoint.atomic_write raise in a worker
+    if kind == "disk":  # what shards.PartWriter and files.atomic_write raise in a worker
         raise DiskFullError("the disk is full: cannot write /x/part-00000.arrow (No space left on device)")
     raise KeyError("a bug")
 

@@ -8,16 +8,20 @@
   ``hard`` (nearest neighbours of the anchor's teacher embedding in other classes, found with a
   FAISS ``IndexFlatIP`` on L2-normalised embeddings).
 
-Sampling runs on CPU with generators seeded from ``(seed, step)`` (a ``torch.Generator``; NumPy's
-PCG64 for the per-anchor draws): CUDA generators can give different streams on different GPU
-models, CPU ones cannot, so every worker draws the same negatives for the same anchors. Results
-are moved to the anchors' device.
+Per-anchor draws (``per_sample``) and CRD's ``relax`` positives are counter-based: each index is a
+hash (:func:`mix64`, splitmix64's finaliser in wrapping int64 arithmetic) of (seed, step, anchor,
+draw index), computed where the step runs, for the whole batch at once, with no generator state
+and no trip to the host. Integer arithmetic is exact on every device, so a CPU run and a GPU run
+draw the same indices (a CUDA generator's stream can differ between GPU models; this cannot).
+Without replacement whenever N <= the anchor's eligible rows e, at any size: draw j is the image
+of j under a keyed permutation of [0, e) (a random rotation, then :data:`SHUFFLE_ROUNDS` rounds of
+the swap-or-not shuffle, Hoang, Morris and Rogaway, CRYPTO 2012), so the N draws are distinct and
+each is uniform over the e rows; O(N) per anchor and no (B, M) tensor. Anchors with fewer eligible
+rows than N draw with replacement (independent uniform draws).
 
-Per-anchor draws are without replacement whenever N <= the anchor's eligible rows, at any size:
-one ``Generator.choice(e, N, replace=False)`` per anchor, which is a partial Fisher-Yates shuffle
-when N is a large part of e and Floyd's algorithm (a hash set of N entries) otherwise, so the
-cost is about O(e) or O(N) per anchor and no (B, M) tensor is ever built. Anchors with fewer
-eligible rows than N draw with replacement.
+Shared negatives (``per_sample: false``, the embedded default's) are drawn on the CPU from
+``(seed, step)`` generators (a ``torch.Generator``; NumPy's PCG64 for very large banks) and moved
+to the anchors' device: N indices a step, the same on every worker.
 """
 from __future__ import annotations
 
@@ -39,9 +43,90 @@ SAMPLER_MODES = ("uniform", "class-aware", "hard")
 SPARSE_DRAW = 64
 """Shared negatives: with more than this many rows per draw (M > 64 N: a 1M-row bank and N = 16384)
 the N distinct rows are drawn in O(N) (NumPy's set-based Floyd draw) instead of taking the first N
-of a permutation of all M rows, which costs O(M) a step (6.8 ms at M = 900,000, measured by
-``bench/data_scale.py``). Below it the permutation is kept: the draws, hence every result, of banks
+of a permutation of all M rows, which costs O(M) a step (``bench/data_scale.py``; docs/results.md).
+Below it the permutation is kept: the draws, hence every result, of banks
 that size are unchanged."""
+
+
+SHUFFLE_ROUNDS = 12
+"""Swap-or-not rounds of the per-anchor permutation. The rotation before them already makes every
+draw exactly uniform over the anchor's eligible rows; each round pairs the rows by a keyed
+reflection and swaps each pair on a keyed bit, so after r rounds the N draws are the union of up to
+2^r keyed reflections of scattered pieces of one block. At 12 the gaps between the drawn rows are
+those of a random subset (500 of 10,000: mean 20, sd 19.4 against 19.5, largest 229 against about
+210; at 8 rounds the largest was 473), tests/test_counter_draws.py."""
+
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's Weyl increment (2^64 / golden ratio)
+_MUL1, _MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's finaliser constants
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 words (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic, any device): a bijection of
+    64-bit words in which every output bit depends on every input bit. Equal to
+    :func:`mix64_int` word for word."""
+    x = x ^ _shr(x, 30)  # a new tensor: the ops below work in place on it (no fresh (B, N) buffer each)
+    x.mul_(_i64(_MUL1))
+    x.bitwise_xor_(_shr(x, 27)).mul_(_i64(_MUL2))
+    return x.bitwise_xor_(_shr(x, 31))
+
+
+def mix64_int(x: int) -> int:
+    """:func:`mix64` on a Python int (the host's keys), the result as a signed 64-bit int."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _MUL1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MUL2) & _MASK64
+    return _i64(x ^ (x >> 31))
+
+
+def counter_keys(seed: int, step: int, stream: int, anchors: torch.Tensor) -> torch.Tensor:
+    """anchors (B,) int64 -> (B,) int64 keys of (seed, step, stream, anchor), on anchors' device:
+    distinct anchors get distinct keys (mix64 is a bijection). The host part is plain ints."""
+    base = mix64_int(mix64_int(mix64_int(seed) + step * _GAMMA) + stream * _GAMMA)
+    return mix64(anchors * _i64(_GAMMA) + base)  # (B,)
+
+
+def counter_uniform(keys: torch.Tensor, n: int, bound: torch.Tensor) -> torch.Tensor:
+    """keys (B,), bound (B,) >= 1 -> (B, n) int64, draw j of row b uniform in [0, bound_b),
+    independent across j: two draws per hash (its two 32-bit halves, each scaled by the
+    multiply-shift, bias < bound / 2^32)."""
+    half = (n + 1) // 2
+    j = torch.arange(1, half + 1, device=keys.device, dtype=torch.int64) * _i64(_GAMMA)  # (H,) Weyl counters
+    h = mix64(keys[:, None] + j)  # (B, H) splitmix64's stream of each key
+    # the halves as int32 words, a view (little-endian on every device torch runs on), shifted to [0, 2^32)
+    u = h.view(torch.int32)[:, :n].to(torch.int64).add_(1 << 31)  # (B, n)
+    return u.mul_(bound[:, None]).bitwise_right_shift_(32)  # (B, n) in [0, bound); u * bound < 2^63 for bound < 2^31
+
+
+def counter_permutation(keys: torch.Tensor, n: int, bound: torch.Tensor, rounds: int = SHUFFLE_ROUNDS) -> torch.Tensor:
+    """keys (B,), bound (B,) >= n -> (B, n) int64: entry j of row b is pi_b(j), pi_b a keyed
+    permutation of [0, bound_b), so a row's n entries are distinct and each is uniform over
+    [0, bound_b). pi = swap-or-not rounds after a uniform rotation (module docstring)."""
+    e = bound[:, None]  # (B, 1)
+    k = counter_uniform(keys, 2 * rounds + 1, bound)  # (B, 1+2R) the rotation and each round's partner key
+    bits = mix64(keys + _i64(0x5851F42D4C957F2D))[:, None] + torch.arange(
+        rounds, device=keys.device, dtype=torch.int64) * _i64(_GAMMA)  # (B, R) each round's bit key
+    x = torch.arange(n, device=keys.device, dtype=torch.int64)[None, :] + k[:, :1]  # (B, n) rotated
+    x = x - e * (x >= e)  # (B, n) in [0, e)
+    for r in range(rounds):
+        xp = k[:, 1 + r: 2 + r] - x  # (B, n) the partner K_r - x, in (-e, e)
+        xp = xp + e * (xp < 0)  # mod e
+        y = torch.maximum(x, xp)  # (B, n) the pair's name, the same for both members
+        h = (y ^ bits[:, r: r + 1]) * _i64(_MUL1)
+        swap = ((h ^ _shr(h, 32)) * _i64(_MUL2)) < 0  # (B, n) the pair's keyed bit (its top bit)
+        x = torch.where(swap, xp, x)
+    return x
 
 
 def stable_seed(*parts: object) -> int:
@@ -126,9 +211,23 @@ def _faiss() -> Any:
     return faiss
 
 
-def _faiss_gpu_available() -> bool:
+def faiss_gpu_problem(here: bool = True) -> str | None:
+    """Why FAISS cannot search on a GPU (None: it can): a faiss-cpu build has no
+    ``StandardGpuResources``; with ``here``, a GPU build that sees no GPU in this process."""
     faiss = _faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if not hasattr(faiss, "StandardGpuResources"):
+        return f"this faiss ({getattr(faiss, '__version__', '?')}) is a CPU build: install faiss-gpu, or set it false"
+    if here and faiss.get_num_gpus() < 1:
+        return "faiss sees no GPU in this process (ask for one: distill.use_gpu), or set it false"
+    return None
+
+
+def check_faiss_gpu() -> None:
+    """``use_gpu_faiss`` asked for: an error, before any index is built, where it cannot be had
+    (never a silent CPU index)."""
+    problem = faiss_gpu_problem()
+    if problem is not None:
+        raise ValueError(f"crd: use_gpu_faiss is set, but {problem}")
 
 
 class NegativeSampler:
@@ -144,10 +243,11 @@ class NegativeSampler:
             pools), with ``valid`` masking what does not count for each anchor.
         seed: base seed; draws depend only on (seed, step, anchors).
         hard_pool: ``hard`` mode: how many nearest other-class neighbours per row to keep.
-        use_gpu: put the FAISS index on GPU when faiss has GPUs (CPU otherwise).
+        use_gpu: put the FAISS index on the GPU; an error (before any search) where this faiss has
+            no GPU support or sees no GPU.
 
     Per-sample draws are without replacement for every anchor with N <= its eligible rows, and
-    with replacement for the others (see the module docstring).
+    with replacement for the others, counter-based on the anchors' device (see the module docstring).
 
     ``sample(anchor_idx (B,), step) -> (neg_idx (B, N) | (N,), valid (B, N) bool)``: ``valid``
     always excludes the anchor itself, and in ``class-aware``/``hard`` modes the anchor's class.
@@ -160,7 +260,7 @@ class NegativeSampler:
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1).cpu()  # (M,)
-        self._labels_by_device: dict[str, torch.Tensor] = {}  # device -> the labels there (labels_on)
+        self._tables_by_device: dict[str, dict[str, torch.Tensor]] = {}  # device -> the index tables there (tables_on)
         self.num_rows = M = int(self.labels.shape[0])
         if M < 2:
             raise ValueError(f"negative sampling needs at least 2 rows, got {M}")
@@ -181,6 +281,12 @@ class NegativeSampler:
         self.hard_pool = self.hard_len = None
         if mode == "hard":
             self._build_hard(teacher_emb, int(hard_pool), use_gpu)
+        # the fewest and most rows an anchor may draw from, known here so that a step never reads
+        # the device to choose between drawing with and without replacement
+        elig = self.eligible(torch.arange(M)) if per_sample else torch.tensor([M - 1])  # (M,)
+        self.min_eligible, self.max_eligible = int(elig.min()), int(elig.max())
+        if self.min_eligible < 1:
+            raise ValueError("a row has no eligible negatives (its class covers every other row)")
 
     # -- FAISS -----------------------------------------------------------------------------
     def _build_hard(self, teacher_emb, hard_pool: int, use_gpu: bool) -> None:
@@ -194,7 +300,8 @@ class NegativeSampler:
         cpu_index = faiss.IndexFlatIP(x.shape[1])
         cpu_index.add(x)
         self._cpu_index, self.index, self._gpu_res = cpu_index, cpu_index, None
-        if use_gpu and _faiss_gpu_available():
+        if use_gpu:
+            check_faiss_gpu()
             self._gpu_res = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, cpu_index)
         M = self.num_rows
@@ -228,49 +335,55 @@ class NegativeSampler:
     def generator(self, step: int, stream: str = "neg") -> torch.Generator:
         return torch.Generator().manual_seed(stable_seed(self.seed, int(step), stream))
 
+    def tables_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The index tables (labels, class runs, hard pools) on ``device``, copied there once: the
+        per-sample draws and the shared negatives' mask are computed where the step runs."""
+        got = self._tables_by_device.get(str(device))
+        if got is None:
+            names = ("labels", "order", "rank_in_order", "class_start", "class_count", "hard_pool", "hard_len")
+            got = {n: getattr(self, n).to(device) for n in names if getattr(self, n) is not None}
+            self._tables_by_device[str(device)] = got
+        return got
+
     def eligible(self, anchors: torch.Tensor) -> torch.Tensor:
-        """(B,) how many rows each anchor may draw from in per-sample mode."""
+        """(B,) how many rows each anchor may draw from in per-sample mode, on anchors' device."""
         if self.mode == "uniform":
             return torch.full_like(anchors, self.num_rows - 1)
+        t = self.tables_on(anchors.device)
         if self.mode == "class-aware":
-            return self.num_rows - self.class_count[self.labels[anchors]]
-        return self.hard_len[anchors]
+            return self.num_rows - t["class_count"][t["labels"][anchors]]
+        return t["hard_len"][anchors]
 
-    def _positions(self, elig: torch.Tensor, step: int) -> torch.Tensor:
-        """(B,) eligible counts -> (B, N) positions in [0, elig_i): distinct within a row whenever
-        N <= elig_i (uniform over the N-subsets), with replacement otherwise. Deterministic in
-        (seed, step): NumPy's PCG64 and its choice algorithms are fixed for a NumPy version."""
+    def _positions(self, anchors: torch.Tensor, elig: torch.Tensor, step: int) -> torch.Tensor:
+        """anchors (B,), their eligible counts (B,) -> (B, N) positions in [0, elig_b), counter-based
+        on anchors' device: distinct within a row whenever N <= elig_b, with replacement otherwise.
+        Which applies is decided from the sampler's fewest and most eligible rows (host ints),
+        never by reading the device."""
         N = self.num_negatives
-        rng = np.random.Generator(np.random.PCG64(stable_seed(self.seed, int(step), "neg-rows")))
-        e = elig.numpy()  # (B,)
-        out = np.empty((e.shape[0], N), dtype=np.int64)  # (B, N)
-        few = e < N  # rows that cannot have N distinct negatives
-        if few.any():
-            out[few] = rng.integers(0, e[few][:, None], size=(int(few.sum()), N))  # with replacement
-        for i in np.flatnonzero(~few):  # per row: O(e_i) partial shuffle or O(N) Floyd, never (B, M)
-            out[i] = rng.choice(int(e[i]), N, replace=False, shuffle=False)
-        return torch.from_numpy(out)
+        keys = counter_keys(self.seed, int(step), 1, anchors)  # (B,)
+        if N > self.max_eligible:  # every anchor draws with replacement
+            return counter_uniform(keys, N, elig)
+        if N <= self.min_eligible:  # every anchor has N distinct rows
+            return counter_permutation(keys, N, elig)
+        few = (elig < N)[:, None]  # (B, 1) mixed: classes of very different sizes
+        return torch.where(few, counter_uniform(keys, N, elig), counter_permutation(keys, N, torch.maximum(elig, torch.full_like(elig, N))))
 
     def _rows(self, anchors: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Map positions (B, N) in each anchor's eligible set to row indices (B, N)."""
         a = anchors[:, None]  # (B, 1)
         if self.mode == "uniform":
-            return pos + (pos >= a).long()  # skip the anchor
+            return pos.add_(pos >= a)  # skip the anchor (in place: pos is this draw's own)
+        t = self.tables_on(anchors.device)
         if self.mode == "class-aware":
-            c = self.labels[a]  # (B, 1)
-            start, count = self.class_start[c], self.class_count[c]
-            return self.order[pos + (pos >= start).long() * count]  # skip the anchor's class run
-        return self.hard_pool[a, pos]  # (B, N)
+            c = t["labels"][a]  # (B, 1)
+            start, count = t["class_start"][c], t["class_count"][c]
+            return t["order"][pos + (pos >= start).long() * count]  # skip the anchor's class run
+        return t["hard_pool"][a, pos]  # (B, N)
 
     def labels_on(self, device: torch.device) -> torch.Tensor:
         """The (M,) labels on ``device``, copied there once: the shared negatives' mask is built on
         the device the draws live on, with no copy to the host per step."""
-        if device.type == "cpu":
-            return self.labels
-        got = self._labels_by_device.get(str(device))
-        if got is None:
-            got = self._labels_by_device[str(device)] = self.labels.to(device)
-        return got
+        return self.labels if device.type == "cpu" else self.tables_on(device)["labels"]
 
     def valid_mask(self, anchors: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """anchors (B,), neg (B, N) or (N,) -> (B, N) bool on ``neg``'s device: which negatives count
@@ -290,45 +403,46 @@ class NegativeSampler:
         skips the (B, N) mask of shared negatives (valid None): a caller that scores only the
         distinct rows asks :meth:`valid_mask` for those (B, U) instead."""
         device = anchor_idx.device
-        anchors = anchor_idx.detach().reshape(-1).to("cpu", torch.int64)  # (B,)
-        g, N, M = self.generator(step), self.num_negatives, self.num_rows
-        if self.per_sample:
-            elig = self.eligible(anchors)  # (B,)
-            if int(elig.min()) < 1:
-                raise ValueError("an anchor has no eligible negatives (its class covers every other row)")
-            neg = self._rows(anchors, self._positions(elig, step))  # (B, N)
-            valid = neg != anchors[:, None] if self.mode == "uniform" else torch.ones_like(neg, dtype=torch.bool)
+        N, M = self.num_negatives, self.num_rows
+        if self.per_sample:  # on the anchors' device, no host round trip
+            anchors = anchor_idx.detach().reshape(-1).to(torch.int64)  # (B,)
+            neg = self._rows(anchors, self._positions(anchors, self.eligible(anchors), step))  # (B, N)
+            # every draw counts: the anchor, its class or its non-neighbours are never drawn
+            return neg, (torch.ones_like(neg, dtype=torch.bool) if with_valid else None)
+        # shared: N indices drawn on the CPU, as before (the default's results, seed for seed)
+        anchors = anchor_idx.detach().reshape(-1)  # (B,)
+        g = self.generator(step)
+        if self.mode == "hard":  # the union of the anchors' hard pools
+            anchors = anchors.to("cpu", torch.int64)  # (B,) the pools' rows, on the host
+            P = self.hard_pool.shape[1]
+            cand = self.hard_pool[anchors][torch.arange(P)[None, :] < self.hard_len[anchors][:, None]]
+            cand = torch.unique(cand)  # (U,) sorted, so the draw is deterministic
         else:
-            if self.mode == "hard":  # the union of the anchors' hard pools
-                P = self.hard_pool.shape[1]
-                cand = self.hard_pool[anchors][torch.arange(P)[None, :] < self.hard_len[anchors][:, None]]
-                cand = torch.unique(cand)  # (U,) sorted, so the draw is deterministic
-            else:
-                cand = None  # all rows
-            n_cand = M if cand is None else int(cand.numel())
-            if N * SPARSE_DRAW < n_cand:  # far more rows than draws: O(N) (Floyd), not a shuffle of every row
-                rng = np.random.Generator(np.random.PCG64(stable_seed(self.seed, int(step), "neg-shared")))
-                pick = torch.from_numpy(rng.choice(n_cand, N, replace=False, shuffle=False))  # (N,) distinct
-            elif N <= n_cand:
-                pick = torch.randperm(n_cand, generator=g)[:N]  # (N,) without replacement
-            else:
-                pick = torch.randint(n_cand, (N,), generator=g)  # (N,) with replacement
-            neg = pick if cand is None else cand[pick]  # (N,)
-            if not with_valid:
-                return neg.to(device), None
-            valid = self.valid_mask(anchors, neg)  # (B, N)
+            cand = None  # all rows
+        n_cand = M if cand is None else int(cand.numel())
+        if N * SPARSE_DRAW < n_cand:  # far more rows than draws: O(N) (Floyd), not a shuffle of every row
+            rng = np.random.Generator(np.random.PCG64(stable_seed(self.seed, int(step), "neg-shared")))
+            pick = torch.from_numpy(rng.choice(n_cand, N, replace=False, shuffle=False))  # (N,) distinct
+        elif N <= n_cand:
+            pick = torch.randperm(n_cand, generator=g)[:N]  # (N,) without replacement
+        else:
+            pick = torch.randint(n_cand, (N,), generator=g)  # (N,) with replacement
+        neg = pick if cand is None else cand[pick]  # (N,)
+        if not with_valid:
+            return neg.to(device), None
+        valid = self.valid_mask(anchors, neg)  # (B, N)
         return neg.to(device), valid.to(device)
 
     def sample_positives(self, anchor_idx: torch.Tensor, step: int) -> torch.Tensor:
         """CRD 'relax' mode: (B,) -> (B,) another row of the same class for each anchor (the
-        anchor itself only when its class has one row). Deterministic given (seed, step, anchors)."""
-        device = anchor_idx.device
-        anchors = anchor_idx.detach().reshape(-1).to("cpu", torch.int64)  # (B,)
-        c = self.labels[anchors]
-        start, count = self.class_start[c], self.class_count[c]  # (B,)
-        u = torch.rand(anchors.shape[0], generator=self.generator(step, "pos"), dtype=torch.float64)
+        anchor itself only when its class has one row), counter-based on anchor_idx's device.
+        Deterministic given (seed, step, anchors)."""
+        anchors = anchor_idx.detach().reshape(-1).to(torch.int64)  # (B,)
+        t = self.tables_on(anchors.device)
+        c = t["labels"][anchors]
+        start, count = t["class_start"][c], t["class_count"][c]  # (B,)
         others = (count - 1).clamp_min(1)
-        p = (u * others).long().clamp_max(others - 1)  # (B,) in [0, count-1)
-        self_pos = self.rank_in_order[anchors] - start  # anchor's own position in its class run
+        p = counter_uniform(counter_keys(self.seed, int(step), 2, anchors), 1, others)[:, 0]  # (B,) in [0, count-1)
+        self_pos = t["rank_in_order"][anchors] - start  # anchor's own position in its class run
         p = torch.where(count > 1, p + (p >= self_pos).long(), self_pos)
-        return self.order[start + p].to(device)
+        return t["order"][start + p]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble_kd import __version__
-from ensemble_kd.core.checkpoint import atomic_write, file_sha256, publish_dir, read_json_manifest
+from ensemble_kd.core.files import atomic_write, file_sha256, publish_dir, read_json_manifest
 from ensemble_kd.blocks.bank import TeacherBank
 from ensemble_kd.storage.shards import ShardError
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from ensemble_kd.core import layout
 from ensemble_kd.core.errors import ProjectError
 
 # allow_inf_nan=False: an lr or a weight of inf/nan is refused at load (it would train to NaN and "succeed")
@@ -56,6 +57,8 @@ class DataConfig:
     name: str = Field("uci-mfeat", description="registered dataset name (`ensemble-kd list datasets`): uci-mfeat, digits, mnist-5k, cifar10/100, image-folder, paired-folder, synthetic, or table (your own paired modalities in a Parquet/Arrow file, no code: README 'Your own data')")
     root: str | None = Field(None, description="file or directory of an on-disk dataset (cifar10/100, image-folder, paired-folder: a folder; table: a Parquet/Arrow file or a folder of them; relative: to the working directory); never downloaded. Read once into <output_dir>/data (`ensemble-kd data prepare`)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the dataset builder (e.g. image_size)")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="carve this fraction of each class of the train split into a validation split (seeded by val_seed, recorded in the data store); teachers and students train on the rest and selection (Tune, compare, export --arm) uses val top-1. 0: none (a table's own `val` rows are one)")
+    val_seed: int = Field(0, ge=0, description="seed of the data.val_fraction carve (the same rows for every teacher, arm and seed)")
 
     def __post_init__(self) -> None:
         _absolute(self, "root")
@@ -84,7 +87,7 @@ class TeacherConfig:
     eval_every: int = Field(1, ge=1, description="evaluate the teacher's test top-1 every this many epochs (and at the end; each is a pass over the test split)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of this teacher's training run")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker of this teacher's training run")
-    use_gpu: bool = Field(False, description="one GPU per worker of this teacher's training run")
+    use_gpu: bool = Field(False, description="one GPU per worker of this teacher's training run, which then trains on it; false: on the CPU, GPUs hidden (the one rule for where a stage runs: see `device`)")
 
     def __post_init__(self) -> None:
         _absolute(self, "checkpoint")
@@ -126,7 +129,7 @@ class EmbedConfig:
     cpus_per_actor: float = Field(1.0, gt=0, validation_alias=_renamed("cpus_per_actor", "num_cpus_per_actor"),
                                   description="CPUs reserved by each embed task (one per worker of a teacher: workers_per_teacher; formerly num_cpus_per_actor)")
     gpus_per_actor: float = Field(0.0, ge=0, validation_alias=_renamed("gpus_per_actor", "num_gpus_per_actor"),
-                                  description="GPU fraction of each embed task (one per worker of a teacher), 0 = CPU (formerly num_gpus_per_actor)")
+                                  description="GPU fraction of each embed task (one per worker of a teacher), which then embeds on it; 0 = on the CPU, GPUs hidden (formerly num_gpus_per_actor)")
     workers_per_teacher: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="embed tasks splitting each teacher's rows (each loads the teacher once; same shard bytes); auto: the free CPUs/GPUs at the stage's start shared by the teachers")
     min_rows_per_worker: int = Field(50000, ge=1, description="workers_per_teacher=auto starts at most one task per this many of a teacher's rows (the default's 2,000 rows: one task)")
@@ -147,7 +150,7 @@ class RayConfig:
 class LossTerm:
     name: str = Field(..., description="registered loss (`ensemble-kd list losses`): ce, kd, crd, ...")
     weight: float = Field(1.0, ge=0, description="weight of this term in the total loss")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="options of the loss (e.g. temperature, num_negatives)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="options of the loss (e.g. temperature, num_negatives); each loss's, with types and defaults: `ensemble-kd list losses`")
 
 
 @dataclass(config=_FROZEN)
@@ -206,7 +209,8 @@ class DistillConfig:
     seed: int = Field(0, description="seed of initialisation, data order and negative sampling")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    use_gpu: bool = Field(False, description="one GPU per worker (CUDA clusters)")
+    use_gpu: bool = Field(False, description="one GPU per worker (and per Tune trial), which then trains on it; false: on the CPU, GPUs hidden")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="with use_gpu, the share of a GPU each worker (and each single-worker Tune trial) holds: 0.5 lets two trials train on one GPU")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (restart from the last checkpoint)")
     eval_every: int = Field(1, ge=1, description="evaluate the student's test top-1 every this many epochs (and at the end)")
     checkpoint_every: int = Field(1, ge=1, description="save the training state every this many epochs (and at the end); a restart or --resume continues from the last one")
@@ -297,7 +301,7 @@ class ExperimentConfig:
     output_dir: str = Field("outputs", description="root of checkpoints, shards and results (relative: to the working directory)")
     plugins: tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")], ...] = Field(
         (), description="modules imported in the driver and in every Ray worker before anything is built (a user's datasets, encoders, losses register themselves on import); each must be importable on every node")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device for teachers and students; auto = cuda if present")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="not a switch: each stage runs where its GPU field says (teachers[i].use_gpu, embed.gpus_per_actor, distill.use_gpu: a GPU when set, else the CPU with GPUs hidden); auto = just that, cpu/cuda = an assertion checked at load (cpu: no GPU field set; cuda: every stage that runs sets one)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset")
     teachers: tuple[TeacherConfig, ...] = Field((), description="teachers to train (or load) and embed")
@@ -311,6 +315,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _absolute(self, "output_dir")
+        _check_device(self)
         names = [t.name for t in self.teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -318,11 +323,11 @@ class ExperimentConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.output_dir) / "teachers"
+        return layout.teachers(self.output_dir)
 
     @property
     def shard_dir(self) -> Path:
-        return Path(self.output_dir) / "shards"
+        return layout.shards(self.output_dir)
 
     def teacher(self, name: str) -> TeacherConfig:
         for t in self.teachers:
@@ -576,6 +581,21 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _check_device(cfg: ExperimentConfig) -> None:
+    """``device`` against the GPU fields, which alone decide where each stage runs: ``cpu`` with a
+    GPU field set, or ``cuda`` with a stage that would run on the CPU, is refused, naming the fields."""
+    gpu = {**{f"teachers.{i}.use_gpu": t.use_gpu for i, t in enumerate(cfg.teachers) if t.checkpoint is None},
+           **({"embed.gpus_per_actor": cfg.embed.gpus_per_actor > 0} if cfg.teachers else {}),
+           "distill.use_gpu": cfg.distill.use_gpu}
+    if cfg.device == "cpu" and any(gpu.values()):
+        raise ValueError(f"device: cpu, but {', '.join(k for k, v in gpu.items() if v)} asks Ray for a GPU; "
+                         "each stage runs where its GPU field says: unset it, or set device: auto")
+    if cfg.device == "cuda" and not all(gpu.values()):
+        raise ValueError(f"device: cuda, but {', '.join(k for k, v in gpu.items() if not v)} asks Ray for no GPU, so "
+                         "that stage would run on the CPU; each stage runs where its GPU field says: set it "
+                         "(use_gpu: true, gpus_per_actor: 1), or set device: auto")
+
+
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its one-line description (for `ensemble-kd config docs` and the docs)."""
+    """Field name -> its one-line description, for one section (every field by its YAML path: :mod:`ensemble_kd.core.config_docs`)."""
     return {f.name: (f.default.description if hasattr(f.default, "description") else "") for f in dataclasses.fields(cls)}

@@ -29,9 +29,8 @@ stderr lines (warnings, errors) and the raylet's and autoscaler's messages go to
 console, prefixed with the task's name only. Only the driver writes the log file, so on a cluster
 it holds every node's lines whether or not the output folder is shared.
 
-The live lines: the loop's rank 0 rewrites ``<run folder>/progress.json`` after every epoch;
-:func:`watch_progress`, around a driver thread's wait on a run, polls it and draws a bar on a
-terminal (else a plain line every 30 s).
+The live lines: :class:`Live` draws one bar (a terminal) or a plain line every 30 s for a unit of
+work; :mod:`ensemble_kd.core.progress` feeds it from a training run's progress file.
 
 Nothing here imports the rest of the package, and Ray only inside :func:`route_worker_output`:
 the CLI sets the console up before the heavy imports, and library callers that never start it
@@ -39,8 +38,6 @@ get plain ``print``-like behaviour.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
@@ -48,11 +45,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from ensemble_kd.core import layout
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 LIVE_LINE_INTERVAL_S = 30.0  # a live line without a bar (a pipe, a file) is printed at most this often
@@ -61,8 +60,6 @@ RAY_PRINTER = "ray_print_logs"  # Ray's own handler on its worker-output dispatc
 OUR_PRINTER = "ekd_console"
 AUTOSCALER_EVENT = ":event_summary:"  # ray_constants.LOG_PREFIX_EVENT_SUMMARY: what Ray's printer shows of the autoscaler
 ADOPTED_LOGGERS = ("ray", "mlflow")  # libraries that give their logger a console handler of its own
-PROGRESS_FILE = "progress.json"  # in a run's folder: where its rank 0 is (ensemble_kd.training.loop.write_progress)
-PROGRESS_POLL_S = 0.5  # how often a driver thread reads it
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # colour and cursor escapes (Ray colours its remote tracebacks)
 
 
@@ -263,7 +260,7 @@ class Console:
         with self._lock:
             if self._file is not None:
                 return self.log_path
-            logs = Path(output_dir) / "logs"
+            logs = layout.logs(output_dir)
             logs.mkdir(parents=True, exist_ok=True)
             stem = f"{(self.command or 'ensemble-kd').replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(self._started))}"
             path, n = logs / f"{stem}.log", 1
@@ -379,55 +376,3 @@ class Live:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def read_progress(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run's ``progress.json`` (``ensemble_kd.training.loop.write_progress``: epoch, epochs, loss, last
-    test top-1, time), or None: none yet, or unreadable."""
-    try:
-        doc = json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def progress_text(doc: dict[str, Any], seconds: float | None = None) -> str:
-    """``epoch 12/30, loss 0.4123, test top-1 0.9520, 14s`` from a run's progress file; without
-    ``seconds``, ``loss ..., test top-1 ...`` only (what a bar shows beside its own count and times)."""
-    parts = [f"epoch {doc.get('epoch')}/{doc.get('epochs')}"] if seconds is not None else []
-    if isinstance(doc.get("loss"), (int, float)):
-        parts.append(f"loss {doc['loss']:.4f}")
-    if isinstance(doc.get("test_top1"), (int, float)):
-        parts.append(f"test top-1 {doc['test_top1']:.4f}")
-    return ", ".join(parts + ([f"{seconds:.0f}s"] if seconds is not None else []))
-
-
-@contextlib.contextmanager
-def watch_progress(desc: str, run_dir: Path | Callable[[], Path | None], total: int, log: Callable[[str], None],
-                   bar: bool, position: int = 0) -> Iterator[None]:
-    """While the block runs (a driver thread waiting on a training run), one live line for the
-    run: a thread polls the run's ``progress.json``, which the loop's rank 0 rewrites after every
-    epoch wherever it runs (this machine, or another node of a cluster with a shared output
-    folder), and shows it as a bar (``bar``: a terminal) or a line through ``log`` every 30 s. No
-    Ray actor or queue is needed. ``run_dir``: the run's folder, or a function finding it (None:
-    not yet). A file older than the block (an earlier attempt's) is not shown."""
-    t0, since = time.perf_counter(), time.time()
-    live = Live(desc, total, log, bar, position)
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(PROGRESS_POLL_S):
-            folder = run_dir() if callable(run_dir) else run_dir
-            doc = read_progress(folder) if folder is not None else None
-            if doc and doc.get("time", 0) >= since and isinstance(doc.get("epoch"), int):
-                live.update(doc["epoch"], progress_text(doc, time.perf_counter() - t0), progress_text(doc))
-
-    th = threading.Thread(target=poll, name=f"progress-{desc}", daemon=True)
-    th.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        th.join()
-        live.close()
-

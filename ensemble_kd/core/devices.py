@@ -24,6 +24,20 @@ def resolve_device(pref: str = "auto") -> torch.device:
     return torch.device(pref)
 
 
+def stage_device(gpus: float, field: str) -> torch.device:
+    """Where a Ray task, trial or worker that asked Ray for ``gpus`` GPUs runs: the GPU Ray gave it
+    (``cuda:0``, the first it sees) when it asked for one, else the CPU. The resource fields
+    (``teachers[i].use_gpu``, ``embed.gpus_per_actor``, ``distill.use_gpu``) are the one rule for
+    where each stage runs; a process that asked for none has the GPUs hidden from it
+    (``raycluster.HIDE_GPUS``) and never opens a CUDA context. ``field`` names the setting in the error."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{field} asks for a GPU, but this process sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return torch.device("cuda", 0)
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when asked for (no loss scaler needed); a no-op elsewhere."""
     if enabled and device.type == "cuda":

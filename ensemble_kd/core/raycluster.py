@@ -12,15 +12,25 @@ from pathlib import Path
 
 import ray
 
+from ensemble_kd.core import owners
 from ensemble_kd.core.config import RayConfig
 from ensemble_kd.core.console import CONSOLE, route_worker_output
 from ensemble_kd.core.errors import project_error
 from ensemble_kd.core.interrupts import is_ours
 from ensemble_kd.core.plugins import ENV_VAR as PLUGINS_ENV_VAR, env_plugins, load_plugins
 
+HIDE_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+"""Ray before 2.60 set CUDA_VISIBLE_DEVICES="" in a task or actor that asked for no GPU; 2.60 leaves
+the variable alone (ray-project/ray#54868) unless this is in the worker's environment (read before
+each task), so a CPU task on a GPU node saw every GPU, and a CUDA call in it took memory on a GPU
+that Ray had given to another task. In the driver's environment before a local Ray starts (its
+workers inherit it: :data:`RAY_ENV_DEFAULTS`), in the job's ``env_vars`` and set again by the
+job's worker setup hook (:func:`setup_worker`), so a worker of a cluster started without it has it."""
+
 # Quiet, quick local clusters: no usage reports, no token auth on a private local cluster, and
 # no ~2 s health-check stall on every ray.train.report on small machines.
 RAY_ENV_DEFAULTS = {
+    **HIDE_GPUS,
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
@@ -72,6 +82,7 @@ def setup_worker() -> None:
     Registries are per process: without this a worker would not know a plugin's names."""
     quiet_ray_worker()
     quiet_worker_libraries()
+    os.environ.update(HIDE_GPUS)  # a task that asks for no GPU sees none (HIDE_GPUS)
     load_plugins(env_plugins())
 
 
@@ -79,9 +90,9 @@ def job_runtime_env(plugins: Sequence[str] = ()) -> dict:
     """The job-level ``runtime_env`` that runs :func:`setup_worker` in every worker process, with
     the plugin modules in its environment. For a Ray this process did not start (a notebook, a
     test's session Ray), pass it to ``ray.init(runtime_env=...)`` yourself."""
-    env: dict = {"worker_process_setup_hook": "ensemble_kd.core.raycluster.setup_worker"}
+    env: dict = {"worker_process_setup_hook": "ensemble_kd.core.raycluster.setup_worker", "env_vars": dict(HIDE_GPUS)}
     if plugins:
-        env["env_vars"] = {PLUGINS_ENV_VAR: ",".join(plugins)}
+        env["env_vars"][PLUGINS_ENV_VAR] = ",".join(plugins)
     return env
 
 
@@ -110,43 +121,15 @@ def set_ray_env() -> None:
         os.environ.setdefault(k, v)
 
 
-OWNER = "ekd-owner"  # in a local Ray's temp dir while the command that started it runs: its pid
-
-
 def short_temp_dir() -> str:
-    """Ray's socket paths must stay under ~107 bytes: keep its temp dir short. It holds an
-    :data:`OWNER` file with this process's id until the command ends (see :func:`clean_stale_temp_dirs`)."""
+    """Ray's socket paths must stay under ~107 bytes: keep its temp dir short. It is claimed by this
+    process (:mod:`ensemble_kd.core.owners`) until the command ends, so a killed command's dir is
+    swept by the next one."""
     base = os.environ.get("EKD_RAY_TMPDIR", "/tmp")
-    clean_stale_temp_dirs(base)
+    owners.sweep(base, "ekd-ray-*")
     tmp = tempfile.mkdtemp(prefix="ekd-ray-", dir=base)
-    Path(tmp, OWNER).write_text(str(os.getpid()))
+    owners.claim(Path(tmp))
     return tmp
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def clean_stale_temp_dirs(base: str | Path) -> list[Path]:
-    """Remove the local Ray temp dirs of commands that were killed (SIGKILL, a lost node): their
-    :data:`OWNER` file names a process that is gone. Dirs kept on purpose after a failure (their
-    logs) have no owner file, and a live command's dir is never touched."""
-    gone = []
-    for d in Path(base).glob("ekd-ray-*"):
-        try:
-            pid = int((d / OWNER).read_text())
-        except (OSError, ValueError):
-            continue
-        if not pid_alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-    return gone
 
 
 def clean_stale_checkpoints(results: str | Path) -> list[Path]:
@@ -228,5 +211,5 @@ def ray_session(cfg: RayConfig | None = None, plugins: Sequence[str] = ()) -> It
             if ok and not os.environ.get("EKD_KEEP_RAY_LOGS"):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                Path(tmp, OWNER).unlink(missing_ok=True)  # kept on purpose: not a stale dir
+                owners.release(Path(tmp))  # kept on purpose: not a stale dir
                 CONSOLE.warn(f"Ray's logs of this run: {tmp}/session_latest/logs")

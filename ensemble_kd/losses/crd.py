@@ -42,6 +42,7 @@ from pydantic import Field, PositiveFloat, PositiveInt  # option types and range
 from torch import nn
 
 from ensemble_kd.core import dist
+from ensemble_kd.core.rows import full
 from ensemble_kd.losses._util import as_float, module_keys
 from ensemble_kd.losses.base import (LOSSES, DistillInputs, LossContext, LossOutput, NeedsStoredEmbeddings,
                                      normalise_teacher_weights)
@@ -104,8 +105,8 @@ class Draws:
 
     pos: torch.Tensor  # (B,) row of each anchor's positive
     uniq: torch.Tensor  # (U,) the distinct negative rows
-    neg_index: torch.Tensor | None  # (B, N) column in `uniq` of each negative; None: shared, (B, U) scored
-    counts: torch.Tensor | None  # (U,) draws of each distinct row (shared negatives); None: per anchor
+    neg_index: torch.Tensor | None  # (B, N) column in `uniq` of each negative; None: (B, U) scored, weighted by counts
+    counts: torch.Tensor | None  # (U,) draws of each distinct row (shared), (B, U) of each anchor's; None: neg_index
     valid: torch.Tensor | None  # (B, N) | (B, U) bool: which negatives count; None: all
     all_rows: bool = False  # uniq is every row, 0..M-1 (memories are read whole)
 
@@ -155,6 +156,7 @@ class CRDLoss(nn.Module):
         if negatives == "auto":  # the reference draws uniformly; the paper's exact CRD, class-aware
             negatives = "uniform" if mode == "reference" else "class-aware"
         self.ctx_bank = ctx.bank
+        self._bank_on: dict[tuple[str, str], torch.Tensor] = {}  # (teacher, device) -> the bank's embeddings there
         self.feat_dim, self.tau, self.mode = int(feat_dim), float(tau), mode
         self.num_negatives, self.num_rows = int(num_negatives), ctx.num_rows
         self.teacher_head_grad = teacher_head_grad
@@ -219,10 +221,22 @@ class CRDLoss(nn.Module):
         t_raw = x.teacher_emb.get(name)
         if t_raw is not None:
             return t_raw
-        bank = self.ctx_bank.embeddings.get(name)
-        if bank is None:
+        if self.ctx_bank.embeddings.get(name) is None:
             raise ValueError(f"CRD: the batch has no embedding of teacher {name!r} and the teacher bank holds none")
-        return bank[index.cpu()]
+        return self.bank_rows(name, index)
+
+    def bank_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """rows (...) int64 -> (..., d_t) the bank's raw teacher embeddings of ``rows``, gathered on
+        rows' device: the bank is copied there once (M x d_t, kept out of the state dict), so a
+        step sends no indices to the host and no rows back."""
+        bank = self.ctx_bank.embeddings[name]
+        if rows.device.type == "cpu":
+            return bank[rows]
+        key = (name, str(rows.device))
+        got = self._bank_on.get(key)
+        if got is None:
+            got = self._bank_on[key] = full(bank).to(rows.device)  # (M, d_t)
+        return got[rows]
 
     def draws(self, name: str, x: DistillInputs, index: torch.Tensor, step: int) -> Draws:
         """The positives and negatives of teacher ``name``'s term: given (``x.contrast_idx``) or drawn."""
@@ -236,15 +250,18 @@ class CRDLoss(nn.Module):
             uniq, inv = torch.unique(ci[:, 1:], return_inverse=True)  # (U,), (B, N)
             return Draws(ci[:, 0], uniq, inv, None, None)  # the reference counts every given column
         sampler = self.samplers[name]
-        neg, valid = sampler.sample(index, step, with_valid=sampler.per_sample)  # (B, N) | (N,), (B, N) | None
+        neg, _ = sampler.sample(index, step, with_valid=False)  # (B, N) per anchor (every draw counts) | (N,)
         pos = sampler.sample_positives(index, step) if self.mode == "relax" else index  # (B,)
         if neg.dim() == 2 and neg.numel() >= self.num_rows:
-            # B x N per-anchor draws reach about every row anyway: score all M rows once and pick
-            # by row id, rather than sort the (B, N) draws to find the distinct ones
-            return Draws(pos, torch.arange(self.num_rows, device=neg.device), neg, None, valid, all_rows=True)
+            # B x N per-anchor draws reach about every row anyway: score all M rows once and weight
+            # each by how often the anchor drew it, (B, M) work instead of (B, N) (the same loss)
+            B, M = neg.shape[0], self.num_rows
+            key = neg.add_(torch.arange(0, B * M, M, device=neg.device)[:, None]).reshape(-1)  # (B*N,) anchor-major row ids (in place: the draws are ours)
+            counts = torch.bincount(key, minlength=B * M).reshape(B, M)  # (B, M) draws of each row per anchor
+            return Draws(pos, torch.arange(M, device=neg.device), None, counts, None, all_rows=True)
         if neg.dim() == 2:
             uniq, inv = torch.unique(neg, return_inverse=True)  # (U,), (B, N)
-            return Draws(pos, uniq, inv, None, valid)
+            return Draws(pos, uniq, inv, None, None)
         # Shared negatives: N draws from M rows repeat rows (N = 16384 > M here). Score each
         # distinct row once and weight it by its count: the same loss and Z, (B, U) work. A
         # bincount over the M rows finds them in O(N + M), where sorting the N draws costs more.
@@ -261,13 +278,12 @@ class CRDLoss(nn.Module):
         """Direction (a)'s teacher side: positives (B, F) and the negatives' table (U, F)."""
         if term.memory_t is not None:  # reference: the teacher memory, detached
             return term.memory_t.gather(d.pos).to(t.dtype), d.rows(term.memory_t).to(t.dtype)
-        bank = self.ctx_bank.embeddings[name]
         detach = self.teacher_head_grad == "teacher_anchor"
         # detached: as the reference, the teacher head learns from the teacher-anchor direction
         # only; no graph is kept for the (U, F) projections then
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
-            t_neg = term.embed_t(bank[d.uniq.cpu()].to(t))  # (U, F) current head
-            t_pos = term.embed_t(bank[d.pos.cpu()].to(t)) if self.mode == "relax" else t  # (B, F)
+            t_neg = term.embed_t(self.bank_rows(name, d.uniq).to(t))  # (U, F) current head
+            t_pos = term.embed_t(self.bank_rows(name, d.pos).to(t)) if self.mode == "relax" else t  # (B, F)
         return (t_pos.detach(), t_neg.detach()) if detach else (t_pos, t_neg)
 
     def _direction(self, term: CRDTerm, which: int, anchor: torch.Tensor, pos: torch.Tensor,

@@ -275,11 +275,14 @@ def crd_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
 def nce_z(pos_score: torch.Tensor, neg_score: torch.Tensor, n_data: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's normalising constant: Z = mean(exp(dot/tau)) * M over the (B, 1+N)
     scores of one batch. pos (B,), neg (B, N) -> scalar (detached). With ``counts`` (U,),
-    neg is (B, U) and column u stands for counts[u] identical negatives (N = counts.sum())."""
+    neg is (B, U) and column u stands for counts[u] identical negatives (N = counts.sum()); with
+    ``counts`` (B, U), per anchor, each row of counts sums to N."""
     if counts is None:
         return torch.cat([pos_score.detach()[:, None], neg_score.detach()], dim=1).mean() * n_data  # over (B, 1+N)
-    B, N = pos_score.shape[0], float(counts.sum())
-    total = pos_score.detach().sum() + (neg_score.detach() * counts[None, :]).sum()  # sum over the (B, 1+N) scores
+    c = counts if counts.dim() == 2 else counts[None, :]  # (B | 1, U)
+    B = pos_score.shape[0]
+    N = float(c.sum()) / c.shape[0]  # per anchor
+    total = pos_score.detach().sum() + (neg_score.detach() * c).sum()  # sum over the (B, 1+N) scores
     return total / (B * (1.0 + N)) * n_data
 
 

@@ -20,7 +20,9 @@ import torch
 from pydantic import ConfigDict, ValidationError, create_model
 
 from ensemble_kd.blocks.bank import TeacherBank
+from ensemble_kd.blocks.memory import faiss_gpu_problem
 from ensemble_kd.core.config import ConfigError, DataConfig, ExperimentConfig
+from ensemble_kd.core.raycluster import joins_cluster
 from ensemble_kd.losses import LOSSES
 from ensemble_kd.losses.base import LossContext, NeedsStoredEmbeddings, loss_options
 from modalities import DATASETS, ENCODERS
@@ -94,10 +96,25 @@ def _check_losses(cfg: ExperimentConfig) -> list[str]:
                             f"options: {list(loss_options(term.name))}")
             else:
                 found = loss_option_errors(term.name, term.kwargs, cfg.distill.teachers)
+                if not found and term.kwargs.get("use_gpu_faiss"):
+                    found = _gpu_faiss_errors(i, cfg)
                 if not found and path == "online" and cfg.distill.teachers:
                     found = _online_probe_errors(i, term.name, term.kwargs, cfg.distill.teachers)
                 errs += found
     return errs
+
+
+def _gpu_faiss_errors(i: int, cfg: ExperimentConfig) -> list[str]:
+    """``use_gpu_faiss`` asks for FAISS on the GPU: refused before any work where the run's workers
+    hold no GPU (they see none), or, for a run on this machine's own Ray (its workers share this
+    faiss), where this faiss is a CPU build (it would silently search on the CPU). On a cluster the
+    driver's faiss says nothing of the GPU nodes': each worker checks its own where the index is
+    built (``memory.check_faiss_gpu``, one line)."""
+    field = f"distill.losses.{i}.kwargs.use_gpu_faiss"
+    if not cfg.distill.use_gpu:
+        return [f"{field}: FAISS on the GPU needs a GPU in the run's workers; set distill.use_gpu: true, or set it false"]
+    problem = None if joins_cluster(cfg.ray) else faiss_gpu_problem(here=False)
+    return [f"{field}: {problem}"] if problem else []
 
 
 def _online_probe_errors(i: int, name: str, options: Mapping[str, Any], teachers: tuple[str, ...]) -> list[str]:

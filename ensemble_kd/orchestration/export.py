@@ -38,7 +38,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-from ensemble_kd.training import tracking
+from ensemble_kd.core import layout
+from ensemble_kd.storage import mlflow_store
 from ensemble_kd.storage.artifacts import read_index, summary_store
 from ensemble_kd.core.config import ConfigError, ExperimentConfig
 from ensemble_kd.stages.distill import STUDENT_FORMAT
@@ -49,7 +50,7 @@ CHECK_ROWS = 64  # test rows the exports are checked on
 TRACE_ROWS = 2  # rows the graphs are traced on (not CHECK_ROWS: a baked-in batch size fails the check)
 EXAMPLE_ROWS = 4  # the MLflow input example (> 1, so its pt2 graph keeps a dynamic batch dimension)
 MODEL_NAME = "student"  # the MLflow model's name in its run
-SUMMARY = "summary.json"  # report.SUMMARY (report is a sibling layer)
+SUMMARY = layout.SUMMARY
 
 Log = Callable[[str], None]
 
@@ -80,6 +81,7 @@ class StudentSource:
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
     arm: str | None = None  # set when chosen as the best run of an arm
+    selection: str | None = None  # the split that chose it then: val (a validation split) or test
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,9 @@ def _mlflow_run_of(uri: str | None, run_name: str) -> str | None:
     """The MLflow run id of a distillation by its run name (tag ``ekd.run_name``), in any experiment."""
     if _store(uri) is None:
         return None
-    c = tracking.client(uri)
+    c = mlflow_store.client(uri)
     ids = [e.experiment_id for e in c.search_experiments()]
-    runs = c.search_runs(ids, filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'", max_results=1) if ids else []
+    runs = c.search_runs(ids, filter_string=f"tags.`{mlflow_store.RUN_NAME_TAG}` = '{run_name}'", max_results=1) if ids else []
     return runs[0].info.run_id if runs else None
 
 
@@ -185,23 +187,24 @@ def find_run(out: str | Path, run: str, uri: str | None = None) -> StudentSource
     out = Path(out)
     given = Path(run).expanduser()
     if given.is_dir():
-        given = given / "student.pt"
+        given = given / layout.STUDENT_FILE
     if given.is_file():
         path = given.resolve()
     else:
-        path = out / "students" / run / "student.pt"
+        path = layout.student(out, run)
         if not path.is_file():
-            known = sorted(p.parent.name for p in (out / "students").glob("*/student.pt"))
-            raise ExportError(f"no run {run!r}: neither a student checkpoint file nor {path}; runs under {out / 'students'}: "
+            known = sorted(p.parent.name for p in layout.students(out).glob(f"*/{layout.STUDENT_FILE}"))
+            raise ExportError(f"no run {run!r}: neither a student checkpoint file nor {path}; runs under {layout.students(out)}: "
                               f"{known[-10:] or 'none'}")
     name = path.parent.name
-    uri = summary_store(_summary(out), out) or uri or f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    uri = summary_store(_summary(out), out) or uri or f"sqlite:///{layout.mlflow_db(out.resolve())}"
     return StudentSource(path, name, out, uri, _mlflow_run_of(uri, name))
 
 
 def best_of_arm(out: str | Path, arm: str, uri: str | None = None, experiment: str | None = None,
                 parent_run_id: str | None = None) -> StudentSource:
-    """The finished run of ``arm`` with the best final test top-1 (ties: the lower seed) in the
+    """The finished run of ``arm`` with the best final val top-1 where every run has one (a
+    validation split), else the best final test top-1 (ties: the lower seed), in the
     output folder's MLflow store. The store, experiment and parent run are those of
     ``<out>/summary.json`` (so the candidates are the latest `ensemble-kd run`'s runs), else the
     arguments (without a parent: every run of the arm in the experiment)."""
@@ -213,25 +216,26 @@ def best_of_arm(out: str | Path, arm: str, uri: str | None = None, experiment: s
     if _store(uri) is None or experiment is None:
         raise ExportError(f"arm {arm!r}: no MLflow store to find its runs in (store {uri}, experiment {experiment}); "
                           f"export a run by name with --run")
-    c = tracking.client(uri)
+    c = mlflow_store.client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise ExportError(f"arm {arm!r}: no MLflow experiment {experiment!r} at {uri}")
     scope = f" and tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     runs = [r for r in c.search_runs([exp.experiment_id], f"tags.arm = '{arm}' and attributes.status = 'FINISHED'{scope}",
                                      max_results=10_000)
-            if "final/test_top1" in r.data.metrics and tracking.RUN_NAME_TAG in r.data.tags]
+            if "final/test_top1" in r.data.metrics and mlflow_store.RUN_NAME_TAG in r.data.tags]
     if not runs:
         others = sorted({r.data.tags["arm"] for r in c.search_runs([exp.experiment_id], f"tags.arm != ''{scope}",
                                                                     max_results=10_000) if "arm" in r.data.tags})
         raise ExportError(f"no finished run of arm {arm!r} in experiment {experiment!r} at {uri}"
                           + (f" under parent run {parent_run_id}" if parent_run_id else "") + f"; arms there: {others or 'none'}")
-    best = max(runs, key=lambda r: (r.data.metrics["final/test_top1"], -int(r.data.tags.get("seed", 0))))
-    name = best.data.tags[tracking.RUN_NAME_TAG]
-    path = out / "students" / name / "student.pt"
+    key = "final/val_top1" if all("final/val_top1" in r.data.metrics for r in runs) else "final/test_top1"
+    best = max(runs, key=lambda r: (r.data.metrics[key], -int(r.data.tags.get("seed", 0))))
+    name = best.data.tags[mlflow_store.RUN_NAME_TAG]
+    path = layout.student(out, name)
     if not path.is_file():
         raise ExportError(f"arm {arm!r}: its best run {name} (MLflow {best.info.run_id}) has no student checkpoint at {path}")
-    return StudentSource(path, name, out, uri, best.info.run_id, arm)
+    return StudentSource(path, name, out, uri, best.info.run_id, arm, "val" if key == "final/val_top1" else "test")
 
 
 def last_run(out: str | Path, uri: str | None = None) -> StudentSource:
@@ -339,7 +343,7 @@ def log_mlflow_model(model: LogitsOnly, x: torch.Tensor, num_classes: int, uri: 
     example); returns (model URI, model id)."""
     sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]))]),
                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
-    exp_id = tracking.client(uri).get_run(run_id).info.experiment_id
+    exp_id = mlflow_store.client(uri).get_run(run_id).info.experiment_id
     with _fluent(uri, exp_id), _quiet():
         info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run_id, signature=sig,
                                         input_example=x[:EXAMPLE_ROWS].numpy(), serialization_format="pt2",
@@ -432,7 +436,10 @@ def model_card(name: str, ckpt: Mapping[str, Any], src: StudentSource, x: torch.
           f"optimiser {o.get('name')} lr {o.get('lr')} ({o.get('schedule')} schedule), seed {d.get('seed')}",
           "", "| loss | weight | options |", "| --- | --- | --- |"]
     L += [f"| {t.get('name')} | {t.get('weight', 1.0)} | {json.dumps(t.get('kwargs') or {})} |" for t in d.get("losses") or []]
-    L += ["", "## Metrics", "", f"- this run: test top-1 {_fmt(top1)} after {len(hist)} epochs"]
+    val = next((h["val_top1"] for h in reversed(hist) if "val_top1" in h), None)  # where there is a validation split
+    L += ["", "## Metrics", "", f"- this run: test top-1 {_fmt(top1)} after {len(hist)} epochs"
+          + (f"; val top-1 {_fmt(val)}" if val is not None else "")
+          + (f" (its arm's best on {src.selection} top-1)" if src.selection else "")]
     row = ((summary or {}).get("arms") or {}).get(arm) if arm else None
     if row:
         L.append(f"- arm `{arm}` over seeds {row.get('seeds')} (summary.json): mean {_fmt(row.get('mean_top1'))} "
@@ -456,7 +463,7 @@ def export_student(src: StudentSource, dest: str | Path | None = None, name: str
     name = name or src.arm or src.run_name
     if not name or "/" in name or name.startswith("."):
         raise ExportError(f"export name {name!r} is not a file name")
-    dest = Path(dest) if dest is not None else Path(src.output_dir or src.path.parent) / "exports" / name
+    dest = Path(dest) if dest is not None else layout.exports(src.output_dir or src.path.parent) / name
     x = check_batch(ds, ckpt["modality"])
     with torch.no_grad():
         ref = model(x)  # (B, C): the checkpoint's logits, eager
@@ -478,7 +485,7 @@ def export_student(src: StudentSource, dest: str | Path | None = None, name: str
                       if o.domain in ("", "ai.onnx")), None)
         model_uri, tags = None, {}
         if mlflow_model and src.mlflow_run_id and _store(src.mlflow_uri):
-            tags = tracking.client(src.mlflow_uri).get_run(src.mlflow_run_id).data.tags
+            tags = mlflow_store.client(src.mlflow_uri).get_run(src.mlflow_run_id).data.tags
             with _failing_as("MLflow", src.path):
                 model_uri, model_id = log_mlflow_model(model, x, num_classes, src.mlflow_uri, src.mlflow_run_id)
                 diffs["mlflow"] = _max_diff(predict_mlflow(model_uri, src.mlflow_uri, x), ref, "MLflow", src.path)
@@ -492,19 +499,20 @@ def export_student(src: StudentSource, dest: str | Path | None = None, name: str
     except BaseException:
         if model_id is not None:  # a model that failed its check does not stay in the run
             with contextlib.suppress(Exception):
-                tracking.client(src.mlflow_uri).delete_logged_model(model_id)
+                mlflow_store.client(src.mlflow_uri).delete_logged_model(model_id)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {k: str(dest / f.name) for k, f in files.items()}
     if model_uri:
-        c = tracking.client(src.mlflow_uri)
+        c = mlflow_store.client(src.mlflow_uri)
         for k in ("torchscript", "onnx", "card"):
             c.log_artifact(src.mlflow_run_id, out[k], artifact_path="export")
         c.set_tag(src.mlflow_run_id, "ekd.export.model_uri", model_uri)
     res = ExportResult(name, str(dest), out["torchscript"], out["onnx"], out["card"], src.run_name, src.mlflow_run_id,
                        model_uri, diffs)
-    log(f"export: {src.run_name}" + (f" (best of arm {src.arm})" if src.arm else "") + f" -> {dest}: "
+    chosen = f" on {src.selection} top-1" if src.selection else ""  # test top-1 is what the card reports
+    log(f"export: {src.run_name}" + (f" (best of arm {src.arm}{chosen})" if src.arm else "") + f" -> {dest}: "
         + ", ".join(f"{k} max |diff| {v:.2g}" for k, v in diffs.items()) + (f"; MLflow model {model_uri}" if model_uri else ""))
     return res
 

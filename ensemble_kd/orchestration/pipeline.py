@@ -25,6 +25,8 @@ from ray import tune
 
 from ensemble_kd.storage import datastore
 from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
+from ensemble_kd.training.state import last_of
 from ensemble_kd.storage.artifacts import SelectionRecord, ShardIndex, StudentRun, TeacherRecord, TeacherSet, read_index
 from ensemble_kd.orchestration.checks import check_config
 from ensemble_kd.core.config import (AdversarialConfig, ConfigError, DataConfig, ExperimentConfig, ViewsConfig, load_config,
@@ -33,15 +35,15 @@ from ensemble_kd.orchestration.export import export_after_run
 from ensemble_kd.orchestration.plan import Trial, best_teacher, check_run_section, plan_trials
 from ensemble_kd.core.plugins import load_plugins
 from ensemble_kd.core.raycluster import clean_stale_checkpoints, joins_cluster, ray_session
-from ensemble_kd.core import shared_folder
+from ensemble_kd.core import layout, owners, shared_folder
 from ensemble_kd.orchestration.report import format_table, summarise, write_summary
 from ensemble_kd.orchestration import resources
-from ensemble_kd.storage.shards import Shard, check_manifest, clean_stale_temp_dirs
+from ensemble_kd.storage.shards import Shard, check_manifest
 from ensemble_kd.stages import distill as distill_stage
 from ensemble_kd.stages import embed as embed_stage
 from ensemble_kd.stages import select as select_stage
 from ensemble_kd.stages import teachers as teachers_stage
-from ensemble_kd.orchestration.sweep import SweepResult, TrialOutcome, run_trials, tune_sweep
+from ensemble_kd.orchestration.sweep import SweepResult, TrialOutcome, record_finished, resume_point, run_trials, tune_sweep
 
 Log = Callable[[str], None]
 
@@ -51,15 +53,13 @@ def tidy_output(cfg: ExperimentConfig, log: Log = print) -> None:
     it: MLflow runs still RUNNING whose process is gone are ended KILLED (not only on ``--resume``,
     which reopens its run as before), shard and data-store writers' temp folders and Ray Train checkpoint folders
     that no run will read are removed. Live commands' runs and files are never touched."""
-    gone = clean_stale_temp_dirs(cfg.shard_dir) if cfg.shard_dir.is_dir() else []
-    store = datastore.store_dir(cfg.output_dir)
-    gone += clean_stale_temp_dirs(store) if store.is_dir() else []  # the data store's writers use the same owner files
-    gone += clean_stale_checkpoints(Path(cfg.output_dir) / "ray_results")
+    gone = owners.sweep_temp_dirs(cfg.shard_dir) + owners.sweep_temp_dirs(datastore.store_dir(cfg.output_dir))
+    gone += clean_stale_checkpoints(layout.ray_results(cfg.output_dir))
     if gone:
         log(f"removed {len(gone)} folder(s) left by killed commands: {[str(g) for g in gone]}")
     if cfg.tracking.enabled:
-        uri = tracking.tracking_uri(cfg)
-        db = tracking.sqlite_path(uri)
+        uri = mlflow_store.tracking_uri(cfg)
+        db = mlflow_store.sqlite_path(uri)
         if db is None or db.exists():  # no store yet: nothing to end (and none is made here)
             tracking.end_orphaned_runs(uri, log)
 
@@ -69,7 +69,7 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     """A config ready for the pipeline: the schema (file and overrides), the registry cross-checks
     and the run section's arms and sweep, every error naming the file and the field. With
     ``resolve_tracking`` (all but `config show`), ``tracking.uri`` is resolved here, once, in the
-    driver (:func:`~ensemble_kd.training.tracking.tracking_uri`: the given one, else
+    driver (:func:`~ensemble_kd.storage.mlflow_store.tracking_uri`: the given one, else
     $MLFLOW_TRACKING_URI, else this output folder's SQLite file): every trial and worker gets it
     with the config, never from its own environment."""
     cfg = load_config(path, overrides)
@@ -78,18 +78,22 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     check_config(cfg, source)
     check_run_section(cfg, source)
     if resolve_tracking and not cfg.tracking.uri:
-        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking.tracking_uri(cfg)))
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=mlflow_store.tracking_uri(cfg)))
     return cfg
 
 
-def data_splits(cfg: ExperimentConfig) -> list[tuple[DataConfig, str]]:
-    """Every (dataset, split) the config reads: ``data``'s train and test splits, ``distill.eval_data``'s
-    and ``select.teacher_data``'s test split."""
+def data_splits(cfg: ExperimentConfig) -> Iterator[tuple[DataConfig, str]]:
+    """Every (dataset, split) the config reads, in order: ``data``'s train and test splits,
+    ``distill.eval_data``'s and ``select.teacher_data``'s test split, then ``data``'s val split
+    where it has one (a carve, or a table's `val` rows: known once its train split is stored, so
+    prepare each split before taking the next)."""
     out = [(cfg.data, "train"), (cfg.data, "test")]
     for extra in (cfg.distill.eval_data, cfg.select.teacher_data):
         if extra is not None and (extra, "test") not in out:
             out.append((extra, "test"))
-    return out
+    yield from out
+    if datastore.has_val(cfg.data, cfg.output_dir):
+        yield cfg.data, "val"
 
 
 def prepare_data(cfg: ExperimentConfig, log: Log | None = None) -> list[tuple[DataConfig, str, Path]]:
@@ -112,7 +116,7 @@ def existing_teachers(cfg: ExperimentConfig, names: list[str] | tuple[str, ...] 
 
 def embed(cfg: ExperimentConfig, teachers: TeacherSet, progress: bool = True, log: Log = print) -> ShardIndex:
     """The embed stage on the config's data, splits and recipe (Ray must be up)."""
-    return embed_stage.run(teachers, cfg.data, cfg.embed.splits, cfg.embed, cfg.output_dir, cfg.device, cfg.amp,
+    return embed_stage.run(teachers, cfg.data, cfg.embed.splits, cfg.embed, cfg.output_dir, cfg.amp,
                            progress, log)
 
 
@@ -130,7 +134,7 @@ def teachers_and_shards(cfg: ExperimentConfig, progress: bool = True, log: Log =
 
     def ready(name: str, rec: TeacherRecord) -> None:
         futures.append(pool.submit(embed_stage.run, TeacherSet({name: rec}), cfg.data, cfg.embed.splits, cfg.embed,
-                                   cfg.output_dir, cfg.device, cfg.amp, progress, log, None, order[name]))
+                                   cfg.output_dir, cfg.amp, progress, log, None, order[name]))
 
     try:
         teachers = teachers_stage.run(cfg, progress=progress, log=log, on_ready=ready)
@@ -174,9 +178,9 @@ def select(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> Se
     teacher_data = select_stage.require_teacher_data(cfg.select)
     names = list(cfg.distill.teachers or [t.name for t in cfg.teachers])  # they score the pool; distill then learns from them
     ts = existing_teachers(cfg, names)
-    pool = embed_stage.run(ts, cfg.data, ["train"], cfg.embed, cfg.output_dir, cfg.device, cfg.amp, progress, log)
+    pool = embed_stage.run(ts, cfg.data, ["train"], cfg.embed, cfg.output_dir, cfg.amp, progress, log)
     clean = dataclasses.replace(cfg.embed, views=ViewsConfig(), adversarial=AdversarialConfig())  # one clean view
-    test = embed_stage.run(ts, teacher_data, ["test"], clean, cfg.output_dir, cfg.device, cfg.amp, progress,
+    test = embed_stage.run(ts, teacher_data, ["test"], clean, cfg.output_dir, cfg.amp, progress,
                            log, index=None)
     return select_stage.run(pool.dirs("train", names), test.dirs("test", names), cfg.select, cfg.output_dir, log)
 
@@ -201,30 +205,35 @@ def distill(cfg: ExperimentConfig, resume: bool = False, log: Log = print,
     return distill_stage.run(cfg, resume=resume, log=log, **(inputs if inputs is not None else distill_inputs(cfg)))
 
 
-def sweep(cfg: ExperimentConfig, log: Log = print, inputs: dict[str, dict[str, str]] | None = None) -> SweepResult:
+def sweep(cfg: ExperimentConfig, log: Log = print, inputs: dict[str, dict[str, str]] | None = None,
+          resume: dict[str, Any] | None = None) -> SweepResult:
     """``ensemble-kd tune``: the distill stage as Ray Tune trials over ``tune.space`` (Ray must be up;
-    ``inputs`` as for :func:`distill`)."""
-    return tune_sweep(cfg, inputs if inputs is not None else distill_inputs(cfg), log)
+    ``inputs`` as for :func:`distill`); ``resume``: ``tune --resume``'s :func:`resume_point`, checked
+    before Ray started."""
+    return tune_sweep(cfg, inputs if inputs is not None else distill_inputs(cfg), log, resume)
 
 
 def _distill_arms(cfg: ExperimentConfig, teachers: TeacherSet, shards: ShardIndex | None, best: str | None,
-                  log: Log) -> tuple[str | None, list[TrialOutcome]]:
+                  log: Log, resume: dict[str, Any] | None = None) -> tuple[str | None, list[TrialOutcome]]:
     """Every arm x seed (and the sweep) as Ray Tune trials; without arms, the one distill run.
-    ``shards``: the embed stage's (the shard path), None on the online path."""
+    ``shards``: the embed stage's (the shard path), None on the online path; ``resume``: what
+    ``run --resume`` continues (:func:`_resume_point`)."""
     inputs = {"train_shards": shards.dirs("train", list(teachers)) if shards is not None else {},
               "teachers": {n: asdict(t) for n, t in teachers.items()}}  # every teacher an arm may use
     if not cfg.run.arms:
-        r = distill_stage.run(cfg, log=log, **inputs)
+        r = distill_stage.run(cfg, log=log, resume=resume is not None, **inputs)
         t = Trial("distill", to_dict(cfg), tracking.RunContext(arm="distill", kind="arm"))
-        return None, [TrialOutcome("", t, {"test_top1": r.final_top1}, r.epochs, "TERMINATED")]
+        v = last_of(r.history, "val_top1")  # where there is a validation split
+        return None, [TrialOutcome("", t, {"test_top1": r.final_top1, **({"val_top1": v} if v is not None else {})},
+                                   r.epochs, "TERMINATED")]
     trials = plan_trials(cfg, best)
     n_arm = len(cfg.run.arms) * len(cfg.run.seeds)
     log(f"run: {len(cfg.run.arms)} arms x {len(cfg.run.seeds)} seeds = {n_arm} distillations"
         + (f" + {len(trials) - n_arm} sweep trials on {cfg.run.sweep.arm}" if cfg.run.sweep else "")
         + f" (best single teacher: {best}), as Ray Tune trials")
     res = run_trials(cfg, inputs, {"trial": tune.grid_search([t.to_dict() for t in trials])},
-                     name=f"{cfg.name}-run-{time.strftime('%Y%m%d-%H%M%S')}", num_trials=len(trials),
-                     scheduler="fifo", kind="run", log=log)
+                     name=resume["experiment"] if resume else f"{cfg.name}-run-{time.strftime('%Y%m%d-%H%M%S')}",
+                     num_trials=len(trials), scheduler="fifo", kind="run", log=log, resume=resume)
     failed = [t for t in res.trials if t.status == "ERROR"]
     if failed:
         log(f"run: {len(failed)} trial(s) failed: {[t.trial.label for t in failed]}; see the Tune folder")
@@ -241,7 +250,7 @@ def _prepare_store(uri: str | None) -> Future[Any]:
 
     def work() -> None:
         try:
-            fut.set_result(tracking.client(uri))
+            fut.set_result(mlflow_store.client(uri))
         except BaseException as e:  # handed to the caller by fut.result()
             fut.set_exception(e)
 
@@ -261,7 +270,7 @@ def session(cfg: ExperimentConfig, mlflow: bool = True, log: Log = print,
     joins = joins_cluster(cfg.ray)
     if not joins:
         prepare_data(cfg, log)
-    store = _prepare_store(tracking.tracking_uri(cfg) if mlflow and cfg.tracking.enabled else None)
+    store = _prepare_store(mlflow_store.tracking_uri(cfg) if mlflow and cfg.tracking.enabled else None)
     with ray_session(cfg.ray, cfg.plugins):
         resources.check_cluster(cfg, stages)  # what `stages` ask of Ray, refused now if it can never be given
         if joins:
@@ -270,17 +279,28 @@ def session(cfg: ExperimentConfig, mlflow: bool = True, log: Log = print,
                 log(f"output folder {cfg.output_dir}: seen by all {n} nodes of the cluster")
             prepare_data(cfg, log)
         store.result()
-        with tracking.writer_session(mlflow and cfg.tracking.enabled):  # the one process that writes to MLflow
+        with mlflow_store.writer_session(mlflow and cfg.tracking.enabled):  # the one process that writes to MLflow
             yield
 
 
-def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[str, Any]:
+def _resume_point(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What ``run --resume`` continues, checked before any work: the last run's Tune experiment
+    (:func:`~ensemble_kd.orchestration.sweep.resume_point`); without arms, the last distillation
+    (``distill --resume``'s). Nothing to resume, or another config, is one line (exit 2)."""
+    if cfg.run.arms:
+        return resume_point(cfg, "run")
+    return {"distill": distill_stage.run_name(cfg, True)}
+
+
+def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print, resume: bool = False) -> dict[str, Any]:
     """`ensemble-kd run`: teachers -> shards -> every arm x seed (+ sweep) -> summary; returns the
-    summary (also written to <output_dir>/summary.json and .png)."""
+    summary (also written to <output_dir>/summary.json and .png). ``resume``: continue the last
+    run that did not finish (its finished trials kept, the others from their last saved epoch)."""
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
+    point = _resume_point(cfg) if resume else None
     log(f"ensemble-kd run: {cfg.name} on {cfg.data.name}, outputs under {out}")
-    uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
+    uri = mlflow_store.tracking_uri(cfg) if cfg.tracking.enabled else None
     stages = {"teachers", "tune" if cfg.run.arms else "distill"} | ({"embed"} if cfg.distill.teacher_outputs == "shards" else set())
     with session(cfg, log=log, stages=stages):
         teachers, shards = teachers_and_shards(cfg, progress, log)
@@ -288,14 +308,17 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
         if shards is not None:
             log(f"{len(shards)} shards under {out / 'shards'} ({sum(r.reused for r in shards)} reused); "
                 f"inspect them with: ensemble-kd shards inspect {out / 'shards'}")
-        parent, trials = _distill_arms(cfg, teachers, shards, best, log)
-    summary = summarise(cfg, teachers, best, trials, uri, parent, time.perf_counter() - t0)
+        parent, trials = _distill_arms(cfg, teachers, shards, best, log, point)
+    summary = summarise(cfg, teachers, best, trials, uri, parent, time.perf_counter() - t0,
+                        "val" if datastore.has_val(cfg.data, cfg.output_dir) else "test")
     summary["output_dir"] = str(out)  # where it was written: a later command tells a moved folder by it
     path, plot = write_summary(out, summary)
+    if cfg.run.arms:
+        record_finished(cfg, "run")  # `run --resume` has nothing left to continue
     if parent is not None:  # the table and the plot belong to the job's parent run too
         for f in (path, plot):
             if f is not None:
-                tracking.client(uri).log_artifact(parent, str(f))
+                mlflow_store.client(uri).log_artifact(parent, str(f))
     show = getattr(log, "result", log)  # the table and the paths: shown even with -q (ensemble_kd.core.console.Log)
     show("")
     for line in format_table(summary):
@@ -304,7 +327,7 @@ def run(cfg: ExperimentConfig, progress: bool = True, log: Log = print) -> dict[
     if cfg.run.export:  # the headline arm's best student as TorchScript, ONNX and an MLflow model
         export_after_run(cfg, summary, show)
     if uri:
-        show(f"MLflow: experiment {tracking.experiment_name(cfg)!r} at {uri}; compare with: ensemble-kd compare --out "
+        show(f"MLflow: experiment {mlflow_store.experiment_name(cfg)!r} at {uri}; compare with: ensemble-kd compare --out "
              f"{cfg.output_dir} --group-by arm; open the UI with: mlflow ui --backend-store-uri {uri}")
     show(f"done in {time.perf_counter() - t0:.1f}s")
     return summary

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # headless: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ensemble_kd.core.checkpoint import atomic_write  # noqa: E402
+from ensemble_kd.core.files import atomic_write  # noqa: E402
 
 SET_COLOURS = {"none": "#8c8c8c", "single": "#4c72b0", "ensemble": "#dd8452"}
 

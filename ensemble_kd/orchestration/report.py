@@ -7,26 +7,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ensemble_kd.core import layout
 from ensemble_kd.storage.artifacts import TeacherSet
-from ensemble_kd.core.checkpoint import atomic_write
+from ensemble_kd.core.files import atomic_write
 from ensemble_kd.core.config import ExperimentConfig
 from ensemble_kd.orchestration.plan import arm_config, effective_arms
 from ensemble_kd.orchestration.plots import plot_comparison
 from ensemble_kd.orchestration.sweep import TrialOutcome, failure
 from ensemble_kd.core.stats import INTERVAL, format_paired, paired_difference
-from ensemble_kd.training.tracking import experiment_name, label_setting, mean_std, method_name, sweep_axes, teacher_set
+from ensemble_kd.storage.mlflow_store import experiment_name
+from ensemble_kd.training.tracking import label_setting, method_name, teacher_set
+from ensemble_kd.orchestration.compare import mean_std, sweep_axes
 
-SUMMARY = "summary.json"
-PLOT = "summary.png"
+SUMMARY = layout.SUMMARY
+PLOT = layout.PLOT
 
 
 def _arm_rows(cfg: ExperimentConfig, trials: Sequence[TrialOutcome], best: str | None) -> dict[str, Any]:
     """Each arm (in the config's order): teacher set, labels, method, mean +- std of top-1 over the
     seeds that finished (TERMINATED); a trial that did not is left to :func:`_unfinished`."""
     acc: dict[str, dict[int, float]] = {}
+    val: dict[str, dict[int, float]] = {}  # where there is a validation split: what selection read
     for t in trials:
         if t.trial.context.kind == "arm" and _finished(t):
             acc.setdefault(t.trial.context.arm or "", {})[t.seed] = float(t.metrics["test_top1"])
+            if isinstance(t.metrics.get("val_top1"), (int, float)):
+                val.setdefault(t.trial.context.arm or "", {})[t.seed] = float(t.metrics["val_top1"])
     rows = {}
     for arm in effective_arms(cfg):
         if arm.name not in acc:
@@ -37,6 +43,10 @@ def _arm_rows(cfg: ExperimentConfig, trials: Sequence[TrialOutcome], best: str |
         rows[arm.name] = {"teacher_set": teacher_set(c), "teachers": list(c.distill.teachers), "method": method_name(c),
                           "labels": label_setting(c), "mean_top1": mean, "std_top1": std, "seeds": list(by_seed),
                           "top1": list(by_seed.values())}
+        if set(val.get(arm.name, {})) == set(by_seed):  # only with a validation split: no key otherwise
+            vals = [val[arm.name][sd] for sd in by_seed]
+            vmean, vstd = mean_std(vals)
+            rows[arm.name].update({"mean_val_top1": vmean, "std_val_top1": vstd, "val_top1": vals})
         missing = sorted({t.seed for t in trials if t.trial.context.kind == "arm" and t.trial.context.arm == arm.name}
                          - set(by_seed))
         if missing:  # some seeds did not finish (listed under `unfinished`): only then is the key there
@@ -127,6 +137,7 @@ def _sweep_points(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]]:
     for t in trials:
         if t.trial.context.kind == "sweep" and _finished(t):
             points.append({"overrides": t.overrides, "top1": float(t.metrics["test_top1"]),
+                           **({"val_top1": float(t.metrics["val_top1"])} if "val_top1" in t.metrics else {}),
                            **{k.rsplit(".", 1)[-1]: v for k, v in t.overrides.items()}})
     return points
 
@@ -140,10 +151,23 @@ def _sweep(cfg: ExperimentConfig, trials: Sequence[TrialOutcome], best: str | No
     return {"arm": sw.arm, "axes": list(axes or ()), "points": _sweep_points(trials)}
 
 
+def selection_line(selection: str) -> str:
+    """The one console line that says which split chose the best runs (``summary.json``'s ``selection``)."""
+    if selection == "val":
+        return ("selection: on the validation split (val_top1: Tune, compare's best run, export --arm); "
+                "test top-1 is reported for what was chosen")
+    return ("selection: on the test split (no validation split; data.val_fraction, or a table's `val` rows, "
+            "gives one)")
+
+
 def summarise(cfg: ExperimentConfig, teachers: TeacherSet, best: str | None, trials: Sequence[TrialOutcome],
-              uri: str | None, parent: str | None, seconds: float) -> dict[str, Any]:
+              uri: str | None, parent: str | None, seconds: float, selection: str | None = None) -> dict[str, Any]:
     """summary.json: teachers, arms (mean +- std over seeds, paired differences to their baselines),
-    the reference line, sweep points, the trials that did not finish (apart), where MLflow is."""
+    the reference line, sweep points, the trials that did not finish (apart), where MLflow is, and
+    ``selection``: the split that chose the best runs, ``val`` or ``test`` (default: val where a
+    trial reported val top-1)."""
+    if selection is None:
+        selection = "val" if any("val_top1" in t.metrics for t in trials) else "test"
     arms = _arm_rows(cfg, trials, best)
     reference = _add_paired(arms)
     return {
@@ -153,7 +177,7 @@ def summarise(cfg: ExperimentConfig, teachers: TeacherSet, best: str | None, tri
         "teachers": {n: {"modality": t.modality, "arch": t.arch, "test_top1": t.test_top1} for n, t in teachers.items()},
         "best_single_teacher": best, "arms": arms, "reference": reference, "interval": f"95% {INTERVAL} interval",
         "unfinished": _unfinished(trials), "sweep": _sweep(cfg, trials, best),
-        "seconds": seconds, **_failed(cfg, trials),
+        "seconds": seconds, "selection": selection, **_failed(cfg, trials),
     }
 
 
@@ -202,9 +226,10 @@ def format_table(summary: dict[str, Any]) -> list[str]:
     sw = summary.get("sweep")
     if sw and sw["points"]:
         lines += ["", f"sweep on {sw['arm']}:"]
-        for p in sorted(sw["points"], key=lambda p: -p["top1"]):
-            lines.append("  " + " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p["overrides"].items()) + f"  top-1 {p['top1']:.4f}")
-    return lines
+        for p in sorted(sw["points"], key=lambda p: -p.get("val_top1", p["top1"])):  # in the order selection ranks them
+            lines.append("  " + " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p["overrides"].items()) + f"  top-1 {p['top1']:.4f}"
+                         + (f"  val top-1 {p['val_top1']:.4f}" if "val_top1" in p else ""))
+    return lines + ["", selection_line(summary.get("selection", "test"))]
 
 
 def _arm_lines(summary: dict[str, Any]) -> list[str]:
@@ -216,6 +241,7 @@ def _arm_lines(summary: dict[str, Any]) -> list[str]:
         seeds = str(len(a["seeds"])) + (f"/{len(a['seeds']) + len(a['unfinished_seeds'])}" if a.get("unfinished_seeds") else "")
         lines.append(f"{n:<20} {a.get('labels', 'all'):<11} {a['teacher_set']:<9} {a['method']:<12} "
                      f"{','.join(a['teachers']) or '-':<26} {a['mean_top1']:.4f} +- {a['std_top1']:.4f} {seeds:<5} {ref}"
+                     + (f"  val {a['mean_val_top1']:.4f} +- {a['std_val_top1']:.4f}" if "mean_val_top1" in a else "")
                      + (f"  (seeds {', '.join(map(str, a['unfinished_seeds']))} did not finish: below)"
                         if a.get("unfinished_seeds") else ""))
     if summary.get("reference"):

@@ -94,7 +94,7 @@ def requests(cfg: ExperimentConfig, stages: Stages) -> list[Request]:
         out.append(Request("embed.gpus_per_actor" if e.gpus_per_actor > 0 else "embed.cpus_per_actor",
                            e.cpus_per_actor, e.gpus_per_actor, 1, "an embed task"))
     d = cfg.distill
-    workers = dict(field="distill.num_workers", cpus=d.cpus_per_worker, gpus=1.0 if d.use_gpu else 0.0,
+    workers = dict(field="distill.num_workers", cpus=d.cpus_per_worker, gpus=d.gpus_per_worker if d.use_gpu else 0.0,
                    bundles=d.num_workers)
     if "distill" in stages:
         out.append(Request(**workers, what="the distillation"))

@@ -15,6 +15,13 @@ starts (two trials migrating a fresh SQLite file at once fail), every trial's ru
 it, and after the sweep the runs of trials that ASHA stopped (killed mid-epoch, so still RUNNING)
 are ended as KILLED.
 
+``--resume`` (``ensemble-kd run`` and ``tune``) continues the last run or sweep that did not finish:
+``index/run.json`` (``index/tune.json``) names its Tune experiment, its parent MLflow run and its
+config (:func:`resume_point` checks it before any work), and :func:`run_trials` restores the
+experiment with Tune's own ``Tuner.restore``: finished trials keep their results, unfinished and
+failed ones run again under their trial ids, so each distillation (``ray_results/<run>-<trial id>``)
+goes on from its last saved epoch with its saved RNG states, and reaches what it would have.
+
 Search spaces are written in the config as dotted keys (losses by name)::
 
     tune:
@@ -26,6 +33,8 @@ Search spaces are written in the config as dotted keys (losses by name)::
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,14 +48,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from ensemble_kd.core import layout
 from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
 from ensemble_kd.orchestration.checks import check_config
 from ensemble_kd.core.config import ConfigError, ExperimentConfig, to_dict, with_overrides
 from ensemble_kd.core.errors import is_ray_wrapper, project_error, wrapped
-from ensemble_kd.training.loop import LoopCallback, reported, runs_locally, store_ready
+from ensemble_kd.storage.artifacts import index_path, read_index, write_index
+from ensemble_kd.training.launch import runs_locally, store_ready
+from ensemble_kd.training.loop import LoopCallback, reported
 from ensemble_kd.core.interrupts import reason_of as interrupt_reason
 from ensemble_kd.orchestration.plan import Trial
 from ensemble_kd.stages import distill
+from ensemble_kd.storage.datastore import has_val
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -90,33 +104,46 @@ def trial_of(config: Mapping[str, Any]) -> Trial:
 
 class TuneEpochReport(LoopCallback):
     """Reports every epoch's metrics to Tune from the loop itself (a single-worker trial in local
-    mode, where Ray Train calls no callbacks); Tune's scheduler (ASHA) decides on them."""
+    mode, where Ray Train calls no callbacks); Tune's scheduler (ASHA) decides on them. ``sent``:
+    how many it reported (none: a resumed run that had no epoch left)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
 
     def on_epoch_end(self, epoch: int, rank: int, metrics: dict[str, Any]) -> None:
         if rank == 0:
             ray.tune.report(reported(metrics))
+            self.sent += 1
 
 
 def distill_trial(config: dict[str, Any]) -> None:
     """The Tune function trainable: one distillation reporting every epoch to Tune."""
     trial_id = ray.tune.get_context().get_trial_id()
     t = trial_of(config)
-    over = {"distill.run_name": f"{config['run_prefix']}-{trial_id}"}
+    name = f"{config['run_prefix']}-{trial_id}"  # its run folder: where a resumed trial finds its last epoch
+    over = {"distill.run_name": name}
     if config.get("early_stopping"):  # the scheduler may stop it after any epoch: each is sent as it ends
         over["distill.metrics_flush_s"] = 0.0
     cfg = with_overrides(t.config(), over, "<trial>")
+    done = distill.finished_history(cfg, name)
+    if done:  # --resume: it finished after Tune last saved the experiment's state; reported, not run again
+        ray.tune.report(reported(done[-1]))
+        return
     ctx = t.context.replace(trial_id=trial_id, parent_run_id=config.get("parent_run_id"))
-    report = {"loop_callbacks": [TuneEpochReport()]} if runs_locally(cfg) else {"callbacks": [TuneReportCallback()]}
+    epochs = TuneEpochReport()
+    report = {"loop_callbacks": [epochs]} if runs_locally(cfg) else {"callbacks": [TuneReportCallback()]}
     # the driver prints a line per trial; the loop's per-epoch lines (the trial's stdout) go to the command's log
-    distill.run(cfg, config["train_shards"], ctx, verbose=True, log=lambda m: None, teachers=config["teachers"],
-                here=True, label=t.label or trial_id, **report)
+    res = distill.run(cfg, config["train_shards"], ctx, verbose=True, log=lambda m: None, teachers=config["teachers"],
+                      here=True, label=t.label or trial_id, **report)
+    if runs_locally(cfg) and not epochs.sent and res.history:  # resumed with no epoch left: its last one for Tune
+        ray.tune.report(reported(res.history[-1]))
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """What a trial's process holds: a single-worker trial runs its loop in it (the worker's CPUs
     and GPU); a multi-worker trial's process only drives its TorchTrainer (``tune.cpus_per_trial``)."""
     if runs_locally(cfg):
-        return {"CPU": cfg.distill.cpus_per_worker, **({"GPU": 1} if cfg.distill.use_gpu else {})}
+        return {"CPU": cfg.distill.cpus_per_worker, **({"GPU": cfg.distill.gpus_per_worker} if cfg.distill.use_gpu else {})}
     return {"CPU": cfg.tune.cpus_per_trial}
 
 
@@ -149,6 +176,7 @@ class SweepResult:
     best: TrialOutcome | None = None
     killed_runs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    metric: str = "test_top1"  # what chose ``best`` (and ASHA's stops): :func:`selection_metric`
 
 
 def trial_error(trial: Any) -> BaseException | None:
@@ -203,14 +231,25 @@ class _ProgressLines:
 
         return Lines()
 
+    def _score(self, v: Any, label: str) -> None:
+        if isinstance(v, (int, float)) and (self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0])):
+            self.best = (v, label)
+
+    def restored(self, outcomes: list[TrialOutcome]) -> None:
+        """A resumed experiment's trials that Tune recorded with every epoch (their lines were
+        printed by the command they ran in) count as done and towards the best."""
+        for o in outcomes:
+            if o.status == "TERMINATED":
+                self.done += 1
+                self._score(o.metrics.get(self.metric), o.trial.label or o.trial_id)
+
     def finished(self, trial, what: str, why: str | None = None) -> None:
         self.done += 1
         r = trial.last_result or {}
         v = r.get(self.metric)
         t = trial_of(trial.config)
         label = t.label or trial.trial_id
-        if v is not None and (self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0])):
-            self.best = (v, label)
+        self._score(v, label)
         stopped = " (stopped early)" if what == "done" and r.get("epoch", 0) < t.epochs else ""
         val = f"{self.metric}={v:.4f}" if isinstance(v, (int, float)) else f"{self.metric}=n/a"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
@@ -239,39 +278,145 @@ def _outcomes(grid: Any) -> list[TrialOutcome]:
     return out
 
 
+RESUME_VERB = {"run": "run", "sweep": "tune"}  # kind -> the verb, also the name of its index file (index/run.json)
+
+
+def _plain(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _differences(then: Any, now: Any, key: str = "") -> list[str]:
+    """Where two configs (plain JSON) differ: ``key: <then> then, <now> now``, one per field."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(then) | set(now)) for d in _differences(then.get(k), now.get(k), f"{key}.{k}" if key else k)]
+    return [] if then == now else [f"{key or '<config>'}: {then!r} then, {now!r} now"]
+
+
+def record_trials(cfg: ExperimentConfig, kind: str, name: str, parent_run_id: str | None, finished: bool = False) -> None:
+    """``index/run.json`` (``ensemble-kd run``) or ``index/tune.json`` (``tune``): the Tune experiment
+    of the last run or sweep, its parent MLflow run and its config, for ``--resume``."""
+    write_index(cfg.output_dir, RESUME_VERB[kind], {"experiment": name, "parent_run_id": parent_run_id,
+                                                    "finished": finished, "config": _plain(to_dict(cfg))})
+
+
+def record_finished(cfg: ExperimentConfig, kind: str) -> None:
+    """The last run's (sweep's) record marked finished (its summary is written): ``--resume`` has nothing to continue."""
+    if index_path(cfg.output_dir, RESUME_VERB[kind]).is_file():
+        rec = read_index(cfg.output_dir, RESUME_VERB[kind], RESUME_VERB[kind])
+        record_trials(cfg, kind, rec["experiment"], rec.get("parent_run_id"), finished=True)
+
+
+def resume_point(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
+    """What ``run --resume`` (``kind`` "run") or ``tune --resume`` ("sweep") continues: the last one's
+    record (:func:`record_trials`), checked before any work: it exists, did not finish, Tune can
+    restore its experiment, and it ran this same config. Each refusal is one line (exit 2)."""
+    verb, out = RESUME_VERB[kind], Path(cfg.output_dir)
+    head = f"{verb} --resume: nothing to resume"
+    if not index_path(out, verb).is_file():
+        raise ConfigError(f"{head}: no earlier `ensemble-kd {verb}` under {out} "
+                          f"({index_path(out, verb)} is missing); start one without --resume")
+    rec = read_index(out, verb, verb)
+    if rec.get("finished"):
+        raise ConfigError(f"{head}: the last {verb} under {out} ({rec['experiment']}) finished; "
+                          f"without --resume a new one starts (reusing the teachers and shards)")
+    exp = layout.tune(out) / rec["experiment"]
+    if not tune.Tuner.can_restore(exp):
+        raise ConfigError(f"{verb} --resume: Ray Tune cannot restore {exp} (no tuner.pkl there); start over without --resume")
+    diff = _differences(rec.get("config"), _plain(to_dict(cfg)))
+    if diff:
+        raise ConfigError(f"{verb} --resume: the config differs from the one {rec['experiment']} ran with ("
+                          + "; ".join(diff[:3]) + (f"; {len(diff) - 3} more" if len(diff) > 3 else "")
+                          + "): resume with the same config and --set, or start over without --resume")
+    return rec
+
+
+def _tuner(cfg: ExperimentConfig, space: dict[str, Any], name: str, scheduler: str, num_samples: int,
+           callbacks: list[Any], resume: bool) -> tune.Tuner:
+    """The Tune experiment ``name`` under <output_dir>/tune: a new one, or with ``resume`` Tune's
+    restore of it: finished trials keep their results; unfinished and failed ones (an interrupted
+    trial may have ended as failed) run again under their trial ids, so that each distillation
+    goes on from its last saved epoch (a real failure fails again the same way). On restore Tune
+    checks only the keys of ``space``: each trial keeps the config it was made with."""
+    tc = cfg.tune
+    trainable = tune.with_resources(distill_trial, trial_resources(cfg))
+    if resume:
+        quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")  # its "Failed to fetch metrics" of
+        level = quiet.level  # every trial that had reported nothing yet is not news on a resume
+        quiet.setLevel(logging.ERROR)
+        try:
+            tuner = tune.Tuner.restore(str(layout.tune(cfg.output_dir) / name), trainable, resume_unfinished=True,
+                                       resume_errored=True, param_space=space)
+        finally:
+            quiet.setLevel(level)
+        local = getattr(tuner, "_local_tuner", None)  # Tune restores the first command's RunConfig with its pickled
+        if local is not None:  # callbacks; this command's take their place (no public API: ray-project/ray#41364)
+            local.get_run_config().callbacks = list(callbacks)
+        return tuner
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=_metric(cfg), mode=tc.mode, scheduler=_scheduler(cfg, scheduler),
+                                    num_samples=num_samples, max_concurrent_trials=tc.max_concurrent_trials,
+                                    reuse_actors=True,  # a trial driver process serves the next trial: no new start
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=name, storage_path=str(layout.tune(cfg.output_dir)), verbose=0,
+                                  callbacks=callbacks),  # JsonLoggerCallback: result.json, which Tune reads on a failed trial
+    )
+
+
+def _restored(tuner: tune.Tuner) -> list[TrialOutcome]:
+    """The trials a restored experiment holds that had reported, as its state file last recorded
+    them (Tune saves it at most every 10 s; none before its first)."""
+    try:
+        grid = tuner.get_results()
+    except RuntimeError:  # no state file yet: Tune starts the experiment over
+        return []
+    return _outcomes(r for r in grid if r.config)  # (no config: the trial had reported nothing)
+
+
+def _parent_run(cfg: ExperimentConfig, name: str, kind: str, tags: dict[str, str] | None,
+                resume: Mapping[str, Any] | None) -> tuple[str | None, str | None, str | None]:
+    """(uri, experiment id, run id) of the parent MLflow run (Nones without tracking): a new one,
+    the experiment then recorded for ``--resume``; or, resuming, the interrupted one's, reopened."""
+    uri, exp_id, parent = None, None, None
+    if cfg.tracking.enabled:
+        uri, exp_id, parent = (tracking.reopen_parent_run(cfg, resume["parent_run_id"]) if resume and resume.get("parent_run_id")
+                               else tracking.start_parent_run(cfg, name, kind, tags))
+    if not resume:
+        record_trials(cfg, kind, name, parent)
+    return uri, exp_id, parent
+
+
 def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], param_space: dict[str, Any], *, name: str,
                num_trials: int, scheduler: str = "fifo", num_samples: int = 1, kind: str = "sweep",
-               parent_tags: dict[str, str] | None = None, log: Callable[[str], None] = print) -> SweepResult:
+               parent_tags: dict[str, str] | None = None, log: Callable[[str], None] = print,
+               resume: Mapping[str, Any] | None = None) -> SweepResult:
     """Run distillation trials on Ray Tune (Ray must be initialised).
 
     ``param_space`` is Tune's: ``{"overrides": {dotted key: domain}}`` (a sweep) or ``{"trial":
     grid_search([Trial.to_dict(), ...])}`` (the trials of ``ensemble-kd run``); ``inputs``:
     ``{"train_shards": teacher -> train shard folder, "teachers": teacher -> checkpoint file}`` for
     every teacher a trial may use (what its data path needs); ``num_trials`` is only for the progress lines. The MLflow experiment and the parent run (``ekd.kind`` = ``kind``) are
-    created here, before any trial; after the sweep, runs of trials the scheduler stopped are
-    ended KILLED."""
+    created here, before any trial, and the experiment recorded for ``--resume``
+    (:func:`record_trials`); after the sweep, runs of trials the scheduler stopped are ended
+    KILLED. ``resume``: :func:`resume_point`'s record of the experiment ``name``, which Tune
+    restores (:func:`_tuner`), its parent run reopened."""
     t0 = time.perf_counter()
-    store_ready(cfg)  # the trials (Ray workers) only open the data store
+    metric = _ready(cfg)
     tc = cfg.tune
-    out = Path(cfg.output_dir)
-    parent, uri, exp_id = None, None, None
-    if cfg.tracking.enabled:
-        uri, exp_id, parent = tracking.start_parent_run(cfg, name, kind, parent_tags)
+    uri, exp_id, parent = _parent_run(cfg, name, kind, parent_tags, resume)
     fixed = {"base": to_dict(cfg), "parent_run_id": parent, "run_prefix": name, "early_stopping": scheduler == "asha",
              "train_shards": dict(inputs.get("train_shards") or {}), "teachers": dict(inputs.get("teachers") or {})}
-    lines = _ProgressLines(num_trials * num_samples, tc.metric, tc.mode, log)
-    tuner = tune.Tuner(
-        tune.with_resources(distill_trial, trial_resources(cfg)),
-        param_space={**fixed, **param_space},
-        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=_scheduler(cfg, scheduler),
-                                    num_samples=num_samples, max_concurrent_trials=tc.max_concurrent_trials,
-                                    reuse_actors=True,  # a trial driver process serves the next trial: no new start
-                                    trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0,  # result.json (not CSV, TBX):
-                                  callbacks=[lines.make(), JsonLoggerCallback()]),  # Tune reads it on a failed trial
-    )
+    lines = _ProgressLines(num_trials * num_samples, metric, tc.mode, log)
     stopped: BaseException | None = None
     try:
+        tuner = _tuner(cfg, {**fixed, **param_space}, name, scheduler, num_samples, [lines.make(), JsonLoggerCallback()],
+                       resume is not None)
+        if resume:  # finished: a student written (Tune's own record may lag behind by a trial or two)
+            lines.restored(_restored(tuner))
+            n = sum(1 for _ in layout.students(cfg.output_dir).glob(f"{name}-*/{layout.STUDENT_FILE}"))
+            log(f"{RESUME_VERB[kind]} --resume: {name}: {n} of {lines.total} trials had finished (kept); the others go on "
+                "from their last saved epoch")
         grid = tuner.fit()
     except BaseException as e:
         stopped = e
@@ -282,35 +427,56 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
             reason = interrupt_reason(stopped) or ("the sweep failed" if stopped else "stopped early by the Tune scheduler")
             killed = tracking.end_unfinished_children(uri, exp_id, parent, reason=reason)
             if stopped is None:
-                tracking.client(uri).set_terminated(parent, "FINISHED")
+                mlflow_store.client(uri).set_terminated(parent, "FINISHED")
             else:
                 tracking.end_stopped_run(uri, parent, stopped)
-    res = SweepResult(parent, tracking.experiment_name(cfg), uri, _outcomes(grid), killed_runs=killed)
-    _record_best(res, cfg)
+    res = SweepResult(parent, mlflow_store.experiment_name(cfg), uri, _outcomes(grid), killed_runs=killed)
+    _record_best(res, cfg, metric)
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _record_best(res: SweepResult, cfg: ExperimentConfig) -> None:
-    """The best trial by the metric, on the result and as the parent run's metric and tags."""
+def selection_metric(cfg: ExperimentConfig, val: bool) -> str:
+    """What Tune schedules on and picks the best trial by: ``tune.metric``, except that test_top1
+    reads val_top1 where the data has a validation split (``val``), so that no choice looks at test."""
+    return "val_top1" if val and cfg.tune.metric == "test_top1" else cfg.tune.metric
+
+
+def _metric(cfg: ExperimentConfig) -> str:
+    """:func:`selection_metric` for the config's data, as its stored train split says (opened once)."""
+    return selection_metric(cfg, has_val(cfg.data, cfg.output_dir))
+
+
+def _ready(cfg: ExperimentConfig) -> str:
+    """The data store ready for the trials (Ray workers only open it), and the selection metric."""
+    store_ready(cfg)
+    return _metric(cfg)
+
+
+def _record_best(res: SweepResult, cfg: ExperimentConfig, metric: str | None = None) -> None:
+    """The best trial by ``metric`` (default ``tune.metric``), on the result and as the parent run's
+    metric and tags (with the best trial's test top-1 beside a val metric: what was chosen, on test)."""
     tc = cfg.tune
-    scored = [t for t in res.trials if isinstance(t.metrics.get(tc.metric), (int, float))]
+    res.metric = metric = metric or tc.metric
+    scored = [t for t in res.trials if isinstance(t.metrics.get(metric), (int, float))]
     if scored:
-        res.best = (max if tc.mode == "max" else min)(scored, key=lambda t: t.metrics[tc.metric])
+        res.best = (max if tc.mode == "max" else min)(scored, key=lambda t: t.metrics[metric])
     if res.parent_run_id is not None and res.best is not None:
-        c = tracking.client(res.tracking_uri)
-        c.log_metric(res.parent_run_id, f"best/{tc.metric}", float(res.best.metrics[tc.metric]))
+        c = mlflow_store.client(res.tracking_uri)
+        c.log_metric(res.parent_run_id, f"best/{metric}", float(res.best.metrics[metric]))
+        if metric != "test_top1" and isinstance(res.best.metrics.get("test_top1"), (int, float)):
+            c.log_metric(res.parent_run_id, "best/test_top1", float(res.best.metrics["test_top1"]))
         for k, v in res.best.overrides.items():
             c.set_tag(res.parent_run_id, f"best.{k}", str(v))
 
 
-def tune_sweep(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], log: Callable[[str], None] = print
-               ) -> SweepResult:
+def tune_sweep(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], log: Callable[[str], None] = print,
+               resume: Mapping[str, Any] | None = None) -> SweepResult:
     """``ensemble-kd tune``: sweep ``cfg.tune.space`` over the ``distill`` config (``inputs`` as
-    :func:`run_trials` takes them)."""
+    :func:`run_trials` takes them); ``resume``: ``tune --resume``'s :func:`resume_point`."""
     distill.check_inputs(cfg, inputs.get("train_shards") or {}, inputs.get("teachers") or {})  # once, not per trial
     space = search_space(cfg)
-    name = cfg.tune.name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = resume["experiment"] if resume else cfg.tune.name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     grid_points = 1
     for v in cfg.tune.space.values():
         grid_points *= len(v["grid"]) if "grid" in v and cfg.tune.search == "grid" else 1
@@ -319,6 +485,9 @@ def tune_sweep(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], l
                   f"{cfg.distill.cpus_per_worker} CPU per trial's workers")
     log(f"tune: {name}: {grid_points * cfg.tune.num_samples} trial(s) over {list(cfg.tune.space)}, "
         f"scheduler {cfg.tune.scheduler}, {where}")
-    return run_trials(cfg, inputs, {"overrides": space}, name=name, num_trials=grid_points,
-                      scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
-                      parent_tags={"method": tracking.method_name(cfg), "teacher_set": tracking.teacher_set(cfg)}, log=log)
+    res = run_trials(cfg, inputs, {"overrides": space}, name=name, num_trials=grid_points,
+                     scheduler=cfg.tune.scheduler, num_samples=cfg.tune.num_samples,
+                     parent_tags={"method": tracking.method_name(cfg), "teacher_set": tracking.teacher_set(cfg)}, log=log,
+                     resume=resume)
+    record_finished(cfg, "sweep")
+    return res

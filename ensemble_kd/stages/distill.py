@@ -18,11 +18,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ensemble_kd.core import layout
 from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
 from ensemble_kd.storage.artifacts import StudentRun, index_path, read_index, write_index
-from ensemble_kd.core.checkpoint import atomic_torch_save
+from ensemble_kd.core.files import atomic_torch_save
 from ensemble_kd.core.config import ConfigError, ExperimentConfig, to_dict
-from ensemble_kd.training.loop import LoopCallback, LoopConfig, fit, module_part
+from ensemble_kd.training.state import last_of, module_part
+from ensemble_kd.training.launch import fit
+from ensemble_kd.training.loop import LoopCallback, LoopConfig
 from ensemble_kd.blocks.selection import check_selection, load_selection
 from ensemble_kd.storage.shards import read_manifest
 
@@ -66,11 +72,28 @@ def teacher_hashes(shards: Mapping[str, str], teachers: Mapping[str, Mapping[str
 def _save_student(cfg: ExperimentConfig, name: str, st: dict[str, Any]) -> Path:
     """The student's weights out of the last training state, as students/<run>/student.pt."""
     d = cfg.distill
-    spath = Path(cfg.output_dir) / "students" / name / "student.pt"
+    spath = layout.student(cfg.output_dir, name)
     atomic_torch_save({"format": STUDENT_FORMAT, "arch": d.student.arch, "modality": d.student.modality,
                        "arch_kwargs": dict(d.student.arch_kwargs), "state_dict": module_part(st), "history": st["history"],
                        "config": st["config"]}, spath)
     return spath
+
+
+def finished_history(cfg: ExperimentConfig, name: str) -> list[dict[str, Any]] | None:
+    """The history of the run ``name`` if it already ran every epoch and was recorded (its student
+    file written, its MLflow run FINISHED), else None. A Tune trial that ``--resume`` runs again
+    after it had finished (Tune saves its record of the experiment at most every 10 s) reports
+    this instead of touching anything."""
+    spath = layout.student(cfg.output_dir, name)
+    if not spath.is_file():
+        return None
+    try:
+        hist = torch.load(spath, map_location="cpu", weights_only=True)["history"]
+    except Exception:  # noqa: BLE001 - not a whole student file: the run finishes it again
+        return None
+    if len(hist) < cfg.distill.epochs or (cfg.tracking.enabled and tracking.run_status(cfg, name) != "FINISHED"):
+        return None
+    return hist
 
 
 def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ctx: tracking.RunContext | None = None,
@@ -103,7 +126,7 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
     mlflow_run = None
     if cfg.tracking.enabled:
         ctx = (ctx or tracking.RunContext()).replace(teacher_hashes=teacher_hashes(shards, ckpts))
-        mlflow_run = {"uri": tracking.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, ctx)}
+        mlflow_run = {"uri": mlflow_store.tracking_uri(cfg), "run_id": tracking.start_distill_run(cfg, name, ctx)}
     loop = LoopConfig(to_dict(cfg), shards, ckpts, mlflow_run, verbose, label, callbacks=tuple(loop_callbacks))
     try:
         fitted = fit(cfg, loop, name, callbacks, here=here)
@@ -113,11 +136,12 @@ def run(cfg: ExperimentConfig, train_shards: Mapping[str, str] | None = None, ct
             tracking.fail_distill_run(cfg, mlflow_run["run_id"])
         raise
     spath, hist = _save_student(cfg, name, fitted.state), fitted.state["history"]
-    top1 = next((h["test_top1"] for h in reversed(hist) if "test_top1" in h), None)
+    top1, val = last_of(hist, "test_top1"), last_of(hist, "val_top1")  # val: where there is a validation split
     if mlflow_run:
-        tracking.finish_distill_run(cfg, mlflow_run["run_id"], top1, len(hist), spath)
-        log(f"distill: MLflow run {mlflow_run['run_id']} in experiment {tracking.experiment_name(cfg)!r} at {mlflow_run['uri']}")
-    log(f"distill: run {name} done: test top-1 {top1:.4f}; student at {spath}")
+        tracking.finish_distill_run(cfg, mlflow_run["run_id"], top1, len(hist), spath, final_val_top1=val)
+        log(f"distill: MLflow run {mlflow_run['run_id']} in experiment {mlflow_store.experiment_name(cfg)!r} at {mlflow_run['uri']}")
+    log(f"distill: run {name} done: test top-1 {top1:.4f}" + (f", val top-1 {val:.4f}" if val is not None else "")
+        + f"; student at {spath}")
     res = StudentRun(name, str(spath), top1, len(hist), fitted.path, mlflow_run and mlflow_run["run_id"], hist)
     write_index(cfg.output_dir, "distill", res.to_dict())
     return res

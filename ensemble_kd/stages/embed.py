@@ -19,8 +19,9 @@ the part files themselves are the one-worker run's (:func:`row_ranges`). One wor
 embedded default's 2,000 rows) writes exactly the parts it always wrote.
 
 A task holds one teacher for its ranges of all splits and reserves ``embed.cpus_per_actor`` CPUs
-and ``embed.gpus_per_actor`` of a GPU while it runs; a task with a GPU runs in a fresh process each
-time (``max_calls=1``). Why tasks rather than actors or Ray Data, with the measurements:
+and ``embed.gpus_per_actor`` of a GPU while it runs, and runs where that says: on the GPU Ray gave it
+when ``gpus_per_actor`` > 0, else on the CPU with the GPUs hidden from it (``devices.stage_device``).
+A task with a GPU runs in a fresh process each time (``max_calls=1``). Why tasks rather than actors or Ray Data, with the measurements:
 docs/design.md, "Stages and their artifacts".
 
 The stage takes its inputs explicitly (a :class:`~ensemble_kd.storage.artifacts.TeacherSet`, a dataset,
@@ -43,11 +44,12 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from ensemble_kd.core import layout
 from ensemble_kd.blocks.adversarial import pgd_perturb, row_generators
 from ensemble_kd.storage.artifacts import ArtifactIndexError, ShardIndex, ShardRecord, TeacherSet, read_index, write_index
-from ensemble_kd.core.checkpoint import DiskFullError, disk_full_cause
+from ensemble_kd.core.files import DiskFullError, disk_full_cause
 from ensemble_kd.core.config import AdversarialConfig, DataConfig, EmbedConfig, ViewsConfig, to_dict
-from ensemble_kd.core.devices import autocast, resolve_device
+from ensemble_kd.core.devices import autocast, stage_device
 from ensemble_kd.storage.shards import (PartWriter, Shard, ShardCorruptError, ShardKey, check_manifest, discard_shard,
                                         new_temp_dir, publish_shard)
 from ensemble_kd.storage.teacher_checkpoint import Teacher, load_record
@@ -167,12 +169,13 @@ def write_shard(teacher: Teacher, ds: PairedDataset, key: ShardKey, root: Path, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _open_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str,
-                  device: str) -> tuple[Teacher, DataConfig, EmbedConfig, torch.device]:
-    """A task's setup: its threads, device and the frozen teacher (checked against its record)."""
+def _open_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str
+                  ) -> tuple[Teacher, DataConfig, EmbedConfig, torch.device]:
+    """A task's setup: its threads, device (``gpus_per_actor``'s) and the frozen teacher (checked
+    against its record)."""
     ec = EmbedConfig(**ecfg)
     torch.set_num_threads(max(1, int(ec.cpus_per_actor)))  # a pooled worker keeps the last task's setting otherwise
-    dev = resolve_device(device)
+    dev = stage_device(ec.gpus_per_actor, "embed.gpus_per_actor")
     dc = DataConfig(**data)
     return load_record(teacher, open_split(dc, "train", output_dir), dev), dc, ec, dev  # train: the spec and classes
 
@@ -187,30 +190,30 @@ def _open_split(dc: DataConfig, split: str, key: ShardKey, output_dir: str) -> P
     return ds
 
 
-def embed_ranges(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str, device: str,
+def embed_ranges(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str,
                  amp: bool, jobs: Sequence[Mapping[str, Any]]):
     """Ray task body of the stage (a streaming generator): load one frozen teacher (a TeacherRecord
     as a dict) once, then for each job ``{split, key, start, stop, index, tmp}`` write samples
     ``[start, stop)`` of that split into the shard's temp folder ``tmp`` (:func:`write_range`);
     yields the rows done after every batch and each range's part descriptors. Publishing is the
     driver's: it alone knows when every range of a shard is there."""
-    t, dc, ec, dev = _open_teacher(teacher, data, ecfg, output_dir, device)
+    t, dc, ec, dev = _open_teacher(teacher, data, ecfg, output_dir)
     for job in jobs:
         k = ShardKey(**job["key"])
         ds = _open_split(dc, job["split"], k, output_dir)
         yield from write_range(t, ds, k, Path(job["tmp"]), ec, dev, amp, job["start"], job["stop"], job["index"])
 
 
-def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str, device: str,
+def embed_teacher(teacher: dict[str, Any], data: dict[str, Any], ecfg: dict[str, Any], output_dir: str,
                   amp: bool, jobs: Sequence[tuple[str, dict[str, Any]]]):
     """Ray task body (a streaming generator) writing whole shards in one task, as one worker of the
     stage does (``bench/embed_throughput.py`` times it): load one frozen teacher once, then write
     and publish its shard under ``<output_dir>/shards`` for each job ``(split, shard key)`` in order;
     yields the rows done after every batch and each shard's manifest when it is published."""
-    t, dc, ec, dev = _open_teacher(teacher, data, ecfg, output_dir, device)
+    t, dc, ec, dev = _open_teacher(teacher, data, ecfg, output_dir)
     for split, key in jobs:
         k = ShardKey(**key)
-        yield from write_shard(t, _open_split(dc, split, k, output_dir), k, Path(output_dir) / "shards", ec, dev, amp)
+        yield from write_shard(t, _open_split(dc, split, k, output_dir), k, layout.shards(output_dir), ec, dev, amp)
 
 
 def embed_task(ecfg: EmbedConfig, body: Callable[..., Any] = embed_teacher) -> Any:
@@ -286,13 +289,13 @@ def plan_shards(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], e
 
 
 def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: EmbedConfig, output_dir: str | Path,
-        device: str = "auto", amp: bool = True, progress: bool = True, log: Callable[[str], None] = print,
+        amp: bool = True, progress: bool = True, log: Callable[[str], None] = print,
         index: str | None = "shards", bar_position: int = 0) -> ShardIndex:
     """Write (or reuse) the shard of every teacher x split; each teacher's rows over its workers'
     Ray tasks (Ray must be initialised). Records the result in ``<output_dir>/index/<index>.json``
     (merged with what is there: other teachers' shards stay), unless ``index`` is None.
     ``bar_position``: the first progress bar's line (runs side by side keep their bars apart)."""
-    root = Path(output_dir) / "shards"
+    root = layout.shards(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     results: list[ShardRecord] = []
     todo: dict[str, list[tuple[str, ShardKey, int]]] = {}
@@ -311,7 +314,7 @@ def run(teachers: TeacherSet, data: DataConfig, splits: Sequence[str], ecfg: Emb
                 continue
         todo.setdefault(name, []).append((split, key, num_samples))
     if todo:
-        written = _EmbedTasks(teachers, data, ecfg, Path(output_dir), device, amp, progress, bar_position).run(todo)
+        written = _EmbedTasks(teachers, data, ecfg, Path(output_dir), amp, progress, bar_position).run(todo)
         for r, workers in written:
             log(f"shard {Path(r.dir).name}: wrote {r.rows} rows in {r.seconds:.1f}s" + (f" by {workers} workers" if workers > 1 else ""))
         results += [r for r, _ in written]
@@ -353,11 +356,11 @@ class _EmbedTasks:
 
     STOP_WAIT_S = 30.0  # after a cancel, how long to wait for the tasks to end before removing their folders
 
-    def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, output_dir: Path, device: str,
+    def __init__(self, teachers: TeacherSet, data: DataConfig, ecfg: EmbedConfig, output_dir: Path,
                  amp: bool, progress: bool, bar_position: int = 0) -> None:
         self.teachers, self.data, self.ecfg = teachers, data, ecfg
-        self.output_dir, self.root = output_dir, output_dir / "shards"
-        self.device, self.amp, self.progress, self.bar_position = device, amp, progress, bar_position
+        self.output_dir, self.root = output_dir, layout.shards(output_dir)
+        self.amp, self.progress, self.bar_position = amp, progress, bar_position
 
     def run(self, todo: dict[str, list[tuple[str, ShardKey, int]]]) -> list[tuple[ShardRecord, int]]:
         """Write the shards of ``todo`` (teacher -> [(split, key, samples)]); (record, workers) per shard."""
@@ -381,7 +384,7 @@ class _EmbedTasks:
                 for w in range(max(len(j.ranges) for j in mine)):  # worker w: range w of each shard that has one
                     ranges = [{"split": j.split, "key": j.key.to_dict(), "start": j.ranges[w][0], "stop": j.ranges[w][1],
                                "index": w, "tmp": str(j.tmp)} for j in mine if w < len(j.ranges)]
-                    gens[task.remote(asdict(self.teachers[name]), data, ecfg, str(self.output_dir), self.device,
+                    gens[task.remote(asdict(self.teachers[name]), data, ecfg, str(self.output_dir),
                                      self.amp, ranges)] = name
             return self._drain(gens, shards, bars)
         finally:

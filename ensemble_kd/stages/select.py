@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ensemble_kd.core import layout
 from ensemble_kd.storage.artifacts import SelectionRecord, write_index
 from ensemble_kd.core.config import ConfigError, DataConfig, SelectConfig, to_dict
 from ensemble_kd.blocks.selection import class_accuracy, load_selection, select_confident, write_selection
@@ -78,7 +79,7 @@ def run(pool: Mapping[str, str | Path], teacher_test: Mapping[str, str | Path], 
         "teacher_test_shards": {n: {"shard_id": ts.shards[n].manifest["shard_id"], "dir": ts.shards[n].dir.name} for n in names},
         "diagnostics": _diagnostics(ps, sel),
     }
-    path, reused = write_selection(Path(output_dir) / "selections", key, ps.sample_ids[sel.rows].numpy(), sel, manifest)
+    path, reused = write_selection(layout.selections(output_dir), key, ps.sample_ids[sel.rows].numpy(), sel, manifest)
     m = load_selection(path).manifest
     log(f"selection {path}: {'reused' if reused else 'wrote'} {m['num_rows']} of {m['pool_rows']} rows "
         f"({'per class' if scfg.per_class else 'global'}, fraction {scfg.fraction}) scored by {names}")

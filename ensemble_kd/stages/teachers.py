@@ -20,11 +20,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ensemble_kd.core import layout
 from ensemble_kd.training import tracking
+from ensemble_kd.storage import mlflow_store
 from ensemble_kd.storage.artifacts import TeacherRecord, TeacherSet, write_index
 from ensemble_kd.core.config import ConfigError, DataConfig, ExperimentConfig, TeacherConfig, to_dict, with_overrides
-from ensemble_kd.core.console import watch_progress
-from ensemble_kd.training.loop import LoopConfig, fit, module_part
+from ensemble_kd.core.progress import watch_progress
+from ensemble_kd.training.state import module_part
+from ensemble_kd.training.launch import fit
+from ensemble_kd.training.loop import LoopConfig
 from ensemble_kd.storage.teacher_checkpoint import (CheckpointError, file_format, inspect_teacher, read_checkpoint, save_teacher,
                                                     teacher_config_hash)
 from ensemble_kd.storage.datastore import open_split
@@ -53,7 +57,7 @@ def teacher_run_config(cfg: ExperimentConfig, t: TeacherConfig) -> ExperimentCon
         },
         "run": {"arms": [], "seeds": [t.seed], "sweep": None},
         # teachers' runs apart from the students' (compare groups an experiment's runs by teacher set)
-        "tracking.experiment": f"{tracking.experiment_name(cfg)}-teachers",
+        "tracking.experiment": f"{mlflow_store.experiment_name(cfg)}-teachers",
     }
     return with_overrides(cfg, over, f"<teacher {t.name}>")
 
@@ -72,11 +76,11 @@ def _train_one(cfg: ExperimentConfig, t: TeacherConfig, path: Path, progress: bo
     mlflow_run = None
     if cfg.tracking.enabled:
         ctx = tracking.RunContext(arm=f"teacher:{t.name}", kind="teacher")
-        mlflow_run = {"uri": tracking.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
+        mlflow_run = {"uri": mlflow_store.tracking_uri(tcfg), "run_id": tracking.start_distill_run(tcfg, name, ctx)}
     try:
         lc = LoopConfig(to_dict(tcfg), mlflow=mlflow_run, verbose=True, label=f"teacher {t.name}")
         turn[0].wait()
-        with watch_progress(f"teacher {t.name}", Path(cfg.output_dir) / "ray_results" / name, t.epochs, log,
+        with watch_progress(f"teacher {t.name}", layout.run_dir(cfg.output_dir, name), t.epochs, log,
                             progress, position):
             st = fit(tcfg, lc, name, submitted=turn[1].set).state
     except BaseException:
@@ -158,8 +162,8 @@ def _train_all(cfg: ExperimentConfig, todo: list[tuple[TeacherConfig, Path]], pr
     run with DDP). ``on_ready`` hears of each teacher from its thread as soon as it is trained;
     ``progress``: live bars (else live lines every 30 s). Returns the trained teachers' records."""
     if cfg.tracking.enabled:  # the store and the experiment once, here: concurrent first writers race
-        tracking.ensure_experiment(tracking.tracking_uri(cfg), f"{tracking.experiment_name(cfg)}-teachers",
-                                   Path(cfg.output_dir) / "mlartifacts")
+        mlflow_store.ensure_experiment(mlflow_store.tracking_uri(cfg), f"{mlflow_store.experiment_name(cfg)}-teachers",
+                                   layout.mlartifacts(cfg.output_dir))
 
     order = {t.name: i for i, t in enumerate(cfg.teachers)}  # each bar's line: the embed stage's bars use the same
 
@@ -194,7 +198,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
     todo: list[tuple[TeacherConfig, Path]] = []
     recs: dict[str, TeacherRecord] = {}  # each teacher's record, made once
     for t in cfg.teachers:
-        path = checkpoint_path(t, Path(cfg.output_dir) / "teachers")
+        path = checkpoint_path(t, layout.teachers(cfg.output_dir))
         if t.checkpoint:
             rec = record(t, path, cfg.data, cfg.output_dir)
             log(f"teacher {t.name}: using checkpoint {path} ({rec.format}: {rec.arch} on {rec.modality}, "
@@ -210,7 +214,7 @@ def run(cfg: ExperimentConfig, retrain: bool = False, progress: bool = True,
     if todo:
         if retrain:  # from scratch: the runs of these recipes must not resume from their last state
             for t, _ in todo:
-                shutil.rmtree(Path(cfg.output_dir) / "ray_results" / teacher_run_config(cfg, t).distill.run_name,
+                shutil.rmtree(layout.run_dir(cfg.output_dir, teacher_run_config(cfg, t).distill.run_name),
                               ignore_errors=True)
         recs.update(_train_all(cfg, todo, progress, log, on_ready))
     ts = TeacherSet({t.name: recs[t.name] for t in cfg.teachers})

@@ -37,10 +37,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ensemble_kd.core.checkpoint import atomic_write, read_json_manifest
+from ensemble_kd.core import layout
+from ensemble_kd.core.files import atomic_write, read_json_manifest
 from ensemble_kd.core.config import ConfigError
 
-INDEX_DIR = "index"
+INDEX_DIR = layout.INDEX
 INDEX_FORMAT = "ensemble-kd/index"
 INDEX_VERSION = 1
 
@@ -55,7 +56,7 @@ def index_path(output_dir: str | Path, name: str) -> Path:
 
 PATH_FIELDS = ("path", "dir", "student_path", "checkpoint_dir")  # the fields of an index that hold paths
 PATH_LISTS = ("teachers", "shards")  # lists of records, each with path fields
-OWN_FOLDERS = ("shards", "selections", "students", "ray_results")  # an old index's paths re-rooted when here
+OWN_FOLDERS = layout.OWN_FOLDERS  # an old index's paths re-rooted when here
 TEACHER_FOLDER = "teachers"  # re-rooted only when the recorded file is gone
 
 

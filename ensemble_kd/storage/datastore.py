@@ -26,7 +26,7 @@ tensors its source serves. Images are never kept encoded (PNG/JPEG): decoding pe
 every step what decoding once costs at prepare time, and uint8 at training size (3 KB per 32x32
 RGB image) is what the encoders read; a folder too large for that on disk is past this store.
 
-Writing: a temp folder, then an atomic rename (``checkpoint.publish_dir``), so nothing half-written
+Writing: a temp folder, then an atomic rename (``files.publish_dir``), so nothing half-written
 is ever opened; two processes preparing the same split at once both succeed (the first rename
 wins). The split's fingerprint is the source's own :meth:`~modalities.PairedDataset.fingerprint`
 (the teacher shards' keys name it); the folder is named by it, so equal content is stored once.
@@ -40,12 +40,12 @@ every node mounts.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -58,11 +58,13 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from ensemble_kd.core.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
+from ensemble_kd.core import layout
+from ensemble_kd.core import owners
+from ensemble_kd.core.files import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
 from ensemble_kd.core.config import DataConfig
 from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
 from modalities import DATASETS, PairedDataset, build_dataset
-from modalities.datasets.base import DatasetError, StoredForm
+from modalities.datasets.base import SPLITS, DatasetError, StoredForm, stratified_split
 from modalities.spec import ModalitySpec
 
 FORMAT = "ensemble-kd/data"
@@ -70,9 +72,9 @@ POINTER_FORMAT = "ensemble-kd/data-pointer"
 VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.arrow"
-OWNER = ".owner"
 CHUNK_BYTES = 64 << 20  # rows are read from the source about this many bytes at a time (the writer's memory)
 PROGRESS_ROWS = 50_000  # splits at least this long get a progress bar while they are written
+CARVE_VERSION = 1  # how data.val_fraction picks its rows (stratified_split); a new way gets a new number
 
 
 class DataStoreError(DatasetError):
@@ -80,12 +82,17 @@ class DataStoreError(DatasetError):
 
 
 def store_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "data"
+    return layout.data(output_dir)
 
 
 def recipe(data: DataConfig, split: str) -> dict[str, Any]:
-    """What names a split before it is read: the dataset, split, root and builder options."""
-    return {"name": data.name, "split": split, "root": data.root, "kwargs": data.kwargs, "store_version": VERSION}
+    """What names a split before it is read: the dataset, split, root and builder options, and for
+    a carved train or val split (``data.val_fraction``) the carve (absent otherwise: a recipe
+    without one names the same pointer as before the carve existed)."""
+    r = {"name": data.name, "split": split, "root": data.root, "kwargs": data.kwargs, "store_version": VERSION}
+    if carved(data, split):
+        r["val_carve"] = {"fraction": data.val_fraction, "seed": data.val_seed, "version": CARVE_VERSION}
+    return r
 
 
 def recipe_id(data: DataConfig, split: str) -> str:
@@ -178,9 +185,7 @@ def write_split(src: PairedDataset, root: Path, fingerprint: str, source: dict[s
     if (final / MANIFEST).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    (tmp / OWNER).write_text(f"{socket.gethostname()}:{os.getpid()}")
+    tmp = owners.temp_dir(root, final.name)  # a killed writer's is swept at the next start
     try:
         specs, forms = dict(src.modalities), src.stored_forms()
         mods = sorted(specs)
@@ -213,14 +218,15 @@ def write_split(src: PairedDataset, root: Path, fingerprint: str, source: dict[s
         manifest = {
             "format": FORMAT, "version": VERSION,
             "dataset": {"name": src.name, "split": src.split, "num_classes": int(src.num_classes), "num_samples": n,
-                        "fingerprint": fingerprint, "classes": getattr(src, "classes", None)},
+                        "fingerprint": fingerprint, "classes": getattr(src, "classes", None),
+                        "splits": list(getattr(src, "source_splits", SPLITS))},  # a table's own `val` rows show here
             "modalities": {m: {"kind": specs[m].kind, "shape": list(specs[m].shape), **forms[m].to_dict(),
                                "file": columns[m]} for m in mods},
             "index": index, "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        (tmp / OWNER).unlink()
+        owners.release(tmp)
         publish_dir(tmp, final, MANIFEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -278,6 +284,7 @@ class StoredDataset(PairedDataset):
         d = m["dataset"]
         self.name, self.split, self.num_classes = d["name"], d["split"], int(d["num_classes"])
         self.classes = d.get("classes")
+        self.source_splits = tuple(d.get("splits") or SPLITS)  # the splits its source has (stores from before: train, test)
         self._fingerprint = d["fingerprint"]
         self.modalities = {k: ModalitySpec(k, v["kind"], tuple(v["shape"])) for k, v in m["modalities"].items()}
         self.forms = {k: StoredForm.from_dict(v) for k, v in m["modalities"].items()}
@@ -310,6 +317,94 @@ class StoredDataset(PairedDataset):
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+
+# ----------------------------------------------------------------------------------------------
+# the validation carve: data.val_fraction of each class of train, as stored splits of their own
+# ----------------------------------------------------------------------------------------------
+def carved(data: DataConfig, split: str) -> bool:
+    """Whether ``split`` of ``data`` is a part of the train split carved by ``data.val_fraction``."""
+    return bool(data.val_fraction) and split in ("train", "val")
+
+
+def has_val(data: DataConfig, output_dir: str | Path) -> bool:
+    """Whether ``data`` has a validation split: a carve (``data.val_fraction``) or the source's own
+    ``val`` rows (a table's), as its stored train split records them (opened, or prepared in a
+    driver that has not yet)."""
+    return bool(data.val_fraction) or "val" in open_split(data, "train", output_dir).source_splits
+
+
+def carve_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows), each (N_part,) int64 in the split's order: ``round(n_c * fraction)``
+    rows of each class c to val, drawn by ``seed`` (the same draw as the shipped datasets' own
+    stratified test splits)."""
+    is_val = stratified_split(np.asarray(labels), fraction, seed)  # (N,) bool
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class CarvedSplit(PairedDataset):
+    """The source of a carved split: rows ``rows`` of the stored full train split ``base`` (served
+    as stored there, bit for bit), named ``split`` (train: what is left; val). Its fingerprint is
+    the base's with the carve, so the teachers' shards of the rest are keyed apart from the full
+    split's; ``carve`` is the record kept in the manifest and the pointer."""
+
+    def __init__(self, base: StoredDataset, rows: np.ndarray, split: str, carve: dict[str, Any]) -> None:
+        self._base, self._rows, self.carve = base, np.asarray(rows, dtype=np.int64), carve  # (N,) rows of base
+        self.name, self.split, self.num_classes, self.classes = base.name, split, base.num_classes, base.classes
+        self.modalities = dict(base.modalities)
+        self.sample_ids = base.sample_ids[self._rows]  # (N,) int64
+        self.labels = base.labels[self._rows]  # (N,) int64
+        self.source_splits = (*SPLITS, "val")
+
+    def _inputs(self, index: np.ndarray, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._base._inputs(self._rows[np.asarray(index, dtype=np.int64)], modalities)
+
+    def stored_forms(self) -> dict[str, StoredForm]:
+        return self._base.stored_forms()
+
+    def stored_batch(self, index, modalities) -> dict[str, np.ndarray]:
+        return self._base.stored_batch(self._rows[np.asarray(index, dtype=np.int64)], modalities)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"carve-v{CARVE_VERSION}|{self._base.fingerprint()}|{self.split}|".encode())
+        h.update(json.dumps({k: self.carve[k] for k in ("fraction", "seed")}).encode())
+        h.update(self._rows.tobytes())
+        return h.hexdigest()
+
+
+def carve_split(base: StoredDataset, data: DataConfig, split: str) -> CarvedSplit:
+    """Part ``split`` (train or val) of the stored full train split ``base``, carved by
+    ``data.val_fraction`` and ``data.val_seed``; refused, naming the field, where the carve leaves
+    val or a class's train rows empty, or the source has ``val`` rows of its own."""
+    f = data.val_fraction
+    if "val" in base.source_splits:
+        raise DatasetError(f"data.val_fraction: dataset {data.name!r} ({data.root}) has `val` rows of its own; "
+                           "set data.val_fraction: 0 to use them, or drop them to carve from train")
+    train, val = carve_rows(base.labels, f, data.val_seed)
+    classes, total = np.unique(base.labels, return_counts=True)
+    in_val = np.bincount(base.labels[val], minlength=int(classes.max()) + 1)[classes]  # (C,) val rows per class
+    if not len(val):
+        raise DatasetError(f"data.val_fraction: {f:g} of each class of the {len(base)} train rows of {data.name!r} "
+                           "rounds to no validation row; raise it (or set 0: no validation split)")
+    if (in_val == total).any():
+        c = int(classes[np.argmax(in_val == total)])
+        raise DatasetError(f"data.val_fraction: {f:g} carves every train row of class {c} "
+                           f"({int(total[np.argmax(in_val == total)])} rows) into val; lower it")
+    carve = {"version": CARVE_VERSION, "fraction": f, "seed": data.val_seed, "method": "stratified",
+             "base": {"dir": base.dir.name, "fingerprint": base.fingerprint(), "rows": len(base)},
+             "train_rows": len(train), "val_rows": len(val),
+             "val_per_class": {str(int(c)): int(k) for c, k in zip(classes, in_val)},
+             "val_sample_ids_sha256": hashlib.sha256(np.ascontiguousarray(base.sample_ids[val], dtype=np.int64).tobytes()).hexdigest()}
+    return CarvedSplit(base, train if split == "train" else val, split, carve)
+
+
+def _source(data: DataConfig, split: str, output_dir: str | Path, log: Callable[[str], None] | None) -> PairedDataset:
+    """What a split is read from: the registered dataset, or for a carved split the stored full
+    train split (prepared first: the carve is drawn from the same rows every time)."""
+    if carved(data, split):
+        whole = dataclasses.replace(data, val_fraction=0.0, val_seed=0)
+        return carve_split(prepare(whole, "train", output_dir, log), data, split)
+    return build_dataset(data.name, split, data.root, **data.kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,21 +456,23 @@ def prepare(data: DataConfig, split: str, output_dir: str | Path, log: Callable[
                 _OPEN[(str(ptr_path), ptr["dir"])] = ds
             return ds
     t0 = time.perf_counter()
-    src = build_dataset(data.name, split, data.root, **data.kwargs)
+    src = _source(data, split, output_dir, log)
     fp = src.fingerprint()
     # a bar on a terminal for splits that take a while to write (a small one would only add a line;
     # disable=None: none when the output is not a terminal)
     with tqdm(total=len(src), desc=f"data {data.name}/{split}", unit="row", leave=False,
               disable=True if len(src) < PROGRESS_ROWS else None) as bar:
-        folder = write_split(src, root, fp, {"recipe": recipe(data, split), "stamp": stamp}, progress=bar.update)
+        carve = {"carve": src.carve} if isinstance(src, CarvedSplit) else {}
+        folder = write_split(src, root, fp, {"recipe": recipe(data, split), "stamp": stamp, **carve}, progress=bar.update)
     del src
     ds = StoredDataset(folder, verify=False)  # just written (or published by a concurrent writer and hashed then)
     ds.verified = True
     pointer = {"format": POINTER_FORMAT, "version": VERSION, "recipe": recipe(data, split), "stamp": stamp,
-               "dir": folder.name, "fingerprint": fp}
+               "dir": folder.name, "fingerprint": fp, **carve}
     atomic_write(ptr_path, lambda f: f.write(json.dumps(pointer, indent=2, default=str).encode()))
     if log:
-        log(f"data {data.name}/{split}: wrote {folder} ({len(ds)} rows in {time.perf_counter() - t0:.1f}s)")
+        how = f", carved by data.val_fraction {data.val_fraction:g}" if carved(data, split) else ""
+        log(f"data {data.name}/{split}: wrote {folder} ({len(ds)} rows{how} in {time.perf_counter() - t0:.1f}s)")
     with _LOCK:
         _OPEN[(str(ptr_path), folder.name)] = ds
     return ds

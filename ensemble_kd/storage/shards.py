@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -47,7 +46,8 @@ import pyarrow as pa
 import torch
 
 from ensemble_kd import __version__
-from ensemble_kd.core.checkpoint import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
+from ensemble_kd.core import owners
+from ensemble_kd.core.files import atomic_write, file_sha256, naming_full_disk, publish_dir, read_json_manifest
 from ensemble_kd.core.errors import ProjectError
 from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
 from ensemble_kd.core.rows import PartedRows, as_torch
@@ -55,7 +55,6 @@ from ensemble_kd.core.rows import PartedRows, as_torch
 FORMAT = "ensemble-kd/shard"
 VERSION = 1
 MANIFEST = "manifest.json"
-OWNER = ".owner"  # in a writer's temp directory: "<host>:<pid>" of the writing process
 _ROW_FIELDS = ("sample_id", "label", "view", "aug_top", "aug_left", "aug_flip", "embedding", "logits")
 
 
@@ -224,12 +223,9 @@ class PartWriter:
 
 
 def new_temp_dir(root: str | Path, key: ShardKey) -> Path:
-    """Create the hidden temp directory a shard is written into, ``.<dirname>.tmp-<id>`` under
-    ``root``, with the :data:`OWNER` file naming this process (see :func:`clean_stale_temp_dirs`)."""
-    tmp = Path(root) / f".{key.dirname}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    (tmp / OWNER).write_text(f"{socket.gethostname()}:{os.getpid()}")
-    return tmp
+    """The hidden temp directory a shard is written into, claimed by this process
+    (:func:`ensemble_kd.core.owners.temp_dir`: a killed writer's is swept at the next start)."""
+    return owners.temp_dir(root, key.dirname)
 
 
 def shard_manifest(key: ShardKey, embed_dim: int, num_classes: int, extra: dict[str, Any], adv_dim: int,
@@ -268,7 +264,7 @@ def publish_shard(tmp: Path, final: Path, key: ShardKey, embed_dim: int, num_cla
         final_parts.append({**p, "file": name})
     manifest = shard_manifest(key, embed_dim, num_classes, extra, adv_dim, final_parts, num_samples, dataset_name)
     atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    (tmp / OWNER).unlink()  # a published shard has no writer
+    owners.release(tmp)  # a published shard has no writer
     publish_dir(tmp, final, MANIFEST)
     return manifest
 
@@ -533,25 +529,6 @@ class ShardSet:
 
     def __len__(self) -> int:
         return self.first.num_rows
-
-
-def clean_stale_temp_dirs(root: str | Path) -> list[Path]:
-    """Remove the temp directories of shard writers that were killed (an interrupted or killed
-    `embed`): their :data:`OWNER` names a process of this host that is gone. A live writer's, and
-    other hosts' (a shared folder), are left alone."""
-    host, gone = socket.gethostname(), []
-    for d in Path(root).glob(".*.tmp-*"):
-        try:
-            h, _, pid = (d / OWNER).read_text().rpartition(":")
-            if h != host:
-                continue
-            os.kill(int(pid), 0)  # raises ProcessLookupError when the writer is gone
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-        except (OSError, ValueError):  # no owner (an older writer), another user's live process, ...
-            continue
-    return gone
 
 
 def discard_shard(shard_dir: Path) -> None:

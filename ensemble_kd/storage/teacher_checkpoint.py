@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ensemble_kd.core.checkpoint import atomic_torch_save, state_dict_hash
+from ensemble_kd.core.files import atomic_torch_save, state_dict_hash
 from ensemble_kd.core.config import DataConfig, TeacherConfig, config_hash, to_dict
 from ensemble_kd.core.devices import autocast
 from ensemble_kd.core.errors import ProjectError
@@ -120,7 +120,17 @@ def teacher_config_hash(cfg: TeacherConfig, data: DataConfig) -> str:
     d = to_dict(cfg)
     for k in ("name", "checkpoint", "num_workers", "cpus_per_worker", "use_gpu", "eval_every"):  # nor do resources or evaluation
         d.pop(k)
-    return config_hash({"teacher": d, "data": to_dict(data)})
+    return config_hash({"teacher": d, "data": data_recipe(data)})
+
+
+def data_recipe(data: DataConfig) -> dict[str, Any]:
+    """The data config as a recipe: without a validation carve, as it was before ``val_fraction``
+    existed (so checkpoints trained then are still reused); with one, the carve is part of it."""
+    d = to_dict(data)
+    if not data.val_fraction:
+        d.pop("val_fraction")
+        d.pop("val_seed")
+    return d
 
 
 def _read_file(path: Path) -> tuple[Any, bytes]:

@@ -1,4 +1,5 @@
-"""The one training loop: ``train_loop_per_worker`` run by Ray Train's ``TorchTrainer``.
+"""The one training loop: the epochs of a run, on every worker (``train_loop_per_worker`` under
+Ray Train's ``TorchTrainer``, or one process in local mode: :mod:`ensemble_kd.training.launch`).
 
 Every method enters through the loss registry: the loop builds the configured loss terms,
 puts them and the student into one trainable :class:`DistillModule` (wrapped once by Ray
@@ -6,41 +7,25 @@ Train for DDP), and minimises ``sum(weight * term)``. There is no per-method bra
 Each loss returns its value and its metrics as device tensors; the loop sums them on the
 device and reads them once per epoch (no host synchronisation per step).
 
-Every ``checkpoint_every`` epochs, and at the end, the loop saves its training state (student,
-heads, memories, optimiser, scheduler, RNG states, epoch, metric history), in a format that loads
-with ``torch.load(weights_only=True)`` (tensors and plain containers only: an output folder is
-often shared, and a pickle from it must never run code). A restarted worker group (a killed
-worker, ``max_failures``) or a resumed run (``--resume``: the same run name) continues from it.
-
+Every ``checkpoint_every`` epochs, and at the end, rank 0 saves the training state
+(:mod:`ensemble_kd.training.state`); a restarted worker group or a resumed run continues from it.
 A run whose loss turns NaN or infinite stops at the end of that epoch, before it saves anything,
-with :class:`NonFiniteError` naming the loss part, the epoch and the first bad step; the check
-reads the device once per epoch, with the metrics.
+with :class:`NonFiniteError` naming the loss part, the epoch and the first bad step.
 
-A single-worker run can execute in one Ray process that holds the worker's resources
-(``distill.local_mode``): a Ray task, or the Tune trial's own process. That is Ray Train's local mode
-done by hand: no controller or worker group to start. (Ray Train's own local mode,
-``ScalingConfig(num_workers=0)``, refuses its ``ray.train`` API inside a Tune trial in Ray 2.60, so
-the loop talks to Ray Train through a small :class:`_Session` seam: :class:`_TrainSession` in a Ray
-Train worker, :class:`_LocalSession` in one process.) A local run keeps its own state under
-``ray_results/<name>/``, and :func:`fit` restarts it after an error up to ``max_failures`` times.
-
-:class:`LoopCallback` is the loop's one extension point (``on_epoch_start``/``on_epoch_end``),
-passed in the train loop config; the tests use it to inject faults.
+The loop talks to Ray Train through a small :class:`_Session` seam: :class:`_TrainSession` in a
+Ray Train worker, :class:`_LocalSession` in one process (Ray Train's own local mode refuses its
+``ray.train`` API inside a Tune trial in Ray 2.60). :class:`LoopCallback` is the loop's one
+extension point (``on_epoch_start``/``on_epoch_end``), passed in the train loop config.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
-import os
-import pickle
-import random
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,22 +36,21 @@ import torch
 from torch import nn
 
 from ensemble_kd.core import dist
-from ensemble_kd.core.checkpoint import atomic_torch_save
-from ensemble_kd.core.config import ExperimentConfig, from_dict, to_dict
-from ensemble_kd.core.console import PROGRESS_FILE
-from ensemble_kd.training.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.core.config import ExperimentConfig, from_dict
+from ensemble_kd.core.devices import autocast, seed_everything, stage_device
 from ensemble_kd.core.errors import ProjectError
-from ensemble_kd.storage.datastore import open_split, prepare
-from ensemble_kd.core.shared_folder import in_ray_worker, not_shared
-from ensemble_kd.training.online_data import OnlineData
-from ensemble_kd.core.devices import autocast, seed_everything
-from ensemble_kd.core.interrupts import ray_train_fit
+from ensemble_kd.core.progress import write_progress
+from ensemble_kd.core.raycluster import quiet_train_reports
 from ensemble_kd.losses import LOSSES, DistillInputs, LossContext, LossOutput, build_loss
 from ensemble_kd.losses.base import optimizer_param_groups
-from ensemble_kd.core.raycluster import quiet_train_reports
+from ensemble_kd.storage.datastore import has_val, open_split
 from ensemble_kd.storage.teacher_checkpoint import load_record
-from ensemble_kd.training.tracking import log_epochs
+from ensemble_kd.training.data import DistillData, epoch_rows, eval_dataset
+from ensemble_kd.training.online_data import OnlineData
+from ensemble_kd.training.state import STATE_FILE, latest_state_dir, load_state, save_state, set_rng_state
+from ensemble_kd.training.tracking import log_epochs, log_run_params
 from modalities import PairedDataset, build_encoder
+
 
 
 class DistillModule(nn.Module):
@@ -185,34 +169,6 @@ def buffer_checksums(module: nn.Module) -> list[str]:
     return [f"{int(v):015x}" for v in dist.all_gather_cat(mine.to(dev)).cpu()]
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain numbers (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    py = s["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-STATE_FILE = "state.pt"
-
-
-class StateFileError(RuntimeError, ProjectError):
-    """A training state file that cannot be loaded safely (not weights-only, damaged)."""
-
-
 class NonFiniteError(RuntimeError, ProjectError):
     """The loss (or the weights, after a step) turned NaN or infinite."""
 
@@ -221,33 +177,6 @@ def reported(metrics: dict[str, Any]) -> dict[str, Any]:
     """What goes to Ray Train (and Tune): the scalar metrics. The per-rank buffer checksums stay in
     the checkpointed history; Tune's loggers take scalars only."""
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
-
-
-def load_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The training state in ``folder/state.pt``, loaded with ``weights_only=True``: tensors and
-    plain containers only. A file that needs more (a crafted pickle, or a state written by a
-    version before 0.3) is refused, never executed."""
-    path = Path(folder) / STATE_FILE
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise StateFileError(f"refusing to load training state {path}: it is not a weights-only ensemble-kd state "
-                             f"(it would need code execution to load: {first}); if you did not write it, someone "
-                             f"else may have; delete the run's folder to start that run over") from None
-    except FileNotFoundError:
-        # written by the run's rank 0, perhaps on another node: a folder this node does not share, not a bad file
-        raise not_shared(path, Path(folder), "the training state") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise StateFileError(f"cannot read training state {path}: {e}; delete the run's folder to start that run over") from None
-
-
-def save_state(path: Path, w: _Worker) -> None:
-    """The worker's training state after its last epoch (``w.history[-1]``), weights-only loadable;
-    ``timings``: seconds spent so far per part (this save's own time not yet in)."""
-    atomic_torch_save({"module": w.module.state_dict(), "optimizer": w.opt.state_dict(), "scheduler": w.sched.state_dict(),
-                       "epoch": len(w.history) - 1, "rng": _rng_state(), "history": w.history, "config": to_dict(w.cfg),
-                       "timings": dict(w.timings)}, path)
 
 
 class LoopCallback:
@@ -295,6 +224,7 @@ class _Worker:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     sched_per_step: bool = False
+    val_ds: Any = None  # data's validation split, where it has one (selection reads its top-1, never test's)
     start: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part: setup_s, steps_s, eval_s, mlflow_s, ...
@@ -363,10 +293,7 @@ class _LocalSession(_Session):
     saves its own state; epochs reach the caller through the loop callbacks."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self.device = torch.device("cuda", 0) if cfg.distill.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        if cfg.distill.use_gpu and self.device.type != "cuda":
-            raise RuntimeError("distill.use_gpu is set, but this process sees no CUDA device (ray.get_gpu_ids() "
-                               f"= {ray.get_gpu_ids() if ray.is_initialized() else 'n/a'})")
+        self.device = stage_device(1 if cfg.distill.use_gpu else 0, "distill.use_gpu")
 
 
 def _setup(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> _Worker:
@@ -382,7 +309,8 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> _Worker:
     module = build_module(cfg, data, train_ds.num_classes, device).to(device)
     steps = len(epoch_rows(len(data), d.batch_size, session.world, session.rank, d.seed, 0))
     opt, sched, per_step = build_optim(cfg, optimizer_param_groups(module, module.losses.values()), steps)
-    w = _Worker(cfg, session.rank, session.world, device, data, test_ds, module, opt, sched, per_step)
+    w = _Worker(cfg, session.rank, session.world, device, data, test_ds, module, opt, sched, per_step,
+                open_split(cfg.data, "val", cfg.output_dir) if has_val(cfg.data, cfg.output_dir) else None)
     st = session.restored(device)
     if st is None and lc.run_dir:
         folder = latest_state_dir(lc.run_dir)
@@ -393,19 +321,12 @@ def _setup(cfg: ExperimentConfig, lc: LoopConfig, session: _Session) -> _Worker:
         sched.load_state_dict(st["scheduler"])
         for g, lr in zip(opt.param_groups, sched.get_lr()):  # the lr of the *current* schedule at this epoch,
             g["lr"] = lr  # not the one the optimiser state saved (a run resumed with more epochs changes it)
-        _set_rng_state(st["rng"])
+        set_rng_state(st["rng"])
         w.start, w.history, w.timings = st["epoch"] + 1, st["history"], dict(st.get("timings") or {})
         if w.rank == 0:
             print(f"[{lc.label}] resumed from the checkpoint of epoch {st['epoch'] + 1}", flush=True)
     w.timings["setup_s"] = w.timings.get("setup_s", 0.0) + time.perf_counter() - t0
     return w
-
-
-def latest_state_dir(run_dir: str | Path) -> Path | None:
-    """The folder of the newest training state of a run (``<run_dir>/state.pt`` written in local
-    mode, or a Ray Train ``checkpoint_*`` folder), or None."""
-    cands = [f.parent for f in (Path(run_dir) / STATE_FILE, *Path(run_dir).glob(f"checkpoint_*/{STATE_FILE}")) if f.is_file()]
-    return max(cands, key=lambda f: (f / STATE_FILE).stat().st_mtime_ns) if cands else None
 
 
 def _train_epoch(w: _Worker, model: nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -469,8 +390,11 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
     clock = _Clock(w.timings)
     if (epoch + 1) % d.eval_every == 0 or epoch + 1 == d.epochs:
         metrics["test_top1"] = evaluate(w.module.student, w.test_ds, d.student.modality, w.device)
+        if w.val_ds is not None:
+            metrics["val_top1"] = evaluate(w.module.student, w.val_ds, d.student.modality, w.device)
     metrics.update(extra)  # per-term diagnostics (CRD's per-teacher parts and Z, ...)
     metrics["buffer_checksums"] = buffer_checksums(w.module)
+    metrics["run"] = device_record(w.device)  # a dict: in the history, not in the line, Tune or MLflow's metrics
     w.history.append(metrics)
     clock.lap("eval_s")
     save = (epoch + 1) % d.checkpoint_every == 0 or epoch + 1 == d.epochs
@@ -481,11 +405,13 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
         w.unsent.append(metrics)
         if save or time.perf_counter() - w.sent_at >= d.metrics_flush_s:
             _send_metrics(w, lc)
+        if epoch + 1 == d.epochs:
+            log_run_params(lc.mlflow["uri"], lc.mlflow["run_id"], {f"run.{k}": v for k, v in metrics["run"].items()})
         clock.lap("mlflow_s")
     if lc.verbose:  # the worker's stdout: Ray streams it to the driver's log file (and its console with -v)
         print(epoch_line(lc.label, metrics), flush=True)
     if lc.run_dir:
-        write_progress(Path(lc.run_dir), w, lc, metrics)
+        write_progress(Path(lc.run_dir), progress_doc(w, lc, metrics))
     if lc.local:  # no Ray Train to persist a checkpoint: the loop keeps its state in the run's folder
         if save:
             save_state(Path(lc.run_dir) / STATE_FILE, w)
@@ -502,6 +428,13 @@ def _end_epoch(w: _Worker, epoch: int, metrics: dict[str, Any], extra: dict[str,
     clock.lap("checkpoint_s")  # the state's save and Ray Train's persistence of it
 
 
+def device_record(device: torch.device) -> dict[str, Any]:
+    """Where this rank runs and the most accelerator memory it has held so far (MiB of tensors, the
+    caching allocator's peak; 0 on the CPU, which has none): each epoch's ``run`` entry."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return {"device": str(device), "peak_accel_mem_mb": round(peak, 1)}
+
+
 def epoch_line(label: str, metrics: dict[str, Any]) -> str:
     """The per-epoch line: ``[label] loss/ce=0.41 ... test_top1=0.95``, the scalar metrics only (the
     per-rank buffer checksums stay in the checkpointed history: a diagnostic, not for people)."""
@@ -509,20 +442,11 @@ def epoch_line(label: str, metrics: dict[str, Any]) -> str:
                                     for k, v in metrics.items() if not isinstance(v, (list, tuple, dict)))
 
 
-def write_progress(run_dir: Path, w: _Worker, lc: LoopConfig, metrics: dict[str, Any]) -> None:
-    """``<run_dir>/progress.json`` after every epoch (rank 0): where the run is, for a driver to
-    show (:func:`ensemble_kd.core.console.watch_progress` polls it). Written to a temp name and renamed, so a reader
-    never sees half of it; not fsynced (it is rewritten next epoch, and a lost one costs nothing);
-    best effort: a failed write never stops training."""
+def progress_doc(w: _Worker, lc: LoopConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What rank 0 writes to the run's progress file after an epoch (:mod:`ensemble_kd.core.progress`)."""
     top1 = next((h["test_top1"] for h in reversed(w.history) if "test_top1" in h), None)
-    doc = {"label": lc.label, "epoch": int(metrics["epoch"]), "epochs": w.cfg.distill.epochs,
-           "loss": metrics.get("loss/total"), "test_top1": top1, "epoch_seconds": metrics.get("epoch_seconds"),
-           "time": time.time()}
-    tmp = run_dir / f".{PROGRESS_FILE}.{os.getpid()}.tmp"
-    with contextlib.suppress(OSError):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, run_dir / PROGRESS_FILE)
+    return {"label": lc.label, "epoch": int(metrics["epoch"]), "epochs": w.cfg.distill.epochs,
+            "loss": metrics.get("loss/total"), "test_top1": top1, "epoch_seconds": metrics.get("epoch_seconds")}
 
 
 def _send_metrics(w: _Worker, lc: LoopConfig) -> None:
@@ -542,101 +466,6 @@ class _Clock:
         now = time.perf_counter()
         self.totals[key] = self.totals.get(key, 0.0) + now - self.t
         self.t = now
-
-
-@dataclass
-class Fitted:
-    """A finished run of the loop: its final training state and the folder that holds it."""
-
-    state: dict[str, Any]  # module weights, optimiser, history, config, timings (as save_state writes them)
-    path: str  # the folder of that state (a Ray Train checkpoint folder, or the run's folder in local mode)
-
-
-def runs_locally(cfg: ExperimentConfig, callbacks: Sequence[Any] = ()) -> bool:
-    """Whether :func:`fit` runs this config in Ray Train's local mode: one worker, ``local_mode`` on,
-    and no Ray Train callbacks (local mode calls none)."""
-    return cfg.distill.local_mode and cfg.distill.num_workers == 1 and not callbacks
-
-
-def store_ready(cfg: ExperimentConfig) -> None:
-    """In the driver (a library call that skipped the pipeline), the data store the workers will
-    open: a worker never prepares it (:func:`~ensemble_kd.storage.datastore.open_split`). Reused
-    at once where the pipeline prepared it."""
-    if not in_ray_worker():
-        for data, split in ((cfg.data, "train"), (cfg.distill.eval_data or cfg.data, "test")):
-            prepare(data, split, cfg.output_dir)
-
-
-def fit(cfg: ExperimentConfig, lc: LoopConfig, name: str, callbacks: Sequence[Any] = (), here: bool = False,
-        submitted: Callable[[], None] | None = None) -> Fitted:
-    """Run the loop as the run ``name`` under ``<output_dir>/ray_results`` (a reused name resumes
-    it) and return its final state; raises the training error, if any. ``distill.num_workers`` workers (DDP) with ``use_gpu`` on Ray Train, ``max_failures`` restarts
-    from the last checkpoint; ``callbacks``: Ray Train user callbacks. A single-worker run with
-    ``distill.local_mode`` (:func:`runs_locally`) runs in one process instead: a Ray task holding
-    the worker's resources, or, with ``here``, this process (the caller is such a Ray process
-    already: a Tune trial). No controller or worker group starts; the loop keeps its state in the
-    run's folder, an error restarts it from there (``max_failures`` times; a killed task too, by
-    Ray's task retries), and per-epoch reports reach the caller through the loop callbacks
-    (``lc.callbacks``). ``submitted``: called once the run has asked Ray for its resources."""
-    d = cfg.distill
-    submitted = submitted or (lambda: None)
-    store_ready(cfg)
-    run_dir = Path(cfg.output_dir) / "ray_results" / name
-    lc = dataclasses.replace(lc, run_dir=str(run_dir))
-    if runs_locally(cfg, callbacks):
-        lc = dataclasses.replace(lc, local=True)
-        if here:
-            submitted()
-            _fit_local(cfg, lc)
-        else:
-            task = ray.remote(_fit_local).options(num_cpus=d.cpus_per_worker, num_gpus=1 if d.use_gpu else 0,
-                                                 max_retries=d.max_failures)  # a killed task restarts from its state
-            ref = task.remote(cfg, lc)
-            submitted()
-            ray.get(ref)
-        return Fitted(load_state(run_dir), str(run_dir))
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    quiet_train_reports(cfg.ray.train_log_level)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=lc.to_dict(),
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                     resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(Path(cfg.output_dir) / "ray_results"),
-                             failure_config=FailureConfig(max_failures=d.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
-                             logging_config=LoggingConfig(log_level=cfg.ray.train_log_level)),
-    )
-    submitted()  # (the controller asks for the workers' resources as fit starts)
-    with ray_train_fit():  # Ray Train takes SIGINT over during fit: a Ctrl-C still ends as Interrupted
-        result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as cdir:
-        return Fitted(load_state(Path(cdir)), result.checkpoint.path)
-
-
-def _fit_local(cfg: ExperimentConfig, lc: LoopConfig) -> None:
-    """The loop in this process, restarted from its last saved state after an error, up to
-    ``max_failures`` times; a non-finite loss, an unreadable state or a bad value is final."""
-    for attempt in range(cfg.distill.max_failures + 1):
-        try:
-            _run(cfg, lc, _LocalSession(cfg))
-            return
-        except (NonFiniteError, StateFileError, ValueError, TypeError):
-            raise  # the same input fails the same way again
-        except Exception as e:
-            if attempt == cfg.distill.max_failures:
-                raise
-            print(f"[{lc.label}] attempt {attempt + 1} failed ({type(e).__name__}: {e}); restarting from the last "
-                  f"saved state ({attempt + 1}/{cfg.distill.max_failures} restarts)", file=sys.stderr, flush=True)  # a warning
-
-
-def module_part(state: dict[str, Any], prefix: str = "student.") -> dict[str, torch.Tensor]:
-    """The weights of one part of the DistillModule (the student) out of a training state."""
-    return {k[len(prefix):]: v for k, v in state["module"].items() if k.startswith(prefix)}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

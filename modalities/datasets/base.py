@@ -33,7 +33,8 @@ and, for a dataset whose modalities depend on its config, ``modalities_of``: a c
 ``(root, **kwargs) -> names`` that says which modalities ``build_dataset(name, split, root,
 **kwargs)`` would serve without reading any rows (a table's schema, synthetic's options,
 paired-folder's sub-folders), so that a config naming a modality the dataset lacks is refused
-before any work (:func:`dataset_modalities`)."""
+before any work (:func:`dataset_modalities`); ``splits``, for a dataset that may serve more splits
+than :data:`SPLITS` (a table's ``val`` rows)."""
 
 
 class DatasetError(ValueError, ProjectError):
@@ -81,7 +82,10 @@ class PairedDataset(torch.utils.data.Dataset):
     """Base class of every dataset: samples with ids, labels and named modality tensors.
 
     Subclasses set ``name``, ``split``, ``num_classes``, ``modalities`` (name -> ModalitySpec),
-    ``sample_ids`` (N,) int64 and ``labels`` (N,) int64, and implement ``_inputs(index)``.
+    ``sample_ids`` (N,) int64 and ``labels`` (N,) int64, and implement ``_inputs(index)``. A
+    dataset whose classes have names sets ``classes`` (name i is class i: a table's string labels,
+    an image folder's class folders): the data store keeps it in the split's manifest and
+    ``ensemble-kd data prepare`` shows it (:func:`class_names`).
     """
 
     name: str
@@ -214,9 +218,10 @@ class ArrayDataset(PairedDataset):
             h.update(self._arrays[m].numpy().tobytes())
 
 
-def check_split(name: str, split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"dataset {name!r}: unknown split {split!r}; splits are {', '.join(SPLITS)}")
+def check_split(name: str, split: str, splits: Sequence[str] = SPLITS) -> None:
+    """``splits``: the dataset's (train and test; a table's also val, see ``DATASETS``' ``splits``)."""
+    if split not in splits:
+        raise ValueError(f"dataset {name!r}: unknown split {split!r}; splits are {', '.join(splits)}")
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -233,7 +238,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.
 def build_dataset(name: str, split: str, root: str | None = None, **kwargs: Any) -> PairedDataset:
     """Build a registered dataset's split; ``root`` is the data directory for on-disk datasets."""
     builder = DATASETS.get(name)
-    check_split(name, split)
+    check_split(name, split, DATASETS.meta(name).get("splits") or SPLITS)
     if DATASETS.meta(name).get("needs_root") and not root:
         raise ValueError(f"dataset {name!r} reads its files from a directory: set data.root")
     return builder(split, root=root, **kwargs)
@@ -267,6 +272,13 @@ def chosen_modalities(dataset: str, modalities: Any, what: str) -> tuple[str, ..
     if isinstance(modalities, str) or not isinstance(modalities, Sequence):
         raise DatasetError(f"{dataset}: data.kwargs.modalities must be a list of {what}, got {modalities!r}")
     return tuple(modalities)
+
+
+def class_names(classes: Sequence[str], limit: int = 10) -> str:
+    """``cat=0, dog=1, ...``: each class name with its class number, the first ``limit`` of them
+    (then how many more)."""
+    shown = ", ".join(f"{c}={i}" for i, c in enumerate(classes[:limit]))
+    return shown + (f", ... ({len(classes) - limit} more, {len(classes)} in all)" if len(classes) > limit else "")
 
 
 def list_datasets() -> list[str]:

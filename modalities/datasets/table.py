@@ -16,9 +16,15 @@ One row per sample, with these columns:
 
 * ``sample_id``: integer, unique across the whole table (both splits). It is the key that joins
   the student's rows to the teachers' outputs, so keep it stable when you regenerate the file.
-* ``label``: integer class, ``0 .. num_classes - 1``.
-* ``split``: string (or dictionary-encoded string, e.g. a pandas categorical), ``train`` or
-  ``test``. Both splits must have rows. Rows of a split keep the table's order.
+* ``label``: integer class, ``0 .. num_classes - 1``, or a string (the class name; a pandas
+  categorical too): the distinct names of the whole table, sorted (code point order, as Python
+  sorts strings), are classes 0, 1, ...; the data store keeps the names in each split's manifest
+  (``dataset.classes``) and ``ensemble-kd data prepare`` shows them (``classes: cat=0, dog=1``).
+  Every class needs at least one train row: a gap in the integer labels (0, 1, 3) or a class only
+  test or val rows have is refused unless ``num_classes`` is given.
+* ``split``: string (or dictionary-encoded string, e.g. a pandas categorical), ``train``,
+  ``test`` or ``val``. Train and test must have rows; ``val`` rows, where there are any, are the
+  validation split that selection uses (Tune, compare, export --arm). Rows of a split keep the table's order.
 * one column per modality (every other column, unless ``modalities`` picks some), one of:
 
   - a fixed-size list of numbers, ``pa.list_(pa.float32(), D)``: a vector view, kind ``vector``,
@@ -43,15 +49,17 @@ non-default index) is not a modality.
 
 Options (``data.kwargs``): ``modalities``, a list of column names to serve (default: every column
 but ``sample_id``, ``label``, ``split``); ``num_classes`` (default: the largest label over the
-whole table + 1, the same for both splits).
+whole table + 1, the same for every split; given, it also keeps classes without train rows; with
+string labels it may only be their number of names).
 
 Validation: everything is checked when a split is built (``ensemble-kd data prepare``, or the
 first verb that reads the data), for the whole table at once, before anything is written, and each
 problem is a :class:`~modalities.datasets.base.DatasetError` of one line naming the file, the
 column and, for a bad value, the row (``row`` is the 0-based row number within that file, with its
 ``sample_id`` where it has one): a missing ``sample_id``/``label``/``split`` column, a duplicated sample_id
-(both rows named), a null sample_id or label, a label out of range, a split other than
-train/test, a modality column of an unusable type (or a list column whose length differs from the
+(both rows named), a null sample_id or label, a label out of range or negative, a class without
+a train row (without ``num_classes``), a label column neither integer nor string, a split other than
+train/test/val, a modality column of an unusable type (or a list column whose length differs from the
 first row's), a null, NaN or infinite value in a modality, a split without rows, a file that is not
 Parquet/Arrow, files whose schemas differ (both named).
 
@@ -63,7 +71,7 @@ read stopped, so the data store's consecutive reads cost one pass over the file.
 and compressed IPC files decode each record batch whole, so keep batches moderate there.
 
 Fingerprint: sha256 of the files' bytes (streamed, in order), with the split, its ids and labels,
-the chosen columns (kind and shape) and ``num_classes``: the same content gives the same
+the chosen columns (kind and shape), ``num_classes`` and the class names of string labels: the same content gives the same
 fingerprint without decoding the data, and any change to a file gives a new one.
 """
 from __future__ import annotations
@@ -81,12 +89,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from modalities.datasets.base import DATASETS, DatasetError, PairedDataset, StoredForm, check_split, chosen_modalities
+from modalities.datasets.base import (DATASETS, DatasetError, PairedDataset, StoredForm, check_split, chosen_modalities,
+                                      class_names)
 from modalities.spec import ModalitySpec
 
 NAME = "table"
 EXTENSIONS = (".parquet", ".arrow", ".feather", ".ipc")
 KEY_COLUMNS = ("sample_id", "label", "split")
+TABLE_SPLITS = ("train", "test", "val")  # what the split column may hold; val is optional (a validation split)
 CHUNK_BYTES = 16 << 20  # modality bytes decoded at once while validating or reading (bounds memory)
 _PARQUET_BUFFER = 1 << 20  # Parquet pages are read through a buffer this big, not whole column chunks
 
@@ -265,7 +275,7 @@ class _Cursor:
 
 class _Table:
     """Every file of ``root``, validated: the key columns in memory (``ids``, ``labels``,
-    ``is_test``: (N,) over the whole table in file order), the modality columns read on demand."""
+    ``split_of``, ``is_test``: (N,) over the whole table in file order), the modality columns read on demand."""
 
     def __init__(self, root: str, modalities: Sequence[str] | None, num_classes: int | None) -> None:
         self.root = root
@@ -334,7 +344,7 @@ class _Table:
             raise DatasetError(f"{NAME}: {f.path} is damaged or unreadable: {e}") from None
 
     def _read_keys(self) -> None:
-        ids, labels, is_test, starts, seg_start, self.seg_file, self.seg_local = [], [], [], [], [0], [], []
+        ids, labels, splits, starts, seg_start, self.seg_file, self.seg_local = [], [], [], [], [0], [], []
         row = 0
         for fi, f in enumerate(self.files):
             t = self._key_table(f)
@@ -346,17 +356,46 @@ class _Table:
                 self.seg_local.append(s)
             fid = self._integers(f, t.column("sample_id").combine_chunks(), "sample_id")
             ids.append(fid)
-            labels.append(self._integers(f, t.column("label").combine_chunks(), "label", fid))
-            is_test.append(self._split(f, t.column("split").combine_chunks(), fid))
+            labels.append(self._label_column(f, t.column("label").combine_chunks(), fid))
+            splits.append(self._split(f, t.column("split").combine_chunks(), fid))  # (n,) split codes
             row += t.num_rows
         self.file_start = np.asarray(starts, dtype=np.int64)  # (F,) global row of each file's first row
         self.seg_start = np.asarray(seg_start, dtype=np.int64)  # (S + 1,) segment boundaries, global rows
         self.ids = np.concatenate(ids)  # (N,) int64
-        self.labels = np.concatenate(labels)  # (N,) int64
-        self.is_test = np.concatenate(is_test)  # (N,) bool
+        self.labels, self.classes = self._class_ids(labels)  # (N,) int64; the class names of string labels, else None
+        self.split_of = np.concatenate(splits)  # (N,) int8: index into TABLE_SPLITS
+        self.is_test = self.split_of == TABLE_SPLITS.index("test")  # (N,) bool
         if self.seg_start[-1] != len(self.ids):
             raise DatasetError(f"{NAME}: {self.root}: the files' segments hold {self.seg_start[-1]} rows, their key "
                                f"columns {len(self.ids)}: a damaged file")
+
+    def _label_column(self, f: _File, arr: pa.Array, ids: np.ndarray) -> np.ndarray | pa.Array:
+        """The label column: (n,) int64 classes, or, for strings (a pandas categorical too), the
+        (n,) string array as it is (the class of a name depends on every file's names)."""
+        if isinstance(arr, pa.DictionaryArray):
+            arr = arr.dictionary_decode()
+        if pa.types.is_integer(arr.type):
+            return self._integers(f, arr, "label", ids)
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            raise DatasetError(f"{NAME}: {f.path}: column 'label' is {arr.type}; it must hold integer classes 0..C-1 "
+                               "or strings (class names, numbered in sorted order)")
+        if arr.null_count:
+            r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"{NAME}: {f.path}: column 'label', row {r} (sample_id {int(ids[r])}): null label; "
+                               "every row needs one")
+        return arr.cast(pa.large_string())
+
+    @staticmethod
+    def _class_ids(parts: list) -> tuple[np.ndarray, list[str] | None]:
+        """The labels of every file as (N,) int64 classes, and the class names: for string labels the
+        distinct names in sorted order (code point order, as Python sorts them), name i = class i;
+        None for integer labels."""
+        if not parts or isinstance(parts[0], np.ndarray):
+            return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), None
+        names = pa.concat_arrays(parts)  # (N,) strings
+        classes = pc.unique(names)
+        classes = classes.take(pc.array_sort_indices(classes))
+        return pc.index_in(names, value_set=classes).to_numpy(zero_copy_only=False).astype(np.int64), classes.to_pylist()
 
     def _integers(self, f: _File, arr: pa.Array, column: str, ids: np.ndarray | None = None) -> np.ndarray:
         """An integer key column as (n,) int64 (``ids``: the file's sample_ids, to name rows by)."""
@@ -375,19 +414,20 @@ class _Table:
         return x.astype(np.int64)
 
     def _split(self, f: _File, arr: pa.Array, ids: np.ndarray) -> np.ndarray:
-        """The split column as an (n,) bool ``is_test`` mask."""
+        """The split column as (n,) int8 codes: the index of each row's split in :data:`TABLE_SPLITS`."""
         if isinstance(arr, pa.DictionaryArray):
             arr = arr.dictionary_decode()
         if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-            raise DatasetError(f"{NAME}: {f.path}: column 'split' is {arr.type}; it must hold the strings 'train' or 'test'")
-        test = pc.fill_null(pc.equal(arr, "test"), False).to_numpy(zero_copy_only=False)  # (n,) bool
-        train = pc.fill_null(pc.equal(arr, "train"), False).to_numpy(zero_copy_only=False)  # (n,) bool
-        bad = np.flatnonzero(~(test | train))
+            raise DatasetError(f"{NAME}: {f.path}: column 'split' is {arr.type}; it must hold the strings 'train', 'test' or 'val'")
+        code = np.full(len(arr), -1, dtype=np.int8)  # (n,) -1: none of them
+        for i, name in enumerate(TABLE_SPLITS):
+            code[pc.fill_null(pc.equal(arr, name), False).to_numpy(zero_copy_only=False)] = i
+        bad = np.flatnonzero(code < 0)
         if len(bad):
             r = int(bad[0])
             raise DatasetError(f"{NAME}: {f.path}: column 'split', row {r} (sample_id {int(ids[r])}): split "
-                               f"{arr[r].as_py()!r} is neither 'train' nor 'test'")
-        return test
+                               f"{arr[r].as_py()!r} is not 'train', 'test' or 'val'")
+        return code
 
     def _check_keys(self, num_classes: int | None) -> int:
         ids, labels = self.ids, self.labels
@@ -400,19 +440,48 @@ class _Table:
                                f"row {ra} of {pa_}; sample_ids must be unique across the table")
         if len(labels) and labels.min() < 0:
             g = int(np.argmax(labels < 0))
-            raise DatasetError(f"{self._where(g, 'label')}: label {int(labels[g])} is negative; labels are 0..C-1")
+            raise DatasetError(f"{self._where(g, 'label')}: label {int(labels[g])} is negative; labels are classes "
+                               "0..C-1 (or strings, class names): renumber them from 0")
+        if self.classes is not None and num_classes is not None and num_classes != len(self.classes):
+            raise DatasetError(f"{NAME}: {self.files[0].path}: column 'label' holds {len(self.classes)} class names "
+                               f"({class_names(self.classes)}) and data.kwargs.num_classes is {num_classes}; set it to "
+                               f"{len(self.classes)} or leave it out: string labels have one class per name")
+        given = num_classes is not None
         if num_classes is None:
             num_classes = int(labels.max()) + 1 if len(labels) else 0
         elif len(labels) and labels.max() >= num_classes:
             g = int(np.argmax(labels >= num_classes))
             raise DatasetError(f"{self._where(g, 'label')}: label {int(labels[g])} is out of range 0..{num_classes - 1} "
                                f"(data.kwargs.num_classes: {num_classes})")
-        for split, n in (("train", int((~self.is_test).sum())), ("test", int(self.is_test.sum()))):
-            if n == 0:
+        for split in ("train", "test"):  # val is optional: a validation split where the table has one
+            if not (self.split_of == TABLE_SPLITS.index(split)).any():
                 files = self.files[0].path if len(self.files) == 1 else f"{self.root} ({len(self.files)} files)"
                 raise DatasetError(f"{NAME}: {files}: column 'split' has no {split!r} rows ({len(ids)} rows in all); "
                                    "both splits need rows")
+        if not given:
+            self._check_train_classes(num_classes)
         return int(num_classes)
+
+    def _check_train_classes(self, num_classes: int) -> None:
+        """Refuse a class of ``0..num_classes-1`` that no train row has (a gap in the integer labels,
+        or a class only test or val rows have): no model could learn it. ``data.kwargs.num_classes``
+        keeps such a class on purpose (this check runs only without it)."""
+        train = self.split_of == TABLE_SPLITS.index("train")  # (N,) bool
+        missing = np.flatnonzero(np.bincount(self.labels[train], minlength=num_classes) == 0)
+        if not len(missing):
+            return
+        k = int(missing[0])
+        label = f"label {self.classes[k]!r}" if self.classes is not None else f"label {k}"
+        rows = np.flatnonzero(self.labels == k)  # (r,) rows of other splits with it
+        if len(rows):
+            where = " and ".join(TABLE_SPLITS[i] for i in np.unique(self.split_of[rows]))
+            raise DatasetError(f"{self._where(int(rows[0]), 'label')}: {label} is in no train row (only {where} rows "
+                               f"have it), so no model can learn class {k}; give it train rows, or set "
+                               f"data.kwargs.num_classes: {num_classes} to keep it as it is")
+        g = int(np.argmax(self.labels))  # the first row with the largest label: it makes the range 0..max
+        raise DatasetError(f"{self._where(g, 'label')}: label {int(self.labels[g])} makes the classes 0..{num_classes - 1}, "
+                           f"but no row has label {k}; number the classes 0..C-1 without gaps, or set "
+                           f"data.kwargs.num_classes: {num_classes} to keep class {k} empty")
 
     # -- pass 2: modality values, streamed ------------------------------------------------------
     def _chunk_rows(self, columns: Sequence[_Column]) -> int:
@@ -564,8 +633,12 @@ class TableDataset(PairedDataset):
 
     def __init__(self, table: _Table, split: str) -> None:
         self._table = table
-        self.name, self.split, self.num_classes, self.classes = NAME, split, table.num_classes, None
-        self._rows = np.flatnonzero(table.is_test if split == "test" else ~table.is_test)  # (N,) global rows, file order
+        self.name, self.split, self.num_classes = NAME, split, table.num_classes
+        self.classes = table.classes  # string labels: the class names, name i = class i (kept in the manifest)
+        self._rows = np.flatnonzero(table.split_of == TABLE_SPLITS.index(split))  # (N,) global rows, file order
+        self.source_splits = tuple(s for i, s in enumerate(TABLE_SPLITS) if (table.split_of == i).any())
+        if not len(self._rows):  # only val can be empty (train and test are checked with the table)
+            raise DatasetError(f"{NAME}: {table.root}: column 'split' has no {split!r} rows")
         self.sample_ids = table.ids[self._rows]  # (N,) int64
         self.labels = table.labels[self._rows]  # (N,) int64
         self.modalities = dict(table.specs)
@@ -597,6 +670,8 @@ class TableDataset(PairedDataset):
         h.update(b"|table-v1|files:" + self._table.digest())
         for c in self._table.columns:
             h.update(f"|{c.name}:{c.layout}:{c.value}".encode())
+        if self.classes is not None:  # string labels: the names each class number stands for
+            h.update(b"|classes:" + "\x00".join(self.classes).encode())
 
 
 def _schema(path: str) -> pa.Schema:
@@ -625,11 +700,12 @@ def modalities_of(root: str | None, modalities: Sequence[str] | None = None, **_
     return tuple(n for n in schema.names if n not in KEY_COLUMNS and n not in pandas_index)
 
 
-@DATASETS.register(NAME, needs_root=True, modalities=None, num_classes=None, modalities_of=modalities_of)
+@DATASETS.register(NAME, needs_root=True, modalities=None, num_classes=None, modalities_of=modalities_of,
+                   splits=TABLE_SPLITS)
 def table(split: str, root: str | None = None, modalities: Sequence[str] | None = None,
           num_classes: int | None = None) -> TableDataset:
     """A split of the Parquet/Arrow table at ``root`` (see the module docstring for the format)."""
-    check_split(NAME, split)
+    check_split(NAME, split, TABLE_SPLITS)
     if not root:
         raise ValueError(f"dataset {NAME!r} reads a Parquet or Arrow file (or a folder of them): set data.root")
     if modalities is not None and (isinstance(modalities, str) or not isinstance(modalities, Sequence) or not modalities

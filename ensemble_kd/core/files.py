@@ -1,4 +1,4 @@
-"""Atomic file writes and content hashes of model weights.
+"""Atomic file writes, file hashes and JSON manifests: what every writer of the output folder uses.
 
 Nothing half-written is ever taken for whole: every file is written to a temporary name in
 the same directory, fsynced, then renamed over the final name (atomic on POSIX).
