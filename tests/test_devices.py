@@ -134,3 +134,26 @@ def test_each_epoch_records_its_device_and_peak_accelerator_memory(monkeypatch):
     assert loop.device_record(torch.device("cpu")) == {"device": "cpu", "peak_accel_mem_mb": 0.0}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
     assert loop.device_record(torch.device("cuda", 0)) == {"device": "cuda:0", "peak_accel_mem_mb": 3.0}
+
+
+def test_an_exact_mode_bank_too_big_for_the_device_is_gathered_on_the_host_in_chunks(monkeypatch):
+    """The exact-mode bank lives on the device when it fits in BANK_DEVICE_SHARE of its memory;
+    a bigger one stays on the host, its rows gathered there in chunks (the same rows)."""
+    import numpy as np
+
+    from ensemble_kd.core.rows import PartedRows
+    from ensemble_kd.losses import crd
+
+    class Props:
+        total_memory = 4 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    gpu = torch.device("cuda", 0)
+    assert crd.fits_on(gpu, 2**30) and not crd.fits_on(gpu, 2**30 + 1)  # a quarter of 4 GiB
+    assert crd.fits_on(torch.device("cpu"), 2**40)
+    parts = [np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32) for n in (7, 5, 9)]
+    bank = PartedRows(parts)
+    rows = torch.tensor([[0, 20, 7], [11, 3, 12]])  # (2, 3): rows from every part
+    monkeypatch.setattr(crd, "HOST_GATHER_ROWS", 2)  # several chunks
+    got = crd.host_gather(bank, rows)  # (2, 3, 8)
+    assert got.shape == (2, 3, 8) and torch.equal(got, torch.from_numpy(np.concatenate(parts))[rows])

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,27 @@ def _check_options(mode: str, tau: float, feat_dim: int, num_negatives: int, neg
                          "student-anchor direction reads the detached teacher memory")
 
 
+BANK_DEVICE_SHARE = 0.25  # at most this share of a device's memory holds an exact-mode teacher bank
+HOST_GATHER_ROWS = 65_536  # rows gathered per chunk on the host when the bank stays there
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether a bank of ``nbytes`` may live on ``device`` (a CUDA device: within
+    :data:`BANK_DEVICE_SHARE` of its memory; any other device: yes)."""
+    if device.type != "cuda":
+        return True
+    return nbytes <= BANK_DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+def host_gather(bank: Any, rows: torch.Tensor) -> torch.Tensor:
+    """rows (...) -> (..., d_t) gathered from a host bank in chunks of :data:`HOST_GATHER_ROWS`
+    (bounded host memory whatever the batch), then sent to rows' device."""
+    flat = rows.reshape(-1).cpu()  # (R,)
+    out = torch.cat([torch.as_tensor(bank[flat[i:i + HOST_GATHER_ROWS]])
+                     for i in range(0, len(flat), HOST_GATHER_ROWS)]) if len(flat) else torch.empty(0, bank.shape[1])
+    return out.reshape(*rows.shape, -1).to(rows.device, non_blocking=True)  # (..., d_t)
+
+
 @LOSSES.register("crd", needs_teachers=True, paper="Tian et al., ICLR 2020", sweep_axes=("tau", "num_negatives"))
 class CRDLoss(nn.Module):
     """CRD over one or more teachers: sum_t w_t * (loss_a + loss_b), see the module docstring.
@@ -227,14 +248,18 @@ class CRDLoss(nn.Module):
 
     def bank_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """rows (...) int64 -> (..., d_t) the bank's raw teacher embeddings of ``rows``, gathered on
-        rows' device: the bank is copied there once (M x d_t, kept out of the state dict), so a
-        step sends no indices to the host and no rows back."""
+        rows' device: the bank is copied there once (M x d_t, kept out of the state dict) when it
+        fits in :data:`BANK_DEVICE_SHARE` of the device's memory, so a step sends no indices to the
+        host and no rows back; a bigger bank stays on the host and the rows are gathered there in
+        chunks (:func:`host_gather`: one index copy and one row copy a step)."""
         bank = self.ctx_bank.embeddings[name]
         if rows.device.type == "cpu":
             return bank[rows]
         key = (name, str(rows.device))
         got = self._bank_on.get(key)
         if got is None:
+            if not fits_on(rows.device, len(bank) * bank.shape[1] * 4):
+                return host_gather(bank, rows)
             got = self._bank_on[key] = full(bank).to(rows.device)  # (M, d_t)
         return got[rows]
 
