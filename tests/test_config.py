@@ -112,10 +112,12 @@ def test_relative_paths_become_absolute_where_the_config_is_loaded(tmp_path, mon
     assert from_dict(to_dict(cfg)) == cfg  # already absolute: loading elsewhere changes nothing
 
 
-def test_renamed_resource_fields_still_load():
-    """One naming scheme for CPUs (cpus_per_worker / cpus_per_actor / cpus_per_trial); the old
-    names still load, from a file and from --set."""
-    cfg = from_dict({"embed": {"num_cpus_per_actor": 0.25, "num_gpus_per_actor": 0.5}, "tune": {"trial_cpus": 0.3}})
-    assert (cfg.embed.cpus_per_actor, cfg.embed.gpus_per_actor, cfg.tune.cpus_per_trial) == (0.25, 0.5, 0.3)
-    assert load_config(None, {"embed.num_cpus_per_actor": 2}).embed.cpus_per_actor == 2
-    assert "cpus_per_actor" in to_dict(cfg)["embed"] and "num_cpus_per_actor" not in to_dict(cfg)["embed"]
+def test_old_resource_field_names_are_refused_naming_the_new_one():
+    """One naming scheme for CPUs (cpus_per_worker / cpus_per_actor / cpus_per_trial), with no
+    shims for the old names: a config or --set with one is refused with the name to use."""
+    with pytest.raises(ConfigError, match="num_cpus_per_actor.*did you mean 'cpus_per_actor'"):
+        from_dict({"embed": {"num_cpus_per_actor": 0.25}})
+    with pytest.raises(ConfigError, match=r"--set embed\.num_gpus_per_actor=0\.5.*did you mean 'gpus_per_actor'"):
+        load_config(None, {"embed.num_gpus_per_actor": 0.5})
+    with pytest.raises(ConfigError, match="trial_cpus"):
+        from_dict({"tune": {"trial_cpus": 0.3}})

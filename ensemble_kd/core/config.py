@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from ensemble_kd.core import layout
@@ -29,15 +29,6 @@ from ensemble_kd.core.errors import ProjectError
 # allow_inf_nan=False: an lr or a weight of inf/nan is refused at load (it would train to NaN and "succeed")
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-
-_RENAMED: dict[str, str] = {}  # old field name -> new one (a dotted override with an old name is renamed too)
-
-
-def _renamed(name: str, old: str) -> AliasChoices:
-    """A field renamed for one naming scheme (cpus_per_worker / cpus_per_actor / cpus_per_trial):
-    configs written with the old name still load."""
-    _RENAMED[old] = name
-    return AliasChoices(name, old)
 
 
 class ConfigError(ValueError, ProjectError):
@@ -126,10 +117,8 @@ class EmbedConfig:
     batch_size: int = Field(512, ge=1, description="inference batch size inside each teacher's embed task")
     embedding_dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of embeddings (logits stay float32)")
     rows_per_part: int = Field(65536, ge=1, description="rows per Arrow part file (one record batch each; bounds writer memory)")
-    cpus_per_actor: float = Field(1.0, gt=0, validation_alias=_renamed("cpus_per_actor", "num_cpus_per_actor"),
-                                  description="CPUs reserved by each embed task (one per worker of a teacher: workers_per_teacher; formerly num_cpus_per_actor)")
-    gpus_per_actor: float = Field(0.0, ge=0, validation_alias=_renamed("gpus_per_actor", "num_gpus_per_actor"),
-                                  description="GPU fraction of each embed task (one per worker of a teacher), which then embeds on it; 0 = on the CPU, GPUs hidden (formerly num_gpus_per_actor)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each embed task (one per worker of a teacher: workers_per_teacher)")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPU fraction of each embed task (one per worker of a teacher), which then embeds on it; 0 = on the CPU, GPUs hidden")
     workers_per_teacher: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="embed tasks splitting each teacher's rows (each loads the teacher once; same shard bytes); auto: the free CPUs/GPUs at the stage's start shared by the teachers")
     min_rows_per_worker: int = Field(50000, ge=1, description="workers_per_teacher=auto starts at most one task per this many of a teacher's rows (the default's 2,000 rows: one task)")
@@ -258,8 +247,7 @@ class TuneConfig:
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of the trials at each rung")
-    cpus_per_trial: float = Field(1.0, ge=0, validation_alias=_renamed("cpus_per_trial", "trial_cpus"),
-                                  description="CPUs of a multi-worker trial's driver, which starts its TorchTrainer (a single-worker trial in local mode holds distill.cpus_per_worker instead; formerly trial_cpus)")
+    cpus_per_trial: float = Field(1.0, ge=0, description="CPUs of a multi-worker trial's driver, which starts its TorchTrainer (a single-worker trial in local mode holds distill.cpus_per_worker instead)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="trials at once (None = as the cluster's CPUs allow)")
     name: str | None = Field(None, description="Tune run name (folder under <output_dir>/tune); None = <experiment>-<time>")
 
@@ -342,7 +330,7 @@ _ADAPTER = TypeAdapter(ExperimentConfig)
 def _format_errors(err: ValidationError, source: str, overrides: Mapping[str, Any] | None = None) -> str:
     """One line per error, naming the field (and, for an unknown key, the closest known one); an
     error in a field an override set (``--set``) names that override instead of the file."""
-    set_keys = {".".join(_RENAMED.get(p, p) for p in k.split(".")): k for k in (overrides or {})}
+    set_keys = {k: k for k in (overrides or {})}
     mine, theirs = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -471,7 +459,7 @@ def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any], label: str 
     ``label``: how an error names the override (``--set`` from the command line)."""
     for key, value in overrides.items():
         where = f"--set {key}={_shown(value)}" if label == "--set" else f"{label} {key!r}"
-        _set_dotted(d, ".".join(_RENAMED.get(p, p) for p in key.split(".")), value, where)
+        _set_dotted(d, key, value, where)
     return d
 
 
