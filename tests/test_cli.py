@@ -1,3 +1,4 @@
+import pytest
 """The command line end to end at a tiny size, on the session's local Ray."""
 import json
 
@@ -6,6 +7,7 @@ from ensemble_kd.core.config import to_yaml
 from tests.helpers import tiny_config
 
 
+@pytest.mark.slow
 def test_run_trains_embeds_then_reuses(ray_cluster, tmp_path, capsys):
     cfg = tiny_config(tmp_path / "out", **{"embed.splits": ["train", "test"], "distill.epochs": 2,
                                            "distill.teachers": ["kar_mlp"], "distill.cpus_per_worker": 0.5,

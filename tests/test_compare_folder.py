@@ -14,7 +14,7 @@ from ensemble_kd.training.tracking import RunContext, finish_distill_run, start_
 from tests.helpers import out_with_teachers, tiny_config
 
 # one module fixture (a tiny run) per suite, not one per xdist worker
-pytestmark = pytest.mark.xdist_group("test_compare_folder")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_compare_folder")]
 
 DEFAULT_EXPERIMENT = experiment_name(load_config(None))  # what compare looked for before
 

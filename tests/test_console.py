@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 # one module fixture (a tiny run) per suite, not one per xdist worker
-pytestmark = pytest.mark.xdist_group("test_console")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_console")]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny-uci-mfeat.yaml"

@@ -55,6 +55,7 @@ def test_resume_equals_uninterrupted(shards):
     assert resumed.history[-1]["test_top1"] == full.history[-1]["test_top1"]
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path):
     marker = tmp_path / "killed"
 

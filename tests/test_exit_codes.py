@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 # one module fixture (a tiny run) per suite, not one per xdist worker
-pytestmark = pytest.mark.xdist_group("test_exit_codes")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_exit_codes")]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny-uci-mfeat.yaml"

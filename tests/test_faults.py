@@ -340,6 +340,7 @@ def _assert_stopped_cleanly(proc: subprocess.Popen, ray_tmp: Path) -> str:
     return out + err
 
 
+@pytest.mark.slow
 def test_sigint_during_distill_exits_130_run_killed_no_ray_left(tmp_path, ray_tmp):
     cfg_path, _ = make_folder(tmp_path / "out", **{"distill.epochs": 200})
     db = tmp_path / "out" / "mlflow.db"
@@ -352,6 +353,7 @@ def test_sigint_during_distill_exits_130_run_killed_no_ray_left(tmp_path, ray_tm
     assert rows == [("KILLED", "interrupted (SIGINT)")], _db_rows(db, "SELECT status FROM runs")
 
 
+@pytest.mark.slow
 def test_sigint_during_run_keeps_the_summary_and_kills_every_trial(tmp_path, ray_tmp):
     arms = [{"name": "a", "teachers": "all", "losses": [{"name": "ce"}, {"name": "kd"}]},
             {"name": "b", "teachers": "none", "losses": [{"name": "ce"}]}]

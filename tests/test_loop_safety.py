@@ -85,6 +85,7 @@ def uninterrupted(shards):
     return _metrics(run_distill(distill_cfg(shards, **{"distill.epochs": 3, "distill.run_name": "whole"})).history)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["local-error", "worker-group"])
 def test_restart_continues_from_the_last_checkpoint_in_both_modes(shards, tmp_path, mode, uninterrupted):
     """local-error: the one-process loop raises and restarts in place; worker-group: Ray Train

@@ -266,6 +266,7 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_the_tiny_job_against_a_tracking_server(mlflow_server, tmp_path):
     """`ensemble-kd run` on the tiny job with tracking.uri a server: every run (teachers, arms, the
     parent) is at the server and FINISHED with its config; no SQLite store is made in the output

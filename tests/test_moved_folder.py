@@ -30,7 +30,7 @@ from ensemble_kd.core.config import to_yaml
 from tests.helpers import distill_cfg, out_with_teachers
 
 # one module fixture (a tiny run) per suite, not one per xdist worker
-pytestmark = pytest.mark.xdist_group("test_moved_folder")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_moved_folder")]
 
 ARM = "kd-all"
 PARTIAL = "partial"  # a distillation stopped after 1 of 2 epochs, that `distill --resume` continues
