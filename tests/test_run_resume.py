@@ -167,3 +167,22 @@ def test_run_resume_keeps_finished_trials_and_ends_as_an_uninterrupted_run(tmp_p
     assert record(out)["experiment"] != rec["experiment"]
     assert top1(resumed_summary) == top1(whole) and len(top1(whole)) == 2
     assert {a: v["mean_top1"] for a, v in resumed_summary["arms"].items()} == {a: v["mean_top1"] for a, v in whole["arms"].items()}
+
+
+def test_resume_refuses_a_tune_folder_someone_else_could_have_written(tmp_path):
+    """Tune's restore unpickles the experiment's files (code execution): a folder or file in it
+    writable by anyone is refused in one line before any restore; the same folder, private, is not."""
+    from ensemble_kd.core.config import ConfigError, load_config
+    from ensemble_kd.orchestration.sweep import record_trials, resume_point
+
+    cfg = load_config(None, {"output_dir": str(tmp_path / "out")})
+    record_trials(cfg, "run", "exp-1", None)
+    exp = tmp_path / "out" / "tune" / "exp-1"
+    exp.mkdir(parents=True)
+    pkl = exp / "tuner.pkl"
+    pkl.write_bytes(b"not a real pickle")
+    pkl.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"refusing to restore .*tuner\.pkl is writable by anyone"):
+        resume_point(cfg, "run")
+    pkl.chmod(0o644)
+    assert resume_point(cfg, "run")["experiment"] == "exp-1"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -322,6 +323,10 @@ def resume_point(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
     exp = layout.tune(out) / rec["experiment"]
     if not tune.Tuner.can_restore(exp):
         raise ConfigError(f"{verb} --resume: Ray Tune cannot restore {exp} (no tuner.pkl there); start over without --resume")
+    foreign = _not_ours(exp)
+    if foreign is not None:
+        raise ConfigError(f"{verb} --resume: refusing to restore {exp}: Ray Tune unpickles its files (code execution) and "
+                          f"{foreign}; resume only an experiment this user wrote, or start over without --resume")
     diff = _differences(rec.get("config"), _plain(to_dict(cfg)))
     if diff:
         raise ConfigError(f"{verb} --resume: the config differs from the one {rec['experiment']} ran with ("
@@ -330,8 +335,20 @@ def resume_point(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
     return rec
 
 
+def _not_ours(exp: Path) -> str | None:
+    """Why a Tune experiment folder could hold someone else's pickles (None: it cannot): a file or
+    folder in it owned by another user or writable by anyone. Tune's restore unpickles its state."""
+    for p in (exp, *exp.rglob("*")):
+        st = p.lstat()
+        if st.st_uid != os.getuid():
+            return f"{p} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
+        if st.st_mode & 0o002:
+            return f"{p} is writable by anyone"
+    return None
+
+
 def _tuner(cfg: ExperimentConfig, space: dict[str, Any], name: str, scheduler: str, num_samples: int,
-           callbacks: list[Any], resume: bool) -> tune.Tuner:
+           callbacks: list[Any], resume: bool, metric: str) -> tune.Tuner:
     """The Tune experiment ``name`` under <output_dir>/tune: a new one, or with ``resume`` Tune's
     restore of it: finished trials keep their results; unfinished and failed ones (an interrupted
     trial may have ended as failed) run again under their trial ids, so that each distillation
@@ -355,7 +372,7 @@ def _tuner(cfg: ExperimentConfig, space: dict[str, Any], name: str, scheduler: s
     return tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(metric=_metric(cfg), mode=tc.mode, scheduler=_scheduler(cfg, scheduler),
+        tune_config=tune.TuneConfig(metric=metric, mode=tc.mode, scheduler=_scheduler(cfg, scheduler),
                                     num_samples=num_samples, max_concurrent_trials=tc.max_concurrent_trials,
                                     reuse_actors=True,  # a trial driver process serves the next trial: no new start
                                     trial_dirname_creator=lambda t: t.trial_id),
@@ -411,7 +428,7 @@ def run_trials(cfg: ExperimentConfig, inputs: Mapping[str, Mapping[str, str]], p
     stopped: BaseException | None = None
     try:
         tuner = _tuner(cfg, {**fixed, **param_space}, name, scheduler, num_samples, [lines.make(), JsonLoggerCallback()],
-                       resume is not None)
+                       resume is not None, metric)
         if resume:  # finished: a student written (Tune's own record may lag behind by a trial or two)
             lines.restored(_restored(tuner))
             n = sum(1 for _ in layout.students(cfg.output_dir).glob(f"{name}-*/{layout.STUDENT_FILE}"))
@@ -442,15 +459,11 @@ def selection_metric(cfg: ExperimentConfig, val: bool) -> str:
     return "val_top1" if val and cfg.tune.metric == "test_top1" else cfg.tune.metric
 
 
-def _metric(cfg: ExperimentConfig) -> str:
-    """:func:`selection_metric` for the config's data, as its stored train split says (opened once)."""
-    return selection_metric(cfg, has_val(cfg.data, cfg.output_dir))
-
-
 def _ready(cfg: ExperimentConfig) -> str:
-    """The data store ready for the trials (Ray workers only open it), and the selection metric."""
+    """The data store ready for the trials (Ray workers only open it), and the selection metric
+    for its data (as its stored train split says)."""
     store_ready(cfg)
-    return _metric(cfg)
+    return selection_metric(cfg, has_val(cfg.data, cfg.output_dir))
 
 
 def _record_best(res: SweepResult, cfg: ExperimentConfig, metric: str | None = None) -> None:
