@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ensemble_kd.cli import main
 from ensemble_kd.orchestration import pipeline
 from ensemble_kd.storage.artifacts import ShardIndex, TeacherSet
 from ensemble_kd.orchestration.checks import check_config
@@ -156,3 +157,12 @@ def wait_for_cpus(total: float, timeout_s: float = 30.0) -> None:
     while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0.0) == total, (ray.available_resources(), total)
+
+
+def refused_here(capsys, *argv: str) -> str:
+    """``ensemble-kd ARGV`` in this process: must be refused (exit 2) with one stderr line; its message."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ensemble-kd: error: "), (code, err)
+    return lines[0][len("ensemble-kd: error: "):]

@@ -26,6 +26,7 @@ import ensemble_kd
 from ensemble_kd.cli import main
 from ensemble_kd.core.config import ConfigError, from_dict, load_config
 from ensemble_kd.orchestration.checks import check_config, dataset_modalities
+from tests.helpers import refused_here
 from ensemble_kd.core.config import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,15 +82,6 @@ def refused(r: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.startswith("ensemble-kd: error: "), r.stderr[-3000:]
     return r.stderr[len("ensemble-kd: error: "):]
-
-
-def main_err(capsys, *args: str) -> str:
-    """``ensemble-kd ARGS`` in this process: must be refused (exit 2) with one stderr line; its message."""
-    code = main(list(args))
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ensemble-kd: error: "), (code, err)
-    return lines[0][len("ensemble-kd: error: "):]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,18 +173,18 @@ def test_version(tmp_path):
 def test_yaml_syntax_errors_name_the_file_and_line_and_a_tab_says_use_spaces(tmp_path, capsys):
     tab = tmp_path / "tab.yaml"
     tab.write_text("name: x\ndistill:\n\tepochs: 3\n")
-    msg = main_err(capsys, "config", "show", "--config", str(tab))
+    msg = refused_here(capsys, "config", "show", "--config", str(tab))
     assert msg.startswith(f"config {tab}, line 3, column 1: not valid YAML:") and "spaces" in msg, msg
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nteachers: [a, b\n")
-    msg = main_err(capsys, "config", "show", "--config", str(bad))
+    msg = refused_here(capsys, "config", "show", "--config", str(bad))
     assert msg.startswith(f"config {bad}, line 3,") and "line 2" in msg and "spaces" not in msg, msg
 
 
 def test_an_unknown_key_from_set_names_the_set_and_the_closest_key(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: x\n")
-    msg = main_err(capsys, "config", "show", "--config", str(cfg), "--set", "distil.epochs=3")
+    msg = refused_here(capsys, "config", "show", "--config", str(cfg), "--set", "distil.epochs=3")
     assert msg == "--set distil.epochs=3: unknown key 'distil'; did you mean 'distill'?", msg
     # in the file, the file is named, with the closest key
     cfg.write_text("distill: {epoch: 3}\n")
@@ -205,12 +197,12 @@ def test_set_of_a_loss_the_config_lacks_names_the_losses(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("teachers: [{name: t, arch: mlp, modality: kar}]\n"
                    "distill: {teachers: [t], losses: [{name: ce}, {name: kd}]}\n")
-    msg = main_err(capsys, "config", "show", "--config", str(cfg), "--set", "distill.losses.crd.kwargs.tau=0.1")
+    msg = refused_here(capsys, "config", "show", "--config", str(cfg), "--set", "distill.losses.crd.kwargs.tau=0.1")
     assert msg == ("--set distill.losses.crd.kwargs.tau=0.1: distill.losses has no item 'crd': no loss is named 'crd'; "
                    "losses: ce, kd"), msg
     # a config that does not give distill.losses at all: the default's list (ce), not a pydantic tuple error
     cfg.write_text("name: x\n")
-    msg = main_err(capsys, "config", "show", "--config", str(cfg), "--set", "distill.losses.crd.kwargs.tau=0.1")
+    msg = refused_here(capsys, "config", "show", "--config", str(cfg), "--set", "distill.losses.crd.kwargs.tau=0.1")
     assert msg.endswith("no loss is named 'crd'; losses: ce") and "tuple" not in msg, msg
     assert load_config(cfg, {"distill.losses.ce.weight": 2.0}).distill.losses[0].weight == 2.0  # (and it can be set)
 
@@ -218,7 +210,7 @@ def test_set_of_a_loss_the_config_lacks_names_the_losses(tmp_path, capsys):
 def test_an_empty_config_is_refused_in_one_line(tmp_path, capsys):
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("# nothing yet\n\n")
-    msg = main_err(capsys, "config", "show", "--config", str(cfg))
+    msg = refused_here(capsys, "config", "show", "--config", str(cfg))
     assert msg.startswith(f"config {cfg} is empty"), msg
 
 

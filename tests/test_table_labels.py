@@ -21,6 +21,7 @@ from ensemble_kd.core.config import DataConfig
 from ensemble_kd.storage import datastore
 from modalities.datasets import DatasetError, build_dataset
 from modalities.datasets.base import class_names
+from tests.helpers import refused_here
 
 N = 40
 
@@ -44,15 +45,6 @@ def config(tmp_path: Path, root: Path, **kwargs) -> Path:
     cfg.write_text(f"data: {{name: table, root: {root}, kwargs: {json.dumps(kwargs)}}}\n"
                    "distill: {student: {modality: vec}}\n")
     return cfg
-
-
-def refused(capsys, *argv: str) -> str:
-    """``ensemble-kd ARGV`` in this process: exit 2 with one stderr line; its message."""
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ensemble-kd: error: "), (code, err)
-    return lines[0][len("ensemble-kd: error: "):]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +141,7 @@ def test_a_negative_label_is_refused(tmp_path, capsys):
     labels[13] = -2
     p = tmp_path / "neg.parquet"
     pq.write_table(table(labels), p)
-    msg = refused(capsys, "data", "prepare", "--config", str(config(tmp_path, p)), "--out", str(tmp_path / "out"))
+    msg = refused_here(capsys, "data", "prepare", "--config", str(config(tmp_path, p)), "--out", str(tmp_path / "out"))
     assert f"{p}: column 'label', row 13 (sample_id 139): label -2 is negative" in msg and "renumber" in msg, msg
     assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())
 
@@ -159,7 +151,7 @@ def test_a_class_only_test_rows_have_is_refused_unless_num_classes(tmp_path, cap
     p = tmp_path / "t.parquet"
     pq.write_table(table(labels), p)
     first = int(np.flatnonzero(labels == 2)[0])
-    msg = refused(capsys, "data", "prepare", "--config", str(config(tmp_path, p)), "--out", str(tmp_path / "out"))
+    msg = refused_here(capsys, "data", "prepare", "--config", str(config(tmp_path, p)), "--out", str(tmp_path / "out"))
     assert f"{p}: column 'label', row {first} (sample_id {first * 3 + 100}): label 2 is in no train row " \
            "(only test rows have it)" in msg, msg
     assert "data.kwargs.num_classes: 3" in msg, msg
